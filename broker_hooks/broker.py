@@ -1,0 +1,293 @@
+"""``FleetBroker``: amqtt 0.12.1's ``Broker`` with the defects that matter to fleetcmd fixed.
+
+What it changes (see ``shared/notes/amqtt-0.12.1.md`` for the defects):
+
+* ``$`` topics: device publishes to the command-response topics are accepted;
+  any other ``$`` publish is dropped and counted, and the connection stays
+  healthy (stock amqtt leaves a zombie connection behind).
+* Empty or wildcard topic names in a PUBLISH really close the connection.
+* Publishes whose topic a rule claims are decoded by that rule and handed to
+  the control plane (``DeviceSink``) in the client's own message loop, so they
+  are processed in order and a slow control plane slows only that client.
+  Garbage is logged, counted and dropped; the device stays connected.
+* Keep-alive is enforced: a client silent for 1.5 x its keep-alive is disconnected.
+* Subscriptions are indexed per client so "may this device receive this
+  request?" costs one dictionary lookup, and the sink hears of connects,
+  subscriptions and disconnects in order.
+* ``deliver`` publishes straight to one client's protocol handler and reports
+  whether it PUBACKed, which the broadcast path cannot.
+* ``stop`` is bounded: on Python 3.11 ``shutdown()`` can hang when an ack
+  races the reader cancellation, so client writers are closed first and the
+  whole shutdown has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+
+from broker_hooks.rules import DecodeError, Inbound, RuleSet
+from broker_hooks.topics import filter_matches
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_FACTOR = 1.5
+SUBACK_FAILURE = 0x80
+
+
+class DeviceSink(Protocol):
+    """What the broker tells the control plane. Callbacks must not raise."""
+
+    def device_connected(self, client_id: str) -> None:
+        """A client finished CONNECT (its persistent subscriptions, if any, are active again)."""
+
+    def device_subscribed(self, client_id: str, filters: Sequence[tuple[str, int]]) -> None:
+        """A client was granted these (filter, qos) subscriptions (after the SUBACK went out)."""
+
+    def device_disconnected(self, client_id: str) -> None:
+        """A client's connection ended."""
+
+    async def device_message(self, inbound: Inbound) -> None:
+        """A device publish decoded by a rule; awaiting it applies back-pressure to that client."""
+
+
+class Delivery(enum.Enum):
+    """Outcome of :meth:`FleetBroker.deliver`."""
+
+    ACKED = "acked"  # QoS 1 publish PUBACKed
+    SENT = "sent"  # QoS 0 publish written (the subscription asked for QoS 0)
+    NOT_CONNECTED = "not_connected"
+    NOT_SUBSCRIBED = "not_subscribed"
+    FAILED = "failed"  # connection lost or no PUBACK in time
+
+
+class FleetBroker(Broker):
+    """The embedded broker. Build it inside the running event loop."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        rules: RuleSet,
+        sink: DeviceSink,
+        dollar_prefixes: Sequence[str],
+        max_payload_bytes: int,
+    ) -> None:
+        super().__init__(config)
+        self._rules = rules
+        self._sink = sink
+        self._dollar_prefixes = tuple(dollar_prefixes)
+        self._max_payload = max_payload_bytes
+        # client_id -> {filter: granted qos}; survives disconnects of persistent sessions like amqtt's own.
+        self._client_filters: dict[str, dict[str, int]] = {}
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    # ---- addresses ------------------------------------------------------------------------
+
+    def listener_port(self, name: str) -> int:
+        """The port a started listener is bound to (useful with port 0)."""
+        server = self._servers[name].instance
+        sockets = list(server.sockets)
+        return int(sockets[0].getsockname()[1])
+
+    # ---- connections ----------------------------------------------------------------------
+
+    async def _initialize_client_session(  # type: ignore[override]
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        handler, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        if session.keep_alive > 0:
+            # The reader times out after session.keep_alive seconds of silence; MQTT allows 1.5x.
+            session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_FACTOR)
+        # amqtt's handle_read_timeout is a no-op; bind ours to this handler only.
+        handler.handle_read_timeout = lambda: self._keepalive_expired(session, handler)  # type: ignore[method-assign]
+        return handler, session
+
+    def _keepalive_expired(self, session: Session, handler: BrokerProtocolHandler) -> None:
+        self.stats["keepalive_timeouts"] += 1
+        log.info("client %s silent for %ss (1.5 x keep-alive): disconnecting", session.client_id, session.keep_alive)
+        if handler.writer is not None:
+            # Closing the transport makes the reader see EOF, which runs the normal
+            # abnormal-disconnect path (will message, disconnected event).
+            asyncio.ensure_future(handler.writer.close())
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        self._notify(self._sink.device_connected, client_session.client_id)
+        await super()._client_message_loop(client_session, handler)
+
+    async def _handle_disconnect(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+        self._notify(self._sink.device_disconnected, client_session.client_id)
+
+    async def _force_disconnect(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        await self._handle_disconnect(client_session, handler, done)
+
+    def is_connected(self, client_id: str) -> bool:
+        """Whether a client with this id has a live connection."""
+        entry = self._sessions.get(client_id)
+        return entry is not None and entry[0].transitions.state == "connected"
+
+    # ---- subscriptions --------------------------------------------------------------------
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        granted = await super().add_subscription(subscription, session)
+        if granted != SUBACK_FAILURE and session.client_id:
+            self._client_filters.setdefault(session.client_id, {})[subscription[0]] = granted
+        return granted
+
+    async def _handle_subscription(
+        self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: asyncio.Future[Any]
+    ) -> None:
+        await super()._handle_subscription(client_session, handler, subscribe_waiter)
+        filters = self._client_filters.get(client_session.client_id or "", {})
+        granted = [(f, filters[f]) for f, _ in subscribe_waiter.result().topics if f in filters]
+        if granted:
+            self._notify(self._sink.device_subscribed, client_session.client_id, granted)
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        filters = self._client_filters.get(session.client_id or "")
+        if filters is not None:
+            filters.pop(a_filter, None)
+        return super()._del_subscription(a_filter, session)
+
+    async def _delete_session(self, client_id: str) -> None:
+        self._client_filters.pop(client_id, None)
+        await super()._delete_session(client_id)
+
+    async def _cleanup_session(self, client_id: str) -> None:
+        self._client_filters.pop(client_id, None)
+        await super()._cleanup_session(client_id)
+
+    def subscription_qos(self, client_id: str, topic: str) -> int | None:
+        """Highest QoS a connected client is subscribed with for ``topic``, None if it would not receive it."""
+        if not self.is_connected(client_id):
+            return None
+        best: int | None = None
+        for topic_filter, qos in self._client_filters.get(client_id, {}).items():
+            if filter_matches(topic_filter, topic) and (best is None or qos > best):
+                best = qos
+        return best
+
+    # ---- device -> service ----------------------------------------------------------------
+
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        app_message = wait_deliver.result()
+        if app_message is None:
+            return True
+        topic: str = app_message.topic or ""
+        client_id = client_session.client_id or ""
+        if not topic or "#" in topic or "+" in topic:
+            # [MQTT-4.7.3-1] / [MQTT-3.3.2-2]: a protocol violation; really close (stock code leaves a zombie).
+            self.stats["invalid_topic_disconnects"] += 1
+            log.warning("client %s published to invalid topic %r: disconnecting", client_id, topic)
+            await self._force_disconnect(client_session, handler)
+            return False
+        is_dollar = topic.startswith("$")
+        if is_dollar and not topic.startswith(self._dollar_prefixes):
+            self.stats["dropped.dollar_topic"] += 1
+            log.warning("client %s published to reserved topic %r: dropped", client_id, topic)
+            return True
+        if not self._rules.claims(topic):
+            if is_dollar:
+                self.stats["dropped.unrouted"] += 1
+                log.warning("client %s published to %r, which no rule handles: dropped", client_id, topic)
+                return True
+            return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
+            self.stats["dropped.acl"] += 1
+            log.info("client %s may not publish to %r: dropped", client_id, topic)
+            return True
+        data = bytes(app_message.data or b"")
+        if len(data) > self._max_payload:
+            self.stats["dropped.oversized"] += 1
+            log.warning("client %s sent %d bytes to %r (limit %d): dropped", client_id, len(data), topic, self._max_payload)
+            return True
+        try:
+            inbound = self._rules.route(client_id, topic, data)
+        except DecodeError as exc:
+            self.stats[f"dropped.{exc.reason}"] += 1
+            log.warning("client %s sent an unusable message to %r: %s", client_id, topic, exc)
+            return True
+        if inbound is None:  # pragma: no cover - claims() said a rule matches
+            return True
+        self.stats["routed"] += 1
+        try:
+            await self._sink.device_message(inbound)
+        except Exception:
+            self.stats["sink_errors"] += 1
+            log.exception("control plane failed on a message from %s on %r", client_id, topic)
+        return True
+
+    def _notify(self, callback: Any, *args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            self.stats["sink_errors"] += 1
+            log.exception("control plane callback %s failed", getattr(callback, "__name__", callback))
+
+    # ---- service -> device ----------------------------------------------------------------
+
+    async def deliver(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1) -> Delivery:
+        """Publish to one client, at the QoS of its subscription (at most ``max_qos``).
+
+        Returns:
+            ACKED when the client PUBACKed, SENT for a QoS 0 subscription, otherwise why it was not delivered.
+        """
+        entry = self._sessions.get(client_id)
+        if entry is None or entry[0].transitions.state != "connected":
+            return Delivery.NOT_CONNECTED
+        qos = self.subscription_qos(client_id, topic)
+        if qos is None:
+            return Delivery.NOT_SUBSCRIBED
+        qos = min(qos, max_qos)
+        handler = entry[1]
+        task = asyncio.current_task()
+        try:
+            await handler.mqtt_publish(topic, payload, qos, False)
+        except asyncio.CancelledError:
+            # The handler cancels its PUBACK waiters when the connection drops; only
+            # re-raise when it is this task that is being cancelled.
+            if task is not None and task.cancelling():
+                raise
+            return Delivery.FAILED
+        except Exception as exc:  # TimeoutError (no PUBACK in 5 s), connection errors
+            log.info("delivery to %s on %r failed: %r", client_id, topic, exc)
+            return Delivery.FAILED
+        return Delivery.ACKED if qos > 0 else Delivery.SENT
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def stop(self, timeout: float) -> None:
+        """Shut down within ``timeout`` seconds, whatever amqtt does."""
+        for _session, handler in list(self._sessions.values()):
+            writer = handler.writer
+            if writer is not None:
+                try:
+                    await asyncio.wait_for(writer.close(), 1)
+                except Exception:  # noqa: BLE001 - already closed or broken: fine either way
+                    pass
+        try:
+            await asyncio.wait_for(self.shutdown(), timeout)
+        except Exception:
+            log.warning("broker shutdown did not finish cleanly within %ss; closing listeners", timeout, exc_info=True)
+            for server in self._servers.values():
+                try:
+                    await asyncio.wait_for(server.close_instance(), 1)
+                except Exception:  # noqa: BLE001
+                    pass

@@ -1,0 +1,98 @@
+"""The EMQX Fleets command dialect (also AWS IoT's command shape).
+
+Service -> device: ``$emqx/commands/things/{thing}/executions/{execution}/request``
+with ``{"commandId", "action", "params", "timestamp", "ttl"}``.
+Device -> service: ``.../executions/{execution}/response`` with
+``{"status", "result", "statusReason": {"reasonCode", "reasonDescription"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker_hooks.rules import DecodeError, LifecycleAction, Rule, TopicPattern
+from server.lifecycle import DEVICE_REPORTABLE, Status
+from server.models import DeviceReport, Reason
+
+DOLLAR_PREFIX = "$emqx/commands/"
+REQUEST = TopicPattern("$emqx/commands/things/{thing}/executions/{execution}/request")
+RESPONSE = TopicPattern("$emqx/commands/things/{thing}/executions/{execution}/response")
+
+_REPORTABLE = {s.name: s for s in DEVICE_REPORTABLE}
+MAX_REASON_LENGTH = 1024
+
+
+@dataclass(frozen=True)
+class ReportMessage:
+    """A device's status report for one execution."""
+
+    thing_id: str
+    execution_id: str
+    report: DeviceReport
+
+
+def request_topic(thing_id: str, execution_id: str) -> str:
+    """Topic the request for ``execution_id`` is published on."""
+    return f"$emqx/commands/things/{thing_id}/executions/{execution_id}/request"
+
+
+def request_filter(thing_id: str) -> str:
+    """The subscription a device makes to receive its requests."""
+    return REQUEST.as_filter(thing=thing_id)
+
+
+def encode_request(
+    *, command_id: str, action: str, params_json: str | None, timestamp_s: int, ttl_seconds: int
+) -> bytes:
+    """Build the request payload; ``params_json`` is inserted as it is (already canonical JSON)."""
+    return (
+        f'{{"commandId":{json.dumps(command_id)},"action":{json.dumps(action)},'
+        f'"params":{params_json or "{}"},"timestamp":{timestamp_s},"ttl":{ttl_seconds}}}'
+    ).encode()
+
+
+def _text(obj: Mapping[str, Any], key: str) -> str:
+    value = obj.get(key, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > MAX_REASON_LENGTH:
+        raise DecodeError("invalid_status_reason", f"statusReason.{key} must be a string of at most {MAX_REASON_LENGTH}")
+    return value
+
+
+def decode_response(captured: Mapping[str, str], payload: bytes) -> ReportMessage:
+    """Decode a device response.
+
+    Raises:
+        DecodeError: invalid JSON, not an object, unknown status or bad statusReason.
+    """
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DecodeError("invalid_json", str(exc)) from None
+    if not isinstance(body, dict):
+        raise DecodeError("not_an_object", f"payload is a JSON {type(body).__name__}")
+    raw_status = body.get("status")
+    status = _REPORTABLE.get(raw_status.upper()) if isinstance(raw_status, str) else None
+    if status is None:
+        raise DecodeError("unknown_status", f"status {raw_status!r} is not one of {sorted(_REPORTABLE)}")
+    reason = None
+    raw_reason = body.get("statusReason")
+    if raw_reason is not None:
+        if not isinstance(raw_reason, dict):
+            raise DecodeError("invalid_status_reason", "statusReason must be an object")
+        reason = Reason(_text(raw_reason, "reasonCode"), _text(raw_reason, "reasonDescription"))
+    result_json = None
+    if "result" in body:
+        result_json = json.dumps(body["result"], separators=(",", ":"), ensure_ascii=False)
+    return ReportMessage(
+        thing_id=captured["thing"],
+        execution_id=captured["execution"],
+        report=DeviceReport(Status(status), result_json, reason),
+    )
+
+
+RULES = (Rule("emqx.response", RESPONSE, decode_response, LifecycleAction.DEVICE_REPORT),)

@@ -1,0 +1,275 @@
+"""The command control plane: Send, Get, List, Stream and Cancel, and what devices report.
+
+:class:`CommandCore` ties the store, the outbox, the TTL scheduler and the
+event bus together. It is also the broker's :class:`~broker_hooks.broker.DeviceSink`:
+device reports go through a bounded ingest queue to a worker that applies them
+in arrival order, many per store commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from broker_hooks import emqx
+from broker_hooks.rules import Inbound, LifecycleAction
+from server.config import Settings
+from server.delivery import Outbox, Spawn
+from server.errors import FailedPrecondition, FleetcmdError, NotFound, ResourceExhausted, ThingMismatch
+from server.events import EventBus
+from server.lifecycle import Outcome, Status, Trigger, initial_status
+from server.models import EventFilter, Execution, ListQuery, NewExecution, StateChange
+from server.scheduler import TtlScheduler
+from server.store import ListPage, Store
+from server.validation import SendCommand, check_execution_id
+
+log = logging.getLogger(__name__)
+
+INGEST_BATCH = 256
+REPLAY_PAGE = 500
+
+
+def now_ms() -> int:
+    """Wall-clock time in milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+class CommandCore:
+    """Lifecycle orchestration; the only caller of ``Store.create`` and ``Store.transition``."""
+
+    def __init__(self, settings: Settings, store: Store, spawn: Spawn) -> None:
+        self.settings = settings
+        self.store = store
+        self.bus = EventBus()
+        self.scheduler = TtlScheduler()
+        self.outbox = Outbox(store, spawn)
+        self._ingest: asyncio.Queue[Inbound | None] = asyncio.Queue(settings.ingest_queue)
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._stopping = False
+
+    # ---- start and stop -------------------------------------------------------------------
+
+    def on_commit(self, events: Sequence[StateChange]) -> None:
+        """Store commit listener: retire finished executions, then announce the events."""
+        for event in events:
+            if event.status.final and not event.late:
+                self.scheduler.cancel(event.execution_id)
+                self.outbox.discard(event.thing_id, event.execution_id)
+        self.bus.publish(events)
+
+    async def restore(self) -> int:
+        """Reschedule every non-final execution after a (re)start; overdue ones expire at once.
+
+        Returns:
+            How many active executions were restored.
+        """
+        active = await self.store.active()
+        for item in active:
+            self.scheduler.schedule(item.execution_id, item.expires_at_ms)
+            if item.status <= Status.SENT:
+                # Not acknowledged by the device: goes out again when it connects.
+                self.outbox.hold(item.thing_id, item.execution_id)
+        return len(active)
+
+    async def run_expiry(self) -> None:
+        """Background loop: time out executions whose TTL ran out."""
+        while True:
+            first = await self.scheduler.due.get()
+            batch = [first]
+            while len(batch) < INGEST_BATCH and not self.scheduler.due.empty():
+                batch.append(self.scheduler.due.get_nowait())
+            await asyncio.gather(*(self._expire(i) for i in batch))
+
+    async def _expire(self, execution_id: str) -> None:
+        try:
+            await self.store.transition(execution_id, Trigger.EXPIRED, at_ms=now_ms())
+            self.stats["timed_out"] += 1
+        except FleetcmdError:
+            log.exception("could not time out %s", execution_id)
+
+    async def run_ingest(self) -> None:
+        """Background loop: apply device reports in arrival order, a batch per store commit."""
+        while True:
+            first = await self._ingest.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < INGEST_BATCH and not self._ingest.empty():
+                item = self._ingest.get_nowait()
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            # Submitted in order: the store runs them in this order within one transaction.
+            await asyncio.gather(*(self._apply(item) for item in batch))
+            if stop:
+                return
+
+    async def stop_ingest(self) -> None:
+        """Refuse new reports and let :meth:`run_ingest` end after those already queued."""
+        if not self._stopping:
+            self._stopping = True
+            await self._ingest.put(None)
+
+    def close(self) -> None:
+        """End live streams and timers (shutdown)."""
+        self.bus.close()
+        self.scheduler.close()
+
+    # ---- operator API ---------------------------------------------------------------------
+
+    async def send(self, cmd: SendCommand) -> Execution:
+        """Accept a command: durable first, then scheduled and published.
+
+        Raises:
+            AlreadyExists: the idempotency key belongs to a different request.
+            ResourceExhausted: too many executions are active.
+        """
+        if len(self.scheduler) >= self.settings.max_active_executions:
+            raise ResourceExhausted(
+                f"{len(self.scheduler)} executions are active (limit {self.settings.max_active_executions})"
+            )
+        created = now_ms()
+        new = NewExecution(
+            execution_id=uuid.uuid4().hex,
+            command_id=uuid.uuid4().hex,
+            thing_id=cmd.thing_id,
+            action=cmd.action,
+            params_json=cmd.params_json,
+            ttl_seconds=cmd.ttl_seconds,
+            status=initial_status(self.outbox.ready(cmd.thing_id)),
+            created_at_ms=created,
+            expires_at_ms=created + cmd.ttl_seconds * 1000,
+            idempotency_key=cmd.idempotency_key,
+            fingerprint=cmd.fingerprint,
+        )
+        result = await self.store.create(new)
+        if result.created:
+            self.stats["sent"] += 1
+            self.scheduler.schedule(new.execution_id, new.expires_at_ms)
+            self.outbox.add(result.execution)
+        return result.execution
+
+    async def get(self, execution_id: str) -> Execution:
+        """One execution with its history.
+
+        Raises:
+            NotFound: no such execution.
+        """
+        check_execution_id(execution_id)
+        execution = await self.store.get(execution_id, with_history=True)
+        if execution is None:
+            raise NotFound(f"execution {execution_id!r} not found")
+        return execution
+
+    async def list(self, query: ListQuery) -> ListPage:
+        """A page of executions, newest first."""
+        return await self.store.list(query)
+
+    async def cancel(self, execution_id: str) -> Execution:
+        """Cancel a non-final execution.
+
+        Raises:
+            NotFound: no such execution.
+            FailedPrecondition: the execution is already final.
+        """
+        check_execution_id(execution_id)
+        result = await self.store.transition(execution_id, Trigger.CANCEL, at_ms=now_ms())
+        if result.decision.outcome is Outcome.REFUSE:
+            raise FailedPrecondition(f"execution {execution_id} is already {result.execution.status.name}")
+        self.stats["canceled"] += 1
+        return result.execution
+
+    async def stream(self, flt: EventFilter, after_sequence: int | None) -> AsyncIterator[StateChange]:
+        """Committed events matching ``flt``: replayed after ``after_sequence`` if given, then live.
+
+        Subscribing live before reading the log closes the race between the two:
+        an event is either in the replay, in the live buffer, or both (and then
+        skipped by its sequence).
+
+        Raises:
+            ResourceExhausted: the subscriber fell behind; resume from the last sequence.
+        """
+        sub = self.bus.subscribe(flt, self.settings.stream_buffer)
+        try:
+            last = 0
+            if after_sequence is not None:
+                last = after_sequence
+                while True:
+                    page = await self.store.events_after(last, flt, REPLAY_PAGE)
+                    for event in page:
+                        yield event
+                        last = event.sequence
+                    if len(page) < REPLAY_PAGE:
+                        break
+            while True:
+                for event in await sub.next_batch():
+                    if event.sequence > last:
+                        yield event
+                        last = event.sequence
+        finally:
+            sub.close()
+
+    # ---- DeviceSink (called by the broker) ------------------------------------------------
+
+    def device_connected(self, client_id: str) -> None:
+        """See :class:`broker_hooks.broker.DeviceSink`."""
+        self.outbox.device_available(client_id)
+
+    def device_subscribed(self, client_id: str, filters: Sequence[tuple[str, int]]) -> None:
+        """See :class:`broker_hooks.broker.DeviceSink`."""
+        self.outbox.device_available(client_id)
+
+    def device_disconnected(self, client_id: str) -> None:
+        """See :class:`broker_hooks.broker.DeviceSink`; unacknowledged requests stay in the outbox."""
+
+    async def device_message(self, inbound: Inbound) -> None:
+        """See :class:`broker_hooks.broker.DeviceSink`; waits only while the ingest queue is full."""
+        if self._stopping:
+            self.stats["dropped.shutting_down"] += 1
+            return
+        await self._ingest.put(inbound)
+
+    async def _apply(self, inbound: Inbound) -> None:
+        if inbound.action is not LifecycleAction.DEVICE_REPORT:  # pragma: no cover - one action so far
+            log.warning("no handler for %s", inbound.action)
+            return
+        msg: emqx.ReportMessage = inbound.message
+        try:
+            result = await self.store.transition(
+                msg.execution_id,
+                Trigger.DEVICE_REPORT,
+                at_ms=now_ms(),
+                report=msg.report,
+                expect_thing=msg.thing_id,
+            )
+        except NotFound:
+            self.stats["dropped.unknown_execution"] += 1
+            log.warning("%s reported on unknown execution %r: dropped", inbound.client_id, msg.execution_id)
+            return
+        except ThingMismatch as exc:
+            self.stats["dropped.thing_mismatch"] += 1
+            log.warning("%s: %s: dropped", inbound.client_id, exc)
+            return
+        except FleetcmdError:
+            self.stats["dropped.store_error"] += 1
+            log.exception("could not record a report from %s", inbound.client_id)
+            return
+        self.stats[f"reports.{result.decision.outcome.value}"] += 1
+        if result.decision.outcome is Outcome.LATE:
+            log.info("late %s from %s for %s kept in history", msg.report.status.name, inbound.client_id, msg.execution_id)
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters for logs and tests."""
+        return {
+            "active": len(self.scheduler),
+            "outbox": len(self.outbox),
+            "watchers": len(self.bus),
+            **self.stats,
+        }

@@ -1,0 +1,104 @@
+"""Settings: one frozen dataclass, read from ``FLEETCMD_*`` variables and CLI flags at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "FLEETCMD_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service can be configured with.
+
+    Each field ``name`` is read from ``FLEETCMD_<NAME>``; ``serve`` flags of the
+    same name override the environment.
+    """
+
+    bind: str = field(default="127.0.0.1", metadata={"help": "address every listener binds to"})
+    mqtt_port: int = field(default=1883, metadata={"help": "MQTT over TCP port (0 = any free port)"})
+    ws_port: int = field(default=-1, metadata={"help": "MQTT over WebSocket port (-1 = off, 0 = any free port)"})
+    grpc_port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
+    data_dir: Path = field(default=Path("data"), metadata={"help": "directory of the SQLite store"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    default_ttl: int = field(default=30, metadata={"help": "TTL in seconds when a Send gives 0"})
+    max_ttl: int = field(default=86400, metadata={"help": "largest TTL a Send may ask for"})
+    max_params_bytes: int = field(default=64 * 1024, metadata={"help": "largest params object, as JSON"})
+    max_response_bytes: int = field(default=256 * 1024, metadata={"help": "largest device response payload"})
+    max_active_executions: int = field(default=100_000, metadata={"help": "non-final executions held at once"})
+    stream_buffer: int = field(default=1000, metadata={"help": "events buffered per Stream before it is ended"})
+    ingest_queue: int = field(default=10_000, metadata={"help": "device reports waiting to be processed"})
+    shutdown_timeout: float = field(default=8.0, metadata={"help": "seconds a graceful stop may take"})
+    sys_interval: int = field(default=0, metadata={"help": "$SYS broadcast interval in seconds (0 = off)"})
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("mqtt_port", "grpc_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name} must be 0..65535")
+        if not -1 <= self.ws_port <= 65535:
+            problems.append("ws_port must be -1 (off) or 0..65535")
+        if self.log_level.upper() not in LOG_LEVELS:
+            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if not 1 <= self.default_ttl <= self.max_ttl:
+            problems.append("default_ttl must be between 1 and max_ttl")
+        for name in ("max_params_bytes", "max_response_bytes", "max_active_executions", "stream_buffer", "ingest_queue"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be positive")
+        if self.shutdown_timeout <= 0:
+            problems.append("shutdown_timeout must be positive")
+        if self.sys_interval < 0:
+            problems.append("sys_interval must be >= 0")
+        if problems:
+            raise SettingsError("; ".join(problems))
+
+    @property
+    def db_path(self) -> Path:
+        """Path of the SQLite database file."""
+        return self.data_dir / "fleetcmd.db"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``FLEETCMD_*`` variables, then apply non-None ``overrides``.
+
+        Raises:
+            SettingsError: a value does not parse or is out of range.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """Return a copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = type(f.default)
+    try:
+        if kind is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if isinstance(f.default, Path):
+            return Path(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from exc
+    return raw

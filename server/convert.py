@@ -1,0 +1,163 @@
+"""Conversions between fleetcmd's records and ``fleetcmd.v1`` protobuf messages."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from server.errors import InvalidArgument
+from server.lifecycle import Status
+from server.models import Execution, ListQuery, Reason, StateChange
+from server.pb import commands_pb2 as pb
+
+
+def timestamp(ms: int | None) -> timestamp_pb2.Timestamp | None:
+    """Milliseconds since the epoch as a protobuf Timestamp (None stays unset)."""
+    if ms is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMilliseconds(ms)
+    return ts
+
+
+def _value(json_text: str | None) -> struct_pb2.Value | None:
+    if json_text is None:
+        return None
+    value = struct_pb2.Value()
+    json_format.Parse(json_text, value)
+    return value
+
+
+def _struct(json_text: str | None) -> struct_pb2.Struct | None:
+    if json_text is None:
+        return None
+    st = struct_pb2.Struct()
+    json_format.Parse(json_text, st)
+    return st
+
+
+def _reason(reason: Reason | None) -> pb.StatusReason | None:
+    if reason is None:
+        return None
+    return pb.StatusReason(reason_code=reason.code, reason_description=reason.description)
+
+
+def struct_to_dict(st: struct_pb2.Struct) -> dict[str, Any]:
+    """A protobuf Struct as a plain dict (numbers come back as floats, as Struct stores them)."""
+    return json_format.MessageToDict(st)
+
+
+def _status(status: Status | None) -> int:
+    return int(status) if status is not None else 0
+
+
+def state_change(change: StateChange) -> pb.StateChange:
+    """A history entry for ``Execution.history``."""
+    return pb.StateChange(
+        sequence=change.sequence,
+        status=_status(change.status),  # type: ignore[arg-type]
+        previous_status=_status(change.previous_status),  # type: ignore[arg-type]
+        at=timestamp(change.at_ms),
+        late=change.late,
+        result=_value(change.result_json),
+        status_reason=_reason(change.reason),
+        note=change.note,
+    )
+
+
+def execution(e: Execution) -> pb.Execution:
+    """An execution as the API shows it."""
+    return pb.Execution(
+        execution_id=e.execution_id,
+        command_id=e.command_id,
+        thing_id=e.thing_id,
+        action=e.action,
+        params=_struct(e.params_json),
+        ttl_seconds=e.ttl_seconds,
+        status=int(e.status),  # type: ignore[arg-type]
+        result=_value(e.result_json),
+        status_reason=_reason(e.reason),
+        created_at=timestamp(e.created_at_ms),
+        updated_at=timestamp(e.updated_at_ms),
+        completed_at=timestamp(e.completed_at_ms),
+        expires_at=timestamp(e.expires_at_ms),
+        idempotency_key=e.idempotency_key,
+        history=[state_change(c) for c in e.history],
+    )
+
+
+def event(change: StateChange) -> pb.ExecutionEvent:
+    """A Stream event."""
+    return pb.ExecutionEvent(
+        sequence=change.sequence,
+        execution_id=change.execution_id,
+        thing_id=change.thing_id,
+        action=change.action,
+        status=_status(change.status),  # type: ignore[arg-type]
+        previous_status=_status(change.previous_status),  # type: ignore[arg-type]
+        at=timestamp(change.at_ms),
+        late=change.late,
+        result=_value(change.result_json),
+        status_reason=_reason(change.reason),
+        note=change.note,
+    )
+
+
+# ---- List pagination ---------------------------------------------------------------------
+
+def _filter_digest(req: pb.ListRequest) -> str:
+    key = json.dumps(
+        [req.thing_id, req.action, sorted(req.status), req.created_after.ToMilliseconds(), req.created_before.ToMilliseconds()]
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def page_token(req: pb.ListRequest, before_index: int | None) -> str:
+    """Opaque token for the next page; bound to the request's filters."""
+    if before_index is None:
+        return ""
+    raw = json.dumps({"b": before_index, "f": _filter_digest(req)}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def list_query(req: pb.ListRequest, default_page_size: int = 50, max_page_size: int = 1000) -> ListQuery:
+    """Validate a ListRequest.
+
+    Raises:
+        InvalidArgument: bad status value, page size or page token.
+    """
+    statuses = set()
+    for value in req.status:
+        try:
+            statuses.add(Status(value))
+        except ValueError:
+            raise InvalidArgument.single("status", f"{value} is not a valid ExecutionStatus") from None
+    if req.page_size > max_page_size:
+        raise InvalidArgument.single("page_size", f"page_size must be at most {max_page_size}")
+    before = None
+    if req.page_token:
+        try:
+            padded = req.page_token + "=" * (-len(req.page_token) % 4)
+            data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+            before = int(data["b"])
+            digest = data["f"]
+        except (binascii.Error, ValueError, KeyError, TypeError):
+            raise InvalidArgument.single("page_token", "page_token is not a token this server issued") from None
+        if digest != _filter_digest(req):
+            raise InvalidArgument.single("page_token", "page_token belongs to a request with other filters")
+    after = req.created_after.ToMilliseconds() if req.HasField("created_after") else None
+    before_ts = req.created_before.ToMilliseconds() if req.HasField("created_before") else None
+    return ListQuery(
+        thing_id=req.thing_id,
+        action=req.action,
+        statuses=frozenset(statuses),
+        created_after_ms=after,
+        created_before_ms=before_ts,
+        page_size=req.page_size or default_page_size,
+        before_index=before,
+    )

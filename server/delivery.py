@@ -1,0 +1,170 @@
+"""The outbox: getting each request to its device at least once.
+
+amqtt keeps nothing across a broker restart, drops a QoS 1 message that was
+not PUBACKed and never retries it. So fleetcmd keeps its own outbox: every
+active execution that the device has not acknowledged yet (QUEUED or SENT) is
+held here by id (its payload stays in SQLite, so memory does not grow with
+params), and is published whenever its device is connected and subscribed:
+at once on Send, and again on every (re)connect or subscribe until the device
+PUBACKs it or the execution ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from broker_hooks import emqx
+from broker_hooks.broker import Delivery
+from server.errors import FleetcmdError
+from server.lifecycle import Outcome, Status, Trigger
+from server.models import Execution
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[[Coroutine[Any, Any, None], str], None]
+
+
+class DeviceLink(Protocol):
+    """The part of the broker the outbox uses."""
+
+    def subscription_qos(self, client_id: str, topic: str) -> int | None:
+        """QoS of the client's matching subscription, None when it would not receive ``topic``."""
+
+    async def deliver(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1) -> Delivery:
+        """Publish to one client and report the outcome."""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Outbox:
+    """Pending requests per thing, and the publishing of them."""
+
+    def __init__(self, store: Store, spawn: Spawn) -> None:
+        self._store = store
+        self._spawn = spawn
+        self._link: DeviceLink | None = None
+        self._pending: dict[str, dict[str, None]] = {}  # thing -> ordered execution ids
+        self._inflight: set[str] = set()
+        self._flushing: set[str] = set()
+        self._dirty: set[str] = set()
+        self.published = 0
+        self.acked = 0
+
+    def attach(self, link: DeviceLink) -> None:
+        """Connect the outbox to the broker once it exists."""
+        self._link = link
+
+    def __len__(self) -> int:
+        return sum(len(ids) for ids in self._pending.values())
+
+    def pending_for(self, thing_id: str) -> list[str]:
+        """Execution ids waiting for ``thing_id``, oldest first."""
+        return list(self._pending.get(thing_id, ()))
+
+    def ready(self, thing_id: str) -> bool:
+        """Whether a request for ``thing_id`` would reach a connected, subscribed device now."""
+        if self._link is None:
+            return False
+        probe = emqx.request_topic(thing_id, "probe")
+        return self._link.subscription_qos(thing_id, probe) is not None
+
+    def hold(self, thing_id: str, execution_id: str) -> None:
+        """Keep an execution until its device acknowledges it (restored after a restart)."""
+        self._pending.setdefault(thing_id, {})[execution_id] = None
+
+    def add(self, execution: Execution) -> None:
+        """Hold a new execution; publish it at once when it was created SENT (device ready)."""
+        self.hold(execution.thing_id, execution.execution_id)
+        if execution.status is Status.SENT:
+            self._start_publish(execution)
+
+    def discard(self, thing_id: str, execution_id: str) -> None:
+        """Forget an execution that was acknowledged or ended."""
+        ids = self._pending.get(thing_id)
+        if ids is not None:
+            ids.pop(execution_id, None)
+            if not ids:
+                del self._pending[thing_id]
+
+    def device_available(self, thing_id: str) -> None:
+        """The device connected or subscribed: publish what waits for it."""
+        if thing_id not in self._pending:
+            return
+        if thing_id in self._flushing:
+            self._dirty.add(thing_id)
+            return
+        self._flushing.add(thing_id)
+        self._spawn(self._flush(thing_id), f"outbox-flush-{thing_id}")
+
+    async def _flush(self, thing_id: str) -> None:
+        try:
+            while True:
+                self._dirty.discard(thing_id)
+                if self.ready(thing_id):
+                    await self._flush_once(thing_id)
+                if thing_id not in self._dirty:
+                    return
+        except Exception:
+            log.exception("outbox flush for %s failed", thing_id)
+        finally:
+            self._flushing.discard(thing_id)
+
+    async def _flush_once(self, thing_id: str) -> None:
+        ids = [i for i in self._pending.get(thing_id, ()) if i not in self._inflight]
+        for execution in await self._store.get_many(ids):
+            if execution.status is Status.QUEUED:
+                try:
+                    result = await self._store.transition(execution.execution_id, Trigger.PUBLISHED, at_ms=_now_ms())
+                except FleetcmdError:
+                    log.exception("could not mark %s as sent", execution.execution_id)
+                    continue
+                if result.decision.outcome is Outcome.CHANGE:
+                    self._start_publish(result.execution)
+            elif execution.status is Status.SENT:
+                self._start_publish(execution)  # sent before but never acknowledged: again
+            else:
+                self.discard(thing_id, execution.execution_id)
+
+    def _start_publish(self, execution: Execution) -> None:
+        if execution.execution_id in self._inflight:
+            return
+        self._inflight.add(execution.execution_id)
+        self._spawn(self._publish(execution), f"deliver-{execution.execution_id}")
+
+    async def _publish(self, execution: Execution) -> None:
+        try:
+            link = self._link
+            if link is None:
+                return
+            payload = emqx.encode_request(
+                command_id=execution.command_id,
+                action=execution.action,
+                params_json=execution.params_json,
+                timestamp_s=execution.created_at_ms // 1000,
+                ttl_seconds=execution.ttl_seconds,
+            )
+            topic = emqx.request_topic(execution.thing_id, execution.execution_id)
+            outcome = await link.deliver(execution.thing_id, topic, payload)
+            if outcome in (Delivery.ACKED, Delivery.SENT):
+                self.published += 1
+            if outcome is Delivery.ACKED:
+                self.acked += 1
+                await self._store.transition(execution.execution_id, Trigger.ACKED, at_ms=_now_ms())
+                self.discard(execution.thing_id, execution.execution_id)
+            elif outcome is Delivery.SENT:
+                # A QoS 0 subscription cannot acknowledge: sent once is all MQTT offers.
+                self.discard(execution.thing_id, execution.execution_id)
+            # Otherwise it stays pending and goes out again on the next connect or subscribe.
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("publishing %s failed", execution.execution_id)
+        finally:
+            self._inflight.discard(execution.execution_id)

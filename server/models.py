@@ -1,0 +1,126 @@
+"""Plain data records shared by the store, the lifecycle service and the API surfaces.
+
+JSON payloads (params, results) are kept as JSON text: they are written to
+SQLite and to protobuf ``Struct``/``Value`` as they are, so the hot path never
+parses them twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.lifecycle import Status
+
+
+@dataclass(frozen=True)
+class Reason:
+    """A device's ``statusReason``."""
+
+    code: str
+    description: str
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """One entry of the durable event log (one state change or one late report)."""
+
+    sequence: int
+    execution_id: str
+    thing_id: str
+    action: str
+    status: Status
+    previous_status: Status | None
+    at_ms: int
+    late: bool = False
+    result_json: str | None = None
+    reason: Reason | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Execution:
+    """An execution as stored, optionally with its history."""
+
+    execution_id: str
+    command_id: str
+    thing_id: str
+    action: str
+    params_json: str | None
+    ttl_seconds: int
+    status: Status
+    created_at_ms: int
+    updated_at_ms: int
+    expires_at_ms: int
+    completed_at_ms: int | None = None
+    result_json: str | None = None
+    reason: Reason | None = None
+    idempotency_key: str = ""
+    history: tuple[StateChange, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    """What :meth:`server.store.Store.create` needs to insert an execution."""
+
+    execution_id: str
+    command_id: str
+    thing_id: str
+    action: str
+    params_json: str | None
+    ttl_seconds: int
+    status: Status
+    created_at_ms: int
+    expires_at_ms: int
+    idempotency_key: str = ""
+    # Canonical digest of the request, to tell a retry from a conflicting reuse of a key.
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """A status a device sent for an execution."""
+
+    status: Status
+    result_json: str | None = None
+    reason: Reason | None = None
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """Filters and page position for listing executions (newest first)."""
+
+    thing_id: str = ""
+    action: str = ""
+    statuses: frozenset[Status] = frozenset()
+    created_after_ms: int | None = None
+    created_before_ms: int | None = None
+    page_size: int = 50
+    # Keyset position: only executions inserted before this one (exclusive).
+    before_index: int | None = None
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Which events a Stream wants; empty fields match everything."""
+
+    thing_id: str = ""
+    execution_id: str = ""
+    action: str = ""
+
+    def matches(self, event: StateChange) -> bool:
+        """Whether ``event`` passes the filter."""
+        return (
+            (not self.thing_id or event.thing_id == self.thing_id)
+            and (not self.execution_id or event.execution_id == self.execution_id)
+            and (not self.action or event.action == self.action)
+        )
+
+
+@dataclass(frozen=True)
+class ActiveExecution:
+    """The part of a non-final execution the scheduler and outbox need after a restart."""
+
+    execution_id: str
+    thing_id: str
+    status: Status
+    expires_at_ms: int

@@ -1,0 +1,84 @@
+"""Checks of operator requests, reporting every bad field at once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from broker_hooks.topics import level_problem
+from server.config import Settings
+from server.errors import FieldViolation, InvalidArgument
+
+MAX_ACTION_LENGTH = 128
+MAX_IDEMPOTENCY_KEY_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class SendCommand:
+    """A validated Send request."""
+
+    thing_id: str
+    action: str
+    params_json: str | None
+    ttl_seconds: int
+    idempotency_key: str
+    fingerprint: str
+
+
+def check_execution_id(execution_id: str, field: str = "execution_id") -> None:
+    """Reject an empty or impossible execution id before touching the store."""
+    problem = level_problem(execution_id)
+    if problem:
+        raise InvalidArgument.single(field, problem)
+
+
+def validate_send(
+    settings: Settings,
+    *,
+    thing_id: str,
+    action: str,
+    params: dict[str, Any] | None,
+    ttl_seconds: int,
+    idempotency_key: str,
+) -> SendCommand:
+    """Validate and normalise a Send.
+
+    Raises:
+        InvalidArgument: with one violation per bad field.
+    """
+    violations: list[FieldViolation] = []
+    problem = level_problem(thing_id)
+    if problem:
+        violations.append(FieldViolation("thing_id", f"thing_id {problem}"))
+    if not action:
+        violations.append(FieldViolation("action", "action must not be empty"))
+    elif len(action) > MAX_ACTION_LENGTH:
+        violations.append(FieldViolation("action", f"action must be at most {MAX_ACTION_LENGTH} characters"))
+    elif "\x00" in action:
+        violations.append(FieldViolation("action", "action must not contain NUL"))
+    params_json = None
+    if params is not None:
+        params_json = json.dumps(params, separators=(",", ":"), ensure_ascii=False)
+        size = len(params_json.encode())
+        if size > settings.max_params_bytes:
+            violations.append(
+                FieldViolation("params", f"params is {size} bytes as JSON; the limit is {settings.max_params_bytes}")
+            )
+    if ttl_seconds < 0 or ttl_seconds > settings.max_ttl:
+        violations.append(FieldViolation("ttl_seconds", f"ttl_seconds must be 0 (default) to {settings.max_ttl}"))
+    if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        violations.append(
+            FieldViolation("idempotency_key", f"idempotency_key must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
+        )
+    if violations:
+        raise InvalidArgument(violations)
+    ttl = ttl_seconds or settings.default_ttl
+    canonical = json.dumps(
+        {"thing_id": thing_id, "action": action, "params": params, "ttl": ttl},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    fingerprint = hashlib.sha256(canonical.encode()).hexdigest() if idempotency_key else ""
+    return SendCommand(thing_id, action, params_json, ttl, idempotency_key, fingerprint)
