@@ -1,0 +1,46 @@
+"""Shared fixtures: a real fleetcmd service on loopback (port 0) and a gRPC client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from server.app import FleetcmdApp
+from server.cli import configure_logging
+from server.config import Settings
+from server.pb import commands_pb2_grpc as pb_grpc
+
+configure_logging("INFO")
+
+
+def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    return Settings(
+        bind="127.0.0.1",
+        mqtt_port=0,
+        grpc_port=0,
+        data_dir=data_dir,
+        shutdown_timeout=5,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "data")
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FleetcmdApp]:
+    async with FleetcmdApp(settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def stub(app: FleetcmdApp) -> AsyncIterator[pb_grpc.CommandServiceStub]:
+    assert app.ports is not None
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+        yield pb_grpc.CommandServiceStub(channel)

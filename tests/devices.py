@@ -1,0 +1,144 @@
+"""A real MQTT device for tests: paho-mqtt speaking the EMQX Fleets command contract."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+RequestHandler = Callable[["EmqxDevice", str, dict[str, Any]], None]
+
+
+class EmqxDevice:
+    """A paho client that subscribes to its request topic and records every request.
+
+    ``on_request`` (optional) is called in paho's thread for each request and may
+    call :meth:`respond`. Use as a context manager; it disconnects on exit.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        thing_id: str,
+        *,
+        on_request: RequestHandler | None = None,
+        clean_session: bool = True,
+        keepalive: int = 60,
+        subscribe: bool = True,
+        sub_qos: int = 1,
+        transport: str = "tcp",
+        auto_ack: bool = True,
+    ) -> None:
+        self.host, self.port, self.thing_id = host, port, thing_id
+        self.on_request = on_request
+        self.subscribe_on_connect = subscribe
+        self.sub_qos = sub_qos
+        self.requests: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.disconnected = threading.Event()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=thing_id,
+            clean_session=clean_session,
+            transport=transport,  # type: ignore[arg-type]
+            manual_ack=not auto_ack,
+        )
+        self.keepalive = keepalive
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+
+    @property
+    def request_filter(self) -> str:
+        return f"$emqx/commands/things/{self.thing_id}/executions/+/request"
+
+    def response_topic(self, execution_id: str, thing_id: str | None = None) -> str:
+        return f"$emqx/commands/things/{thing_id or self.thing_id}/executions/{execution_id}/response"
+
+    def start(self, timeout: float = 5) -> EmqxDevice:
+        self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            raise TimeoutError(f"{self.thing_id} did not connect")
+        if self.subscribe_on_connect and not self.subscribed.wait(timeout):
+            raise TimeoutError(f"{self.thing_id} did not get a SUBACK")
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # The broker runs on the test's event loop: never block it, wait in a thread.
+    async def __aenter__(self) -> EmqxDevice:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+    async def wait_request(self, timeout: float = 5) -> tuple[str, dict[str, Any]]:
+        return await asyncio.to_thread(self.next_request, timeout)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        if rc.is_failure:
+            return
+        self.disconnected.clear()
+        self.connected.set()
+        if self.subscribe_on_connect:
+            client.subscribe(self.request_filter, qos=self.sub_qos)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any = None) -> None:
+        self.subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        self.connected.clear()
+        self.disconnected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        execution_id = msg.topic.split("/")[-2]
+        body = json.loads(msg.payload)
+        self.requests.put((execution_id, body))
+        if self.on_request is not None:
+            self.on_request(self, execution_id, body)
+
+    def next_request(self, timeout: float = 5) -> tuple[str, dict[str, Any]]:
+        return self.requests.get(timeout=timeout)
+
+    def respond(
+        self, execution_id: str, status: str, result: Any = None, *, thing_id: str | None = None, **extra: Any
+    ) -> mqtt.MQTTMessageInfo:
+        body: dict[str, Any] = {"status": status, **extra}
+        if result is not None:
+            body["result"] = result
+        return self.publish_raw(self.response_topic(execution_id, thing_id), json.dumps(body).encode())
+
+    async def arespond(self, execution_id: str, status: str, result: Any = None, **kw: Any) -> None:
+        info = self.respond(execution_id, status, result, **kw)
+        await asyncio.to_thread(info.wait_for_publish, 5)
+
+    def publish_raw(self, topic: str, payload: bytes, qos: int = 1) -> mqtt.MQTTMessageInfo:
+        """Publish without waiting (safe inside paho callbacks); wait on the returned info if needed."""
+        return self.client.publish(topic, payload, qos=qos)
+
+    async def apublish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        """Publish and wait for the broker's PUBACK without blocking the loop."""
+        info = self.publish_raw(topic, payload, qos)
+        await asyncio.to_thread(info.wait_for_publish, 5)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5, interval: float = 0.02) -> bool:
+    """Poll a condition (for state seen through another thread)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
