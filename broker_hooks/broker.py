@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import logging
 import math
@@ -91,6 +92,7 @@ class FleetBroker(Broker):
         # client_id -> {filter: granted qos}; survives disconnects of persistent sessions like amqtt's own.
         self._client_filters: dict[str, dict[str, int]] = {}
         self.stats: collections.Counter[str] = collections.Counter()
+        self._closing: set[asyncio.Future[Any]] = set()
 
     # ---- addresses ------------------------------------------------------------------------
 
@@ -102,7 +104,7 @@ class FleetBroker(Broker):
 
     # ---- connections ----------------------------------------------------------------------
 
-    async def _initialize_client_session(  # type: ignore[override]
+    async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         handler, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
@@ -110,7 +112,7 @@ class FleetBroker(Broker):
             # The reader times out after session.keep_alive seconds of silence; MQTT allows 1.5x.
             session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_FACTOR)
         # amqtt's handle_read_timeout is a no-op; bind ours to this handler only.
-        handler.handle_read_timeout = lambda: self._keepalive_expired(session, handler)  # type: ignore[method-assign]
+        handler.handle_read_timeout = lambda: self._keepalive_expired(session, handler)
         return handler, session
 
     def _keepalive_expired(self, session: Session, handler: BrokerProtocolHandler) -> None:
@@ -119,7 +121,9 @@ class FleetBroker(Broker):
         if handler.writer is not None:
             # Closing the transport makes the reader see EOF, which runs the normal
             # abnormal-disconnect path (will message, disconnected event).
-            asyncio.ensure_future(handler.writer.close())
+            task = asyncio.ensure_future(handler.writer.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         self._notify(self._sink.device_connected, client_session.client_id)
@@ -144,7 +148,8 @@ class FleetBroker(Broker):
     # ---- subscriptions --------------------------------------------------------------------
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        granted = await super().add_subscription(subscription, session)
+        """Subscribe as amqtt does, and index the granted filter under the client."""
+        granted: int = await super().add_subscription(subscription, session)
         if granted != SUBACK_FAILURE and session.client_id:
             self._client_filters.setdefault(session.client_id, {})[subscription[0]] = granted
         return granted
@@ -162,7 +167,8 @@ class FleetBroker(Broker):
         filters = self._client_filters.get(session.client_id or "")
         if filters is not None:
             filters.pop(a_filter, None)
-        return super()._del_subscription(a_filter, session)
+        deleted: int = super()._del_subscription(a_filter, session)
+        return deleted
 
     async def _delete_session(self, client_id: str) -> None:
         self._client_filters.pop(client_id, None)
@@ -208,7 +214,8 @@ class FleetBroker(Broker):
                 self.stats["dropped.unrouted"] += 1
                 log.warning("client %s published to %r, which no rule handles: dropped", client_id, topic)
                 return True
-            return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+            delivered: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
+            return delivered
         if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
             self.stats["dropped.acl"] += 1
             log.info("client %s may not publish to %r: dropped", client_id, topic)
@@ -266,7 +273,7 @@ class FleetBroker(Broker):
             if task is not None and task.cancelling():
                 raise
             return Delivery.FAILED
-        except Exception as exc:  # TimeoutError (no PUBACK in 5 s), connection errors
+        except Exception as exc:  # noqa: BLE001 - TimeoutError (no PUBACK in 5 s), connection errors
             log.info("delivery to %s on %r failed: %r", client_id, topic, exc)
             return Delivery.FAILED
         return Delivery.ACKED if qos > 0 else Delivery.SENT
@@ -278,16 +285,13 @@ class FleetBroker(Broker):
         for _session, handler in list(self._sessions.values()):
             writer = handler.writer
             if writer is not None:
-                try:
+                # Already closed or broken is fine either way.
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(writer.close(), 1)
-                except Exception:  # noqa: BLE001 - already closed or broken: fine either way
-                    pass
         try:
             await asyncio.wait_for(self.shutdown(), timeout)
         except Exception:
             log.warning("broker shutdown did not finish cleanly within %ss; closing listeners", timeout, exc_info=True)
             for server in self._servers.values():
-                try:
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(server.close_instance(), 1)
-                except Exception:  # noqa: BLE001
-                    pass

@@ -6,7 +6,7 @@ from typing import Any
 
 
 def broker_config(*, bind: str, mqtt_port: int, ws_port: int, sys_interval: int) -> dict[str, Any]:
-    """amqtt ``BrokerConfig`` as a dict: explicit listeners and an explicit, minimal plugin set.
+    """Amqtt ``BrokerConfig`` as a dict: explicit listeners and an explicit, minimal plugin set.
 
     Args:
         bind: Address every listener binds to.

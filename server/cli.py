@@ -188,7 +188,7 @@ def _wait_final(stub: pb_grpc.CommandServiceStub, execution: pb.Execution, timeo
             if event.status in final and not event.late:
                 break
     finally:
-        events.cancel()
+        events.cancel()  # type: ignore[no-untyped-call]
     return stub.Get(pb.GetRequest(execution_id=execution.execution_id), timeout=timeout)
 
 
@@ -203,7 +203,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _statuses(values: Sequence[str]) -> list[int]:
+def _statuses(values: Sequence[str]) -> list[pb.ExecutionStatus.ValueType]:
     return [pb.ExecutionStatus.Value(v.upper()) for v in values]
 
 
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except grpc.RpcError as exc:
-        print(f"fleetcmd: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"fleetcmd: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except KeyError as exc:  # an unknown --status name
         print(f"fleetcmd: unknown value {exc}", file=sys.stderr)

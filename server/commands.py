@@ -168,9 +168,9 @@ class CommandCore:
             raise NotFound(f"execution {execution_id!r} not found")
         return execution
 
-    async def list(self, query: ListQuery) -> ListPage:
+    async def list_executions(self, query: ListQuery) -> ListPage:
         """A page of executions, newest first."""
-        return await self.store.list(query)
+        return await self.store.list_executions(query)
 
     async def cancel(self, execution_id: str) -> Execution:
         """Cancel a non-final execution.

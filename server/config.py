@@ -89,15 +89,15 @@ class Settings:
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
-    kind = type(f.default)
+    default: object = f.default
     try:
-        if kind is bool:
+        if isinstance(default, bool):
             return raw.strip().lower() in ("1", "true", "yes", "on")
-        if kind is int:
+        if isinstance(default, int):
             return int(raw)
-        if kind is float:
+        if isinstance(default, float):
             return float(raw)
-        if isinstance(f.default, Path):
+        if isinstance(default, Path):
             return Path(raw)
     except ValueError as exc:
         raise SettingsError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from exc

@@ -47,9 +47,27 @@ def _reason(reason: Reason | None) -> pb.StatusReason | None:
     return pb.StatusReason(reason_code=reason.code, reason_description=reason.description)
 
 
+_MAX_SAFE_INTEGER = 2**53
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
 def struct_to_dict(st: struct_pb2.Struct) -> dict[str, Any]:
-    """A protobuf Struct as a plain dict (numbers come back as floats, as Struct stores them)."""
-    return json_format.MessageToDict(st)
+    """A protobuf Struct as a plain dict.
+
+    Struct stores every number as a double; integral values become ints again so
+    a device sees ``{"value": 24}``, as the operator wrote it, not ``24.0``.
+    """
+    result: dict[str, Any] = _integral(json_format.MessageToDict(st))
+    return result
 
 
 def _status(status: Status | None) -> int:

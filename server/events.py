@@ -96,5 +96,5 @@ class EventBus:
         self._closed = True
         for sub in tuple(self._subscriptions):
             sub.closed = True
-            sub._wakeup.set()  # noqa: SLF001 - the bus owns its subscriptions
+            sub._wakeup.set()
         self._subscriptions.clear()

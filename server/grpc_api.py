@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,7 +28,7 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
         self._core = core
 
     @maps_errors
-    async def Send(self, request: pb.SendRequest, context: grpc.aio.ServicerContext) -> pb.Execution:  # noqa: N802
+    async def Send(self, request: pb.SendRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
         """See the proto."""
         cmd = validate_send(
             self._core.settings,
@@ -40,14 +41,14 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
         return convert.execution(await self._core.send(cmd))
 
     @maps_errors
-    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext) -> pb.Execution:  # noqa: N802
+    async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
         """See the proto."""
         return convert.execution(await self._core.get(request.execution_id))
 
     @maps_errors
-    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext) -> pb.ListResponse:  # noqa: N802
+    async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListResponse:  # noqa: N802
         """See the proto."""
-        page = await self._core.list(convert.list_query(request))
+        page = await self._core.list_executions(convert.list_query(request))
         return pb.ListResponse(
             executions=[convert.execution(e) for e in page.executions],
             next_page_token=convert.page_token(request, page.next_before_index),
@@ -55,7 +56,7 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
 
     @maps_errors
     async def Stream(  # noqa: N802
-        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
+        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.ExecutionEvent]:
         """See the proto."""
         flt = EventFilter(thing_id=request.thing_id, execution_id=request.execution_id, action=request.action)
@@ -64,7 +65,7 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
             yield convert.event(change)
 
     @maps_errors
-    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.Execution:  # noqa: N802
+    async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
         """See the proto."""
         return convert.execution(await self._core.cancel(request.execution_id))
 
@@ -81,7 +82,7 @@ class GrpcServer:
             ]
         )
         pb_grpc.add_CommandServiceServicer_to_server(CommandServicer(core), self.server)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -71,20 +71,20 @@ def maps_errors(method: F) -> F:
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
-        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
                 async for item in method(self, request, context):
                     yield item
             except FleetcmdError as exc:
-                await context.abort_with_status(to_status(exc))
+                await context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
 
         return cast(F, stream_wrapper)
 
     @functools.wraps(method)
-    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await method(self, request, context)
         except FleetcmdError as exc:
-            await context.abort_with_status(to_status(exc))
+            await context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
 
     return cast(F, unary_wrapper)

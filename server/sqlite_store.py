@@ -537,9 +537,10 @@ class SqliteStore:
 
         return await self._read(read) if ids else []
 
-    async def list(self, query: ListQuery) -> ListPage:
-        """See :meth:`server.store.Store.list`."""
-        where, args = [], []
+    async def list_executions(self, query: ListQuery) -> ListPage:
+        """See :meth:`server.store.Store.list_executions`."""
+        where: list[str] = []
+        args: list[object] = []
         if query.thing_id:
             where.append("thing_id = ?")
             args.append(query.thing_id)
@@ -574,7 +575,8 @@ class SqliteStore:
 
     async def events_after(self, after_sequence: int, flt: EventFilter, limit: int) -> list[StateChange]:
         """See :meth:`server.store.Store.events_after`."""
-        where, args = ["seq > ?"], [after_sequence]
+        where: list[str] = ["seq > ?"]
+        args: list[object] = [after_sequence]
         for column, value in (("thing_id", flt.thing_id), ("execution_id", flt.execution_id), ("action", flt.action)):
             if value:
                 where.append(f"{column} = ?")
@@ -585,12 +587,16 @@ class SqliteStore:
 
     async def last_sequence(self) -> int:
         """See :meth:`server.store.Store.last_sequence`."""
-        return await self._read(lambda conn: int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]))
+        sql = "SELECT COALESCE(MAX(seq), 0) FROM events"
+        return await self._read(lambda conn: int(conn.execute(sql).fetchone()[0]))
 
     async def active(self) -> list[ActiveExecution]:
         """See :meth:`server.store.Store.active`."""
         finals = ",".join(str(int(s)) for s in Status if s.final)
-        sql = f"SELECT execution_id, thing_id, status, expires_at FROM executions WHERE status NOT IN ({finals}) ORDER BY idx"
+        sql = (
+            "SELECT execution_id, thing_id, status, expires_at FROM executions"
+            f" WHERE status NOT IN ({finals}) ORDER BY idx"
+        )
 
         def read(conn: sqlite3.Connection) -> list[ActiveExecution]:
             return [

@@ -88,7 +88,7 @@ class Store(Protocol):
     async def get_many(self, execution_ids: Sequence[str]) -> list[Execution]:
         """Read several executions (missing ids are skipped), in creation order."""
 
-    async def list(self, query: ListQuery) -> ListPage:
+    async def list_executions(self, query: ListQuery) -> ListPage:
         """Page through executions newest first."""
 
     async def events_after(self, after_sequence: int, flt: EventFilter, limit: int) -> list[StateChange]:
