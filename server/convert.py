@@ -6,7 +6,7 @@ import base64
 import binascii
 import hashlib
 import json
-from typing import Any
+from typing import Any, Literal
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -65,8 +65,15 @@ def struct_to_dict(st: struct_pb2.Struct) -> dict[str, Any]:
 
     Struct stores every number as a double; integral values become ints again so
     a device sees ``{"value": 24}``, as the operator wrote it, not ``24.0``.
+
+    Raises:
+        InvalidArgument: the Struct holds something JSON cannot (NaN, Infinity, an unset Value).
     """
-    result: dict[str, Any] = _integral(json_format.MessageToDict(st))
+    try:
+        plain = json_format.MessageToDict(st)
+    except (ValueError, json_format.Error) as exc:
+        raise InvalidArgument.single("params", f"params is not valid JSON: {exc}") from None
+    result: dict[str, Any] = _integral(plain)
     return result
 
 
@@ -143,6 +150,20 @@ def page_token(req: pb.ListRequest, before_index: int | None) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+_MAX_INDEX = 2**63  # SQLite INTEGER
+
+
+def _millis(req: pb.ListRequest, field: Literal["created_after", "created_before"]) -> int | None:
+    """A set created-at bound in milliseconds; out-of-range timestamps are the caller's error."""
+    if not req.HasField(field):
+        return None
+    try:
+        value: int = getattr(req, field).ToMilliseconds()
+    except ValueError as exc:  # outside 0001-01-01..9999-12-31 or bad nanos
+        raise InvalidArgument.single(field, f"{field} is not a valid timestamp: {exc}") from None
+    return value
+
+
 def list_query(req: pb.ListRequest, default_page_size: int = 50, max_page_size: int = 1000) -> ListQuery:
     """Validate a ListRequest.
 
@@ -157,19 +178,22 @@ def list_query(req: pb.ListRequest, default_page_size: int = 50, max_page_size: 
             raise InvalidArgument.single("status", f"{value} is not a valid ExecutionStatus") from None
     if req.page_size > max_page_size:
         raise InvalidArgument.single("page_size", f"page_size must be at most {max_page_size}")
+    after = _millis(req, "created_after")
+    before_ts = _millis(req, "created_before")
     before = None
     if req.page_token:
         try:
             padded = req.page_token + "=" * (-len(req.page_token) % 4)
             data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-            before = int(data["b"])
+            before = data["b"]
             digest = data["f"]
+            # Only positions this server can issue: a forged 1e400 or 10**30 must not reach SQLite.
+            if type(before) is not int or not 0 < before < _MAX_INDEX:
+                raise ValueError("position out of range")
         except (binascii.Error, ValueError, KeyError, TypeError):
             raise InvalidArgument.single("page_token", "page_token is not a token this server issued") from None
         if digest != _filter_digest(req):
             raise InvalidArgument.single("page_token", "page_token belongs to a request with other filters")
-    after = req.created_after.ToMilliseconds() if req.HasField("created_after") else None
-    before_ts = req.created_before.ToMilliseconds() if req.HasField("created_before") else None
     return ListQuery(
         thing_id=req.thing_id,
         action=req.action,

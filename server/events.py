@@ -27,15 +27,23 @@ class Subscription:
         self.overflowed = False
         self.closed = False
 
-    def offer(self, event: StateChange) -> None:
-        """Buffer ``event`` if it matches; mark the subscription overflowed when full."""
-        if self.overflowed or self.closed or not self.filter.matches(event):
+    def offer(self, events: Sequence[StateChange]) -> None:
+        """Buffer the events of one commit that match; mark the subscription overflowed when it is behind.
+
+        A commit is taken whole by a subscriber that has drained its buffer, however
+        many events it holds (a group commit may hold more than ``capacity``): only
+        one still holding earlier events past ``capacity`` is slow.
+        """
+        if self.overflowed or self.closed:
             return
-        if len(self._buffer) >= self.capacity:
+        matching = [e for e in events if self.filter.matches(e)]
+        if not matching:
+            return
+        if self._buffer and len(self._buffer) + len(matching) > self.capacity:
             self.overflowed = True
             self._buffer.clear()
         else:
-            self._buffer.append(event)
+            self._buffer.extend(matching)
         self._wakeup.set()
 
     async def next_batch(self) -> list[StateChange]:
@@ -88,8 +96,7 @@ class EventBus:
     def publish(self, events: Sequence[StateChange]) -> None:
         """Offer committed events to every subscription."""
         for sub in tuple(self._subscriptions):
-            for event in events:
-                sub.offer(event)
+            sub.offer(events)
 
     def close(self) -> None:
         """End every subscription (shutdown)."""

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from server import convert
 from server.commands import CommandCore
+from server.errors import InvalidArgument
 from server.grpc_errors import maps_errors
 from server.models import EventFilter
 from server.pb import commands_pb2 as pb
@@ -19,6 +20,7 @@ from server.validation import validate_send
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CommandService"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_SEQUENCE = 2**63 - 1  # the event log's sequence is a SQLite INTEGER
 
 
 class CommandServicer(pb_grpc.CommandServiceServicer):
@@ -61,6 +63,8 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
         """See the proto."""
         flt = EventFilter(thing_id=request.thing_id, execution_id=request.execution_id, action=request.action)
         after = request.after_sequence if request.HasField("after_sequence") else None
+        if after is not None and after > MAX_SEQUENCE:
+            raise InvalidArgument.single("after_sequence", f"after_sequence must be at most {MAX_SEQUENCE}")
         async for change in self._core.stream(flt, after):
             yield convert.event(change)
 
