@@ -28,7 +28,7 @@ import collections
 import contextlib
 import enum
 import logging
-import math
+import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -92,6 +92,8 @@ class FleetBroker(Broker):
         # client_id -> {filter: granted qos}; survives disconnects of persistent sessions like amqtt's own.
         self._client_filters: dict[str, dict[str, int]] = {}
         self.stats: collections.Counter[str] = collections.Counter()
+        # Handlers of connections that a new CONNECT with the same persistent session is taking over.
+        self._replaced: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
         self._closing: set[asyncio.Future[Any]] = set()
 
     # ---- addresses ------------------------------------------------------------------------
@@ -108,9 +110,15 @@ class FleetBroker(Broker):
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         handler, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        current = self._sessions.get(session.client_id or "")
+        if current is not None and current[0] is session and session.transitions.is_connected():
+            # Persistent session of a connected client: amqtt will take it over and stop the old
+            # handler, whose disconnect must then leave the (shared) session alone, see _handle_disconnect.
+            self._replaced.add(current[1])
         if session.keep_alive > 0:
             # The reader times out after session.keep_alive seconds of silence; MQTT allows 1.5x.
-            session.keep_alive = math.ceil(session.keep_alive * KEEPALIVE_FACTOR)
+            # A float is fine: amqtt only hands it to asyncio.wait_for as the read timeout.
+            session.keep_alive = session.keep_alive * KEEPALIVE_FACTOR
         # amqtt's handle_read_timeout is a no-op; bind ours to this handler only.
         handler.handle_read_timeout = lambda: self._keepalive_expired(session, handler)
         return handler, session
@@ -132,6 +140,14 @@ class FleetBroker(Broker):
     async def _handle_disconnect(
         self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
     ) -> None:
+        if handler in self._replaced:
+            # Taken over: the Session object now belongs to the new connection. amqtt would mark it
+            # disconnected under the live client (so it would be treated as offline); only end this one.
+            self._replaced.discard(handler)
+            self.stats["takeovers"] += 1
+            log.info("client %s connected again: its previous connection ended", client_session.client_id)
+            await self._stop_handler(handler)
+            return
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
         self._notify(self._sink.device_disconnected, client_session.client_id)
 
@@ -171,6 +187,17 @@ class FleetBroker(Broker):
         return deleted
 
     async def _delete_session(self, client_id: str) -> None:
+        entry = self._sessions.get(client_id)
+        if entry is not None and entry[0].transitions.state == "connected":
+            # [MQTT-3.1.4-2] a clean-session CONNECT reusing a connected client id must end the old
+            # connection. amqtt only forgets it: the old socket stays open and its in-flight
+            # publishes wait 5 s for a PUBACK. Closing the transport runs the normal disconnect path.
+            self.stats["takeovers"] += 1
+            log.info("client %s connected again: closing its previous connection", client_id)
+            writer = entry[1].writer
+            if writer is not None:
+                with contextlib.suppress(Exception):  # already closed or broken: fine either way
+                    await asyncio.wait_for(writer.close(), 1)
         self._client_filters.pop(client_id, None)
         await super()._delete_session(client_id)
 

@@ -52,6 +52,8 @@ class Outbox:
         self._link: DeviceLink | None = None
         self._pending: dict[str, dict[str, None]] = {}  # thing -> ordered execution ids
         self._inflight: set[str] = set()
+        # In flight while its device (re)connected: if that attempt fails, flush again.
+        self._retry: set[str] = set()
         self._flushing: set[str] = set()
         self._dirty: set[str] = set()
         self.published = 0
@@ -117,7 +119,9 @@ class Outbox:
             self._flushing.discard(thing_id)
 
     async def _flush_once(self, thing_id: str) -> None:
-        ids = [i for i in self._pending.get(thing_id, ()) if i not in self._inflight]
+        pending = self._pending.get(thing_id, {})
+        self._retry.update(i for i in pending if i in self._inflight)
+        ids = [i for i in pending if i not in self._inflight]
         for execution in await self._store.get_many(ids):
             if execution.status is Status.QUEUED:
                 try:
@@ -168,3 +172,8 @@ class Outbox:
             log.exception("publishing %s failed", execution.execution_id)
         finally:
             self._inflight.discard(execution.execution_id)
+            if execution.execution_id in self._retry:
+                self._retry.discard(execution.execution_id)
+                # Still not acknowledged (e.g. it went to a connection that was being replaced).
+                if execution.execution_id in self._pending.get(execution.thing_id, ()):
+                    self.device_available(execution.thing_id)

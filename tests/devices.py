@@ -8,11 +8,24 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
 RequestHandler = Callable[["EmqxDevice", str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Received:
+    """A message exactly as paho delivered it (for checks on topic, QoS, flags and raw payload)."""
+
+    topic: str
+    qos: int
+    retain: bool
+    dup: bool
+    mid: int
+    payload: bytes
 
 
 class EmqxDevice:
@@ -41,6 +54,9 @@ class EmqxDevice:
         self.subscribe_on_connect = subscribe
         self.sub_qos = sub_qos
         self.requests: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.received: queue.Queue[Received] = queue.Queue()
+        self._subacks: dict[int, list[int]] = {}
+        self._suback_cv = threading.Condition()
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.disconnected = threading.Event()
@@ -96,6 +112,9 @@ class EmqxDevice:
             client.subscribe(self.request_filter, qos=self.sub_qos)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, rcs: Any, props: Any = None) -> None:
+        with self._suback_cv:
+            self._subacks[mid] = [int(rc.value) for rc in rcs]
+            self._suback_cv.notify_all()
         self.subscribed.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
@@ -103,6 +122,7 @@ class EmqxDevice:
         self.disconnected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self.received.put(Received(msg.topic, msg.qos, bool(msg.retain), bool(msg.dup), msg.mid, bytes(msg.payload)))
         execution_id = msg.topic.split("/")[-2]
         body = json.loads(msg.payload)
         self.requests.put((execution_id, body))
@@ -132,6 +152,35 @@ class EmqxDevice:
         """Publish and wait for the broker's PUBACK without blocking the loop."""
         info = self.publish_raw(topic, payload, qos)
         await asyncio.to_thread(info.wait_for_publish, 5)
+
+    def subscribe_sync(self, topic_filter: str, qos: int = 1, timeout: float = 5) -> list[int]:
+        """SUBSCRIBE and wait for its SUBACK; returns the granted return codes (0x80 = failure)."""
+        result, mid = self.client.subscribe(topic_filter, qos=qos)
+        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise ConnectionError(f"subscribe failed: {mqtt.error_string(result)}")
+        with self._suback_cv:
+            if not self._suback_cv.wait_for(lambda: mid in self._subacks, timeout):
+                raise TimeoutError(f"no SUBACK for {topic_filter!r} within {timeout}s")
+            return self._subacks.pop(mid)
+
+    async def asubscribe(self, topic_filter: str, qos: int = 1, timeout: float = 5) -> list[int]:
+        """:meth:`subscribe_sync` without blocking the event loop."""
+        return await asyncio.to_thread(self.subscribe_sync, topic_filter, qos, timeout)
+
+    async def wait_message(self, timeout: float = 5) -> Received:
+        """The next message received (any topic), as paho saw it."""
+        return await asyncio.to_thread(self.received.get, True, timeout)
+
+    def abort(self) -> None:
+        """Vanish without a DISCONNECT: stop the network loop, then close the socket (a crashed device)."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.close()
+
+    async def aabort(self) -> None:
+        """:meth:`abort` without blocking the event loop."""
+        await asyncio.to_thread(self.abort)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 5, interval: float = 0.02) -> bool:
