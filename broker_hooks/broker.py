@@ -49,7 +49,7 @@ SUBACK_FAILURE = 0x80
 class DeviceSink(Protocol):
     """What the broker tells the control plane. Callbacks must not raise."""
 
-    def device_connected(self, client_id: str) -> None:
+    def device_connected(self, client_id: str, remote_address: str) -> None:
         """A client finished CONNECT (its persistent subscriptions, if any, are active again)."""
 
     def device_subscribed(self, client_id: str, filters: Sequence[tuple[str, int]]) -> None:
@@ -134,7 +134,8 @@ class FleetBroker(Broker):
             task.add_done_callback(self._closing.discard)
 
     async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
-        self._notify(self._sink.device_connected, client_session.client_id)
+        remote = f"{client_session.remote_address}:{client_session.remote_port}"
+        self._notify(self._sink.device_connected, client_session.client_id, remote)
         await super()._client_message_loop(client_session, handler)
 
     async def _handle_disconnect(

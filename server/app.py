@@ -25,6 +25,7 @@ from broker_hooks.rules import RuleSet
 from server.commands import CommandCore
 from server.config import Settings
 from server.grpc_api import GrpcServer
+from server.registry import Registry
 from server.sqlite_store import SqliteStore
 
 log = logging.getLogger("fleetcmd")
@@ -51,6 +52,7 @@ class FleetcmdApp:
         self._cancellable: set[asyncio.Task[None]] = set()
         self.store: SqliteStore | None = None
         self.core: CommandCore | None = None
+        self.registry: Registry | None = None
         self.broker: FleetBroker | None = None
         self.grpc: GrpcServer | None = None
         self.ports: Ports | None = None
@@ -98,7 +100,10 @@ class FleetcmdApp:
         self._spawn(store.run_writer(), "store-writer", drains=True)
         stack.callback(store.stop_writer)
 
-        core = CommandCore(s, store, self._spawn)
+        registry = Registry(store, allow_unregistered=s.allow_anonymous)
+        await registry.load()
+        self.registry = registry
+        core = CommandCore(s, store, registry, self._spawn)
         store.set_commit_listener(core.on_commit)
         self.core = core
         restored = await core.restore()

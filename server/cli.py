@@ -204,7 +204,13 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def _statuses(values: Sequence[str]) -> list[pb.ExecutionStatus.ValueType]:
-    return [pb.ExecutionStatus.Value(v.upper()) for v in values]
+    out = []
+    for v in values:
+        try:
+            out.append(pb.ExecutionStatus.Value(v.upper()))
+        except ValueError as exc:  # protobuf raises ValueError (not KeyError) for an unknown enum name
+            raise KeyError(v) from exc
+    return out
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -26,7 +26,8 @@ from server.lifecycle import Outcome, Status, Trigger, initial_status
 from server.models import EventFilter, Execution, ListQuery, NewExecution, StateChange
 from server.scheduler import TtlScheduler
 from server.store import ListPage, Store
-from server.validation import SendCommand, check_execution_id
+from server.registry import Registry
+from server.validation import SendCommand, check_execution_id, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,11 @@ def now_ms() -> int:
 class CommandCore:
     """Lifecycle orchestration; the only caller of ``Store.create`` and ``Store.transition``."""
 
-    def __init__(self, settings: Settings, store: Store, spawn: Spawn) -> None:
+    def __init__(self, settings: Settings, store: Store, registry: Registry, spawn: Spawn) -> None:
         self.settings = settings
         self.store = store
+        self.registry = registry
+        self._spawn = spawn
         self.bus = EventBus()
         self.scheduler = TtlScheduler()
         self.outbox = Outbox(store, spawn)
@@ -128,6 +131,8 @@ class CommandCore:
         """Accept a command: durable first, then scheduled and published.
 
         Raises:
+            NotFound: the thing is not registered.
+            InvalidArgument: the thing's type refuses the action or its params.
             AlreadyExists: the idempotency key belongs to a different request.
             ResourceExhausted: too many executions are active.
         """
@@ -135,19 +140,22 @@ class CommandCore:
             raise ResourceExhausted(
                 f"{len(self.scheduler)} executions are active (limit {self.settings.max_active_executions})"
             )
+        prepared = self.registry.prepare_send(cmd.thing_id, cmd.action, cmd.params, cmd.ttl_seconds)
+        ttl = prepared.ttl_seconds or self.settings.default_ttl
         created = now_ms()
         new = NewExecution(
             execution_id=uuid.uuid4().hex,
             command_id=uuid.uuid4().hex,
             thing_id=cmd.thing_id,
             action=cmd.action,
-            params_json=cmd.params_json,
-            ttl_seconds=cmd.ttl_seconds,
+            params_json=prepared.params_json,
+            ttl_seconds=ttl,
             status=initial_status(self.outbox.ready(cmd.thing_id)),
             created_at_ms=created,
-            expires_at_ms=created + cmd.ttl_seconds * 1000,
+            expires_at_ms=created + ttl * 1000,
             idempotency_key=cmd.idempotency_key,
-            fingerprint=cmd.fingerprint,
+            fingerprint=fingerprint(cmd.thing_id, cmd.action, prepared.params_json, ttl) if cmd.idempotency_key else "",
+            thing_type=prepared.thing_type,
         )
         result = await self.store.create(new)
         if result.created:
@@ -218,8 +226,11 @@ class CommandCore:
 
     # ---- DeviceSink (called by the broker) ------------------------------------------------
 
-    def device_connected(self, client_id: str) -> None:
+    def device_connected(self, client_id: str, remote_address: str) -> None:
         """See :class:`broker_hooks.broker.DeviceSink`."""
+        change = self.registry.device_connected(client_id, remote_address)
+        if change is not None:
+            self._spawn(self.registry.persist_presence(change), f"presence-{client_id}")
         self.outbox.device_available(client_id)
 
     def device_subscribed(self, client_id: str, filters: Sequence[tuple[str, int]]) -> None:
@@ -228,12 +239,16 @@ class CommandCore:
 
     def device_disconnected(self, client_id: str) -> None:
         """See :class:`broker_hooks.broker.DeviceSink`; unacknowledged requests stay in the outbox."""
+        change = self.registry.device_disconnected(client_id)
+        if change is not None:
+            self._spawn(self.registry.persist_presence(change), f"presence-{client_id}")
 
     async def device_message(self, inbound: Inbound) -> None:
         """See :class:`broker_hooks.broker.DeviceSink`; waits only while the ingest queue is full."""
         if self._stopping:
             self.stats["dropped.shutting_down"] += 1
             return
+        self.registry.device_seen(inbound.client_id)
         await self._ingest.put(inbound)
 
     async def _apply(self, inbound: Inbound) -> None:
@@ -248,6 +263,7 @@ class CommandCore:
                 at_ms=now_ms(),
                 report=msg.report,
                 expect_thing=msg.thing_id,
+                result_check=self.registry.result_check,
             )
         except NotFound:
             self.stats["dropped.unknown_execution"] += 1

@@ -40,6 +40,10 @@ class Settings:
     ingest_queue: int = field(default=10_000, metadata={"help": "device reports waiting to be processed"})
     shutdown_timeout: float = field(default=8.0, metadata={"help": "seconds a graceful stop may take"})
     sys_interval: int = field(default=0, metadata={"help": "$SYS broadcast interval in seconds (0 = off)"})
+    allow_anonymous: bool = field(
+        default=False,
+        metadata={"help": "DEVELOPMENT ONLY: admit devices without credentials and Sends to unregistered things"},
+    )
 
     def __post_init__(self) -> None:
         problems = []

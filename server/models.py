@@ -8,6 +8,7 @@ parses them twice.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from server.lifecycle import Status
 
@@ -55,6 +56,9 @@ class Execution:
     result_json: str | None = None
     reason: Reason | None = None
     idempotency_key: str = ""
+    thing_type: str = ""
+    # Violations of the action's result schema by the device's result (stored anyway).
+    result_violations: tuple[str, ...] = ()
     history: tuple[StateChange, ...] = field(default=(), compare=False)
 
 
@@ -74,6 +78,7 @@ class NewExecution:
     idempotency_key: str = ""
     # Canonical digest of the request, to tell a retry from a conflicting reuse of a key.
     fingerprint: str = ""
+    thing_type: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,3 +129,58 @@ class ActiveExecution:
     thing_id: str
     status: Status
     expires_at_ms: int
+
+
+# ---- registry -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThingRecord:
+    """A registered thing as stored (the token only as its hash)."""
+
+    thing_id: str
+    thing_type: str
+    attributes: dict[str, str]
+    token_hash: str
+    created_at_ms: int
+    updated_at_ms: int
+    credentials_rotated_at_ms: int
+    last_seen_ms: int | None = None
+    last_client_id: str = ""
+    last_remote_address: str = ""
+    last_connected_at_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class CommandDef:
+    """One command of a thing type; schemas are JSON values (an object or a boolean) or None."""
+
+    description: str = ""
+    params_schema: Any = None
+    result_schema: Any = None
+    default_ttl_seconds: int = 0
+
+
+@dataclass(frozen=True)
+class ThingTypeRecord:
+    """A thing type as stored."""
+
+    name: str
+    description: str
+    commands: dict[str, CommandDef]
+    allow_undefined_actions: bool
+    version: int
+    created_at_ms: int
+    updated_at_ms: int
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key as stored (the secret only as its hash)."""
+
+    key_id: str
+    name: str
+    role: str
+    secret_hash: str
+    created_at_ms: int
+    revoked_at_ms: int | None = None

@@ -12,6 +12,7 @@ they only ever see committed data.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -20,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from server.errors import AlreadyExists, FleetcmdError, NotFound, ThingMismatch, Unavailable
+from server.errors import AlreadyExists, FailedPrecondition, FleetcmdError, NotFound, ThingMismatch, Unavailable
 from server.lifecycle import Decision, Outcome, Status, Trigger, decide
 from server.models import (
     ActiveExecution,
+    ApiKeyRecord,
+    CommandDef,
     DeviceReport,
     EventFilter,
     Execution,
@@ -31,14 +34,16 @@ from server.models import (
     NewExecution,
     Reason,
     StateChange,
+    ThingRecord,
+    ThingTypeRecord,
 )
-from server.store import CommitListener, CreateResult, ListPage, TransitionResult
+from server.store import CommitListener, CreateResult, ListPage, ResultCheck, TransitionResult
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_BATCH = 512
 
 _SCHEMA = """
@@ -59,7 +64,9 @@ CREATE TABLE IF NOT EXISTS executions (
     completed_at       INTEGER,
     expires_at         INTEGER NOT NULL,
     idempotency_key    TEXT,
-    fingerprint        TEXT
+    fingerprint        TEXT,
+    thing_type         TEXT,
+    result_violations  TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS executions_idempotency
     ON executions(idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -81,11 +88,47 @@ CREATE TABLE IF NOT EXISTS events (
     note               TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_execution ON events(execution_id, seq);
+CREATE TABLE IF NOT EXISTS things (
+    thing_id               TEXT PRIMARY KEY,
+    thing_type             TEXT NOT NULL DEFAULT '',
+    attributes             TEXT NOT NULL DEFAULT '{}',
+    token_hash             TEXT NOT NULL,
+    created_at             INTEGER NOT NULL,
+    updated_at             INTEGER NOT NULL,
+    credentials_rotated_at INTEGER NOT NULL,
+    last_seen              INTEGER,
+    last_client_id         TEXT NOT NULL DEFAULT '',
+    last_remote_address    TEXT NOT NULL DEFAULT '',
+    last_connected_at      INTEGER
+);
+CREATE INDEX IF NOT EXISTS things_type ON things(thing_type);
+CREATE TABLE IF NOT EXISTS thing_types (
+    name        TEXT PRIMARY KEY,
+    definition  TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    revoked_at  INTEGER
+);
 """
+
+# Columns added to tables of older schema versions: (version added, table, column definition).
+_MIGRATIONS = (
+    (2, "executions", "thing_type TEXT"),
+    (2, "executions", "result_violations TEXT"),
+)
 
 _EXEC_COLUMNS = (
     "idx, execution_id, command_id, thing_id, action, params, ttl_seconds, status, result, "
-    "reason_code, reason_description, created_at, updated_at, completed_at, expires_at, idempotency_key"
+    "reason_code, reason_description, created_at, updated_at, completed_at, expires_at, idempotency_key, "
+    "thing_type, result_violations"
 )
 _EVENT_COLUMNS = (
     "seq, execution_id, thing_id, action, status, previous_status, at, late, result, "
@@ -115,6 +158,8 @@ def _execution(row: sqlite3.Row, history: tuple[StateChange, ...] = ()) -> Execu
         result_json=row["result"],
         reason=_reason(row["reason_code"], row["reason_description"]),
         idempotency_key=row["idempotency_key"] or "",
+        thing_type=row["thing_type"] or "",
+        result_violations=tuple(json.loads(row["result_violations"])) if row["result_violations"] else (),
         history=history,
     )
 
@@ -237,6 +282,10 @@ class SqliteStore:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise FleetcmdError(f"{self.path} has schema {version}, newer than this fleetcmd ({SCHEMA_VERSION})")
+        if version:
+            for added_in, table, column in _MIGRATIONS:
+                if version < added_in:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._next_seq = (conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]) + 1
@@ -369,8 +418,8 @@ class SqliteStore:
                 return CreateResult(_execution(row), created=False, event=None)
         tx.conn.execute(
             "INSERT INTO executions (execution_id, command_id, thing_id, action, params, ttl_seconds, status,"
-            " created_at, updated_at, expires_at, idempotency_key, fingerprint)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " created_at, updated_at, expires_at, idempotency_key, fingerprint, thing_type)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 new.execution_id,
                 new.command_id,
@@ -384,6 +433,7 @@ class SqliteStore:
                 new.expires_at_ms,
                 new.idempotency_key or None,
                 new.fingerprint or None,
+                new.thing_type or None,
             ),
         )
         event = tx.append_event(
@@ -410,6 +460,7 @@ class SqliteStore:
             updated_at_ms=new.created_at_ms,
             expires_at_ms=new.expires_at_ms,
             idempotency_key=new.idempotency_key,
+            thing_type=new.thing_type,
         )
         return CreateResult(execution, created=True, event=event)
 
@@ -421,9 +472,12 @@ class SqliteStore:
         at_ms: int,
         report: DeviceReport | None = None,
         expect_thing: str | None = None,
+        result_check: ResultCheck | None = None,
     ) -> TransitionResult:
         """See :meth:`server.store.Store.transition`."""
-        return await self._write(lambda tx: self._transition(tx, execution_id, trigger, at_ms, report, expect_thing))
+        return await self._write(
+            lambda tx: self._transition(tx, execution_id, trigger, at_ms, report, expect_thing, result_check)
+        )
 
     @staticmethod
     def _transition(
@@ -433,6 +487,7 @@ class SqliteStore:
         at_ms: int,
         report: DeviceReport | None,
         expect_thing: str | None,
+        result_check: ResultCheck | None,
     ) -> TransitionResult:
         row = tx.conn.execute(f"SELECT {_EXEC_COLUMNS} FROM executions WHERE execution_id = ?", (execution_id,)).fetchone()
         if row is None:
@@ -474,11 +529,13 @@ class SqliteStore:
         # A device report carries the result; other triggers keep what the device sent last.
         if report is not None:
             new_result, new_reason = result_json, reason
+            violations = tuple(result_check(current, report)) if result_check is not None else ()
         else:
             new_result, new_reason = current.result_json, current.reason
+            violations = current.result_violations
         tx.conn.execute(
             "UPDATE executions SET status = ?, updated_at = ?, completed_at = ?, result = ?,"
-            " reason_code = ?, reason_description = ? WHERE execution_id = ?",
+            " reason_code = ?, reason_description = ?, result_violations = ? WHERE execution_id = ?",
             (
                 int(new_status),
                 at_ms,
@@ -486,6 +543,7 @@ class SqliteStore:
                 new_result,
                 new_reason.code if new_reason else None,
                 new_reason.description if new_reason else None,
+                json.dumps(list(violations)) if violations else None,
                 execution_id,
             ),
         )
@@ -497,6 +555,7 @@ class SqliteStore:
                 "completed_at_ms": completed,
                 "result_json": new_result,
                 "reason": new_reason,
+                "result_violations": violations,
             }
         )
         return TransitionResult(updated, decision, event)
@@ -605,3 +664,234 @@ class SqliteStore:
             ]
 
         return await self._read(read)
+
+    # ---- registry: things, thing types, API keys -----------------------------------------
+
+    async def load_things(self) -> list[ThingRecord]:
+        """Every registered thing."""
+        return await self._read(lambda conn: [_thing(r) for r in conn.execute("SELECT * FROM things ORDER BY thing_id")])
+
+    async def load_thing_types(self) -> list[ThingTypeRecord]:
+        """Every thing type."""
+        return await self._read(lambda conn: [_thing_type(r) for r in conn.execute("SELECT * FROM thing_types ORDER BY name")])
+
+    async def insert_thing(self, rec: ThingRecord) -> None:
+        """Register a thing.
+
+        Raises:
+            AlreadyExists: a thing with that id exists.
+        """
+
+        def write(tx: _Tx) -> None:
+            try:
+                tx.conn.execute(
+                    "INSERT INTO things (thing_id, thing_type, attributes, token_hash, created_at, updated_at,"
+                    " credentials_rotated_at) VALUES (?,?,?,?,?,?,?)",
+                    (
+                        rec.thing_id,
+                        rec.thing_type,
+                        json.dumps(rec.attributes, sort_keys=True),
+                        rec.token_hash,
+                        rec.created_at_ms,
+                        rec.updated_at_ms,
+                        rec.credentials_rotated_at_ms,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"thing {rec.thing_id!r} already exists") from None
+
+        await self._write(write)
+
+    async def update_thing(self, thing_id: str, *, thing_type: str, attributes: dict[str, str], at_ms: int) -> None:
+        """Replace a thing's type and attributes.
+
+        Raises:
+            NotFound: no such thing.
+        """
+
+        def write(tx: _Tx) -> None:
+            cur = tx.conn.execute(
+                "UPDATE things SET thing_type = ?, attributes = ?, updated_at = ? WHERE thing_id = ?",
+                (thing_type, json.dumps(attributes, sort_keys=True), at_ms, thing_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"thing {thing_id!r} not found")
+
+        await self._write(write)
+
+    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int) -> None:
+        """Store new credentials for a thing.
+
+        Raises:
+            NotFound: no such thing.
+        """
+
+        def write(tx: _Tx) -> None:
+            cur = tx.conn.execute(
+                "UPDATE things SET token_hash = ?, credentials_rotated_at = ?, updated_at = ? WHERE thing_id = ?",
+                (token_hash, at_ms, at_ms, thing_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"thing {thing_id!r} not found")
+
+        await self._write(write)
+
+    async def delete_thing(self, thing_id: str) -> None:
+        """Unregister a thing (its executions stay).
+
+        Raises:
+            NotFound: no such thing.
+        """
+
+        def write(tx: _Tx) -> None:
+            if tx.conn.execute("DELETE FROM things WHERE thing_id = ?", (thing_id,)).rowcount == 0:
+                raise NotFound(f"thing {thing_id!r} not found")
+
+        await self._write(write)
+
+    async def record_presence(
+        self, thing_id: str, *, last_seen_ms: int, client_id: str, remote_address: str, connected_at_ms: int | None
+    ) -> None:
+        """Remember when and from where a thing was last connected (a missing thing is ignored)."""
+
+        def write(tx: _Tx) -> None:
+            tx.conn.execute(
+                "UPDATE things SET last_seen = ?, last_client_id = ?, last_remote_address = ?,"
+                " last_connected_at = COALESCE(?, last_connected_at) WHERE thing_id = ?",
+                (last_seen_ms, client_id, remote_address, connected_at_ms, thing_id),
+            )
+
+        await self._write(write)
+
+    async def put_thing_type(self, rec: ThingTypeRecord) -> ThingTypeRecord:
+        """Create or replace a thing type; the stored version is one more than the previous one."""
+
+        def write(tx: _Tx) -> ThingTypeRecord:
+            row = tx.conn.execute("SELECT version, created_at FROM thing_types WHERE name = ?", (rec.name,)).fetchone()
+            version = (row["version"] + 1) if row else 1
+            created = row["created_at"] if row else rec.created_at_ms
+            stored = ThingTypeRecord(
+                rec.name, rec.description, rec.commands, rec.allow_undefined_actions, version, created, rec.updated_at_ms
+            )
+            tx.conn.execute(
+                "INSERT OR REPLACE INTO thing_types (name, definition, version, created_at, updated_at) VALUES (?,?,?,?,?)",
+                (rec.name, _type_definition(stored), version, created, rec.updated_at_ms),
+            )
+            return stored
+
+        return await self._write(write)
+
+    async def delete_thing_type(self, name: str) -> None:
+        """Delete a thing type.
+
+        Raises:
+            NotFound: no such type.
+            FailedPrecondition: things still use it.
+        """
+
+        def write(tx: _Tx) -> None:
+            used = tx.conn.execute("SELECT COUNT(*) FROM things WHERE thing_type = ?", (name,)).fetchone()[0]
+            if used:
+                raise FailedPrecondition(f"thing type {name!r} is used by {used} thing(s)")
+            if tx.conn.execute("DELETE FROM thing_types WHERE name = ?", (name,)).rowcount == 0:
+                raise NotFound(f"thing type {name!r} not found")
+
+        await self._write(write)
+
+    async def insert_api_key(self, rec: ApiKeyRecord) -> None:
+        """Store a new API key."""
+
+        def write(tx: _Tx) -> None:
+            tx.conn.execute(
+                "INSERT INTO api_keys (key_id, name, role, secret_hash, created_at) VALUES (?,?,?,?,?)",
+                (rec.key_id, rec.name, rec.role, rec.secret_hash, rec.created_at_ms),
+            )
+
+        await self._write(write)
+
+    async def revoke_api_key(self, key_id: str, at_ms: int) -> None:
+        """Revoke a key (idempotent for a revoked one).
+
+        Raises:
+            NotFound: no such key.
+        """
+
+        def write(tx: _Tx) -> None:
+            cur = tx.conn.execute(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ?", (at_ms, key_id)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"API key {key_id!r} not found")
+
+        await self._write(write)
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """One API key by id."""
+
+        def read(conn: sqlite3.Connection) -> ApiKeyRecord | None:
+            row = conn.execute("SELECT * FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
+            return _api_key(row) if row else None
+
+        return await self._read(read)
+
+    async def list_api_keys(self) -> list[ApiKeyRecord]:
+        """Every API key, revoked ones included, oldest first."""
+        return await self._read(lambda conn: [_api_key(r) for r in conn.execute("SELECT * FROM api_keys ORDER BY created_at")])
+
+
+def _thing(row: sqlite3.Row) -> ThingRecord:
+    return ThingRecord(
+        thing_id=row["thing_id"],
+        thing_type=row["thing_type"],
+        attributes=json.loads(row["attributes"]),
+        token_hash=row["token_hash"],
+        created_at_ms=row["created_at"],
+        updated_at_ms=row["updated_at"],
+        credentials_rotated_at_ms=row["credentials_rotated_at"],
+        last_seen_ms=row["last_seen"],
+        last_client_id=row["last_client_id"],
+        last_remote_address=row["last_remote_address"],
+        last_connected_at_ms=row["last_connected_at"],
+    )
+
+
+def _type_definition(rec: ThingTypeRecord) -> str:
+    return json.dumps(
+        {
+            "description": rec.description,
+            "allow_undefined_actions": rec.allow_undefined_actions,
+            "commands": {
+                action: {
+                    "description": c.description,
+                    "params_schema": c.params_schema,
+                    "result_schema": c.result_schema,
+                    "default_ttl_seconds": c.default_ttl_seconds,
+                }
+                for action, c in rec.commands.items()
+            },
+        }
+    )
+
+
+def _thing_type(row: sqlite3.Row) -> ThingTypeRecord:
+    definition = json.loads(row["definition"])
+    return ThingTypeRecord(
+        name=row["name"],
+        description=definition["description"],
+        commands={action: CommandDef(**c) for action, c in definition["commands"].items()},
+        allow_undefined_actions=definition["allow_undefined_actions"],
+        version=row["version"],
+        created_at_ms=row["created_at"],
+        updated_at_ms=row["updated_at"],
+    )
+
+
+def _api_key(row: sqlite3.Row) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        key_id=row["key_id"],
+        name=row["name"],
+        role=row["role"],
+        secret_hash=row["secret_hash"],
+        created_at_ms=row["created_at"],
+        revoked_at_ms=row["revoked_at"],
+    )

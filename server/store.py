@@ -18,15 +18,20 @@ from typing import Protocol
 from server.lifecycle import Decision, Trigger
 from server.models import (
     ActiveExecution,
+    ApiKeyRecord,
     DeviceReport,
     EventFilter,
     Execution,
     ListQuery,
     NewExecution,
     StateChange,
+    ThingRecord,
+    ThingTypeRecord,
 )
 
 CommitListener = Callable[[Sequence[StateChange]], None]
+# Checks a device's result against the action's result schema; returns the violations.
+ResultCheck = Callable[[Execution, DeviceReport], list[str]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class Store(Protocol):
         at_ms: int,
         report: DeviceReport | None = None,
         expect_thing: str | None = None,
+        result_check: ResultCheck | None = None,
     ) -> TransitionResult:
         """Apply a lifecycle trigger and record what it changed.
 
@@ -99,3 +105,48 @@ class Store(Protocol):
 
     async def active(self) -> list[ActiveExecution]:
         """Every non-final execution, oldest first."""
+
+
+class RegistryStore(Protocol):
+    """Durable things, thing types and API keys (same file, same writer as the executions)."""
+
+    async def load_things(self) -> list[ThingRecord]:
+        """Every registered thing."""
+
+    async def load_thing_types(self) -> list[ThingTypeRecord]:
+        """Every thing type."""
+
+    async def insert_thing(self, rec: ThingRecord) -> None:
+        """Register a thing (AlreadyExists if taken)."""
+
+    async def update_thing(self, thing_id: str, *, thing_type: str, attributes: dict[str, str], at_ms: int) -> None:
+        """Replace a thing's type and attributes (NotFound)."""
+
+    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int) -> None:
+        """Store new credentials (NotFound)."""
+
+    async def delete_thing(self, thing_id: str) -> None:
+        """Unregister a thing (NotFound)."""
+
+    async def record_presence(
+        self, thing_id: str, *, last_seen_ms: int, client_id: str, remote_address: str, connected_at_ms: int | None
+    ) -> None:
+        """Remember the last connection of a thing."""
+
+    async def put_thing_type(self, rec: ThingTypeRecord) -> ThingTypeRecord:
+        """Create or replace a type; returns it with its new version."""
+
+    async def delete_thing_type(self, name: str) -> None:
+        """Delete a type (NotFound; FailedPrecondition while used)."""
+
+    async def insert_api_key(self, rec: ApiKeyRecord) -> None:
+        """Store a new API key."""
+
+    async def revoke_api_key(self, key_id: str, at_ms: int) -> None:
+        """Revoke a key (NotFound)."""
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """One key by id."""
+
+    async def list_api_keys(self) -> list[ApiKeyRecord]:
+        """Every key."""

@@ -17,14 +17,23 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 256
 
 @dataclass(frozen=True)
 class SendCommand:
-    """A validated Send request."""
+    """A validated Send request (before the thing's type is applied)."""
 
     thing_id: str
     action: str
-    params_json: str | None
-    ttl_seconds: int
+    params: dict[str, Any] | None
+    ttl_seconds: int  # 0 = the command's or the server's default
     idempotency_key: str
-    fingerprint: str
+
+
+def fingerprint(thing_id: str, action: str, params_json: str | None, ttl_seconds: int) -> str:
+    """Digest of the effective request, to tell an idempotent retry from a reuse of its key."""
+    canonical = json.dumps(
+        {"thing_id": thing_id, "action": action, "params": json.loads(params_json) if params_json else None, "ttl": ttl_seconds},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def check_execution_id(execution_id: str, field: str = "execution_id") -> None:
@@ -58,7 +67,6 @@ def validate_send(
         violations.append(FieldViolation("action", f"action must be at most {MAX_ACTION_LENGTH} characters"))
     elif "\x00" in action:
         violations.append(FieldViolation("action", "action must not contain NUL"))
-    params_json = None
     if params is not None:
         params_json = json.dumps(params, separators=(",", ":"), ensure_ascii=False)
         size = len(params_json.encode())
@@ -76,11 +84,4 @@ def validate_send(
         )
     if violations:
         raise InvalidArgument(violations)
-    ttl = ttl_seconds or settings.default_ttl
-    canonical = json.dumps(
-        {"thing_id": thing_id, "action": action, "params": params, "ttl": ttl},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    fingerprint = hashlib.sha256(canonical.encode()).hexdigest() if idempotency_key else ""
-    return SendCommand(thing_id, action, params_json, ttl, idempotency_key, fingerprint)
+    return SendCommand(thing_id, action, params, ttl_seconds, idempotency_key)

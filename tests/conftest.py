@@ -18,13 +18,16 @@ configure_logging("INFO")
 
 
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
+    """Loopback, port 0. Device-contract tests run in development mode (anonymous devices,
+    unregistered things); registry and security tests pass ``allow_anonymous=False``."""
+    values: dict[str, Any] = {"allow_anonymous": True, **overrides}
     return Settings(
         bind="127.0.0.1",
         mqtt_port=0,
         grpc_port=0,
         data_dir=data_dir,
         shutdown_timeout=5,
-        **overrides,
+        **values,
     )
 
 
