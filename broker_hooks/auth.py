@@ -1,15 +1,21 @@
-"""Authentication plugin for the embedded broker.
+"""Device authentication for the embedded broker.
+
+Secure by default: a device connects with client id = username = its thing id
+and password = its token, checked against the registry. Unknown things, wrong
+tokens and anonymous clients get CONNACK "not authorized" (rc 5).
 
 amqtt refuses every CONNECT when no auth plugin is configured, and its
 ``AnonymousAuthPlugin`` marks every session anonymous, which turns off
-persistent sessions. ``OpenAuthPlugin`` admits every client without marking it
-anonymous, so ``clean_session = false`` devices keep their subscriptions.
+persistent sessions. In development mode (``allow_anonymous``)
+:class:`DeviceAuthPlugin` admits every client *without* marking the session
+anonymous, so ``clean_session = false`` devices keep their queued messages.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
@@ -17,13 +23,63 @@ from amqtt.session import Session
 log = logging.getLogger(__name__)
 
 
-class OpenAuthPlugin(BaseAuthPlugin):
-    """Admit every client (the device registry and credentials come with thing registration)."""
+class DeviceAuthenticator(Protocol):
+    """What the plugin needs from the registry."""
+
+    def authenticate_device(self, client_id: str, username: str | None, password: str | None) -> bool:
+        """Whether the CONNECT is from a registered thing with its current password."""
+
+    def is_registered(self, thing_id: str) -> bool:
+        """Whether ``thing_id`` is a registered thing."""
+
+
+def refusal_reason(authenticator: DeviceAuthenticator, client_id: str, username: str | None, password: str | None) -> str:
+    """Why a CONNECT was refused, for the log (never includes the password)."""
+    if not username and password is None:
+        return "no credentials"
+    if username != client_id:
+        return "username is not the client id"
+    if not authenticator.is_registered(client_id):
+        return "unknown thing"
+    if password is None:
+        return "no password"
+    return "wrong password"
+
+
+class DeviceAuthPlugin(BaseAuthPlugin):
+    """Admit registered things with their current token; everyone, when ``allow_anonymous``."""
 
     @dataclass
     class Config:
-        """No options."""
+        """``authenticator``: the registry (passed as an object); ``allow_anonymous``: development mode."""
+
+        authenticator: Any = None
+        allow_anonymous: bool = False
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self.allow_anonymous: bool = bool(self.config.allow_anonymous)
+        self.authenticator: DeviceAuthenticator | None = self.config.authenticator
+        if self.authenticator is None and not self.allow_anonymous:
+            raise TypeError("DeviceAuthPlugin needs an 'authenticator' unless 'allow_anonymous' is set")
 
     async def authenticate(self, *, session: Session) -> bool:
-        """Accept the client."""
-        return True
+        """True for a registered thing with its token (or anyone in development mode); always a bool."""
+        return self.check(session.client_id or "", session.username, session.password, session.remote_address)
+
+    def check(self, client_id: str, username: str | None, password: str | None, remote: str | None = None) -> bool:
+        """The synchronous decision (also used to measure the cost of authentication)."""
+        if self.allow_anonymous:
+            # Never set session.is_anonymous: amqtt would drop persistent sessions and their queues.
+            return True
+        assert self.authenticator is not None
+        if self.authenticator.authenticate_device(client_id, username, password):
+            return True
+        log.info(
+            "device refused: client_id=%r username=%r from %s: %s",
+            client_id,
+            username,
+            remote or "?",
+            refusal_reason(self.authenticator, client_id, username, password),
+        )
+        return False

@@ -11,6 +11,12 @@ What it changes (see ``shared/notes/amqtt-0.12.1.md`` for the defects):
   are processed in order and a slow control plane slows only that client.
   Garbage is logged, counted and dropped; the device stays connected.
 * Keep-alive is enforced: a client silent for 1.5 x its keep-alive is disconnected.
+* A CONNECT is authenticated before amqtt looks up its client id, so a refused
+  client can neither take over nor end a connected device's connection, and
+  leaves no session behind; refusals are counted (``auth_failures``).
+* The topic ACL (``acl.DeviceAclPlugin``) is checked for every device publish,
+  before the ``$``-topic routing, and denials are counted (``dropped.acl``,
+  ``denied.subscribe``). ``disconnect_client`` ends one client's connection.
 * Subscriptions are indexed per client so "may this device receive this
   request?" costs one dictionary lookup, and the sink hears of connects,
   subscriptions and disconnects in order.
@@ -33,9 +39,12 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from amqtt.broker import Broker
-from amqtt.contexts import Action
+from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from broker_hooks.rules import DecodeError, Inbound, RuleSet
 from broker_hooks.topics import filter_matches
@@ -77,7 +86,7 @@ class FleetBroker(Broker):
 
     def __init__(
         self,
-        config: dict[str, Any],
+        config: BrokerConfig | dict[str, Any],
         *,
         rules: RuleSet,
         sink: DeviceSink,
@@ -94,22 +103,36 @@ class FleetBroker(Broker):
         self.stats: collections.Counter[str] = collections.Counter()
         # Handlers of connections that a new CONNECT with the same persistent session is taking over.
         self._replaced: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
+        # Handlers of CONNECTs refused before amqtt touched any session.
+        self._refused: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
         self._closing: set[asyncio.Future[Any]] = set()
 
     # ---- addresses ------------------------------------------------------------------------
 
     def listener_port(self, name: str) -> int:
-        """The port a started listener is bound to (useful with port 0)."""
+        """The port a started listener (by amqtt name) is bound to (useful with port 0)."""
         server = self._servers[name].instance
         sockets = list(server.sockets)
         return int(sockets[0].getsockname()[1])
+
+    def listener_ports(self) -> dict[str, int]:
+        """Bound port of every started listener by kind: ``mqtt``, ``ws``, ``mqtts``, ``wss``."""
+        ports: dict[str, int] = {}
+        listener: ListenerConfig
+        for name, listener in self.listeners_config.items():
+            if name in self._servers:
+                kind = "ws" if listener.type == ListenerType.WS else "mqtt"
+                ports[kind + ("s" if listener.ssl else "")] = self.listener_port(name)
+        return ports
 
     # ---- connections ----------------------------------------------------------------------
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
-        handler, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
+        handler, session = await self._session_from_connect(reader, writer, remote_address, remote_port)
+        if handler in self._refused:
+            return handler, session
         current = self._sessions.get(session.client_id or "")
         if current is not None and current[0] is session and session.transitions.is_connected():
             # Persistent session of a connected client: amqtt will take it over and stop the old
@@ -122,6 +145,79 @@ class FleetBroker(Broker):
         # amqtt's handle_read_timeout is a no-op; bind ours to this handler only.
         handler.handle_read_timeout = lambda: self._keepalive_expired(session, handler)
         return handler, session
+
+    async def _session_from_connect(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        """The ``_initialize_client_session`` of amqtt 0.12.1, with authentication moved first.
+
+        amqtt authenticates only after it has looked up the client id: a clean-session CONNECT
+        deletes the existing session (fleetcmd then closes its connection), and a persistent one
+        takes over the connected client and leaves the session marked connected under a closed
+        socket. Any CONNECT with a known client id, whatever its password, would knock that device
+        off. Here a refused CONNECT gets its CONNACK (rc 5) before anything else is touched, and
+        :meth:`_handle_client_session` then does nothing for it.
+        """
+        try:
+            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+        except AMQTTError as exc:
+            log.warning("[MQTT-3.1.0-1] %s:%s: can't read first packet as CONNECT: %s", remote_address, remote_port, exc)
+            raise AMQTTError(exc) from exc
+        except MQTTError as exc:
+            log.warning("invalid connection from %s:%s", remote_address, remote_port)
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            log.info("no data from %s:%s: %s", remote_address, remote_port, exc)
+            raise AMQTTError(exc) from exc
+
+        if not await self._authenticate(incoming, ListenerConfig()):
+            self._refused.add(handler)
+            with contextlib.suppress(Exception):  # the client may already be gone
+                await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)  # [MQTT-3.2.2-4] no session present
+            with contextlib.suppress(Exception):
+                await writer.close()
+            return handler, incoming
+
+        client_session: Session = incoming
+        if client_session.clean_session:
+            if client_session.client_id:
+                await self._delete_session(client_session.client_id)
+            else:
+                client_session.client_id = gen_client_id()
+            client_session.parent = 0
+        elif client_session.client_id in self._sessions:
+            # The existing session, with the new connection's configuration and credentials.
+            existing, _ = self._sessions[client_session.client_id]
+            existing.will_flag = client_session.will_flag
+            existing.will_message = client_session.will_message
+            existing.will_topic = client_session.will_topic
+            existing.will_qos = client_session.will_qos
+            existing.keep_alive = client_session.keep_alive
+            existing.username = client_session.username
+            existing.password = client_session.password
+            client_session = existing
+            client_session.parent = 1
+        else:
+            client_session.parent = 0
+        delay = self.config.get("timeout-disconnect-delay", 0)
+        if client_session.keep_alive > 0 and isinstance(delay, int):
+            client_session.keep_alive += delay
+        return handler, client_session
+
+    async def _handle_client_session(
+        self,
+        reader: Any,
+        writer: Any,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Any,
+        listener_name: str,
+    ) -> None:
+        if handler in self._refused:
+            self._refused.discard(handler)  # refused in _session_from_connect: CONNACK sent, socket closed
+            return
+        await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
 
     def _keepalive_expired(self, session: Session, handler: BrokerProtocolHandler) -> None:
         self.stats["keepalive_timeouts"] += 1
@@ -157,6 +253,30 @@ class FleetBroker(Broker):
         done.set_result(None)
         await self._handle_disconnect(client_session, handler, done)
 
+    async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
+        authenticated: bool = await super()._authenticate(session, listener)
+        if not authenticated:
+            self.stats["auth_failures"] += 1
+        return authenticated
+
+    def disconnect_client(self, client_id: str) -> None:
+        """End a client's live connection, if any (its thing was deleted or its credentials rotated).
+
+        The socket is closed, which runs the normal disconnect path; a reconnect has to
+        authenticate again.
+        """
+        entry = self._sessions.get(client_id)
+        if entry is None or entry[0].transitions.state != "connected":
+            return
+        writer = entry[1].writer
+        if writer is None:
+            return
+        self.stats["forced_disconnects"] += 1
+        log.info("closing the connection of client %s", client_id)
+        task = asyncio.ensure_future(writer.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def is_connected(self, client_id: str) -> bool:
         """Whether a client with this id has a live connection."""
         entry = self._sessions.get(client_id)
@@ -167,7 +287,10 @@ class FleetBroker(Broker):
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         """Subscribe as amqtt does, and index the granted filter under the client."""
         granted: int = await super().add_subscription(subscription, session)
-        if granted != SUBACK_FAILURE and session.client_id:
+        if granted == SUBACK_FAILURE:
+            self.stats["denied.subscribe"] += 1
+            log.info("client %s may not subscribe to %r: SUBACK 0x80", session.client_id, subscription[0])
+        elif session.client_id:
             self._client_filters.setdefault(session.client_id, {})[subscription[0]] = granted
         return granted
 
@@ -237,6 +360,11 @@ class FleetBroker(Broker):
             self.stats["dropped.dollar_topic"] += 1
             log.warning("client %s published to reserved topic %r: dropped", client_id, topic)
             return True
+        # The ACL comes before "no rule claims it", so a device publishing to a request topic counts as an ACL drop.
+        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
+            self.stats["dropped.acl"] += 1
+            log.info("client %s may not publish to %r: dropped", client_id, topic)
+            return True
         if not self._rules.claims(topic):
             if is_dollar:
                 self.stats["dropped.unrouted"] += 1
@@ -244,10 +372,6 @@ class FleetBroker(Broker):
                 return True
             delivered: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
             return delivered
-        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
-            self.stats["dropped.acl"] += 1
-            log.info("client %s may not publish to %r: dropped", client_id, topic)
-            return True
         data = bytes(app_message.data or b"")
         if len(data) > self._max_payload:
             self.stats["dropped.oversized"] += 1

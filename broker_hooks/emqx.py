@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker_hooks.rules import DecodeError, LifecycleAction, Rule, TopicPattern
+from broker_hooks.rules import DecodeError, Dialect, LifecycleAction, Rule, TopicPattern
 from server.lifecycle import DEVICE_REPORTABLE, Status
 from server.models import DeviceReport, Reason
 
@@ -96,3 +96,12 @@ def decode_response(captured: Mapping[str, str], payload: bytes) -> ReportMessag
 
 
 RULES = (Rule("emqx.response", RESPONSE, decode_response, LifecycleAction.DEVICE_REPORT),)
+
+# A device subscribes to its own requests (one execution or ``+``) and publishes only its own responses.
+DIALECT = Dialect(
+    name="emqx",
+    rules=RULES,
+    device_publish=(RESPONSE,),
+    device_subscribe=(REQUEST,),
+    dollar_prefixes=(DOLLAR_PREFIX,),
+)

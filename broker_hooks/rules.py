@@ -64,6 +64,33 @@ class TopicPattern:
         """Fill the template."""
         return self.template.format(**values)
 
+    @property
+    def names(self) -> frozenset[str]:
+        """The placeholder names of the template."""
+        return frozenset(self._names.values())
+
+    def match_filter(self, topic_filter: str) -> dict[str, str] | None:
+        """The captured levels of a subscription filter that fits the template, else None.
+
+        A placeholder level may be ``+`` (captured as ``"+"``) or a concrete value; every other level
+        must be exactly the template's, and ``#`` never fits (it would widen the filter past the template).
+        """
+        if not topic_filter.startswith(self.prefix) or "#" in topic_filter:
+            return None
+        levels = topic_filter.split("/")
+        if len(levels) != len(self._levels):
+            return None
+        captured: dict[str, str] = {}
+        for i, (want, got) in enumerate(zip(self._levels, levels, strict=True)):
+            name = self._names.get(i)
+            if name is not None:
+                if not got or ("+" in got and got != "+"):
+                    return None
+                captured[name] = got
+            elif want != got:
+                return None
+        return captured
+
     def as_filter(self, **values: str) -> str:
         """The template as a subscription filter: given names filled, the rest ``+``."""
         return "/".join(
@@ -84,6 +111,37 @@ class Rule:
     action: LifecycleAction
 
 
+THING = "thing"
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """A topic dialect (EMQX, Kaa, ...): its inbound rules and the topics a device may use.
+
+    ``device_publish`` and ``device_subscribe`` are the only topics a device may publish to and the only
+    filters it may subscribe with; each has a ``{thing}`` level that must be the device's own id (its
+    MQTT client id). In a subscribe pattern every other placeholder level may be ``+`` or a concrete value.
+    ``dollar_prefixes`` are the ``$`` topic prefixes the dialect owns (publishes to other ``$`` topics are
+    dropped before any rule or ACL runs).
+    """
+
+    name: str
+    rules: tuple[Rule, ...]
+    device_publish: tuple[TopicPattern, ...]
+    device_subscribe: tuple[TopicPattern, ...]
+    dollar_prefixes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for pattern in (*self.device_publish, *self.device_subscribe):
+            if THING not in pattern.names:
+                raise ValueError(f"dialect {self.name}: device topic {pattern.template!r} has no {{{THING}}} level")
+        for pub in self.device_publish:
+            for sub in self.device_subscribe:
+                # A device must never be able to publish where devices receive service requests.
+                if pub.match(sub.format(**dict.fromkeys(sub.names, "x"))) is not None:
+                    raise ValueError(f"dialect {self.name}: device may publish to {sub.template!r}, a subscribe topic")
+
+
 @dataclass(frozen=True)
 class Inbound:
     """A decoded device message, ready for the control plane."""
@@ -100,6 +158,11 @@ class RuleSet:
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self.rules = tuple(rules)
+
+    @classmethod
+    def of(cls, dialects: Sequence[Dialect]) -> RuleSet:
+        """The rules of ``dialects``, in order."""
+        return cls([rule for dialect in dialects for rule in dialect.rules])
 
     def route(self, client_id: str, topic: str, payload: bytes) -> Inbound | None:
         """Decode a publish with the first matching rule.

@@ -16,12 +16,15 @@ import logging
 from collections.abc import Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from broker_hooks import emqx
+from broker_hooks.acl import TopicAcl
 from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
 from broker_hooks.rules import RuleSet
+from server.apikeys import ApiKeys
 from server.commands import CommandCore
 from server.config import Settings
 from server.grpc_api import GrpcServer
@@ -35,9 +38,15 @@ log = logging.getLogger("fleetcmd")
 class Ports:
     """Where the service listens (actual ports, also when 0 was asked for)."""
 
-    mqtt: int
+    mqtt: int | None
     ws: int | None
     grpc: int
+    mqtts: int | None = None
+    wss: int | None = None
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
 
 
 class FleetcmdApp:
@@ -53,6 +62,7 @@ class FleetcmdApp:
         self.store: SqliteStore | None = None
         self.core: CommandCore | None = None
         self.registry: Registry | None = None
+        self.keys: ApiKeys | None = None
         self.broker: FleetBroker | None = None
         self.grpc: GrpcServer | None = None
         self.ports: Ports | None = None
@@ -111,42 +121,82 @@ class FleetcmdApp:
         self._spawn(core.run_expiry(), "ttl-expiry")
         stack.push_async_callback(self._stop_core, core)
 
+        if s.allow_anonymous:
+            log.warning(
+                "DEVELOPMENT MODE (allow_anonymous): ANY MQTT client is admitted without credentials and "
+                "Sends may target unregistered things; never run this way in production"
+            )
+        dialects = (emqx.DIALECT,)
         broker = FleetBroker(
-            broker_config(bind=s.bind, mqtt_port=s.mqtt_port, ws_port=s.ws_port, sys_interval=s.sys_interval),
-            rules=RuleSet(emqx.RULES),
+            broker_config(
+                bind=s.bind,
+                mqtt_port=s.mqtt_port,
+                ws_port=s.ws_port,
+                mqtts_port=s.mqtts_port,
+                wss_port=s.wss_port,
+                tls_cert_file=s.tls_cert_file,
+                tls_key_file=s.tls_key_file,
+                sys_interval=s.sys_interval,
+                authenticator=registry,
+                allow_anonymous=s.allow_anonymous,
+                acl=TopicAcl.of(dialects),
+            ),
+            rules=RuleSet.of(dialects),
             sink=core,
-            dollar_prefixes=(emqx.DOLLAR_PREFIX,),
+            dollar_prefixes=[p for d in dialects for p in d.dollar_prefixes],
             max_payload_bytes=s.max_response_bytes,
         )
         core.outbox.attach(broker)
+        # A deleted thing or rotated credentials end the device's connection.
+        registry.disconnect = broker.disconnect_client
         await broker.start()
         stack.push_async_callback(broker.stop, s.shutdown_timeout / 2)
         self.broker = broker
 
-        grpc_server = GrpcServer(core)
-        grpc_port = await grpc_server.start(s.bind, s.grpc_port)
+        keys = ApiKeys(store)
+        self.keys = keys
+        admin_key_file = await keys.ensure_admin_key(s.data_dir)
+        if admin_key_file is not None:
+            log.warning("no API key existed: created an admin key in %s (readable only by this user)", admin_key_file)
+        grpc_server = GrpcServer(core, registry, keys)
+        grpc_tls = None
+        if s.grpc_tls:
+            grpc_tls = (await asyncio.to_thread(_read, s.tls_key_file), await asyncio.to_thread(_read, s.tls_cert_file))
+        grpc_port = await grpc_server.start(s.bind, s.grpc_port, tls=grpc_tls)
         stack.push_async_callback(grpc_server.stop, min(2.0, s.shutdown_timeout / 4))
         self.grpc = grpc_server
 
+        bound = broker.listener_ports()
         self.ports = Ports(
-            mqtt=broker.listener_port("default"),
-            ws=broker.listener_port("ws") if s.ws_port >= 0 else None,
+            mqtt=bound.get("mqtt"),
+            ws=bound.get("ws"),
             grpc=grpc_port,
+            mqtts=bound.get("mqtts"),
+            wss=bound.get("wss"),
         )
-        ws = f"{s.bind}:{self.ports.ws}" if self.ports.ws is not None else "off"
-        log.info(
-            "fleetcmd ready mqtt=%s:%d ws=%s grpc=%s:%d data=%s restored=%d",
-            s.bind,
-            self.ports.mqtt,
-            ws,
+
+        def where(port: int | None) -> str:
+            return f"{s.bind}:{port}" if port is not None else "off"
+
+        # Scripts and tests wait for this line: it is printed whatever the log level.
+        log.log(
+            max(logging.INFO, log.getEffectiveLevel()),
+            "fleetcmd ready mqtt=%s ws=%s mqtts=%s wss=%s grpc=%s:%d grpc_tls=%s data=%s restored=%d",
+            where(self.ports.mqtt),
+            where(self.ports.ws),
+            where(self.ports.mqtts),
+            where(self.ports.wss),
             s.bind,
             self.ports.grpc,
+            "on" if s.grpc_tls else "off",
             s.data_dir,
             restored,
         )
 
     async def _stop_core(self, core: CommandCore) -> None:
         core.close()
-        await core.stop_ingest()
+        if self.registry is not None:
+            self.registry.close()
+        await core.stop_ingest(self.settings.shutdown_timeout / 4)
         for task in list(self._cancellable):
             task.cancel()

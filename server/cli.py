@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from server import admin_cli, client, convert
 from server.config import ENV_PREFIX, Settings, SettingsError
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
@@ -125,7 +126,7 @@ def _to_json(message: Any) -> str:
 def _value_text(holder: Any, field: str) -> str:
     if not holder.HasField(field):
         return ""
-    return json.dumps(json_format.MessageToDict(getattr(holder, field)), separators=(",", ":"))
+    return json.dumps(convert.to_python(getattr(holder, field)), separators=(",", ":"))
 
 
 def _print_execution(e: pb.Execution) -> None:
@@ -149,9 +150,9 @@ def _print_execution(e: pb.Execution) -> None:
 
 
 @contextlib.contextmanager
-def _client(server: str) -> Iterator[pb_grpc.CommandServiceStub]:
-    with grpc.insecure_channel(server) as channel:
-        yield pb_grpc.CommandServiceStub(channel)
+def _client(args: argparse.Namespace) -> Iterator[pb_grpc.CommandServiceStub]:
+    with client.channel(args) as ch:
+        yield pb_grpc.CommandServiceStub(ch)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -167,7 +168,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print("fleetcmd: --params must be a JSON object", file=sys.stderr)
             return EXIT_USAGE
         req.params.CopyFrom(json_format.ParseDict(params, struct_pb2.Struct()))
-    with _client(args.server) as stub:
+    with _client(args) as stub:
         execution = stub.Send(req, timeout=args.timeout)
         if args.wait:
             execution = _wait_final(stub, execution, args.timeout + execution.ttl_seconds)
@@ -194,7 +195,7 @@ def _wait_final(stub: pb_grpc.CommandServiceStub, execution: pb.Execution, timeo
 
 def cmd_get(args: argparse.Namespace) -> int:
     """``fleetcmd get``."""
-    with _client(args.server) as stub:
+    with _client(args) as stub:
         execution = stub.Get(pb.GetRequest(execution_id=args.execution_id), timeout=args.timeout)
     if args.json:
         print(_to_json(execution))
@@ -218,7 +219,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     req = pb.ListRequest(
         thing_id=args.thing or "", action=args.action or "", status=_statuses(args.status), page_size=args.limit
     )
-    with _client(args.server) as stub:
+    with _client(args) as stub:
         resp = stub.List(req, timeout=args.timeout)
     if args.json:
         print(_to_json(resp))
@@ -236,7 +237,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     req = pb.StreamRequest(thing_id=args.thing or "", execution_id=args.execution or "", action=args.action or "")
     if args.after is not None:
         req.after_sequence = args.after
-    with _client(args.server) as stub:
+    with _client(args) as stub:
         try:
             for event in stub.Stream(req):
                 if args.json:
@@ -256,7 +257,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """``fleetcmd cancel``."""
-    with _client(args.server) as stub:
+    with _client(args) as stub:
         execution = stub.Cancel(pb.CancelRequest(execution_id=args.execution_id), timeout=args.timeout)
     if args.json:
         print(_to_json(execution))
@@ -274,12 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_flags(serve_p)
     serve_p.set_defaults(func=cmd_serve)
 
-    client = argparse.ArgumentParser(add_help=False)
-    client.add_argument("--server", default="127.0.0.1:50051", help="gRPC address (default %(default)s)")
-    client.add_argument("--json", action="store_true", help="print JSON instead of text")
-    client.add_argument("--timeout", type=float, default=10.0, help="RPC deadline in seconds")
+    client_flags = argparse.ArgumentParser(add_help=False)
+    client.add_client_flags(client_flags)
 
-    send_p = sub.add_parser("send", parents=[client], help="send a command to a thing")
+    send_p = sub.add_parser("send", parents=[client_flags], help="send a command to a thing")
     send_p.add_argument("thing")
     send_p.add_argument("action")
     send_p.add_argument("--params", help="JSON object")
@@ -288,27 +287,29 @@ def build_parser() -> argparse.ArgumentParser:
     send_p.add_argument("--wait", action="store_true", help="wait until the execution is final")
     send_p.set_defaults(func=cmd_send)
 
-    get_p = sub.add_parser("get", parents=[client], help="show one execution with its history")
+    get_p = sub.add_parser("get", parents=[client_flags], help="show one execution with its history")
     get_p.add_argument("execution_id")
     get_p.set_defaults(func=cmd_get)
 
-    list_p = sub.add_parser("list", parents=[client], help="list executions, newest first")
+    list_p = sub.add_parser("list", parents=[client_flags], help="list executions, newest first")
     list_p.add_argument("--thing")
     list_p.add_argument("--action")
     list_p.add_argument("--status", action="append", default=[], help="repeatable, e.g. --status SUCCEEDED")
     list_p.add_argument("--limit", type=int, default=50)
     list_p.set_defaults(func=cmd_list)
 
-    watch_p = sub.add_parser("watch", parents=[client], help="follow state changes live")
+    watch_p = sub.add_parser("watch", parents=[client_flags], help="follow state changes live")
     watch_p.add_argument("--thing")
     watch_p.add_argument("--execution")
     watch_p.add_argument("--action")
     watch_p.add_argument("--after", type=int, help="replay events after this sequence first")
     watch_p.set_defaults(func=cmd_watch)
 
-    cancel_p = sub.add_parser("cancel", parents=[client], help="cancel a non-final execution")
+    cancel_p = sub.add_parser("cancel", parents=[client_flags], help="cancel a non-final execution")
     cancel_p.add_argument("execution_id")
     cancel_p.set_defaults(func=cmd_cancel)
+
+    admin_cli.register(sub, client_flags)
     return parser
 
 
@@ -320,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"fleetcmd: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except client.MissingApiKey as exc:
+        print(f"fleetcmd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyError as exc:  # an unknown --status name
         print(f"fleetcmd: unknown value {exc}", file=sys.stderr)
         return EXIT_USAGE

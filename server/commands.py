@@ -24,9 +24,9 @@ from server.errors import FailedPrecondition, FleetcmdError, NotFound, ResourceE
 from server.events import EventBus
 from server.lifecycle import Outcome, Status, Trigger, initial_status
 from server.models import EventFilter, Execution, ListQuery, NewExecution, StateChange
+from server.registry import Registry
 from server.scheduler import TtlScheduler
 from server.store import ListPage, Store
-from server.registry import Registry
 from server.validation import SendCommand, check_execution_id, fingerprint
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class CommandCore:
         self._ingest: asyncio.Queue[Inbound | None] = asyncio.Queue(settings.ingest_queue)
         self.stats: collections.Counter[str] = collections.Counter()
         self._stopping = False
+        self._ingest_done = asyncio.Event()
 
     # ---- start and stop -------------------------------------------------------------------
 
@@ -97,6 +98,12 @@ class CommandCore:
 
     async def run_ingest(self) -> None:
         """Background loop: apply device reports in arrival order, a batch per store commit."""
+        try:
+            await self._ingest_loop()
+        finally:
+            self._ingest_done.set()
+
+    async def _ingest_loop(self) -> None:
         while True:
             first = await self._ingest.get()
             if first is None:
@@ -114,11 +121,18 @@ class CommandCore:
             if stop:
                 return
 
-    async def stop_ingest(self) -> None:
-        """Refuse new reports and let :meth:`run_ingest` end after those already queued."""
+    async def stop_ingest(self, timeout: float) -> None:
+        """Refuse new reports and wait (at most ``timeout`` s) until those already queued are applied.
+
+        The store must still be writing meanwhile: the reports were PUBACKed to the devices.
+        """
         if not self._stopping:
             self._stopping = True
             await self._ingest.put(None)
+        try:
+            await asyncio.wait_for(self._ingest_done.wait(), timeout)
+        except TimeoutError:
+            log.warning("%d device reports were not applied before the shutdown deadline", self._ingest.qsize())
 
     def close(self) -> None:
         """End live streams and timers (shutdown)."""

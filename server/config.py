@@ -26,9 +26,14 @@ class Settings:
     """
 
     bind: str = field(default="127.0.0.1", metadata={"help": "address every listener binds to"})
-    mqtt_port: int = field(default=1883, metadata={"help": "MQTT over TCP port (0 = any free port)"})
+    mqtt_port: int = field(default=1883, metadata={"help": "MQTT over TCP port (-1 = off, 0 = any free port)"})
     ws_port: int = field(default=-1, metadata={"help": "MQTT over WebSocket port (-1 = off, 0 = any free port)"})
+    mqtts_port: int = field(default=-1, metadata={"help": "MQTT over TLS port (-1 = off, 0 = any free port)"})
+    wss_port: int = field(default=-1, metadata={"help": "MQTT over secure WebSocket port (-1 = off, 0 = any free port)"})
     grpc_port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
+    grpc_tls: bool = field(default=False, metadata={"help": "serve gRPC with TLS (tls_cert_file, tls_key_file), not plaintext"})
+    tls_cert_file: str = field(default="", metadata={"help": "PEM certificate chain for the TLS listeners"})
+    tls_key_file: str = field(default="", metadata={"help": "PEM private key for the TLS listeners"})
     data_dir: Path = field(default=Path("data"), metadata={"help": "directory of the SQLite store"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     default_ttl: int = field(default=30, metadata={"help": "TTL in seconds when a Send gives 0"})
@@ -47,11 +52,15 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("mqtt_port", "grpc_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                problems.append(f"{name} must be 0..65535")
-        if not -1 <= self.ws_port <= 65535:
-            problems.append("ws_port must be -1 (off) or 0..65535")
+        if not 0 <= self.grpc_port <= 65535:
+            problems.append("grpc_port must be 0..65535")
+        mqtt_ports = ("mqtt_port", "ws_port", "mqtts_port", "wss_port")
+        for name in mqtt_ports:
+            if not -1 <= getattr(self, name) <= 65535:
+                problems.append(f"{name} must be -1 (off) or 0..65535")
+        if all(getattr(self, name) == -1 for name in mqtt_ports):
+            problems.append("at least one of mqtt_port, ws_port, mqtts_port, wss_port must be on")
+        problems.extend(self._tls_problems())
         if self.log_level.upper() not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if not 1 <= self.default_ttl <= self.max_ttl:
@@ -65,6 +74,26 @@ class Settings:
             problems.append("sys_interval must be >= 0")
         if problems:
             raise SettingsError("; ".join(problems))
+
+    def _tls_problems(self) -> list[str]:
+        wanted = [name for name in ("mqtts_port", "wss_port") if getattr(self, name) != -1]
+        if self.grpc_tls:
+            wanted.append("grpc_tls")
+        if not wanted:
+            return []
+        problems = []
+        for name in ("tls_cert_file", "tls_key_file"):
+            path = getattr(self, name)
+            if not path:
+                problems.append(f"{', '.join(wanted)} need {name}")
+            elif not Path(path).is_file() or not os.access(path, os.R_OK):
+                problems.append(f"{name} {path!r} is not a readable file")
+        return problems
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether any listener (MQTT or gRPC) uses TLS."""
+        return self.mqtts_port != -1 or self.wss_port != -1 or self.grpc_tls
 
     @property
     def db_path(self) -> Path:

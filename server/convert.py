@@ -113,6 +113,8 @@ def execution(e: Execution) -> pb.Execution:
         expires_at=timestamp(e.expires_at_ms),
         idempotency_key=e.idempotency_key,
         history=[state_change(c) for c in e.history],
+        thing_type=e.thing_type,
+        result_violations=list(e.result_violations),
     )
 
 
@@ -203,3 +205,63 @@ def list_query(req: pb.ListRequest, default_page_size: int = 50, max_page_size: 
         page_size=req.page_size or default_page_size,
         before_index=before,
     )
+
+
+# ---- string-keyed pagination (things, thing types) ----------------------------------------
+
+
+def _digest(filters: Any) -> str:
+    return hashlib.sha256(json.dumps(filters, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def encode_cursor(position: str | None, filters: Any) -> str:
+    """Opaque page token for a page that ended at ``position``, bound to the request's filters."""
+    if position is None:
+        return ""
+    raw = json.dumps({"p": position, "f": _digest(filters)}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(token: str, filters: Any) -> str:
+    """The position a page token stands for ("" for no token).
+
+    Raises:
+        InvalidArgument: not a token of this server, or one issued for other filters.
+    """
+    if not token:
+        return ""
+    try:
+        data = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
+        position, digest = data["p"], data["f"]
+        if not isinstance(position, str):
+            raise TypeError("position")
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise InvalidArgument.single("page_token", "page_token is not a token this server issued") from None
+    if digest != _digest(filters):
+        raise InvalidArgument.single("page_token", "page_token belongs to a request with other filters")
+    return position
+
+
+def page_size(requested: int, default: int = 50, maximum: int = 1000) -> int:
+    """Validate a page size (0 = default).
+
+    Raises:
+        InvalidArgument: above ``maximum``.
+    """
+    if requested > maximum:
+        raise InvalidArgument.single("page_size", f"page_size must be at most {maximum}")
+    return requested or default
+
+
+def to_python(value: struct_pb2.Value | struct_pb2.Struct) -> Any:
+    """A protobuf Value or Struct as plain JSON data (integral numbers as ints)."""
+    return _integral(json_format.MessageToDict(value))
+
+
+def python_to_value(data: Any) -> struct_pb2.Value | None:
+    """Plain JSON data as a protobuf Value (None stays unset)."""
+    if data is None:
+        return None
+    value = struct_pb2.Value()
+    json_format.ParseDict(data, value)
+    return value

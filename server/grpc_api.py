@@ -10,15 +10,26 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import convert
+from server.apikeys import ApiKeys
 from server.commands import CommandCore
 from server.errors import InvalidArgument
+from server.grpc_auth import AuthInterceptor
 from server.grpc_errors import maps_errors
 from server.models import EventFilter
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
+from server.pb import registry_pb2 as rpb
+from server.pb import registry_pb2_grpc as rpb_grpc
+from server.registry import Registry
+from server.registry_api import ThingServicer, ThingTypeServicer
 from server.validation import validate_send
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CommandService"].full_name
+SERVICE_NAMES = (
+    SERVICE_NAME,
+    rpb.DESCRIPTOR.services_by_name["ThingService"].full_name,
+    rpb.DESCRIPTOR.services_by_name["ThingTypeService"].full_name,
+)
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_SEQUENCE = 2**63 - 1  # the event log's sequence is a SQLite INTEGER
 
@@ -77,29 +88,42 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
 class GrpcServer:
     """The grpc.aio server with every fleetcmd service, health and reflection."""
 
-    def __init__(self, core: CommandCore) -> None:
+    def __init__(self, core: CommandCore, registry: Registry, keys: ApiKeys) -> None:
         self.server = grpc.aio.server(
+            interceptors=[AuthInterceptor(keys)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         pb_grpc.add_CommandServiceServicer_to_server(CommandServicer(core), self.server)
+        rpb_grpc.add_ThingServiceServicer_to_server(ThingServicer(registry), self.server)
+        rpb_grpc.add_ThingTypeServiceServicer_to_server(ThingTypeServicer(registry, core.settings), self.server)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server,
         )
 
-    async def start(self, bind: str, port: int) -> int:
-        """Listen and start serving; returns the bound port."""
-        bound = self.server.add_insecure_port(f"{bind}:{port}")
+    async def start(self, bind: str, port: int, *, tls: tuple[bytes, bytes] | None = None) -> int:
+        """Listen and start serving; returns the bound port.
+
+        Args:
+            bind: Address to listen on.
+            port: Port (0 = any free port).
+            tls: PEM (private key, certificate chain) to serve with TLS instead of plaintext.
+        """
+        address = f"{bind}:{port}"
+        if tls is not None:
+            bound = self.server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
+        else:
+            bound = self.server.add_insecure_port(address)
         if bound == 0:
             raise OSError(f"cannot bind gRPC to {bind}:{port}")
         await self.server.start()
-        for name in ("", SERVICE_NAME):
+        for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return bound
 

@@ -93,7 +93,7 @@ class PreparedSend:
     thing_type: str
 
 
-@dataclass
+@dataclass(eq=False)  # kept in a set: identity, not value, equality
 class _Watcher:
     thing_id: str
     queue: asyncio.Queue[PresenceChange | None] = field(default_factory=lambda: asyncio.Queue(1000))
@@ -101,8 +101,11 @@ class _Watcher:
 
 
 def _compile(record: ThingTypeRecord) -> CompiledType:
-    params = {a: CompiledSchema.compile(c.params_schema) if c.params_schema is not None else None for a, c in record.commands.items()}
-    results = {a: CompiledSchema.compile(c.result_schema) if c.result_schema is not None else None for a, c in record.commands.items()}
+    def build(schema: Any) -> CompiledSchema | None:
+        return CompiledSchema.compile(schema) if schema is not None else None
+
+    params = {a: build(c.params_schema) for a, c in record.commands.items()}
+    results = {a: build(c.result_schema) for a, c in record.commands.items()}
     return CompiledType(record, params, results)
 
 

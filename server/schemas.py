@@ -69,8 +69,11 @@ def _path(base: str, error: ValidationError) -> str:
         parts.append(f"[{p}]" if isinstance(p, int) else f".{p}")
     if error.validator == "required" and isinstance(error.instance, dict):
         # Point at the missing property itself, not at its parent.
+        # jsonschema raises one error per missing property, all with the same ``required`` list;
+        # only the message tells which one this is.
         required = error.validator_value if isinstance(error.validator_value, list) else []
-        missing = next((n for n in required if n not in error.instance), None)
+        absent = [n for n in required if n not in error.instance]
+        missing = next((n for n in absent if error.message == f"{n!r} is a required property"), absent[0] if absent else None)
         if missing is not None:
             parts.append(f".{missing}")
     return "".join(parts)

@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from server.app import FleetcmdApp
 from server.cli import configure_logging
 from server.config import Settings
 from server.pb import commands_pb2_grpc as pb_grpc
+from tests.clients import app_channel
 
 configure_logging("INFO")
 
@@ -45,5 +45,5 @@ async def app(settings: Settings) -> AsyncIterator[FleetcmdApp]:
 @pytest.fixture
 async def stub(app: FleetcmdApp) -> AsyncIterator[pb_grpc.CommandServiceStub]:
     assert app.ports is not None
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+    async with app_channel(app) as channel:
         yield pb_grpc.CommandServiceStub(channel)

@@ -48,6 +48,9 @@ class EmqxDevice:
         sub_qos: int = 1,
         transport: str = "tcp",
         auto_ack: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         self.host, self.port, self.thing_id = host, port, thing_id
         self.on_request = on_request
@@ -58,6 +61,9 @@ class EmqxDevice:
         self._subacks: dict[int, list[int]] = {}
         self._suback_cv = threading.Condition()
         self.connected = threading.Event()
+        # Set on every CONNACK; connect_rc is its reason code (paho ReasonCode; "Not authorized" when refused).
+        self.connack = threading.Event()
+        self.connect_rc: Any = None
         self.subscribed = threading.Event()
         self.disconnected = threading.Event()
         self.client = mqtt.Client(
@@ -68,6 +74,10 @@ class EmqxDevice:
             manual_ack=not auto_ack,
         )
         self.keepalive = keepalive
+        if username is not None or password is not None:
+            self.client.username_pw_set(username, password)
+        if tls_ca is not None:
+            self.client.tls_set(ca_certs=tls_ca)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
@@ -81,8 +91,14 @@ class EmqxDevice:
         return f"$emqx/commands/things/{thing_id or self.thing_id}/executions/{execution_id}/response"
 
     def start(self, timeout: float = 5) -> EmqxDevice:
+        """Connect (and subscribe); raises ConnectionRefusedError when the broker refuses the CONNECT."""
+        self.connack.clear()
         self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
         self.client.loop_start()
+        if self.connack.wait(timeout) and self.connect_rc is not None and self.connect_rc.is_failure:
+            rc = self.connect_rc
+            self.client.loop_stop()  # paho would otherwise retry the refused CONNECT forever
+            raise ConnectionRefusedError(f"{self.thing_id}: CONNACK {rc} ({int(rc.value)})")
         if not self.connected.wait(timeout):
             raise TimeoutError(f"{self.thing_id} did not connect")
         if self.subscribe_on_connect and not self.subscribed.wait(timeout):
@@ -104,6 +120,8 @@ class EmqxDevice:
         return await asyncio.to_thread(self.next_request, timeout)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+        self.connect_rc = rc
+        self.connack.set()
         if rc.is_failure:
             return
         self.disconnected.clear()
@@ -153,9 +171,15 @@ class EmqxDevice:
         info = self.publish_raw(topic, payload, qos)
         await asyncio.to_thread(info.wait_for_publish, 5)
 
-    def subscribe_sync(self, topic_filter: str, qos: int = 1, timeout: float = 5) -> list[int]:
-        """SUBSCRIBE and wait for its SUBACK; returns the granted return codes (0x80 = failure)."""
-        result, mid = self.client.subscribe(topic_filter, qos=qos)
+    def subscribe_sync(self, topic_filter: str | list[str], qos: int = 1, timeout: float = 5) -> list[int]:
+        """SUBSCRIBE (one filter, or several in one packet) and wait for its SUBACK.
+
+        Returns the granted return codes in filter order (0x80 = failure).
+        """
+        if isinstance(topic_filter, list):
+            result, mid = self.client.subscribe([(f, qos) for f in topic_filter])
+        else:
+            result, mid = self.client.subscribe(topic_filter, qos=qos)
         if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
             raise ConnectionError(f"subscribe failed: {mqtt.error_string(result)}")
         with self._suback_cv:
@@ -163,7 +187,7 @@ class EmqxDevice:
                 raise TimeoutError(f"no SUBACK for {topic_filter!r} within {timeout}s")
             return self._subacks.pop(mid)
 
-    async def asubscribe(self, topic_filter: str, qos: int = 1, timeout: float = 5) -> list[int]:
+    async def asubscribe(self, topic_filter: str | list[str], qos: int = 1, timeout: float = 5) -> list[int]:
         """:meth:`subscribe_sync` without blocking the event loop."""
         return await asyncio.to_thread(self.subscribe_sync, topic_filter, qos, timeout)
 

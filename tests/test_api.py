@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 from server.app import FleetcmdApp
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
+from tests.clients import app_channel
 from tests.devices import EmqxDevice
 
 SERVICE = "fleetcmd.v1.CommandService"
@@ -600,7 +601,7 @@ async def test_list_bad_status_and_odd_timestamps_never_unknown(stub) -> None:
 
 
 async def test_health_serving(app: FleetcmdApp) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+    async with app_channel(app) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", SERVICE):
             resp = await asyncio.wait_for(health.Check(health_pb2.HealthCheckRequest(service=service)), 10)
@@ -611,7 +612,7 @@ async def test_health_serving(app: FleetcmdApp) -> None:
 
 
 async def test_reflection_lists_and_describes_the_service(app: FleetcmdApp) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+    async with app_channel(app) as channel:
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
 
         async def ask(request: reflection_pb2.ServerReflectionRequest) -> reflection_pb2.ServerReflectionResponse:

@@ -24,6 +24,7 @@ from broker_hooks.broker import Delivery
 from server.app import FleetcmdApp
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
+from tests.clients import app_channel
 from tests.conftest import make_settings
 from tests.devices import EmqxDevice
 
@@ -112,7 +113,7 @@ async def small_app(tmp_path: Path) -> AsyncIterator[FleetcmdApp]:
 @pytest.fixture
 async def small_stub(small_app: FleetcmdApp) -> AsyncIterator[pb_grpc.CommandServiceStub]:
     assert small_app.ports is not None
-    async with grpc.aio.insecure_channel(f"{HOST}:{small_app.ports.grpc}") as channel:
+    async with app_channel(small_app) as channel:
         yield pb_grpc.CommandServiceStub(channel)
 
 
@@ -503,7 +504,7 @@ async def test_malformed_responses_are_dropped_and_counted(app: FleetcmdApp, stu
         ok = json.dumps({"status": "SUCCEEDED", "result": {"x": 1}}).encode()
         cases = [
             # (topic, payload): each one must be PUBACKed and dropped, and nothing else happens
-            (dev.response_topic(ex.execution_id, thing_id="mal-other"), ok),  # names another thing
+            (dev.response_topic(ex.execution_id, thing_id="mal-other"), ok),  # names another thing: the ACL drops it
             (dev.response_topic(bystander.execution_id), ok),  # mal-other's execution under mal-1's topic
             (dev.response_topic(uuid.uuid4().hex), ok),  # unknown execution id
             (dev.response_topic("not-an-id"), ok),  # unknown (malformed) execution id
@@ -529,7 +530,8 @@ async def test_malformed_responses_are_dropped_and_counted(app: FleetcmdApp, stu
         untouched = await get(stub, bystander.execution_id)
         assert history(untouched) == ["SENT", "DELIVERED"]
 
-        assert app.core.stats["dropped.thing_mismatch"] == 2
+        assert app.broker.stats["dropped.acl"] == 1
+        assert app.core.stats["dropped.thing_mismatch"] == 1
         assert app.core.stats["dropped.unknown_execution"] == 2
         assert app.broker.stats["dropped.invalid_json"] == 2
         assert app.broker.stats["dropped.not_an_object"] == 3
@@ -591,10 +593,10 @@ async def test_other_dollar_topics_are_dropped_without_zombie(
 ) -> None:
     assert app.broker is not None
     async with device(app, "dollar-1") as dev, device(app, "dollar-watch") as watcher:
-        # A subscriber that would see the publish if the broker forwarded it.
-        assert await watcher.asubscribe("$SYS/#") == [1]
-        assert await watcher.asubscribe("$emqx/#") == [1]
-        assert await watcher.asubscribe("$aws/#") == [1]
+        # A subscriber that would see the publish if the broker forwarded it: the ACL allows no device that.
+        assert await watcher.asubscribe("$SYS/#") == [0x80]
+        assert await watcher.asubscribe("$emqx/#") == [0x80]
+        assert await watcher.asubscribe("$aws/#") == [0x80]
         ex = await send(stub, "dollar-1")
         await dev.wait_request()
         await wait_status(stub, ex.execution_id, pb.DELIVERED)
@@ -602,9 +604,10 @@ async def test_other_dollar_topics_are_dropped_without_zombie(
         await dev.apublish(topic, b'{"status": "SUCCEEDED"}')
         _alive(app, dev)
         # Not a zombie: a SUBSCRIBE still gets its SUBACK, twice in a row...
-        assert await dev.asubscribe("fleet/test/dollar-1/a") == [1]
-        assert await dev.asubscribe("fleet/test/dollar-1/b", qos=0) == [0]
-        dropped = app.broker.stats["dropped.dollar_topic"] + app.broker.stats["dropped.unrouted"]
+        assert await dev.asubscribe("$emqx/commands/things/dollar-1/executions/a/request") == [1]
+        assert await dev.asubscribe("$emqx/commands/things/dollar-1/executions/b/request", qos=0) == [0]
+        stats = app.broker.stats
+        dropped = stats["dropped.dollar_topic"] + stats["dropped.unrouted"] + stats["dropped.acl"]
         assert dropped == 1
         # ...and a response afterwards is routed and applied.
         await dev.arespond(ex.execution_id, "SUCCEEDED")

@@ -51,7 +51,8 @@ def test_request_payload_is_the_seed_shape() -> None:
         emqx.encode_request(command_id="c1", action="setTemperature", params_json='{"value":24}', timestamp_s=17, ttl_seconds=30)
     )
     assert body == {"commandId": "c1", "action": "setTemperature", "params": {"value": 24}, "timestamp": 17, "ttl": 30}
-    assert json.loads(emqx.encode_request(command_id="c", action="a", params_json=None, timestamp_s=1, ttl_seconds=1))["params"] == {}
+    empty = emqx.encode_request(command_id="c", action="a", params_json=None, timestamp_s=1, ttl_seconds=1)
+    assert json.loads(empty)["params"] == {}
 
 
 def _decode(payload: bytes) -> emqx.ReportMessage:

@@ -21,7 +21,7 @@ def new(i: int, thing: str = "t1", key: str = "", fp: str = "", status: Status =
         command_id=f"c{i}",
         thing_id=thing,
         action="reboot",
-        params_json='{"n":%d}' % i,
+        params_json=f'{{"n":{i}}}',
         ttl_seconds=30,
         status=status,
         created_at_ms=1_000 + i,

@@ -22,6 +22,7 @@ from server import commands
 from server.app import FleetcmdApp
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
+from tests.clients import app_channel
 from tests.conftest import make_settings
 from tests.devices import EmqxDevice
 
@@ -393,8 +394,8 @@ async def test_slow_subscriber_is_cut_off_and_fast_one_gets_everything(tmp_path:
     settings = make_settings(tmp_path / "data", stream_buffer=5)
     async with (
         FleetcmdApp(settings) as app,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as fast_channel,
-        grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}", options=SLOW_CLIENT_OPTIONS) as slow_channel,
+        app_channel(app) as fast_channel,
+        app_channel(app, options=SLOW_CLIENT_OPTIONS) as slow_channel,
     ):
         stub = pb_grpc.CommandServiceStub(fast_channel)
         slow_call = pb_grpc.CommandServiceStub(slow_channel).Stream(pb.StreamRequest())
@@ -438,7 +439,7 @@ async def test_slow_subscriber_is_cut_off_and_fast_one_gets_everything(tmp_path:
 async def test_one_commit_larger_than_the_buffer_reaches_a_fast_subscriber(tmp_path: Path) -> None:
     """A group commit may hold more events than ``stream_buffer``; a subscriber keeping up gets them all."""
     settings = make_settings(tmp_path / "data", stream_buffer=5)
-    async with FleetcmdApp(settings) as app, grpc.aio.insecure_channel(f"127.0.0.1:{app.ports.grpc}") as channel:
+    async with FleetcmdApp(settings) as app, app_channel(app) as channel:
         assert app.core is not None and app.store is not None
         stub = pb_grpc.CommandServiceStub(channel)
         made = [await send(stub) for _ in range(12)]

@@ -172,6 +172,8 @@ class Execution(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    THING_TYPE_FIELD_NUMBER: _builtins.int
+    RESULT_VIOLATIONS_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     command_id: _builtins.str
     thing_id: _builtins.str
@@ -179,6 +181,8 @@ class Execution(_message.Message):
     ttl_seconds: _builtins.int
     status: Global___ExecutionStatus.ValueType
     idempotency_key: _builtins.str
+    thing_type: _builtins.str
+    """The thing's type when the execution was created (empty: no type)."""
     @_builtins.property
     def params(self) -> _struct_pb2.Struct: ...
     @_builtins.property
@@ -199,6 +203,12 @@ class Execution(_message.Message):
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___StateChange]:
         """State-change history, oldest first (filled by Get)."""
 
+    @_builtins.property
+    def result_violations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Where the device's result violates the action's result schema ("result.x: ...").
+        The result is stored anyway; an empty list means valid or not checked.
+        """
+
     def __init__(
         self,
         *,
@@ -217,10 +227,12 @@ class Execution(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         idempotency_key: _builtins.str = ...,
         history: _abc.Iterable[Global___StateChange] | None = ...,
+        thing_type: _builtins.str = ...,
+        result_violations: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "expires_at", b"expires_at", "params", b"params", "result", b"result", "status_reason", b"status_reason", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "command_id", b"command_id", "completed_at", b"completed_at", "created_at", b"created_at", "execution_id", b"execution_id", "expires_at", b"expires_at", "history", b"history", "idempotency_key", b"idempotency_key", "params", b"params", "result", b"result", "status", b"status", "status_reason", b"status_reason", "thing_id", b"thing_id", "ttl_seconds", b"ttl_seconds", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "command_id", b"command_id", "completed_at", b"completed_at", "created_at", b"created_at", "execution_id", b"execution_id", "expires_at", b"expires_at", "history", b"history", "idempotency_key", b"idempotency_key", "params", b"params", "result", b"result", "result_violations", b"result_violations", "status", b"status", "status_reason", b"status_reason", "thing_id", b"thing_id", "thing_type", b"thing_type", "ttl_seconds", b"ttl_seconds", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,53 @@
+"""gRPC clients for tests: channels that present an API key."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from server.apikeys import ADMIN_KEY_FILE
+from server.app import FleetcmdApp
+
+
+def admin_key(data_dir: Path) -> str:
+    """The admin key the service wrote on first start."""
+    return (data_dir / ADMIN_KEY_FILE).read_text().strip()
+
+
+class _Bearer:
+    def __init__(self, key: str) -> None:
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(d.metadata or ()), self._header)
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
+
+
+# grpc.aio files an interceptor under the first kind it is an instance of, so one class per kind.
+class BearerUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <key>`` to unary calls."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <key>`` to server-streaming calls."""
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+def channel(target: str, key: str | None, options: Sequence[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
+    """An insecure channel to ``target`` that presents ``key`` (None: no key)."""
+    interceptors = [BearerUnary(key), BearerStream(key)] if key else None
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def app_channel(app: FleetcmdApp, options: Sequence[tuple[str, Any]] | None = None, key: str | None = None) -> grpc.aio.Channel:
+    """A channel to an in-process service with its admin key (or ``key``)."""
+    assert app.ports is not None
+    return channel(f"127.0.0.1:{app.ports.grpc}", key or admin_key(app.settings.data_dir), options)
