@@ -100,6 +100,11 @@ def cmd_types(args: argparse.Namespace) -> int:
         if args.types_command == "put":
             try:
                 data = json.loads(Path(args.file).read_text())
+                # Schemas travel as JSON text, in the file's key order (it orders the filled payload).
+                for command in (data.get("commands") or {}).values():
+                    for key in ("params_schema", "paramsSchema", "result_schema", "resultSchema"):
+                        if isinstance(command, dict) and key in command and not isinstance(command[key], str):
+                            command[key] = json.dumps(command[key])
                 thing_type = json_format.ParseDict(data, rpb.ThingType())
             except (OSError, ValueError, json_format.ParseError) as exc:
                 print(f"fleetcmd: {args.file}: {exc}", file=sys.stderr)

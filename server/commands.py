@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
 import time
 import uuid
@@ -141,7 +142,7 @@ class CommandCore:
 
     # ---- operator API ---------------------------------------------------------------------
 
-    async def send(self, cmd: SendCommand) -> Execution:
+    async def send(self, cmd: SendCommand, *, rerun_of: str = "") -> Execution:
         """Accept a command: durable first, then scheduled and published.
 
         Raises:
@@ -170,6 +171,8 @@ class CommandCore:
             idempotency_key=cmd.idempotency_key,
             fingerprint=fingerprint(cmd.thing_id, cmd.action, prepared.params_json, ttl) if cmd.idempotency_key else "",
             thing_type=prepared.thing_type,
+            kaa=prepared.kaa,
+            rerun_of=rerun_of,
         )
         result = await self.store.create(new)
         if result.created:
@@ -177,6 +180,38 @@ class CommandCore:
             self.scheduler.schedule(new.execution_id, new.expires_at_ms)
             self.outbox.add(result.execution)
         return result.execution
+
+    async def wait(self, execution: Execution, seconds: float) -> Execution:
+        """Wait until ``execution`` is final or ``seconds`` pass; return it as it stands then."""
+        if execution.status.final or seconds <= 0:
+            return execution
+        sub = self.bus.subscribe(EventFilter(execution_id=execution.execution_id), self.settings.stream_buffer)
+        try:
+            # Subscribed first, then read: a change committed in between is not missed.
+            current = await self.store.get(execution.execution_id)
+            if current is None or current.status.final:
+                return current or execution
+            async with asyncio.timeout(seconds):
+                while True:
+                    batch = await sub.next_batch()
+                    if any(e.status.final and not e.late for e in batch):
+                        break
+        except (TimeoutError, FleetcmdError):
+            pass  # the wait ended (or the service is stopping): answer with what there is
+        finally:
+            sub.close()
+        return await self.store.get(execution.execution_id) or execution
+
+    async def rerun(self, execution_id: str) -> Execution:
+        """Send the same command again (same thing, action, params and TTL), linked to the original.
+
+        Raises:
+            NotFound: no such execution (or its thing is gone).
+        """
+        original = await self.get(execution_id)
+        params = json.loads(original.params_json) if original.params_json else None
+        cmd = SendCommand(original.thing_id, original.action, params, original.ttl_seconds, "")
+        return await self.send(cmd, rerun_of=original.execution_id)
 
     async def get(self, execution_id: str) -> Execution:
         """One execution with its history.

@@ -115,6 +115,9 @@ def execution(e: Execution) -> pb.Execution:
         history=[state_change(c) for c in e.history],
         thing_type=e.thing_type,
         result_violations=list(e.result_violations),
+        rerun_of=e.rerun_of,
+        reruns=list(e.reruns),
+        kaa_command_id=e.kaa_id or 0,
     )
 
 

@@ -22,7 +22,7 @@ from server.pb import registry_pb2 as rpb
 from server.pb import registry_pb2_grpc as rpb_grpc
 from server.registry import Registry
 from server.registry_api import ThingServicer, ThingTypeServicer
-from server.validation import validate_send
+from server.validation import check_wait, validate_send
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CommandService"].full_name
 SERVICE_NAMES = (
@@ -43,6 +43,7 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
     @maps_errors
     async def Send(self, request: pb.SendRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
         """See the proto."""
+        wait = check_wait(request.wait_seconds)
         cmd = validate_send(
             self._core.settings,
             thing_id=request.thing_id,
@@ -51,7 +52,8 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
             ttl_seconds=request.ttl_seconds,
             idempotency_key=request.idempotency_key,
         )
-        return convert.execution(await self._core.send(cmd))
+        execution = await self._core.send(cmd)
+        return convert.execution(await self._core.wait(execution, wait))
 
     @maps_errors
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
@@ -78,6 +80,13 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
             raise InvalidArgument.single("after_sequence", f"after_sequence must be at most {MAX_SEQUENCE}")
         async for change in self._core.stream(flt, after):
             yield convert.event(change)
+
+    @maps_errors
+    async def Rerun(self, request: pb.RerunRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
+        """See the proto."""
+        wait = check_wait(request.wait_seconds)
+        execution = await self._core.rerun(request.execution_id)
+        return convert.execution(await self._core.wait(execution, wait))
 
     @maps_errors
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802

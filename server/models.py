@@ -59,6 +59,10 @@ class Execution:
     thing_type: str = ""
     # Violations of the action's result schema by the device's result (stored anyway).
     result_violations: tuple[str, ...] = ()
+    # Kaa endpoints: the integer id the device sees (per thing and command type).
+    kaa_id: int | None = None
+    rerun_of: str = ""
+    reruns: tuple[str, ...] = field(default=(), compare=False)
     history: tuple[StateChange, ...] = field(default=(), compare=False)
 
 
@@ -79,6 +83,9 @@ class NewExecution:
     # Canonical digest of the request, to tell a retry from a conflicting reuse of a key.
     fingerprint: str = ""
     thing_type: str = ""
+    # Allocate a Kaa integer command id (the thing is a Kaa endpoint).
+    kaa: bool = False
+    rerun_of: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,9 @@ class ThingRecord:
     last_client_id: str = ""
     last_remote_address: str = ""
     last_connected_at_ms: int | None = None
+    # Kaa endpoints: application version name and the endpoint token's hash.
+    kaa_app_version: str = ""
+    kaa_token_hash: str = ""
 
 
 @dataclass(frozen=True)

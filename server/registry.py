@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from broker_hooks.topics import level_problem
 from server.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from server.models import CommandDef, DeviceReport, Execution, ThingRecord, ThingTypeRecord
 from server.schemas import CompiledSchema, fill, schema_problem
@@ -91,6 +92,7 @@ class PreparedSend:
     params_json: str | None
     ttl_seconds: int
     thing_type: str
+    kaa: bool = False  # the thing is a Kaa endpoint: allocate an integer command id
 
 
 @dataclass(eq=False)  # kept in a set: identity, not value, equality
@@ -132,6 +134,7 @@ class Registry:
         # Development mode (anonymous devices): Send may target things nobody registered.
         self.allow_unregistered = allow_unregistered
         self._things: dict[str, ThingRecord] = {}
+        self._kaa_tokens: dict[str, str] = {}  # endpoint token hash -> thing id
         self._types: dict[str, CompiledType] = {}
         self._presence: dict[str, Presence] = {}
         self._watchers: set[_Watcher] = set()
@@ -144,6 +147,8 @@ class Registry:
             self._types[record.name] = _compile(record)
         for thing in await self._store.load_things():
             self._things[thing.thing_id] = thing
+            if thing.kaa_token_hash:
+                self._kaa_tokens[thing.kaa_token_hash] = thing.thing_id
             self._presence[thing.thing_id] = Presence(
                 online=False,
                 client_id=thing.last_client_id,
@@ -177,25 +182,57 @@ class Registry:
         if thing_type and thing_type not in self._types:
             raise InvalidArgument.single(field_name, f"thing type {thing_type!r} does not exist")
 
-    async def create_thing(self, thing_id: str, thing_type: str, attributes: dict[str, str]) -> tuple[ThingRecord, str]:
-        """Register a thing.
+    async def create_thing(
+        self, thing_id: str, thing_type: str, attributes: dict[str, str], *, kaa_app_version: str = ""
+    ) -> tuple[ThingRecord, str, str]:
+        """Register a thing, optionally as a Kaa endpoint of an application version.
 
         Returns:
-            The thing and its password (shown once, stored only as a hash).
+            The thing, its password and its Kaa endpoint token ("" unless Kaa); both secrets are
+            shown once and stored only as hashes.
 
         Raises:
-            InvalidArgument: unknown type or bad attributes.
+            InvalidArgument: unknown type, bad attributes or application version name.
             AlreadyExists: the id is taken.
         """
         self._check_type_name(thing_type, "thing_type")
         check_attributes(attributes)
+        if kaa_app_version:
+            problem = level_problem(kaa_app_version)
+            if problem:
+                raise InvalidArgument.single("kaa_app_version", f"kaa_app_version {problem}")
         token = new_token()
+        kaa_token = new_token() if kaa_app_version else ""
         at = now_ms()
-        record = ThingRecord(thing_id, thing_type, dict(attributes), hash_secret(token), at, at, at)
+        record = ThingRecord(
+            thing_id,
+            thing_type,
+            dict(attributes),
+            hash_secret(token),
+            at,
+            at,
+            at,
+            kaa_app_version=kaa_app_version,
+            kaa_token_hash=hash_secret(kaa_token) if kaa_token else "",
+        )
         await self._store.insert_thing(record)
         self._things[thing_id] = record
+        if record.kaa_token_hash:
+            self._kaa_tokens[record.kaa_token_hash] = thing_id
         self._presence.setdefault(thing_id, Presence())
-        return record, token
+        return record, token, kaa_token
+
+    def kaa_endpoint(self, app_version: str, endpoint_token: str) -> ThingRecord | None:
+        """The Kaa endpoint a (application version, endpoint token) pair names, if any."""
+        thing_id = self._kaa_tokens.get(hash_secret(endpoint_token))
+        thing = self._things.get(thing_id) if thing_id else None
+        if thing is None or thing.kaa_app_version != app_version:
+            return None
+        return thing
+
+    def has_kaa_endpoints(self) -> bool:
+        """Whether any Kaa endpoint is registered (they may connect without MQTT credentials)."""
+        return bool(self._kaa_tokens)
 
     async def update_thing(self, thing_id: str, *, thing_type: str | None, attributes: dict[str, str] | None) -> ThingRecord:
         """Change a thing's type and/or attributes (None keeps the current value).
@@ -223,23 +260,39 @@ class Registry:
         """
         self.get_thing(thing_id)
         await self._store.delete_thing(thing_id)
-        self._things.pop(thing_id, None)
+        gone = self._things.pop(thing_id, None)
+        if gone is not None and gone.kaa_token_hash:
+            self._kaa_tokens.pop(gone.kaa_token_hash, None)
         self._presence.pop(thing_id, None)
         self.disconnect(thing_id)
 
-    async def rotate_credentials(self, thing_id: str) -> str:
-        """Issue a new password; the old one stops working and the current connection is ended.
+    async def rotate_credentials(self, thing_id: str) -> tuple[str, str]:
+        """Issue a new password (and Kaa endpoint token); the old ones stop working and the connection ends.
+
+        Returns:
+            The new password and the new Kaa endpoint token ("" unless Kaa).
 
         Raises:
             NotFound: no such thing.
         """
         current = self.get_thing(thing_id)
         token = new_token()
+        kaa_token = new_token() if current.kaa_app_version else ""
+        kaa_hash = hash_secret(kaa_token) if kaa_token else ""
         at = now_ms()
-        await self._store.set_thing_token(thing_id, hash_secret(token), at)
-        self._things[thing_id] = replace(current, token_hash=hash_secret(token), credentials_rotated_at_ms=at, updated_at_ms=at)
+        await self._store.set_thing_token(thing_id, hash_secret(token), at, kaa_hash)
+        if kaa_hash:
+            self._kaa_tokens.pop(current.kaa_token_hash, None)
+            self._kaa_tokens[kaa_hash] = thing_id
+        self._things[thing_id] = replace(
+            current,
+            token_hash=hash_secret(token),
+            kaa_token_hash=kaa_hash or current.kaa_token_hash,
+            credentials_rotated_at_ms=at,
+            updated_at_ms=at,
+        )
         self.disconnect(thing_id)
-        return token
+        return token, kaa_token
 
     def list_things(
         self,
@@ -351,13 +404,16 @@ class Registry:
             if self.allow_unregistered:
                 return PreparedSend(_dump(params), ttl_seconds, "")
             raise NotFound(f"thing {thing_id!r} is not registered")
+        kaa = bool(thing.kaa_app_version)
+        if kaa and not action.isalnum():
+            raise InvalidArgument.single("action", "a Kaa command type is a non-empty alphanumeric string")
         compiled = self._types.get(thing.thing_type) if thing.thing_type else None
         if compiled is None or not compiled.record.commands:
-            return PreparedSend(_dump(params), ttl_seconds, thing.thing_type)
+            return PreparedSend(_dump(params), ttl_seconds, thing.thing_type, kaa)
         command = compiled.record.commands.get(action)
         if command is None:
             if compiled.record.allow_undefined_actions:
-                return PreparedSend(_dump(params), ttl_seconds, thing.thing_type)
+                return PreparedSend(_dump(params), ttl_seconds, thing.thing_type, kaa)
             defined = ", ".join(sorted(compiled.record.commands))
             raise InvalidArgument.single(
                 "action", f"thing type {thing.thing_type!r} does not define action {action!r} (defined: {defined})"
@@ -369,7 +425,7 @@ class Registry:
             violations = validator.violations(final, "params")
             if violations:
                 raise InvalidArgument(violations)
-        return PreparedSend(_dump(final), ttl_seconds or command.default_ttl_seconds, thing.thing_type)
+        return PreparedSend(_dump(final), ttl_seconds or command.default_ttl_seconds, thing.thing_type, kaa)
 
     def result_check(self, execution: Execution, report: DeviceReport) -> list[str]:
         """Violations of the action's result schema by a device result (empty when valid or unchecked).

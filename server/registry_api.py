@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +42,7 @@ def thing_pb(thing: ThingRecord, presence: Presence) -> rpb.Thing:
         created_at=convert.timestamp(thing.created_at_ms),
         updated_at=convert.timestamp(thing.updated_at_ms),
         credentials_rotated_at=convert.timestamp(thing.credentials_rotated_at_ms),
+        kaa_app_version=thing.kaa_app_version,
     )
 
 
@@ -52,8 +54,8 @@ def thing_type_pb(t: ThingTypeRecord) -> rpb.ThingType:
         commands={
             action: rpb.CommandDefinition(
                 description=c.description,
-                params_schema=convert.python_to_value(c.params_schema),
-                result_schema=convert.python_to_value(c.result_schema),
+                params_schema=json.dumps(c.params_schema) if c.params_schema is not None else "",
+                result_schema=json.dumps(c.result_schema) if c.result_schema is not None else "",
                 default_ttl_seconds=c.default_ttl_seconds,
             )
             for action, c in t.commands.items()
@@ -63,6 +65,16 @@ def thing_type_pb(t: ThingTypeRecord) -> rpb.ThingType:
         created_at=convert.timestamp(t.created_at_ms),
         updated_at=convert.timestamp(t.updated_at_ms),
     )
+
+
+def _schema(text: str, field: str) -> Any:
+    """A schema field's JSON text as data (None when empty), in its written key order."""
+    if not text.strip():
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument.single(field, f"not JSON: {exc}") from None
 
 
 def _check_thing_id(thing_id: str, field: str = "thing_id") -> None:
@@ -84,8 +96,12 @@ class ThingServicer(rpb_grpc.ThingServiceServicer):
     async def CreateThing(self, request: rpb.CreateThingRequest, context: Context) -> rpb.CreateThingResponse:  # noqa: N802
         """See the proto."""
         _check_thing_id(request.thing_id)
-        thing, password = await self._registry.create_thing(request.thing_id, request.thing_type, dict(request.attributes))
-        credentials = rpb.Credentials(client_id=thing.thing_id, username=thing.thing_id, password=password)
+        thing, password, kaa_token = await self._registry.create_thing(
+            request.thing_id, request.thing_type, dict(request.attributes), kaa_app_version=request.kaa_app_version
+        )
+        credentials = rpb.Credentials(
+            client_id=thing.thing_id, username=thing.thing_id, password=password, kaa_endpoint_token=kaa_token
+        )
         return rpb.CreateThingResponse(thing=self._pb(thing), credentials=credentials)
 
     @maps_errors
@@ -137,8 +153,10 @@ class ThingServicer(rpb_grpc.ThingServiceServicer):
     async def RotateCredentials(self, request: rpb.RotateCredentialsRequest, context: Context) -> rpb.Credentials:  # noqa: N802
         """See the proto."""
         _check_thing_id(request.thing_id)
-        password = await self._registry.rotate_credentials(request.thing_id)
-        return rpb.Credentials(client_id=request.thing_id, username=request.thing_id, password=password)
+        password, kaa_token = await self._registry.rotate_credentials(request.thing_id)
+        return rpb.Credentials(
+            client_id=request.thing_id, username=request.thing_id, password=password, kaa_endpoint_token=kaa_token
+        )
 
     @maps_errors
     async def WatchPresence(  # noqa: N802
@@ -165,8 +183,8 @@ class ThingTypeServicer(rpb_grpc.ThingTypeServiceServicer):
         commands = {
             action: CommandDef(
                 description=c.description,
-                params_schema=convert.to_python(c.params_schema) if c.HasField("params_schema") else None,
-                result_schema=convert.to_python(c.result_schema) if c.HasField("result_schema") else None,
+                params_schema=_schema(c.params_schema, f"thing_type.commands[{action!r}].params_schema"),
+                result_schema=_schema(c.result_schema, f"thing_type.commands[{action!r}].result_schema"),
                 default_ttl_seconds=c.default_ttl_seconds,
             )
             for action, c in t.commands.items()

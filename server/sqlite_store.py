@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_BATCH = 512
 
 _SCHEMA = """
@@ -66,13 +66,17 @@ CREATE TABLE IF NOT EXISTS executions (
     idempotency_key    TEXT,
     fingerprint        TEXT,
     thing_type         TEXT,
-    result_violations  TEXT
+    result_violations  TEXT,
+    kaa_id             INTEGER,
+    rerun_of           TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS executions_idempotency
     ON executions(idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS executions_thing ON executions(thing_id, idx);
 CREATE INDEX IF NOT EXISTS executions_action ON executions(action, idx);
 CREATE INDEX IF NOT EXISTS executions_status ON executions(status, idx);
+CREATE INDEX IF NOT EXISTS executions_kaa ON executions(thing_id, action, kaa_id) WHERE kaa_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS executions_rerun ON executions(rerun_of) WHERE rerun_of IS NOT NULL;
 CREATE TABLE IF NOT EXISTS events (
     seq                INTEGER PRIMARY KEY,
     execution_id       TEXT NOT NULL,
@@ -99,9 +103,12 @@ CREATE TABLE IF NOT EXISTS things (
     last_seen              INTEGER,
     last_client_id         TEXT NOT NULL DEFAULT '',
     last_remote_address    TEXT NOT NULL DEFAULT '',
-    last_connected_at      INTEGER
+    last_connected_at      INTEGER,
+    kaa_app_version        TEXT NOT NULL DEFAULT '',
+    kaa_token_hash         TEXT
 );
 CREATE INDEX IF NOT EXISTS things_type ON things(thing_type);
+CREATE UNIQUE INDEX IF NOT EXISTS things_kaa_token ON things(kaa_token_hash) WHERE kaa_token_hash IS NOT NULL;
 CREATE TABLE IF NOT EXISTS thing_types (
     name        TEXT PRIMARY KEY,
     definition  TEXT NOT NULL,
@@ -123,12 +130,16 @@ CREATE TABLE IF NOT EXISTS api_keys (
 _MIGRATIONS = (
     (2, "executions", "thing_type TEXT"),
     (2, "executions", "result_violations TEXT"),
+    (3, "executions", "kaa_id INTEGER"),
+    (3, "executions", "rerun_of TEXT"),
+    (3, "things", "kaa_app_version TEXT NOT NULL DEFAULT ''"),
+    (3, "things", "kaa_token_hash TEXT"),
 )
 
 _EXEC_COLUMNS = (
     "idx, execution_id, command_id, thing_id, action, params, ttl_seconds, status, result, "
     "reason_code, reason_description, created_at, updated_at, completed_at, expires_at, idempotency_key, "
-    "thing_type, result_violations"
+    "thing_type, result_violations, kaa_id, rerun_of"
 )
 _EVENT_COLUMNS = (
     "seq, execution_id, thing_id, action, status, previous_status, at, late, result, "
@@ -142,7 +153,7 @@ def _reason(code: str | None, description: str | None) -> Reason | None:
     return Reason(code or "", description or "")
 
 
-def _execution(row: sqlite3.Row, history: tuple[StateChange, ...] = ()) -> Execution:
+def _execution(row: sqlite3.Row, history: tuple[StateChange, ...] = (), reruns: tuple[str, ...] = ()) -> Execution:
     return Execution(
         execution_id=row["execution_id"],
         command_id=row["command_id"],
@@ -160,6 +171,9 @@ def _execution(row: sqlite3.Row, history: tuple[StateChange, ...] = ()) -> Execu
         idempotency_key=row["idempotency_key"] or "",
         thing_type=row["thing_type"] or "",
         result_violations=tuple(json.loads(row["result_violations"])) if row["result_violations"] else (),
+        kaa_id=row["kaa_id"],
+        rerun_of=row["rerun_of"] or "",
+        reruns=reruns,
         history=history,
     )
 
@@ -283,8 +297,9 @@ class SqliteStore:
         if version > SCHEMA_VERSION:
             raise FleetcmdError(f"{self.path} has schema {version}, newer than this fleetcmd ({SCHEMA_VERSION})")
         if version:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             for added_in, table, column in _MIGRATIONS:
-                if version < added_in:
+                if version < added_in and table in tables:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -416,10 +431,16 @@ class SqliteStore:
                         f"(execution {row['execution_id']})"
                     )
                 return CreateResult(_execution(row), created=False, event=None)
+        kaa_id = None
+        if new.kaa:
+            kaa_id = tx.conn.execute(
+                "SELECT COALESCE(MAX(kaa_id), 0) + 1 FROM executions WHERE thing_id = ? AND action = ? AND kaa_id IS NOT NULL",
+                (new.thing_id, new.action),
+            ).fetchone()[0]
         tx.conn.execute(
             "INSERT INTO executions (execution_id, command_id, thing_id, action, params, ttl_seconds, status,"
-            " created_at, updated_at, expires_at, idempotency_key, fingerprint, thing_type)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " created_at, updated_at, expires_at, idempotency_key, fingerprint, thing_type, kaa_id, rerun_of)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 new.execution_id,
                 new.command_id,
@@ -434,6 +455,8 @@ class SqliteStore:
                 new.idempotency_key or None,
                 new.fingerprint or None,
                 new.thing_type or None,
+                kaa_id,
+                new.rerun_of or None,
             ),
         )
         event = tx.append_event(
@@ -461,6 +484,8 @@ class SqliteStore:
             expires_at_ms=new.expires_at_ms,
             idempotency_key=new.idempotency_key,
             thing_type=new.thing_type,
+            kaa_id=kaa_id,
+            rerun_of=new.rerun_of,
         )
         return CreateResult(execution, created=True, event=event)
 
@@ -570,12 +595,15 @@ class SqliteStore:
             if row is None:
                 return None
             history: tuple[StateChange, ...] = ()
+            reruns: tuple[str, ...] = ()
             if with_history:
                 rows = conn.execute(
                     f"SELECT {_EVENT_COLUMNS} FROM events WHERE execution_id = ? ORDER BY seq", (execution_id,)
                 ).fetchall()
                 history = tuple(_event(r) for r in rows)
-            return _execution(row, history)
+                rerun_sql = "SELECT execution_id FROM executions WHERE rerun_of = ? ORDER BY idx"
+                reruns = tuple(r[0] for r in conn.execute(rerun_sql, (execution_id,)))
+            return _execution(row, history, reruns)
 
         return await self._read(read)
 
@@ -665,6 +693,27 @@ class SqliteStore:
 
         return await self._read(read)
 
+    # ---- Kaa command ids ------------------------------------------------------------------
+
+    async def outstanding(self, thing_id: str, action: str, now_ms: int) -> list[Execution]:
+        """Non-final, unexpired executions of one Kaa endpoint and command type, by Kaa id."""
+        finals = ",".join(str(int(s)) for s in Status if s.final)
+        sql = (
+            f"SELECT {_EXEC_COLUMNS} FROM executions WHERE thing_id = ? AND action = ? AND kaa_id IS NOT NULL"
+            f" AND status NOT IN ({finals}) AND expires_at > ? ORDER BY kaa_id"
+        )
+        return await self._read(lambda conn: [_execution(r) for r in conn.execute(sql, (thing_id, action, now_ms))])
+
+    async def execution_id_for_kaa(self, thing_id: str, action: str, kaa_id: int) -> str | None:
+        """The execution behind a Kaa command id."""
+        sql = "SELECT execution_id FROM executions WHERE thing_id = ? AND action = ? AND kaa_id = ?"
+
+        def read(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(sql, (thing_id, action, kaa_id)).fetchone()
+            return str(row[0]) if row else None
+
+        return await self._read(read)
+
     # ---- registry: things, thing types, API keys -----------------------------------------
 
     async def load_things(self) -> list[ThingRecord]:
@@ -686,7 +735,7 @@ class SqliteStore:
             try:
                 tx.conn.execute(
                     "INSERT INTO things (thing_id, thing_type, attributes, token_hash, created_at, updated_at,"
-                    " credentials_rotated_at) VALUES (?,?,?,?,?,?,?)",
+                    " credentials_rotated_at, kaa_app_version, kaa_token_hash) VALUES (?,?,?,?,?,?,?,?,?)",
                     (
                         rec.thing_id,
                         rec.thing_type,
@@ -695,6 +744,8 @@ class SqliteStore:
                         rec.created_at_ms,
                         rec.updated_at_ms,
                         rec.credentials_rotated_at_ms,
+                        rec.kaa_app_version,
+                        rec.kaa_token_hash or None,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -719,8 +770,8 @@ class SqliteStore:
 
         await self._write(write)
 
-    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int) -> None:
-        """Store new credentials for a thing.
+    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
+        """Store new credentials for a thing (and a new Kaa endpoint token hash, when given).
 
         Raises:
             NotFound: no such thing.
@@ -728,8 +779,9 @@ class SqliteStore:
 
         def write(tx: _Tx) -> None:
             cur = tx.conn.execute(
-                "UPDATE things SET token_hash = ?, credentials_rotated_at = ?, updated_at = ? WHERE thing_id = ?",
-                (token_hash, at_ms, at_ms, thing_id),
+                "UPDATE things SET token_hash = ?, credentials_rotated_at = ?, updated_at = ?,"
+                " kaa_token_hash = COALESCE(?, kaa_token_hash) WHERE thing_id = ?",
+                (token_hash, at_ms, at_ms, kaa_token_hash or None, thing_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"thing {thing_id!r} not found")
@@ -852,6 +904,8 @@ def _thing(row: sqlite3.Row) -> ThingRecord:
         last_client_id=row["last_client_id"],
         last_remote_address=row["last_remote_address"],
         last_connected_at_ms=row["last_connected_at"],
+        kaa_app_version=row["kaa_app_version"],
+        kaa_token_hash=row["kaa_token_hash"] or "",
     )
 
 

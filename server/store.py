@@ -106,6 +106,12 @@ class Store(Protocol):
     async def active(self) -> list[ActiveExecution]:
         """Every non-final execution, oldest first."""
 
+    async def outstanding(self, thing_id: str, action: str, now_ms: int) -> list[Execution]:
+        """Non-final, unexpired executions of one Kaa endpoint and command type, by Kaa id."""
+
+    async def execution_id_for_kaa(self, thing_id: str, action: str, kaa_id: int) -> str | None:
+        """The execution behind a Kaa command id."""
+
 
 class RegistryStore(Protocol):
     """Durable things, thing types and API keys (same file, same writer as the executions)."""
@@ -122,8 +128,8 @@ class RegistryStore(Protocol):
     async def update_thing(self, thing_id: str, *, thing_type: str, attributes: dict[str, str], at_ms: int) -> None:
         """Replace a thing's type and attributes (NotFound)."""
 
-    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int) -> None:
-        """Store new credentials (NotFound)."""
+    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
+        """Store new credentials, and a new Kaa endpoint token hash when given (NotFound)."""
 
     async def delete_thing(self, thing_id: str) -> None:
         """Unregister a thing (NotFound)."""

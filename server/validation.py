@@ -36,6 +36,20 @@ def fingerprint(thing_id: str, action: str, params_json: str | None, ttl_seconds
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+MAX_WAIT_SECONDS = 60
+
+
+def check_wait(wait_seconds: int, field: str = "wait_seconds") -> int:
+    """Bound how long a Send may wait for the final status.
+
+    Raises:
+        InvalidArgument: above :data:`MAX_WAIT_SECONDS` or negative.
+    """
+    if not 0 <= wait_seconds <= MAX_WAIT_SECONDS:
+        raise InvalidArgument.single(field, f"{field} must be 0 to {MAX_WAIT_SECONDS}")
+    return wait_seconds
+
+
 def check_execution_id(execution_id: str, field: str = "execution_id") -> None:
     """Reject an empty or impossible execution id before touching the store."""
     problem = level_problem(execution_id)

@@ -59,7 +59,7 @@ async def app(tmp_path: Path) -> AsyncIterator[FleetcmdApp]:
 async def register(app: FleetcmdApp, thing_id: str) -> str:
     """Register a thing; returns its password."""
     assert app.registry is not None
-    _record, password = await app.registry.create_thing(thing_id, "", {})
+    _record, password, _kaa = await app.registry.create_thing(thing_id, "", {})
     return password
 
 
@@ -314,7 +314,7 @@ async def test_rotated_credentials_end_the_connection_and_the_old_token(app: Fle
     old = await register(app, "rot-1")
     dev = device(app, "rot-1", old)
     async with dev:
-        new = await app.registry.rotate_credentials("rot-1")
+        new, _kaa = await app.registry.rotate_credentials("rot-1")
         assert await wait_event(dev.disconnected), "the live connection was not closed"
         # paho reconnects on its own with the old token: refused.
         await wait_for(lambda: dev.connect_rc is not None and str(dev.connect_rc) == NOT_AUTHORIZED, what="refusal")

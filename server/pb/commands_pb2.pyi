@@ -174,6 +174,9 @@ class Execution(_message.Message):
     HISTORY_FIELD_NUMBER: _builtins.int
     THING_TYPE_FIELD_NUMBER: _builtins.int
     RESULT_VIOLATIONS_FIELD_NUMBER: _builtins.int
+    RERUN_OF_FIELD_NUMBER: _builtins.int
+    RERUNS_FIELD_NUMBER: _builtins.int
+    KAA_COMMAND_ID_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     command_id: _builtins.str
     thing_id: _builtins.str
@@ -183,6 +186,13 @@ class Execution(_message.Message):
     idempotency_key: _builtins.str
     thing_type: _builtins.str
     """The thing's type when the execution was created (empty: no type)."""
+    rerun_of: _builtins.str
+    """Set on a re-run: the execution it repeats."""
+    kaa_command_id: _builtins.int
+    """For a Kaa endpoint: the integer command id the device sees (unique per
+    endpoint and command type). Kaa's statusCode and reasonPhrase arrive in
+    status_reason (reason_code "200", reason_description "OK"), its payload in result.
+    """
     @_builtins.property
     def params(self) -> _struct_pb2.Struct: ...
     @_builtins.property
@@ -209,6 +219,10 @@ class Execution(_message.Message):
         The result is stored anyway; an empty list means valid or not checked.
         """
 
+    @_builtins.property
+    def reruns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Re-runs of this execution, oldest first (filled by Get)."""
+
     def __init__(
         self,
         *,
@@ -229,10 +243,13 @@ class Execution(_message.Message):
         history: _abc.Iterable[Global___StateChange] | None = ...,
         thing_type: _builtins.str = ...,
         result_violations: _abc.Iterable[_builtins.str] | None = ...,
+        rerun_of: _builtins.str = ...,
+        reruns: _abc.Iterable[_builtins.str] | None = ...,
+        kaa_command_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "expires_at", b"expires_at", "params", b"params", "result", b"result", "status_reason", b"status_reason", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "command_id", b"command_id", "completed_at", b"completed_at", "created_at", b"created_at", "execution_id", b"execution_id", "expires_at", b"expires_at", "history", b"history", "idempotency_key", b"idempotency_key", "params", b"params", "result", b"result", "result_violations", b"result_violations", "status", b"status", "status_reason", b"status_reason", "thing_id", b"thing_id", "thing_type", b"thing_type", "ttl_seconds", b"ttl_seconds", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "command_id", b"command_id", "completed_at", b"completed_at", "created_at", b"created_at", "execution_id", b"execution_id", "expires_at", b"expires_at", "history", b"history", "idempotency_key", b"idempotency_key", "kaa_command_id", b"kaa_command_id", "params", b"params", "rerun_of", b"rerun_of", "reruns", b"reruns", "result", b"result", "result_violations", b"result_violations", "status", b"status", "status_reason", b"status_reason", "thing_id", b"thing_id", "thing_type", b"thing_type", "ttl_seconds", b"ttl_seconds", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -247,6 +264,7 @@ class SendRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
     thing_id: _builtins.str
     """Target thing; a single MQTT topic level, at most 128 characters."""
     action: _builtins.str
@@ -255,6 +273,10 @@ class SendRequest(_message.Message):
     """Seconds to wait for a final response; 0 means the server default (30), at most 86400."""
     idempotency_key: _builtins.str
     """Optional: a retry with the same key and request returns the same execution."""
+    wait_seconds: _builtins.int
+    """Optional, at most 60: return as soon as the execution is final, or after
+    this many seconds with the execution as it stands then.
+    """
     @_builtins.property
     def params(self) -> _struct_pb2.Struct:
         """Optional parameters (a JSON object of at most 64 KiB)."""
@@ -267,10 +289,11 @@ class SendRequest(_message.Message):
         params: _struct_pb2.Struct | None = ...,
         ttl_seconds: _builtins.int = ...,
         idempotency_key: _builtins.str = ...,
+        wait_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "idempotency_key", b"idempotency_key", "params", b"params", "thing_id", b"thing_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "idempotency_key", b"idempotency_key", "params", b"params", "thing_id", b"thing_id", "ttl_seconds", b"ttl_seconds", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -468,3 +491,26 @@ class CancelRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
+
+@_typing.final
+class RerunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    execution_id: _builtins.str
+    wait_seconds: _builtins.int
+    """As in SendRequest."""
+    def __init__(
+        self,
+        *,
+        execution_id: _builtins.str = ...,
+        wait_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_id", b"execution_id", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunRequest: _TypeAlias = RerunRequest  # noqa: Y015

@@ -60,6 +60,11 @@ class CommandServiceStub:
                 request_serializer=fleetcmd_dot_v1_dot_commands__pb2.CancelRequest.SerializeToString,
                 response_deserializer=fleetcmd_dot_v1_dot_commands__pb2.Execution.FromString,
                 _registered_method=True)
+        self.Rerun = channel.unary_unary(
+                '/fleetcmd.v1.CommandService/Rerun',
+                request_serializer=fleetcmd_dot_v1_dot_commands__pb2.RerunRequest.SerializeToString,
+                response_deserializer=fleetcmd_dot_v1_dot_commands__pb2.Execution.FromString,
+                _registered_method=True)
 
 
 class CommandServiceServicer:
@@ -100,6 +105,13 @@ class CommandServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerun(self, request, context):
+        """A new execution with the same thing, action, params and TTL, linked to the original.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CommandServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_CommandServiceServicer_to_server(servicer, server):
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
                     request_deserializer=fleetcmd_dot_v1_dot_commands__pb2.CancelRequest.FromString,
+                    response_serializer=fleetcmd_dot_v1_dot_commands__pb2.Execution.SerializeToString,
+            ),
+            'Rerun': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerun,
+                    request_deserializer=fleetcmd_dot_v1_dot_commands__pb2.RerunRequest.FromString,
                     response_serializer=fleetcmd_dot_v1_dot_commands__pb2.Execution.SerializeToString,
             ),
     }
@@ -263,6 +280,33 @@ class CommandService:
             target,
             '/fleetcmd.v1.CommandService/Cancel',
             fleetcmd_dot_v1_dot_commands__pb2.CancelRequest.SerializeToString,
+            fleetcmd_dot_v1_dot_commands__pb2.Execution.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetcmd.v1.CommandService/Rerun',
+            fleetcmd_dot_v1_dot_commands__pb2.RerunRequest.SerializeToString,
             fleetcmd_dot_v1_dot_commands__pb2.Execution.FromString,
             options,
             channel_credentials,

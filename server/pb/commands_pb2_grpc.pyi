@@ -47,6 +47,8 @@ class CommandServiceStub:
     """Follow state changes live, optionally replaying from a sequence."""
     Cancel: _grpc.UnaryUnaryMultiCallable[_commands_pb2.CancelRequest, _commands_pb2.Execution]
     """Cancel a non-final execution."""
+    Rerun: _grpc.UnaryUnaryMultiCallable[_commands_pb2.RerunRequest, _commands_pb2.Execution]
+    """A new execution with the same thing, action, params and TTL, linked to the original."""
 
 @_typing.type_check_only
 class CommandServiceAsyncStub(CommandServiceStub):
@@ -61,6 +63,8 @@ class CommandServiceAsyncStub(CommandServiceStub):
     """Follow state changes live, optionally replaying from a sequence."""
     Cancel: _aio.UnaryUnaryMultiCallable[_commands_pb2.CancelRequest, _commands_pb2.Execution]  # type: ignore[assignment]
     """Cancel a non-final execution."""
+    Rerun: _aio.UnaryUnaryMultiCallable[_commands_pb2.RerunRequest, _commands_pb2.Execution]  # type: ignore[assignment]
+    """A new execution with the same thing, action, params and TTL, linked to the original."""
 
 class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -102,5 +106,13 @@ class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_commands_pb2.Execution, _abc.Awaitable[_commands_pb2.Execution]]:
         """Cancel a non-final execution."""
+
+    @_abc_1.abstractmethod
+    def Rerun(
+        self,
+        request: _commands_pb2.RerunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_commands_pb2.Execution, _abc.Awaitable[_commands_pb2.Execution]]:
+        """A new execution with the same thing, action, params and TTL, linked to the original."""
 
 def add_CommandServiceServicer_to_server(servicer: CommandServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,7 +10,6 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -114,12 +113,15 @@ class Thing(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     CREDENTIALS_ROTATED_AT_FIELD_NUMBER: _builtins.int
+    KAA_APP_VERSION_FIELD_NUMBER: _builtins.int
     thing_id: _builtins.str
     """A single MQTT topic level, at most 128 characters; also the device's MQTT
     client id and username.
     """
     thing_type: _builtins.str
     """Name of its ThingType; empty for a thing without a type."""
+    kaa_app_version: _builtins.str
+    """Set for a Kaa endpoint (KP1 protocol): its application version name."""
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -142,10 +144,11 @@ class Thing(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         credentials_rotated_at: _timestamp_pb2.Timestamp | None = ...,
+        kaa_app_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credentials_rotated_at", b"credentials_rotated_at", "presence", b"presence", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "created_at", b"created_at", "credentials_rotated_at", b"credentials_rotated_at", "presence", b"presence", "thing_id", b"thing_id", "thing_type", b"thing_type", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "created_at", b"created_at", "credentials_rotated_at", b"credentials_rotated_at", "kaa_app_version", b"kaa_app_version", "presence", b"presence", "thing_id", b"thing_id", "thing_type", b"thing_type", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -160,19 +163,23 @@ class Credentials(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     USERNAME_FIELD_NUMBER: _builtins.int
     PASSWORD_FIELD_NUMBER: _builtins.int
+    KAA_ENDPOINT_TOKEN_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     username: _builtins.str
     password: _builtins.str
+    kaa_endpoint_token: _builtins.str
+    """For a Kaa endpoint: the endpoint token used in its kp1/... topics and HTTP paths."""
     def __init__(
         self,
         *,
         client_id: _builtins.str = ...,
         username: _builtins.str = ...,
         password: _builtins.str = ...,
+        kaa_endpoint_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "password", b"password", "username", b"username"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "kaa_endpoint_token", b"kaa_endpoint_token", "password", b"password", "username", b"username"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -205,8 +212,13 @@ class CreateThingRequest(_message.Message):
     THING_ID_FIELD_NUMBER: _builtins.int
     THING_TYPE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    KAA_APP_VERSION_FIELD_NUMBER: _builtins.int
     thing_id: _builtins.str
     thing_type: _builtins.str
+    kaa_app_version: _builtins.str
+    """Register the thing as a Kaa endpoint of this application version; the
+    response carries its endpoint token.
+    """
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -215,10 +227,11 @@ class CreateThingRequest(_message.Message):
         thing_id: _builtins.str = ...,
         thing_type: _builtins.str = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        kaa_app_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "thing_id", b"thing_id", "thing_type", b"thing_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "kaa_app_version", b"kaa_app_version", "thing_id", b"thing_id", "thing_type", b"thing_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -480,27 +493,26 @@ class CommandDefinition(_message.Message):
     RESULT_SCHEMA_FIELD_NUMBER: _builtins.int
     DEFAULT_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     description: _builtins.str
+    params_schema: _builtins.str
+    """JSON Schema (Draft 2020-12) for params, as JSON text; empty accepts any
+    object. Text, not google.protobuf.Value: a Struct is a map and loses the
+    order of "properties", which orders the payload filled from the schema.
+    """
+    result_schema: _builtins.str
+    """JSON Schema for the device's result, as JSON text; a result that violates
+    it is stored and flagged on the execution.
+    """
     default_ttl_seconds: _builtins.int
     """TTL when Send gives 0; 0 uses the server default."""
-    @_builtins.property
-    def params_schema(self) -> _struct_pb2.Value:
-        """JSON Schema (Draft 2020-12) for params; unset accepts any object."""
-
-    @_builtins.property
-    def result_schema(self) -> _struct_pb2.Value:
-        """JSON Schema for the device's result; a result that violates it is stored
-        and flagged on the execution.
-        """
-
     def __init__(
         self,
         *,
         description: _builtins.str = ...,
-        params_schema: _struct_pb2.Value | None = ...,
-        result_schema: _struct_pb2.Value | None = ...,
+        params_schema: _builtins.str = ...,
+        result_schema: _builtins.str = ...,
         default_ttl_seconds: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params_schema", b"params_schema", "result_schema", b"result_schema"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["default_ttl_seconds", b"default_ttl_seconds", "description", b"description", "params_schema", b"params_schema", "result_schema", b"result_schema"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
