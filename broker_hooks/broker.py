@@ -402,19 +402,25 @@ class FleetBroker(Broker):
 
     # ---- service -> device ----------------------------------------------------------------
 
-    async def deliver(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1) -> Delivery:
+    async def deliver(
+        self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None
+    ) -> Delivery:
         """Publish to one client, at the QoS of its subscription (at most ``max_qos``).
 
+        With ``qos`` given the client gets the message at that QoS whether it subscribed or not
+        (a protocol reply, or a Kaa push that firmware handles by topic without subscribing).
+
         Returns:
-            ACKED when the client PUBACKed, SENT for a QoS 0 subscription, otherwise why it was not delivered.
+            ACKED when the client PUBACKed, SENT for QoS 0, otherwise why it was not delivered.
         """
         entry = self._sessions.get(client_id)
         if entry is None or entry[0].transitions.state != "connected":
             return Delivery.NOT_CONNECTED
-        qos = self.subscription_qos(client_id, topic)
         if qos is None:
-            return Delivery.NOT_SUBSCRIBED
-        qos = min(qos, max_qos)
+            subscribed = self.subscription_qos(client_id, topic)
+            if subscribed is None:
+                return Delivery.NOT_SUBSCRIBED
+            qos = min(subscribed, max_qos)
         handler = entry[1]
         task = asyncio.current_task()
         try:

@@ -27,6 +27,7 @@ from broker_hooks.rules import RuleSet
 from server.apikeys import ApiKeys
 from server.commands import CommandCore
 from server.config import Settings
+from server.delivery import EmqxRoute
 from server.grpc_api import GrpcServer
 from server.registry import Registry
 from server.sqlite_store import SqliteStore
@@ -147,6 +148,7 @@ class FleetcmdApp:
             max_payload_bytes=s.max_response_bytes,
         )
         core.outbox.attach(broker)
+        core.routes["emqx"] = EmqxRoute(broker)
         # A deleted thing or rotated credentials end the device's connection.
         registry.disconnect = broker.disconnect_client
         await broker.start()

@@ -20,7 +20,7 @@ from typing import Any
 from broker_hooks import emqx
 from broker_hooks.rules import Inbound, LifecycleAction
 from server.config import Settings
-from server.delivery import Outbox, Spawn
+from server.delivery import Outbox, Route, Spawn
 from server.errors import FailedPrecondition, FleetcmdError, NotFound, ResourceExhausted, ThingMismatch
 from server.events import EventBus
 from server.lifecycle import Outcome, Status, Trigger, initial_status
@@ -52,6 +52,9 @@ class CommandCore:
         self.bus = EventBus()
         self.scheduler = TtlScheduler()
         self.outbox = Outbox(store, spawn)
+        self.outbox.route_for = self.route_for
+        # Routes by dialect; the EMQX one is set when the broker is attached, others by their dialect.
+        self.routes: dict[str, Route] = {}
         self._ingest: asyncio.Queue[Inbound | None] = asyncio.Queue(settings.ingest_queue)
         self.stats: collections.Counter[str] = collections.Counter()
         self._stopping = False
@@ -139,6 +142,12 @@ class CommandCore:
         """End live streams and timers (shutdown)."""
         self.bus.close()
         self.scheduler.close()
+
+    def route_for(self, thing_id: str) -> Route | None:
+        """The delivery route of a thing: Kaa endpoints use the Kaa route, everything else EMQX."""
+        if self.registry.is_kaa_endpoint(thing_id):
+            return self.routes.get("kaa")
+        return self.routes.get("emqx")
 
     # ---- operator API ---------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from broker_hooks import emqx
@@ -35,8 +36,58 @@ class DeviceLink(Protocol):
     def subscription_qos(self, client_id: str, topic: str) -> int | None:
         """QoS of the client's matching subscription, None when it would not receive ``topic``."""
 
-    async def deliver(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1) -> Delivery:
+    def is_connected(self, client_id: str) -> bool:
+        """Whether the client has a live connection."""
+
+    async def deliver(
+        self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None
+    ) -> Delivery:
         """Publish to one client and report the outcome."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One publish of a request to one client; ``qos`` None means "at the client's subscription QoS"."""
+
+    client_id: str
+    topic: str
+    payload: bytes
+    qos: int | None = None
+
+
+class Route(Protocol):
+    """How a dialect reaches a thing: when it can, and with which publishes."""
+
+    def ready(self, thing_id: str) -> bool:
+        """Whether a request for ``thing_id`` would reach a connected device now."""
+
+    def messages(self, execution: Execution) -> list[Message]:
+        """The publishes that deliver ``execution`` now (empty: not reachable)."""
+
+
+class EmqxRoute:
+    """EMQX Fleets: the thing's own client, on its request topic, if it subscribed to it."""
+
+    def __init__(self, link: DeviceLink) -> None:
+        self._link = link
+
+    def ready(self, thing_id: str) -> bool:
+        """See :class:`Route`."""
+        return self._link.subscription_qos(thing_id, emqx.request_topic(thing_id, "probe")) is not None
+
+    def messages(self, execution: Execution) -> list[Message]:
+        """See :class:`Route`."""
+        payload = emqx.encode_request(
+            command_id=execution.command_id,
+            action=execution.action,
+            params_json=execution.params_json,
+            timestamp_s=execution.created_at_ms // 1000,
+            ttl_seconds=execution.ttl_seconds,
+        )
+        return [Message(execution.thing_id, emqx.request_topic(execution.thing_id, execution.execution_id), payload)]
+
+
+_RANK = {Delivery.ACKED: 0, Delivery.SENT: 1, Delivery.FAILED: 2, Delivery.NOT_SUBSCRIBED: 3, Delivery.NOT_CONNECTED: 4}
 
 
 def _now_ms() -> int:
@@ -50,6 +101,8 @@ class Outbox:
         self._store = store
         self._spawn = spawn
         self._link: DeviceLink | None = None
+        # Which route reaches a thing (EMQX by default; Kaa endpoints get theirs).
+        self.route_for: Callable[[str], Route | None] = lambda _thing_id: None
         self._pending: dict[str, dict[str, None]] = {}  # thing -> ordered execution ids
         self._inflight: set[str] = set()
         # In flight while its device (re)connected: if that attempt fails, flush again.
@@ -71,11 +124,9 @@ class Outbox:
         return list(self._pending.get(thing_id, ()))
 
     def ready(self, thing_id: str) -> bool:
-        """Whether a request for ``thing_id`` would reach a connected, subscribed device now."""
-        if self._link is None:
-            return False
-        probe = emqx.request_topic(thing_id, "probe")
-        return self._link.subscription_qos(thing_id, probe) is not None
+        """Whether a request for ``thing_id`` would reach a connected device now."""
+        route = self.route_for(thing_id)
+        return route is not None and route.ready(thing_id)
 
     def hold(self, thing_id: str, execution_id: str) -> None:
         """Keep an execution until its device acknowledges it (restored after a restart)."""
@@ -144,18 +195,14 @@ class Outbox:
 
     async def _publish(self, execution: Execution) -> None:
         try:
-            link = self._link
-            if link is None:
+            link, route = self._link, self.route_for(execution.thing_id)
+            if link is None or route is None:
                 return
-            payload = emqx.encode_request(
-                command_id=execution.command_id,
-                action=execution.action,
-                params_json=execution.params_json,
-                timestamp_s=execution.created_at_ms // 1000,
-                ttl_seconds=execution.ttl_seconds,
-            )
-            topic = emqx.request_topic(execution.thing_id, execution.execution_id)
-            outcome = await link.deliver(execution.thing_id, topic, payload)
+            outcomes = [
+                await link.deliver(m.client_id, m.topic, m.payload, qos=m.qos) for m in route.messages(execution)
+            ]
+            # Acknowledged by any connection of the device is delivered.
+            outcome = min(outcomes, key=_RANK.__getitem__, default=Delivery.NOT_CONNECTED)
             if outcome in (Delivery.ACKED, Delivery.SENT):
                 self.published += 1
             if outcome is Delivery.ACKED:

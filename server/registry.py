@@ -230,6 +230,11 @@ class Registry:
             return None
         return thing
 
+    def is_kaa_endpoint(self, thing_id: str) -> bool:
+        """Whether ``thing_id`` is a registered Kaa endpoint."""
+        thing = self._things.get(thing_id)
+        return thing is not None and bool(thing.kaa_app_version)
+
     def has_kaa_endpoints(self) -> bool:
         """Whether any Kaa endpoint is registered (they may connect without MQTT credentials)."""
         return bool(self._kaa_tokens)

@@ -347,13 +347,18 @@ class GatedLink:
     def subscription_qos(self, client_id: str, topic: str) -> int | None:
         return self.broker.subscription_qos(client_id, topic)  # type: ignore[no-any-return]
 
-    async def deliver(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1) -> Delivery:
+    def is_connected(self, client_id: str) -> bool:
+        return self.broker.is_connected(client_id)  # type: ignore[no-any-return]
+
+    async def deliver(
+        self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None
+    ) -> Delivery:
         self.calls += 1
         if self.calls == 1:
             self.first_started.set()
             await self.release.wait()
             return Delivery.FAILED
-        return await self.broker.deliver(client_id, topic, payload, max_qos=max_qos)  # type: ignore[no-any-return]
+        return await self.broker.deliver(client_id, topic, payload, max_qos=max_qos, qos=qos)  # type: ignore[no-any-return]
 
 
 async def test_request_in_flight_during_resubscribe_is_published_again(
