@@ -6,7 +6,7 @@ import base64
 import binascii
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -25,20 +25,22 @@ def timestamp(ms: int | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-def _value(json_text: str | None) -> struct_pb2.Value | None:
+M = TypeVar("M", struct_pb2.Value, struct_pb2.Struct)
+
+
+def _parsed(json_text: str | None, message: type[M]) -> M | None:
+    """Stored JSON text as a protobuf Value or Struct (None stays unset)."""
     if json_text is None:
         return None
-    value = struct_pb2.Value()
-    json_format.Parse(json_text, value)
-    return value
+    return json_format.Parse(json_text, message())
+
+
+def _value(json_text: str | None) -> struct_pb2.Value | None:
+    return _parsed(json_text, struct_pb2.Value)
 
 
 def _struct(json_text: str | None) -> struct_pb2.Struct | None:
-    if json_text is None:
-        return None
-    st = struct_pb2.Struct()
-    json_format.Parse(json_text, st)
-    return st
+    return _parsed(json_text, struct_pb2.Struct)
 
 
 def _reason(reason: Reason | None) -> pb.StatusReason | None:

@@ -33,29 +33,12 @@ from tests.clients import app_channel
 from tests.conftest import make_settings
 from tests.devices import EmqxDevice
 from tests.proc import Service, run_cli
+from tests.test_schemas import DIMMING
 
 HOST = "127.0.0.1"
 DEADLINE = 10.0  # seconds, for every RPC
 
-# The Kaa seed's LoRaWAN dimming command (copied from tests/test_schemas.py).
-DIMMING: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "f_port": {"type": "number", "title": "f_port", "description": "LoRa f_port", "const": 60},
-        "priority": {
-            "enum": ["LOWEST", "LOW", "NORMAL", "HIGH", "HIGHEST"],
-            "title": "priority",
-            "description": "LoRa message priority",
-            "default": "LOW",
-        },
-        "confirmed": {"type": "string", "title": "confirmed", "description": "LoRa message needs confirmation", "const": "false"},
-        "command": {"type": "string", "title": "command", "description": "Command type", "const": "dimming"},
-        "output_mode": {"enum": ["off", "on", "blinking"], "title": "output_mode", "description": "Output mode"},
-        "dimming": {"type": "number", "title": "dimming", "description": "Dimming value in percents (0..100)"},
-        "period_s": {"type": "number", "title": "period_s", "description": "Blinking period in seconds (1..255)"},
-    },
-    "required": ["f_port", "priority", "confirmed", "command", "output_mode", "dimming"],
-}
+# The Kaa seed's LoRaWAN dimming command.
 OPERATOR_PARAMS = {"priority": "NORMAL", "output_mode": "blinking", "dimming": 50, "period_s": 5}
 # The seed's payload, in the seed's key order.
 SEED_PARAMS = {
