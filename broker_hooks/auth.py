@@ -4,6 +4,17 @@ Secure by default: a device connects with client id = username = its thing id
 and password = its token, checked against the registry. Unknown things, wrong
 tokens and anonymous clients get CONNACK "not authorized" (rc 5).
 
+Kaa endpoints are the exception: in Kaa the endpoint token in the topic is the
+device's credential and firmware connects without MQTT credentials (the seed's
+client uses a random client id and no username). So a CONNECT with *no*
+credentials at all (no username, no password) is admitted while at least one
+Kaa endpoint is registered, unless its client id is a registered thing's id
+(that would let it take over the thing's connection). Such a client gets no
+identity: the ACL (``acl.py``) confines it to the ``kp1/{av}/cex|dcx/{token}/...``
+topics of registered endpoints, so it can do nothing without a valid token.
+With no Kaa endpoint registered, no-credential CONNECTs are refused as before.
+A CONNECT that presents credentials must present valid ones.
+
 amqtt refuses every CONNECT when no auth plugin is configured, and its
 ``AnonymousAuthPlugin`` marks every session anonymous, which turns off
 persistent sessions. In development mode (``allow_anonymous``)
@@ -32,11 +43,16 @@ class DeviceAuthenticator(Protocol):
     def is_registered(self, thing_id: str) -> bool:
         """Whether ``thing_id`` is a registered thing."""
 
+    def has_kaa_endpoints(self) -> bool:
+        """Whether any Kaa endpoint is registered (then devices may connect without credentials)."""
+
 
 def refusal_reason(authenticator: DeviceAuthenticator, client_id: str, username: str | None, password: str | None) -> str:
     """Why a CONNECT was refused, for the log (never includes the password)."""
     if not username and password is None:
-        return "no credentials"
+        if authenticator.is_registered(client_id):
+            return "no credentials, with a registered thing's client id"
+        return "no credentials (and no Kaa endpoint is registered)"
     if username != client_id:
         return "username is not the client id"
     if not authenticator.is_registered(client_id):
@@ -75,6 +91,13 @@ class DeviceAuthPlugin(BaseAuthPlugin):
         assert self.authenticator is not None
         if self.authenticator.authenticate_device(client_id, username, password):
             return True
+        if (
+            not username
+            and password is None
+            and self.authenticator.has_kaa_endpoints()
+            and not self.authenticator.is_registered(client_id)
+        ):
+            return True  # a Kaa device: its credential is the endpoint token in its topics (see the ACL)
         log.info(
             "device refused: client_id=%r username=%r from %s: %s",
             client_id,

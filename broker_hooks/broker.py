@@ -378,7 +378,7 @@ class FleetBroker(Broker):
             log.warning("client %s sent %d bytes to %r (limit %d): dropped", client_id, len(data), topic, self._max_payload)
             return True
         try:
-            inbound = self._rules.route(client_id, topic, data)
+            inbound = self._rules.route(client_id, topic, data, int(app_message.qos or 0))
         except DecodeError as exc:
             self.stats[f"dropped.{exc.reason}"] += 1
             log.warning("client %s sent an unusable message to %r: %s", client_id, topic, exc)

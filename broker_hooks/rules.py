@@ -28,6 +28,8 @@ class LifecycleAction(enum.Enum):
     """What the control plane does with a decoded message."""
 
     DEVICE_REPORT = "device_report"
+    KAA_COMMAND = "kaa_command"  # a Kaa endpoint asks for its outstanding commands (and sets observe)
+    KAA_RESULT = "kaa_result"  # a Kaa endpoint reports command results
 
 
 class TopicPattern:
@@ -122,7 +124,9 @@ class Dialect:
     filters it may subscribe with; each has a ``{thing}`` level that must be the device's own id (its
     MQTT client id). In a subscribe pattern every other placeholder level may be ``+`` or a concrete value.
     ``dollar_prefixes`` are the ``$`` topic prefixes the dialect owns (publishes to other ``$`` topics are
-    dropped before any rule or ACL runs).
+    dropped before any rule or ACL runs). A dialect whose topics carry the credential instead of the
+    client id (Kaa: the endpoint token) declares no device topics here and brings its own
+    ``acl.ScopedAcl``.
     """
 
     name: str
@@ -144,13 +148,14 @@ class Dialect:
 
 @dataclass(frozen=True)
 class Inbound:
-    """A decoded device message, ready for the control plane."""
+    """A decoded device message, ready for the control plane (``qos``: the publish's QoS, for replies)."""
 
     rule: str
     action: LifecycleAction
     client_id: str
     topic: str
     message: Any
+    qos: int = 0
 
 
 class RuleSet:
@@ -164,8 +169,8 @@ class RuleSet:
         """The rules of ``dialects``, in order."""
         return cls([rule for dialect in dialects for rule in dialect.rules])
 
-    def route(self, client_id: str, topic: str, payload: bytes) -> Inbound | None:
-        """Decode a publish with the first matching rule.
+    def route(self, client_id: str, topic: str, payload: bytes, qos: int = 0) -> Inbound | None:
+        """Decode a publish (received at ``qos``) with the first matching rule.
 
         Returns:
             The decoded message, or None when no rule claims the topic.
@@ -176,7 +181,7 @@ class RuleSet:
         for rule in self.rules:
             captured = rule.pattern.match(topic)
             if captured is not None:
-                return Inbound(rule.name, rule.action, client_id, topic, rule.decode(captured, payload))
+                return Inbound(rule.name, rule.action, client_id, topic, rule.decode(captured, payload), qos)
         return None
 
     def claims(self, topic: str) -> bool:

@@ -1,7 +1,7 @@
 """The process lifecycle: one async context manager that starts and stops everything.
 
-Start order: store -> control plane (restored from the store) -> broker -> gRPC.
-Stop order is the reverse, through one ``AsyncExitStack``: gRPC stops taking
+Start order: store -> control plane (restored from the store) -> broker -> gRPC -> HTTP.
+Stop order is the reverse, through one ``AsyncExitStack``: HTTP, then gRPC stop taking
 calls, the broker disconnects devices (bounded, whatever amqtt does), the
 control plane applies the reports already queued, the store commits what is
 queued and closes. Background loops run in one ``TaskGroup`` with named tasks;
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from broker_hooks import emqx
+from broker_hooks import emqx, kaa
 from broker_hooks.acl import TopicAcl
 from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
@@ -29,6 +29,8 @@ from server.commands import CommandCore
 from server.config import Settings
 from server.delivery import EmqxRoute
 from server.grpc_api import GrpcServer
+from server.http_app import HttpServer, server_ssl_context
+from server.kaa import KaaCex, KaaMqtt
 from server.registry import Registry
 from server.sqlite_store import SqliteStore
 
@@ -44,6 +46,7 @@ class Ports:
     grpc: int
     mqtts: int | None = None
     wss: int | None = None
+    http: int | None = None
 
 
 def _read(path: str) -> bytes:
@@ -66,6 +69,8 @@ class FleetcmdApp:
         self.keys: ApiKeys | None = None
         self.broker: FleetBroker | None = None
         self.grpc: GrpcServer | None = None
+        self.http: HttpServer | None = None
+        self.kaa: KaaMqtt | None = None
         self.ports: Ports | None = None
 
     async def __aenter__(self) -> FleetcmdApp:
@@ -127,7 +132,7 @@ class FleetcmdApp:
                 "DEVELOPMENT MODE (allow_anonymous): ANY MQTT client is admitted without credentials and "
                 "Sends may target unregistered things; never run this way in production"
             )
-        dialects = (emqx.DIALECT,)
+        dialects = (emqx.DIALECT, kaa.DIALECT)
         broker = FleetBroker(
             broker_config(
                 bind=s.bind,
@@ -140,7 +145,8 @@ class FleetcmdApp:
                 sys_interval=s.sys_interval,
                 authenticator=registry,
                 allow_anonymous=s.allow_anonymous,
-                acl=TopicAcl.of(dialects),
+                # Kaa topics are scoped by the endpoint token in them, checked against the registry.
+                acl=TopicAcl.of(dialects, [kaa.KaaAcl(registry)], open_mode=s.allow_anonymous),
             ),
             rules=RuleSet.of(dialects),
             sink=core,
@@ -149,8 +155,11 @@ class FleetcmdApp:
         )
         core.outbox.attach(broker)
         core.routes["emqx"] = EmqxRoute(broker)
+        kaa_mqtt = KaaMqtt(core, broker, self._spawn)
+        kaa_mqtt.install()
+        self.kaa = kaa_mqtt
         # A deleted thing or rotated credentials end the device's connection.
-        registry.disconnect = broker.disconnect_client
+        registry.disconnect = lambda thing_id: self._disconnect_thing(broker, kaa_mqtt, thing_id)
         await broker.start()
         stack.push_async_callback(broker.stop, s.shutdown_timeout / 2)
         self.broker = broker
@@ -168,6 +177,16 @@ class FleetcmdApp:
         stack.push_async_callback(grpc_server.stop, min(2.0, s.shutdown_timeout / 4))
         self.grpc = grpc_server
 
+        http_port = None
+        if s.http_port != -1:
+            http_server = HttpServer(core, keys, KaaCex(core), shutdown_timeout=min(2.0, s.shutdown_timeout / 4))
+            http_ssl = None
+            if s.http_tls:
+                http_ssl = await asyncio.to_thread(server_ssl_context, s.tls_cert_file, s.tls_key_file)
+            http_port = await http_server.start(s.bind, s.http_port, ssl_context=http_ssl)
+            stack.push_async_callback(http_server.stop)
+            self.http = http_server
+
         bound = broker.listener_ports()
         self.ports = Ports(
             mqtt=bound.get("mqtt"),
@@ -175,6 +194,7 @@ class FleetcmdApp:
             grpc=grpc_port,
             mqtts=bound.get("mqtts"),
             wss=bound.get("wss"),
+            http=http_port,
         )
 
         def where(port: int | None) -> str:
@@ -183,7 +203,7 @@ class FleetcmdApp:
         # Scripts and tests wait for this line: it is printed whatever the log level.
         log.log(
             max(logging.INFO, log.getEffectiveLevel()),
-            "fleetcmd ready mqtt=%s ws=%s mqtts=%s wss=%s grpc=%s:%d grpc_tls=%s data=%s restored=%d",
+            "fleetcmd ready mqtt=%s ws=%s mqtts=%s wss=%s grpc=%s:%d grpc_tls=%s http=%s http_tls=%s data=%s restored=%d",
             where(self.ports.mqtt),
             where(self.ports.ws),
             where(self.ports.mqtts),
@@ -191,9 +211,18 @@ class FleetcmdApp:
             s.bind,
             self.ports.grpc,
             "on" if s.grpc_tls else "off",
+            where(self.ports.http),
+            "on" if s.http_tls and http_port is not None else "off",
             s.data_dir,
             restored,
         )
+
+    @staticmethod
+    def _disconnect_thing(broker: FleetBroker, kaa_mqtt: KaaMqtt, thing_id: str) -> None:
+        # The thing's own connection, and every client that used its Kaa endpoint token.
+        broker.disconnect_client(thing_id)
+        for client_id in kaa_mqtt.route.clients(thing_id):
+            broker.disconnect_client(client_id)
 
     async def _stop_core(self, core: CommandCore) -> None:
         core.close()

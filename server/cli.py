@@ -1,4 +1,4 @@
-"""``fleetcmd``: run the service (``serve``) or talk to one (``send``, ``get``, ``list``, ``watch``, ``cancel``).
+"""``fleetcmd``: run the service (``serve``) or talk to one (``send``, ``get``, ``list``, ``watch``, ``cancel``, ``rerun``).
 
 Signals are handled here and nowhere else: SIGTERM/SIGINT stop the service
 gracefully within ``shutdown_timeout`` seconds.
@@ -26,6 +26,7 @@ from server import admin_cli, client, convert
 from server.config import ENV_PREFIX, Settings, SettingsError
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
+from server.validation import MAX_WAIT_SECONDS
 
 log = logging.getLogger("fleetcmd")
 
@@ -41,7 +42,7 @@ def configure_logging(level: str) -> None:
         force=True,
     )
     noisy_level = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    for name in ("amqtt", "transitions", "websockets"):
+    for name in ("amqtt", "transitions", "websockets", "aiohttp"):
         logging.getLogger(name).setLevel(noisy_level)
 
 
@@ -144,6 +145,10 @@ def _print_execution(e: pb.Execution) -> None:
     print(f"created    {_ts(e.created_at)}")
     print(f"expires    {_ts(e.expires_at)}")
     print(f"completed  {_ts(e.completed_at)}")
+    if e.rerun_of:
+        print(f"rerun of   {e.rerun_of}")
+    for rerun in e.reruns:
+        print(f"rerun      {rerun}")
     for change in e.history:
         late = " (late)" if change.late else ""
         print(f"  #{change.sequence:<6} {_ts(change.at)}  {_status_name(change.status)}{late}  {change.note}")
@@ -168,21 +173,43 @@ def cmd_send(args: argparse.Namespace) -> int:
             print("fleetcmd: --params must be a JSON object", file=sys.stderr)
             return EXIT_USAGE
         req.params.CopyFrom(json_format.ParseDict(params, struct_pb2.Struct()))
+    if args.wait:
+        req.wait_seconds = MAX_WAIT_SECONDS  # the server answers as soon as the execution is final
     with _client(args) as stub:
-        execution = stub.Send(req, timeout=args.timeout)
+        execution = stub.Send(req, timeout=args.timeout + req.wait_seconds)
         if args.wait:
             execution = _wait_final(stub, execution, args.timeout + execution.ttl_seconds)
+    _show(args, execution)
+    return 0
+
+
+def _show(args: argparse.Namespace, execution: pb.Execution) -> None:
     if args.json:
         print(_to_json(execution))
     else:
         _print_execution(execution)
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """``fleetcmd rerun``: a new execution with the same thing, action, params and TTL."""
+    req = pb.RerunRequest(execution_id=args.execution_id, wait_seconds=MAX_WAIT_SECONDS if args.wait else 0)
+    with _client(args) as stub:
+        execution = stub.Rerun(req, timeout=args.timeout + req.wait_seconds)
+        if args.wait:
+            execution = _wait_final(stub, execution, args.timeout + execution.ttl_seconds)
+    _show(args, execution)
     return 0
 
 
 def _wait_final(stub: pb_grpc.CommandServiceStub, execution: pb.Execution, timeout: float) -> pb.Execution:
+    """Follow an execution the server-side wait left unfinished (TTL above that wait) until it is final.
+
+    Returns:
+        The execution read again, with its history.
+    """
     final = {pb.SUCCEEDED, pb.FAILED, pb.REJECTED, pb.TIMED_OUT, pb.CANCELED}
     if execution.status in final:
-        return execution
+        return stub.Get(pb.GetRequest(execution_id=execution.execution_id), timeout=timeout)
     events = stub.Stream(pb.StreamRequest(execution_id=execution.execution_id, after_sequence=0), timeout=timeout)
     try:
         for event in events:
@@ -308,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     cancel_p = sub.add_parser("cancel", parents=[client_flags], help="cancel a non-final execution")
     cancel_p.add_argument("execution_id")
     cancel_p.set_defaults(func=cmd_cancel)
+
+    rerun_p = sub.add_parser("rerun", parents=[client_flags], help="send an execution's command again, linked to it")
+    rerun_p.add_argument("execution_id")
+    rerun_p.add_argument("--wait", action="store_true", help="wait until the new execution is final")
+    rerun_p.set_defaults(func=cmd_rerun)
 
     admin_cli.register(sub, client_flags)
     return parser

@@ -14,8 +14,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from broker_hooks import emqx
 from broker_hooks.rules import Inbound, LifecycleAction
@@ -41,6 +41,22 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+InboundHandler = Callable[[Inbound], Awaitable[None]]
+
+
+class DeviceListener(Protocol):
+    """A dialect that follows clients (Kaa: which live client uses which endpoint). Must not raise."""
+
+    def client_connected(self, client_id: str) -> None:
+        """A client's connection started (a new connection: it may take over an older one)."""
+
+    def client_subscribed(self, client_id: str, filters: Sequence[tuple[str, int]]) -> None:
+        """A client was granted these subscriptions."""
+
+    def client_disconnected(self, client_id: str) -> None:
+        """A client's connection ended."""
+
+
 class CommandCore:
     """Lifecycle orchestration; the only caller of ``Store.create`` and ``Store.transition``."""
 
@@ -55,6 +71,9 @@ class CommandCore:
         self.outbox.route_for = self.route_for
         # Routes by dialect; the EMQX one is set when the broker is attached, others by their dialect.
         self.routes: dict[str, Route] = {}
+        # Handlers of the dialects' own lifecycle actions (DEVICE_REPORT is built in), and their client listeners.
+        self.handlers: dict[LifecycleAction, InboundHandler] = {}
+        self.device_listeners: list[DeviceListener] = []
         self._ingest: asyncio.Queue[Inbound | None] = asyncio.Queue(settings.ingest_queue)
         self.stats: collections.Counter[str] = collections.Counter()
         self._stopping = False
@@ -286,6 +305,8 @@ class CommandCore:
 
     def device_connected(self, client_id: str, remote_address: str) -> None:
         """See :class:`broker_hooks.broker.DeviceSink`."""
+        for listener in self.device_listeners:
+            listener.client_connected(client_id)
         change = self.registry.device_connected(client_id, remote_address)
         if change is not None:
             self._spawn(self.registry.persist_presence(change), f"presence-{client_id}")
@@ -293,10 +314,14 @@ class CommandCore:
 
     def device_subscribed(self, client_id: str, filters: Sequence[tuple[str, int]]) -> None:
         """See :class:`broker_hooks.broker.DeviceSink`."""
+        for listener in self.device_listeners:
+            listener.client_subscribed(client_id, filters)
         self.outbox.device_available(client_id)
 
     def device_disconnected(self, client_id: str) -> None:
         """See :class:`broker_hooks.broker.DeviceSink`; unacknowledged requests stay in the outbox."""
+        for listener in self.device_listeners:
+            listener.client_disconnected(client_id)
         change = self.registry.device_disconnected(client_id)
         if change is not None:
             self._spawn(self.registry.persist_presence(change), f"presence-{client_id}")
@@ -310,8 +335,17 @@ class CommandCore:
         await self._ingest.put(inbound)
 
     async def _apply(self, inbound: Inbound) -> None:
-        if inbound.action is not LifecycleAction.DEVICE_REPORT:  # pragma: no cover - one action so far
-            log.warning("no handler for %s", inbound.action)
+        if inbound.action is not LifecycleAction.DEVICE_REPORT:
+            handler = self.handlers.get(inbound.action)
+            if handler is None:
+                self.stats["dropped.no_handler"] += 1
+                log.warning("no handler for %s", inbound.action)
+                return
+            try:
+                await handler(inbound)
+            except Exception:
+                self.stats["dropped.handler_error"] += 1
+                log.exception("%s from %s on %r failed", inbound.action.value, inbound.client_id, inbound.topic)
             return
         msg: emqx.ReportMessage = inbound.message
         try:

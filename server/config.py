@@ -32,6 +32,10 @@ class Settings:
     wss_port: int = field(default=-1, metadata={"help": "MQTT over secure WebSocket port (-1 = off, 0 = any free port)"})
     grpc_port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
     grpc_tls: bool = field(default=False, metadata={"help": "serve gRPC with TLS (tls_cert_file, tls_key_file), not plaintext"})
+    http_port: int = field(
+        default=8080, metadata={"help": "HTTP port: REST API and Kaa HTTP polling (-1 = off, 0 = any free port)"}
+    )
+    http_tls: bool = field(default=False, metadata={"help": "serve HTTP with TLS (tls_cert_file, tls_key_file), not plaintext"})
     tls_cert_file: str = field(default="", metadata={"help": "PEM certificate chain for the TLS listeners"})
     tls_key_file: str = field(default="", metadata={"help": "PEM private key for the TLS listeners"})
     data_dir: Path = field(default=Path("data"), metadata={"help": "directory of the SQLite store"})
@@ -54,6 +58,8 @@ class Settings:
         problems = []
         if not 0 <= self.grpc_port <= 65535:
             problems.append("grpc_port must be 0..65535")
+        if not -1 <= self.http_port <= 65535:
+            problems.append("http_port must be -1 (off) or 0..65535")
         mqtt_ports = ("mqtt_port", "ws_port", "mqtts_port", "wss_port")
         for name in mqtt_ports:
             if not -1 <= getattr(self, name) <= 65535:
@@ -79,6 +85,8 @@ class Settings:
         wanted = [name for name in ("mqtts_port", "wss_port") if getattr(self, name) != -1]
         if self.grpc_tls:
             wanted.append("grpc_tls")
+        if self.http_tls and self.http_port != -1:
+            wanted.append("http_tls")
         if not wanted:
             return []
         problems = []
@@ -92,8 +100,8 @@ class Settings:
 
     @property
     def tls_enabled(self) -> bool:
-        """Whether any listener (MQTT or gRPC) uses TLS."""
-        return self.mqtts_port != -1 or self.wss_port != -1 or self.grpc_tls
+        """Whether any listener (MQTT, gRPC or HTTP) uses TLS."""
+        return self.mqtts_port != -1 or self.wss_port != -1 or self.grpc_tls or (self.http_tls and self.http_port != -1)
 
     @property
     def db_path(self) -> Path:

@@ -20,7 +20,7 @@ configure_logging("INFO")
 def make_settings(data_dir: Path, **overrides: Any) -> Settings:
     """Loopback, port 0. Device-contract tests run in development mode (anonymous devices,
     unregistered things); registry and security tests pass ``allow_anonymous=False``."""
-    values: dict[str, Any] = {"allow_anonymous": True, **overrides}
+    values: dict[str, Any] = {"allow_anonymous": True, "http_port": 0, **overrides}
     return Settings(
         bind="127.0.0.1",
         mqtt_port=0,

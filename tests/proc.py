@@ -58,6 +58,7 @@ class Ready:
     grpc_host: str
     grpc_port: int
     data_dir: str
+    http_port: int  # -1 when off
     restored: int
 
     @property
@@ -91,6 +92,7 @@ def parse_ready(line: str) -> Ready | None:
         grpc_port=grpc_port,
         data_dir=f["data"],
         restored=int(f["restored"]),
+        http_port=_host_port(f.get("http", "off"))[1],
     )
 
 
@@ -104,7 +106,7 @@ class Service:
     Args:
         data_dir: passed as ``--data-dir`` (unless None: then only ``env`` configures it).
         command: how to start it (default ``python -m server``).
-        flags: extra ``serve`` flags; by default ``--mqtt-port 0 --grpc-port 0``.
+        flags: extra ``serve`` flags; by default ``--mqtt-port 0 --grpc-port 0`` (HTTP: any free port via the env).
         env: extra environment (``FLEETCMD_*`` of the test process are never inherited).
         cwd: working directory (default: ``data_dir``'s parent, so nothing lands in the repo).
         anonymous: development mode (``FLEETCMD_ALLOW_ANONYMOUS``): devices without credentials and
@@ -128,6 +130,7 @@ class Service:
             argv += ["--data-dir", str(data_dir)]
         self.argv = argv
         self.env = clean_env({"FLEETCMD_ALLOW_ANONYMOUS": "true"} if anonymous else {})
+        self.env["FLEETCMD_HTTP_PORT"] = "0"  # never the default 8080: tests run side by side
         self.env.update(env or {})
         self.cwd = cwd or (data_dir.parent if data_dir is not None else None)
         self.proc: subprocess.Popen[str] | None = None
