@@ -1,7 +1,7 @@
 # fleetcmd: embedded MQTT broker + gRPC API + SQLite store, in one process.
 #
 #   docker build -t fleetcmd .
-#   docker run -p 1883:1883 -p 50051:50051 -v fleetcmd-data:/data fleetcmd
+#   docker run -p 1883:1883 -p 50051:50051 -p 8080:8080 -v fleetcmd-data:/data fleetcmd
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -26,6 +26,7 @@ RUN pip install --no-cache-dir /tmp/fleetcmd \
 ENV FLEETCMD_BIND=0.0.0.0 \
     FLEETCMD_MQTT_PORT=1883 \
     FLEETCMD_GRPC_PORT=50051 \
+    FLEETCMD_HTTP_PORT=8080 \
     FLEETCMD_DATA_DIR=/data \
     FLEETCMD_LOG_LEVEL=INFO
 
@@ -33,7 +34,7 @@ VOLUME ["/data"]
 WORKDIR /data
 USER 10001:10001
 
-# 1883 MQTT over TCP, 50051 gRPC, 8080 reserved for the HTTP API of a later release.
+# 1883 MQTT over TCP, 50051 gRPC, 8080 HTTP (Kaa polling, REST API, OpenAPI).
 EXPOSE 1883 50051 8080
 
 # Standard gRPC health checking (grpc.health.v1): exit 0 when SERVING, 1 otherwise or when unreachable.

@@ -56,7 +56,12 @@ def cmd_things(args: argparse.Namespace) -> int:
         stub = rpb_grpc.ThingServiceStub(ch)
         t = args.timeout
         if args.things_command == "create":
-            req = rpb.CreateThingRequest(thing_id=args.thing, thing_type=args.type or "", attributes=_attributes(args.attr))
+            req = rpb.CreateThingRequest(
+                thing_id=args.thing,
+                thing_type=args.type or "",
+                attributes=_attributes(args.attr),
+                kaa_app_version=args.kaa_app_version or "",
+            )
             created = stub.CreateThing(req, timeout=t)
             if args.json:
                 print(_json(created))
@@ -66,6 +71,8 @@ def cmd_things(args: argparse.Namespace) -> int:
                 print(f"client id  {c.client_id}")
                 print(f"username   {c.username}")
                 print(f"password   {c.password}   (shown once; store it on the device)")
+                if c.kaa_endpoint_token:
+                    print(f"kaa token  {c.kaa_endpoint_token}   (application version {created.thing.kaa_app_version})")
         elif args.things_command == "get":
             thing = stub.GetThing(rpb.GetThingRequest(thing_id=args.thing), timeout=t)
             print(_json(thing)) if args.json else _print_thing(thing)
@@ -167,6 +174,7 @@ def register(sub: Any, client_flags: argparse.ArgumentParser) -> None:
     p.add_argument("thing")
     p.add_argument("--type")
     p.add_argument("--attr", action="append", default=[], help="KEY=VALUE, repeatable")
+    p.add_argument("--kaa-app-version", help="register a Kaa endpoint of this application version (prints its token)")
     for name, help_text in (("get", "show a thing"), ("delete", "unregister a thing"), ("rotate", "issue a new password")):
         p = things.add_parser(name, parents=[client_flags], help=help_text)
         p.add_argument("thing")
