@@ -17,9 +17,10 @@ What it changes (see ``shared/notes/amqtt-0.12.1.md`` for the defects):
 * The topic ACL (``acl.DeviceAclPlugin``) is checked for every device publish,
   before the ``$``-topic routing, and denials are counted (``dropped.acl``,
   ``denied.subscribe``). ``disconnect_client`` ends one client's connection.
-* Subscriptions are indexed per client so "may this device receive this
-  request?" costs one dictionary lookup, and the sink hears of connects,
-  subscriptions and disconnects in order.
+* Subscriptions are indexed per client (``indexed.IndexedBroker``) so "may
+  this device receive this request?" costs one dictionary lookup and connects,
+  disconnects and ACL checks do not walk the whole fleet; the sink hears of
+  connects, subscriptions and disconnects in order.
 * ``deliver`` publishes straight to one client's protocol handler and reports
   whether it PUBACKed, which the broadcast path cannot.
 * ``stop`` is bounded: on Python 3.11 ``shutdown()`` can hang when an ack
@@ -38,7 +39,6 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from amqtt.broker import Broker
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
@@ -46,13 +46,12 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
+from broker_hooks.indexed import SUBACK_FAILURE, IndexedBroker
 from broker_hooks.rules import DecodeError, Inbound, RuleSet
-from broker_hooks.topics import filter_matches
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_FACTOR = 1.5
-SUBACK_FAILURE = 0x80
 
 
 class DeviceSink(Protocol):
@@ -81,7 +80,7 @@ class Delivery(enum.Enum):
     FAILED = "failed"  # connection lost or no PUBACK in time
 
 
-class FleetBroker(Broker):
+class FleetBroker(IndexedBroker):
     """The embedded broker. Build it inside the running event loop."""
 
     def __init__(
@@ -98,8 +97,6 @@ class FleetBroker(Broker):
         self._sink = sink
         self._dollar_prefixes = tuple(dollar_prefixes)
         self._max_payload = max_payload_bytes
-        # client_id -> {filter: granted qos}; survives disconnects of persistent sessions like amqtt's own.
-        self._client_filters: dict[str, dict[str, int]] = {}
         self.stats: collections.Counter[str] = collections.Counter()
         # Handlers of connections that a new CONNECT with the same persistent session is taking over.
         self._replaced: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
@@ -277,38 +274,24 @@ class FleetBroker(Broker):
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    def is_connected(self, client_id: str) -> bool:
-        """Whether a client with this id has a live connection."""
-        entry = self._sessions.get(client_id)
-        return entry is not None and entry[0].transitions.state == "connected"
-
     # ---- subscriptions --------------------------------------------------------------------
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        """Subscribe as amqtt does, and index the granted filter under the client."""
+        """Subscribe as amqtt does (indexed), and count denials."""
         granted: int = await super().add_subscription(subscription, session)
         if granted == SUBACK_FAILURE:
             self.stats["denied.subscribe"] += 1
             log.info("client %s may not subscribe to %r: SUBACK 0x80", session.client_id, subscription[0])
-        elif session.client_id:
-            self._client_filters.setdefault(session.client_id, {})[subscription[0]] = granted
         return granted
 
     async def _handle_subscription(
         self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: asyncio.Future[Any]
     ) -> None:
         await super()._handle_subscription(client_session, handler, subscribe_waiter)
-        filters = self._client_filters.get(client_session.client_id or "", {})
+        filters = self.client_filters(client_session.client_id or "")
         granted = [(f, filters[f]) for f, _ in subscribe_waiter.result().topics if f in filters]
         if granted:
             self._notify(self._sink.device_subscribed, client_session.client_id, granted)
-
-    def _del_subscription(self, a_filter: str, session: Session) -> int:
-        filters = self._client_filters.get(session.client_id or "")
-        if filters is not None:
-            filters.pop(a_filter, None)
-        deleted: int = super()._del_subscription(a_filter, session)
-        return deleted
 
     async def _delete_session(self, client_id: str) -> None:
         entry = self._sessions.get(client_id)
@@ -322,22 +305,7 @@ class FleetBroker(Broker):
             if writer is not None:
                 with contextlib.suppress(Exception):  # already closed or broken: fine either way
                     await asyncio.wait_for(writer.close(), 1)
-        self._client_filters.pop(client_id, None)
         await super()._delete_session(client_id)
-
-    async def _cleanup_session(self, client_id: str) -> None:
-        self._client_filters.pop(client_id, None)
-        await super()._cleanup_session(client_id)
-
-    def subscription_qos(self, client_id: str, topic: str) -> int | None:
-        """Highest QoS a connected client is subscribed with for ``topic``, None if it would not receive it."""
-        if not self.is_connected(client_id):
-            return None
-        best: int | None = None
-        for topic_filter, qos in self._client_filters.get(client_id, {}).items():
-            if filter_matches(topic_filter, topic) and (best is None or qos > best):
-                best = qos
-        return best
 
     # ---- device -> service ----------------------------------------------------------------
 

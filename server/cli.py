@@ -13,7 +13,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,7 +105,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"fleetcmd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log_level)
-    return asyncio.run(serve(settings))
+    return run_loop(serve(settings), settings.event_loop)
+
+
+def run_loop(main: Coroutine[Any, Any, int], event_loop: str) -> int:
+    """Run ``main`` on uvloop when asked for or available ("auto"), else on asyncio's loop."""
+    factory = None
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 # ---- client commands ---------------------------------------------------------------------

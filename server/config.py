@@ -49,6 +49,7 @@ class Settings:
     ingest_queue: int = field(default=10_000, metadata={"help": "device reports waiting to be processed"})
     shutdown_timeout: float = field(default=8.0, metadata={"help": "seconds a graceful stop may take"})
     sys_interval: int = field(default=0, metadata={"help": "$SYS broadcast interval in seconds (0 = off)"})
+    event_loop: str = field(default="auto", metadata={"help": "auto (uvloop when installed), uvloop or asyncio"})
     allow_anonymous: bool = field(
         default=False,
         metadata={"help": "DEVELOPMENT ONLY: admit devices without credentials and Sends to unregistered things"},
@@ -67,6 +68,8 @@ class Settings:
         if all(getattr(self, name) == -1 for name in mqtt_ports):
             problems.append("at least one of mqtt_port, ws_port, mqtts_port, wss_port must be on")
         problems.extend(self._tls_problems())
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            problems.append("event_loop must be auto, uvloop or asyncio")
         if self.log_level.upper() not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if not 1 <= self.default_ttl <= self.max_ttl:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
@@ -25,22 +26,37 @@ def timestamp(ms: int | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-M = TypeVar("M", struct_pb2.Value, struct_pb2.Struct)
-
-
-def _parsed(json_text: str | None, message: type[M]) -> M | None:
-    """Stored JSON text as a protobuf Value or Struct (None stays unset)."""
-    if json_text is None:
-        return None
-    return json_format.Parse(json_text, message())
+def _fill_value(value: struct_pb2.Value, data: Any) -> struct_pb2.Value:
+    # json.loads + the C-implemented Struct/ListValue updates: about twice as fast as json_format.Parse.
+    if isinstance(data, dict):
+        value.struct_value.update(data)
+    elif isinstance(data, list):
+        value.list_value.extend(data)
+    elif isinstance(data, bool):
+        value.bool_value = data
+    elif isinstance(data, (int, float)):
+        value.number_value = data
+    elif isinstance(data, str):
+        value.string_value = data
+    else:
+        value.null_value = struct_pb2.NULL_VALUE
+    return value
 
 
 def _value(json_text: str | None) -> struct_pb2.Value | None:
-    return _parsed(json_text, struct_pb2.Value)
+    """Stored JSON text (any JSON value) as a protobuf Value (None stays unset)."""
+    if json_text is None:
+        return None
+    return _fill_value(struct_pb2.Value(), json.loads(json_text))
 
 
 def _struct(json_text: str | None) -> struct_pb2.Struct | None:
-    return _parsed(json_text, struct_pb2.Struct)
+    """Stored JSON object text as a protobuf Struct (None stays unset)."""
+    if json_text is None:
+        return None
+    st = struct_pb2.Struct()
+    st.update(json.loads(json_text))
+    return st
 
 
 def _reason(reason: Reason | None) -> pb.StatusReason | None:
@@ -123,8 +139,9 @@ def execution(e: Execution) -> pb.Execution:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def event(change: StateChange) -> pb.ExecutionEvent:
-    """A Stream event."""
+    """A Stream event (cached: every watcher of a change gets the same message; do not mutate it)."""
     return pb.ExecutionEvent(
         sequence=change.sequence,
         execution_id=change.execution_id,
