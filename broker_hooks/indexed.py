@@ -9,7 +9,9 @@ whole on paths that concern a single client:
 * every disconnect of a clean session walks every filter to find the client's
   own (``_del_all_subscriptions``);
 * every ACL check goes through the plugin manager, which wraps each plugin
-  call in its own task (``map_plugin_topic``).
+  call in its own task (``map_plugin_topic``);
+* every SUBSCRIBE builds ``repr()`` of the whole subscription table for a
+  debug log line, even with debug logging off.
 
 This class keeps a per-client index of granted filters and uses it on those
 paths, and evaluates a :class:`~broker_hooks.acl.TopicAcl` directly. Behaviour
@@ -152,3 +154,40 @@ class IndexedBroker(Broker):
             for topic_filter in list(self._client_filters.get(client_session.client_id, {})):
                 await self._publish_retained_messages_for_subscription((topic_filter, QOS_0), client_session)
         await self._client_message_loop(client_session, handler)
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        """Amqtt's ``_client_message_loop`` (0.12.1) without its ``logger.debug(repr(self._subscriptions))``.
+
+        That argument is built on every SUBSCRIBE even with debug logging off, and it is the
+        repr of every session of every subscription: O(fleet) per subscribe.
+        """
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        connected = True
+        while connected:
+            try:
+                done, _ = await asyncio.wait(
+                    [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if disconnect_waiter in done:
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    connected = False
+                if subscribe_waiter in done:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if wait_deliver in done:
+                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                        break
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+            except asyncio.CancelledError:
+                break
+        pending_waiters = [disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver]
+        for waiter in pending_waiters:
+            waiter.cancel()
+        await asyncio.gather(*pending_waiters, return_exceptions=True)
