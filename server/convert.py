@@ -278,12 +278,3 @@ def page_size(requested: int, default: int = 50, maximum: int = 1000) -> int:
 def to_python(value: struct_pb2.Value | struct_pb2.Struct) -> Any:
     """A protobuf Value or Struct as plain JSON data (integral numbers as ints)."""
     return _integral(json_format.MessageToDict(value))
-
-
-def python_to_value(data: Any) -> struct_pb2.Value | None:
-    """Plain JSON data as a protobuf Value (None stays unset)."""
-    if data is None:
-        return None
-    value = struct_pb2.Value()
-    json_format.ParseDict(data, value)
-    return value

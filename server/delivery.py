@@ -119,10 +119,6 @@ class Outbox:
     def __len__(self) -> int:
         return sum(len(ids) for ids in self._pending.values())
 
-    def pending_for(self, thing_id: str) -> list[str]:
-        """Execution ids waiting for ``thing_id``, oldest first."""
-        return list(self._pending.get(thing_id, ()))
-
     def ready(self, thing_id: str) -> bool:
         """Whether a request for ``thing_id`` would reach a connected device now."""
         route = self.route_for(thing_id)

@@ -159,10 +159,6 @@ class Registry:
 
     # ---- things ---------------------------------------------------------------------------
 
-    def thing_count(self) -> int:
-        """How many things are registered."""
-        return len(self._things)
-
     def get_thing(self, thing_id: str) -> ThingRecord:
         """One thing.
 
