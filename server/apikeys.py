@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.clock import now_ms
 from server.errors import InvalidArgument
 from server.models import ApiKeyRecord
-from server.registry import hash_secret, now_ms, secret_matches
+from server.registry import hash_secret, secret_matches
 from server.store import RegistryStore
 
 log = logging.getLogger(__name__)

@@ -12,33 +12,28 @@ import asyncio
 import collections
 import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from broker_hooks import emqx
 from broker_hooks.rules import Inbound, LifecycleAction
+from server.clock import now_ms
 from server.config import Settings
 from server.delivery import Outbox, Route, Spawn
 from server.errors import FailedPrecondition, FleetcmdError, NotFound, ResourceExhausted, ThingMismatch
 from server.events import EventBus
 from server.lifecycle import Outcome, Status, Trigger, initial_status
-from server.models import EventFilter, Execution, ListQuery, NewExecution, StateChange
+from server.models import DeviceReport, EventFilter, Execution, ListQuery, NewExecution, StateChange
 from server.registry import Registry
 from server.scheduler import TtlScheduler
-from server.store import ListPage, Store
+from server.store import ListPage, Store, TransitionResult
 from server.validation import SendCommand, check_execution_id, fingerprint
 
 log = logging.getLogger(__name__)
 
 INGEST_BATCH = 256
 REPLAY_PAGE = 500
-
-
-def now_ms() -> int:
-    """Wall-clock time in milliseconds."""
-    return time.time_ns() // 1_000_000
 
 
 InboundHandler = Callable[[Inbound], Awaitable[None]]
@@ -71,8 +66,8 @@ class CommandCore:
         self.outbox.route_for = self.route_for
         # Routes by dialect; the EMQX one is set when the broker is attached, others by their dialect.
         self.routes: dict[str, Route] = {}
-        # Handlers of the dialects' own lifecycle actions (DEVICE_REPORT is built in), and their client listeners.
-        self.handlers: dict[LifecycleAction, InboundHandler] = {}
+        # Handlers of the dialects' lifecycle actions (EMQX's report is built in), and their client listeners.
+        self.handlers: dict[LifecycleAction, InboundHandler] = {LifecycleAction.DEVICE_REPORT: self._on_emqx_report}
         self.device_listeners: list[DeviceListener] = []
         self._ingest: asyncio.Queue[Inbound | None] = asyncio.Queue(settings.ingest_queue)
         self.stats: collections.Counter[str] = collections.Counter()
@@ -335,28 +330,41 @@ class CommandCore:
         await self._ingest.put(inbound)
 
     async def _apply(self, inbound: Inbound) -> None:
-        if inbound.action is not LifecycleAction.DEVICE_REPORT:
-            handler = self.handlers.get(inbound.action)
-            if handler is None:
-                self.stats["dropped.no_handler"] += 1
-                log.warning("no handler for %s", inbound.action)
-                return
-            try:
-                await handler(inbound)
-            except Exception:
-                self.stats["dropped.handler_error"] += 1
-                log.exception("%s from %s on %r failed", inbound.action.value, inbound.client_id, inbound.topic)
+        handler = self.handlers.get(inbound.action)
+        if handler is None:
+            self.stats["dropped.no_handler"] += 1
+            log.warning("no handler for %s", inbound.action)
             return
+        try:
+            await handler(inbound)
+        except Exception:
+            self.stats["dropped.handler_error"] += 1
+            log.exception("%s from %s on %r failed", inbound.action.value, inbound.client_id, inbound.topic)
+
+    async def report(self, execution_id: str, report: DeviceReport, *, thing_id: str) -> TransitionResult:
+        """Apply a device's status report, whatever its dialect, and count what it did.
+
+        Raises:
+            NotFound: no such execution.
+            ThingMismatch: the execution belongs to another thing.
+        """
+        result = await self.store.transition(
+            execution_id,
+            Trigger.DEVICE_REPORT,
+            at_ms=now_ms(),
+            report=report,
+            expect_thing=thing_id,
+            result_check=self.registry.result_check,
+        )
+        self.stats[f"reports.{result.decision.outcome.value}"] += 1
+        if result.decision.outcome is Outcome.LATE:
+            log.info("late %s for %s kept in history", report.status.name, execution_id)
+        return result
+
+    async def _on_emqx_report(self, inbound: Inbound) -> None:
         msg: emqx.ReportMessage = inbound.message
         try:
-            result = await self.store.transition(
-                msg.execution_id,
-                Trigger.DEVICE_REPORT,
-                at_ms=now_ms(),
-                report=msg.report,
-                expect_thing=msg.thing_id,
-                result_check=self.registry.result_check,
-            )
+            await self.report(msg.execution_id, msg.report, thing_id=msg.thing_id)
         except NotFound:
             self.stats["dropped.unknown_execution"] += 1
             log.warning("%s reported on unknown execution %r: dropped", inbound.client_id, msg.execution_id)
@@ -368,10 +376,6 @@ class CommandCore:
         except FleetcmdError:
             self.stats["dropped.store_error"] += 1
             log.exception("could not record a report from %s", inbound.client_id)
-            return
-        self.stats[f"reports.{result.decision.outcome.value}"] += 1
-        if result.decision.outcome is Outcome.LATE:
-            log.info("late %s from %s for %s kept in history", msg.report.status.name, inbound.client_id, msg.execution_id)
 
     def metrics(self) -> dict[str, Any]:
         """Counters for logs and tests."""

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from broker_hooks import emqx
 from broker_hooks.broker import Delivery
+from server.clock import now_ms
 from server.errors import FleetcmdError
 from server.lifecycle import Outcome, Status, Trigger
 from server.models import Execution
@@ -88,10 +88,6 @@ class EmqxRoute:
 
 
 _RANK = {Delivery.ACKED: 0, Delivery.SENT: 1, Delivery.FAILED: 2, Delivery.NOT_SUBSCRIBED: 3, Delivery.NOT_CONNECTED: 4}
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Outbox:
@@ -172,7 +168,7 @@ class Outbox:
         for execution in await self._store.get_many(ids):
             if execution.status is Status.QUEUED:
                 try:
-                    result = await self._store.transition(execution.execution_id, Trigger.PUBLISHED, at_ms=_now_ms())
+                    result = await self._store.transition(execution.execution_id, Trigger.PUBLISHED, at_ms=now_ms())
                 except FleetcmdError:
                     log.exception("could not mark %s as sent", execution.execution_id)
                     continue
@@ -203,7 +199,7 @@ class Outbox:
                 self.published += 1
             if outcome is Delivery.ACKED:
                 self.acked += 1
-                await self._store.transition(execution.execution_id, Trigger.ACKED, at_ms=_now_ms())
+                await self._store.transition(execution.execution_id, Trigger.ACKED, at_ms=now_ms())
                 self.discard(execution.thing_id, execution.execution_id)
             elif outcome is Delivery.SENT:
                 # A QoS 0 subscription cannot acknowledge: sent once is all MQTT offers.

@@ -18,6 +18,7 @@ sent (and as delivered once the answer is PUBACKed).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -27,10 +28,11 @@ from typing import Any
 from broker_hooks import kaa as kaa_topics
 from broker_hooks.broker import Delivery
 from broker_hooks.rules import Inbound, LifecycleAction
-from server.commands import CommandCore, now_ms
+from server.clock import now_ms
+from server.commands import CommandCore
 from server.delivery import DeviceLink, Message, Spawn
 from server.errors import FleetcmdError, NotFound, ThingMismatch
-from server.lifecycle import Outcome, Status, Trigger
+from server.lifecycle import Status, Trigger
 from server.models import DeviceReport, Execution, Reason, ThingRecord
 from server.registry import Registry
 
@@ -112,9 +114,15 @@ class KaaCex:
         check_command_type(command_type)
         self._core.registry.device_seen(thing.thing_id)
         executions = await self._core.store.outstanding(thing.thing_id, command_type, now_ms())
-        for execution in executions:
-            if execution.status is Status.QUEUED:
-                await self._core.store.transition(execution.execution_id, Trigger.PUBLISHED, at_ms=now_ms())
+        at = now_ms()
+        # Submitted together: one store commit for all of them.
+        await asyncio.gather(
+            *(
+                self._core.store.transition(e.execution_id, Trigger.PUBLISHED, at_ms=at)
+                for e in executions
+                if e.status is Status.QUEUED
+            )
+        )
         return executions
 
     async def report(self, thing: ThingRecord, command_type: str, body: Any) -> list[ItemOutcome]:
@@ -150,19 +158,9 @@ class KaaCex:
         payload = json.dumps(item["payload"], separators=(",", ":"), ensure_ascii=False) if "payload" in item else None
         report = DeviceReport(status_for(code), payload, Reason(str(code), phrase))
         try:
-            result = await self._core.store.transition(
-                execution_id,
-                Trigger.DEVICE_REPORT,
-                at_ms=now_ms(),
-                report=report,
-                expect_thing=thing.thing_id,
-                result_check=self._core.registry.result_check,
-            )
+            await self._core.report(execution_id, report, thing_id=thing.thing_id)
         except (NotFound, ThingMismatch) as exc:  # pragma: no cover - the id was just looked up for this thing
             return ItemOutcome(kaa_id, str(exc))
-        self._core.stats[f"reports.{result.decision.outcome.value}"] += 1
-        if result.decision.outcome is Outcome.LATE:
-            log.info("late Kaa result %s for %s kept in history", code, execution_id)
         return ItemOutcome(kaa_id, None)
 
 

@@ -16,12 +16,12 @@ import json
 import logging
 import re
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from broker_hooks.topics import level_problem
+from server.clock import now_ms
 from server.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from server.models import CommandDef, DeviceReport, Execution, ThingRecord, ThingTypeRecord
 from server.schemas import CompiledSchema, fill, schema_problem
@@ -35,11 +35,6 @@ MAX_ATTRIBUTE_KEY = 128
 MAX_ATTRIBUTE_VALUE = 1024
 MAX_DESCRIPTION = 4096
 TOKEN_BYTES = 24  # 192 bits
-
-
-def now_ms() -> int:
-    """Wall-clock time in milliseconds."""
-    return time.time_ns() // 1_000_000
 
 
 def hash_secret(secret: str) -> str:

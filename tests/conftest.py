@@ -32,8 +32,9 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return make_settings(tmp_path / "data")
+def settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    # Modules marked ``secure`` run with device authentication on (no development mode).
+    return make_settings(tmp_path / "data", allow_anonymous=request.node.get_closest_marker("secure") is None)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 
 RequestHandler = Callable[["EmqxDevice", str, dict[str, Any]], None]
 
@@ -215,3 +216,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5, interval: floa
             return True
         time.sleep(interval)
     return predicate()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5, what: str = "condition") -> None:
+    """Poll a condition from async code without blocking the loop; fail the test on time-out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)

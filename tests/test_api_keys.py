@@ -32,6 +32,8 @@ from tests.clients import admin_key, channel
 from tests.conftest import make_settings
 from tests.proc import run_cli
 
+pytestmark = pytest.mark.secure
+
 DEADLINE = 10.0
 STREAM_PROBE = 1.0  # seconds a permitted stream is given before the probe gives up (DEADLINE_EXCEEDED)
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
@@ -134,12 +136,6 @@ class Client:
         self.commands = pb_grpc.CommandServiceStub(ch)
         self.things = rpb_grpc.ThingServiceStub(ch)
         self.types = rpb_grpc.ThingTypeServiceStub(ch)
-
-
-@pytest.fixture
-async def app(tmp_path: Path) -> AsyncIterator[FleetcmdApp]:
-    async with FleetcmdApp(make_settings(tmp_path / "data", allow_anonymous=False)) as running:
-        yield running
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests.clients import app_channel
 from tests.conftest import make_settings
-from tests.devices import EmqxDevice
+from tests.devices import EmqxDevice, wait_for
 
 HOST = "127.0.0.1"
 FINAL = {pb.SUCCEEDED, pb.FAILED, pb.REJECTED, pb.TIMED_OUT, pb.CANCELED}
@@ -72,14 +72,6 @@ async def wait_history_len(stub: pb_grpc.CommandServiceStub, execution_id: str, 
         ex = await get(stub, execution_id)
         if len(ex.history) >= n or time.monotonic() > deadline:
             return ex
-        await asyncio.sleep(0.02)
-
-
-async def wait_for(predicate: Any, timeout: float = 5, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
 
 

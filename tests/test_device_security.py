@@ -35,7 +35,7 @@ from server.models import Execution
 from server.validation import SendCommand
 from tests.certs import TlsFiles, self_signed
 from tests.conftest import make_settings
-from tests.devices import EmqxDevice
+from tests.devices import EmqxDevice, wait_for
 
 HOST = "127.0.0.1"
 NOT_AUTHORIZED = "Not authorized"
@@ -81,14 +81,6 @@ async def refused(dev: EmqxDevice) -> Any:
 async def send(app: FleetcmdApp, thing: str, action: str = "reboot") -> Execution:
     assert app.core is not None
     return await app.core.send(SendCommand(thing, action, {"n": 1}, 30, ""))
-
-
-async def wait_for(predicate: Any, timeout: float = 5, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def wait_status(app: FleetcmdApp, execution_id: str, status: Status, timeout: float = 5) -> Execution:

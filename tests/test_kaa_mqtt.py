@@ -37,8 +37,9 @@ from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.validation import SendCommand
 from tests.clients import app_channel
-from tests.conftest import make_settings
-from tests.devices import EmqxDevice, Received
+from tests.devices import EmqxDevice, Received, wait_for
+
+pytestmark = pytest.mark.secure
 
 HOST = "127.0.0.1"
 AV = "av1"
@@ -46,12 +47,6 @@ QUIET = 0.4  # how long "nothing arrives" is watched for
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def app(tmp_path: Path) -> AsyncIterator[FleetcmdApp]:
-    async with FleetcmdApp(make_settings(tmp_path / "data", allow_anonymous=False)) as svc:
-        yield svc
 
 
 @pytest.fixture
@@ -190,14 +185,6 @@ async def wait_status(app: FleetcmdApp, execution_id: str, status: Status, timeo
             return ex
         if ex.status.final or time.monotonic() > deadline:
             pytest.fail(f"{execution_id}: wanted {status.name}, is {ex.status.name}")
-        await asyncio.sleep(0.02)
-
-
-async def wait_for(predicate: Any, timeout: float = 5, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
 
 

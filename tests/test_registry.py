@@ -35,6 +35,8 @@ from tests.devices import EmqxDevice
 from tests.proc import Service, run_cli
 from tests.test_schemas import DIMMING
 
+pytestmark = pytest.mark.secure
+
 HOST = "127.0.0.1"
 DEADLINE = 10.0  # seconds, for every RPC
 
@@ -194,12 +196,6 @@ class Api:
         """A paho device logging in as its thing (client id = username = thing id)."""
         assert self.app.ports is not None and self.app.ports.mqtt is not None
         return EmqxDevice(HOST, self.app.ports.mqtt, thing_id, username=thing_id, password=password, **kw)
-
-
-@pytest.fixture
-async def app(tmp_path: Path) -> AsyncIterator[FleetcmdApp]:
-    async with FleetcmdApp(make_settings(tmp_path / "data", allow_anonymous=False)) as running:
-        yield running
 
 
 @pytest.fixture
