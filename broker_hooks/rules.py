@@ -46,21 +46,7 @@ class TopicPattern:
 
     def match(self, topic: str) -> dict[str, str] | None:
         """The captured levels, or None when ``topic`` does not fit the template."""
-        if not topic.startswith(self.prefix):
-            return None
-        levels = topic.split("/")
-        if len(levels) != len(self._levels):
-            return None
-        captured: dict[str, str] = {}
-        for i, (want, got) in enumerate(zip(self._levels, levels, strict=True)):
-            name = self._names.get(i)
-            if name is not None:
-                if not got:
-                    return None
-                captured[name] = got
-            elif want != got:
-                return None
-        return captured
+        return self._capture(topic, wildcards=False)
 
     def format(self, **values: str) -> str:
         """Fill the template."""
@@ -77,16 +63,22 @@ class TopicPattern:
         A placeholder level may be ``+`` (captured as ``"+"``) or a concrete value; every other level
         must be exactly the template's, and ``#`` never fits (it would widen the filter past the template).
         """
-        if not topic_filter.startswith(self.prefix) or "#" in topic_filter:
+        if "#" in topic_filter:
             return None
-        levels = topic_filter.split("/")
+        return self._capture(topic_filter, wildcards=True)
+
+    def _capture(self, text: str, *, wildcards: bool) -> dict[str, str] | None:
+        # With ``wildcards`` (a filter) a placeholder level may be ``+``, never part of one.
+        if not text.startswith(self.prefix):
+            return None
+        levels = text.split("/")
         if len(levels) != len(self._levels):
             return None
         captured: dict[str, str] = {}
         for i, (want, got) in enumerate(zip(self._levels, levels, strict=True)):
             name = self._names.get(i)
             if name is not None:
-                if not got or ("+" in got and got != "+"):
+                if not got or (wildcards and "+" in got and got != "+"):
                     return None
                 captured[name] = got
             elif want != got:

@@ -30,7 +30,7 @@ from server.config import Settings
 from server.delivery import EmqxRoute
 from server.grpc_api import GrpcServer
 from server.http_app import HttpServer, server_ssl_context
-from server.kaa import KaaCex, KaaMqtt
+from server.kaa import KaaMqtt
 from server.registry import Registry
 from server.sqlite_store import SqliteStore
 
@@ -179,7 +179,7 @@ class FleetcmdApp:
 
         http_port = None
         if s.http_port != -1:
-            http_server = HttpServer(core, keys, KaaCex(core), shutdown_timeout=min(2.0, s.shutdown_timeout / 4))
+            http_server = HttpServer(core, keys, kaa_mqtt.cex, shutdown_timeout=min(2.0, s.shutdown_timeout / 4))
             http_ssl = None
             if s.http_tls:
                 http_ssl = await asyncio.to_thread(server_ssl_context, s.tls_cert_file, s.tls_key_file)

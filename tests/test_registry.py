@@ -29,6 +29,7 @@ from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import registry_pb2 as rpb
 from server.pb import registry_pb2_grpc as rpb_grpc
+from server.schemas import CompiledSchema
 from tests.clients import app_channel
 from tests.conftest import make_settings
 from tests.devices import EmqxDevice
@@ -837,6 +838,25 @@ async def test_dimming_payload_key_order_with_type_defined_in_process(api: Api) 
 async def test_dimming_payload_key_order_with_type_put_through_the_api(api: Api) -> None:
     await api.put_type("lora-lamp", {"dimming": command(DIMMING)})
     await _dimming_order(api)
+
+
+async def test_validators_are_compiled_once_per_type_version(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiled: list[Any] = []
+    original = CompiledSchema.compile.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[CompiledSchema], schema: Any) -> CompiledSchema:
+        compiled.append(schema)
+        return original(cls, schema)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(CompiledSchema, "compile", classmethod(counting))
+    await api.put_type("lora-lamp", {"dimming": command(DIMMING, LEVEL_RESULT)})
+    assert len(compiled) == 2  # params and result schema, once each
+    await api.create("lamp-c", "lora-lamp")
+    for _ in range(5):
+        await api.send("lamp-c", "dimming", OPERATOR_PARAMS)
+    assert len(compiled) == 2  # Send reuses them
+    await api.put_type("lora-lamp", {"dimming": command(DIMMING)})
+    assert len(compiled) == 3  # a new version compiles its schemas again
 
 
 async def test_command_default_ttl_applies_when_send_gives_zero(api: Api) -> None:

@@ -1,9 +1,12 @@
 import asyncio
 import json
+import logging
 
+import pytest
 from google.protobuf import json_format, struct_pb2
 
 from server.app import FleetcmdApp
+from server.cli import configure_logging
 from server.pb import commands_pb2 as pb
 from tests.devices import EmqxDevice
 
@@ -27,3 +30,15 @@ async def test_send_to_connected_device_succeeds(app: FleetcmdApp, stub) -> None
             pb.ExecutionStatus.Name(c.status) for c in got.history
         ] == ["SENT", "SUCCEEDED"]
         print(json.dumps(json_format.MessageToDict(got), indent=1))
+
+
+async def test_logs_are_quiet_by_default(app: FleetcmdApp, caplog: pytest.LogCaptureFixture) -> None:
+    """INFO on the service's own loggers; amqtt and transitions stay at WARNING; no $SYS plugin."""
+    assert app.ports is not None and app.broker is not None
+    configure_logging("INFO")
+    caplog.set_level(logging.INFO)
+    async with EmqxDevice("127.0.0.1", app.ports.mqtt, "quiet-1"):
+        pass
+    noisy = [r for r in caplog.records if r.name.startswith(("amqtt", "transitions")) and r.levelno < logging.WARNING]
+    assert noisy == []
+    assert not any(type(p).__name__ == "BrokerSysPlugin" for p in app.broker.plugins_manager.plugins)
