@@ -31,6 +31,7 @@ from server.delivery import EmqxRoute
 from server.grpc_api import GrpcServer
 from server.http_app import HttpServer, server_ssl_context
 from server.kaa import KaaMqtt
+from server.metrics import Kind, Sample, counters
 from server.registry import Registry
 from server.sqlite_store import SqliteStore
 
@@ -179,7 +180,9 @@ class FleetcmdApp:
 
         http_port = None
         if s.http_port != -1:
-            http_server = HttpServer(core, keys, kaa_mqtt.cex, shutdown_timeout=min(2.0, s.shutdown_timeout / 4))
+            http_server = HttpServer(
+                core, keys, kaa_mqtt.cex, metrics=self.metrics, shutdown_timeout=min(2.0, s.shutdown_timeout / 4)
+            )
             http_ssl = None
             if s.http_tls:
                 http_ssl = await asyncio.to_thread(server_ssl_context, s.tls_cert_file, s.tls_key_file)
@@ -216,6 +219,27 @@ class FleetcmdApp:
             s.data_dir,
             restored,
         )
+
+    def metrics(self) -> list[Sample]:
+        """Every counter and gauge of the running service (``GET /metrics``)."""
+        samples: list[Sample] = []
+        core, broker, store = self.core, self.broker, self.store
+        if core is not None:
+            samples += [
+                Sample("executions_active", len(core.scheduler), Kind.GAUGE, "Executions not final yet."),
+                Sample("outbox_pending", len(core.outbox), Kind.GAUGE, "Requests not acknowledged by their device."),
+                Sample("stream_watchers", len(core.bus), Kind.GAUGE, "Live Stream and wait subscribers."),
+                Sample("outbox_published", core.outbox.published, Kind.COUNTER, "Requests written to a device."),
+                Sample("outbox_acked", core.outbox.acked, Kind.COUNTER, "Requests a device PUBACKed."),
+            ]
+            samples += counters("core", core.stats, "Control-plane events by kind.")
+        if broker is not None:
+            connected = sum(1 for client_id in broker.sessions if broker.is_connected(client_id))
+            samples.append(Sample("mqtt_clients_connected", connected, Kind.GAUGE, "Live MQTT clients."))
+            samples += counters("broker", broker.stats, "Broker events by kind (drops, refusals, takeovers).")
+        if store is not None:
+            samples.append(Sample("store_commits", store.batches, Kind.COUNTER, "SQLite transactions committed."))
+        return samples
 
     @staticmethod
     def _disconnect_thing(broker: FleetBroker, kaa_mqtt: KaaMqtt, thing_id: str) -> None:

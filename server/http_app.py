@@ -17,8 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
-from server import __version__, http_kaa, http_rest, openapi
-from server.apikeys import ApiKeys
+from server import __version__, http_kaa, http_rest, metrics, openapi
+from server.apikeys import ApiKeys, Role
 from server.commands import CommandCore
 from server.errors import FleetcmdError
 from server.kaa import KaaCex
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
 OPENAPI_PATH = "/api/v1/openapi.json"
+METRICS_PATH = "/metrics"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -59,8 +60,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return _render(request, exc)
 
 
-def build_app(core: CommandCore, keys: ApiKeys, cex: KaaCex) -> web.Application:
-    """The aiohttp application with every route."""
+def build_app(core: CommandCore, keys: ApiKeys, cex: KaaCex, collect: metrics.Collector | None = None) -> web.Application:
+    """The aiohttp application with every route (``/metrics`` only when ``collect`` is given)."""
     app = web.Application(client_max_size=body_limit(core.settings.max_params_bytes), middlewares=[errors_as_json])
     document = openapi.document(__version__)
 
@@ -68,11 +69,30 @@ def build_app(core: CommandCore, keys: ApiKeys, cex: KaaCex) -> web.Application:
         return web.json_response(document)
 
     app.router.add_get(OPENAPI_PATH, get_openapi)
+    if collect is not None:
+        app.router.add_get(METRICS_PATH, _metrics_handler(keys, collect))
     rest = http_rest.RestApi(core, keys)
     app.router.add_routes(rest.routes())
     app.on_shutdown.append(rest.on_shutdown)
     app.router.add_routes(http_kaa.KaaHttp(cex, core.settings.max_response_bytes).routes())
     return app
+
+
+def _metrics_handler(keys: ApiKeys, collect: metrics.Collector) -> Handler:
+    async def get_metrics(request: web.Request) -> web.Response:
+        # Counters say how the fleet behaves (client counts, refusals): any API key may read them.
+        token = http_rest.bearer_token(request)
+        principal = await keys.authenticate(token) if token else None
+        if principal is None or principal.role < Role.VIEWER:
+            raise http_rest.HttpError(
+                401,
+                "UNAUTHENTICATED",
+                "a valid API key is required (Authorization: Bearer ...)",
+                {"WWW-Authenticate": 'Bearer realm="fleetcmd"'},
+            )
+        return web.Response(body=metrics.render(collect()).encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    return get_metrics
 
 
 def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
@@ -85,8 +105,16 @@ def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 class HttpServer:
     """Start and stop the HTTP listener."""
 
-    def __init__(self, core: CommandCore, keys: ApiKeys, cex: KaaCex, *, shutdown_timeout: float = 2.0) -> None:
-        self.app = build_app(core, keys, cex)
+    def __init__(
+        self,
+        core: CommandCore,
+        keys: ApiKeys,
+        cex: KaaCex,
+        *,
+        metrics: metrics.Collector | None = None,
+        shutdown_timeout: float = 2.0,
+    ) -> None:
+        self.app = build_app(core, keys, cex, metrics)
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
 
