@@ -418,6 +418,20 @@ def document(version: str) -> dict[str, Any]:
                     "responses": {"200": {"description": "OpenAPI 3.1.", "content": _json({"type": "object"})}},
                 }
             },
+            "/metrics": {
+                "get": {
+                    "tags": ["meta"],
+                    "operationId": "getMetrics",
+                    "summary": "Service counters in the Prometheus text format (any API key)",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition 0.0.4.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **_responses("401:Unauthorized"),
+                    },
+                }
+            },
             "/kp1/{appVersion}/cex/{token}/command/{commandType}": _kaa_path("command"),
             "/kp1/{appVersion}/cex/{token}/result/{commandType}": _kaa_path("result"),
         },
