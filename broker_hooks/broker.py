@@ -23,6 +23,9 @@ What it changes (see ``shared/notes/amqtt-0.12.1.md`` for the defects):
   connects, subscriptions and disconnects in order.
 * ``deliver`` publishes straight to one client's protocol handler and reports
   whether it PUBACKed, which the broadcast path cannot.
+* Connections get a ``handler.FastProtocolHandler``, whose reader hands a
+  PUBLISH to the broker directly (``publish_inline``); publishes that may end
+  the connection or go to the control plane still take the message loop.
 * ``stop`` is bounded: on Python 3.11 ``shutdown()`` can hang when an ack
   races the reader cancellation, so client writers are closed first and the
   whole shutdown has a deadline.
@@ -34,7 +37,9 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import logging
+import ssl
 import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -43,15 +48,19 @@ from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.session import ApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
+from broker_hooks.handler import FastProtocolHandler
 from broker_hooks.indexed import SUBACK_FAILURE, IndexedBroker
 from broker_hooks.rules import DecodeError, Inbound, RuleSet
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_FACTOR = 1.5
+# asyncio's default listen backlog is 100: a fleet reconnecting at once (a broker restart) overflows
+# it, and the kernel drops SYNs that clients retry only after a second. Linux caps it at somaxconn.
+DEFAULT_BACKLOG = 4096
 
 
 class DeviceSink(Protocol):
@@ -91,8 +100,10 @@ class FleetBroker(IndexedBroker):
         sink: DeviceSink,
         dollar_prefixes: Sequence[str],
         max_payload_bytes: int,
+        listen_backlog: int = DEFAULT_BACKLOG,
     ) -> None:
         super().__init__(config)
+        self._backlog = listen_backlog
         self._rules = rules
         self._sink = sink
         self._dollar_prefixes = tuple(dollar_prefixes)
@@ -122,6 +133,26 @@ class FleetBroker(IndexedBroker):
                 ports[kind + ("s" if listener.ssl else "")] = self.listener_port(name)
         return ports
 
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        """Amqtt's TCP listener (0.12.1) with a listen backlog sized for a fleet; WebSocket as amqtt."""
+        if listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        return await asyncio.start_server(
+            functools.partial(self.stream_connected, listener_name=listener_name),
+            address,
+            port,
+            reuse_address=True,
+            ssl=ssl_context,
+            backlog=self._backlog,
+        )
+
     # ---- connections ----------------------------------------------------------------------
 
     async def _initialize_client_session(
@@ -141,6 +172,9 @@ class FleetBroker(IndexedBroker):
             session.keep_alive = session.keep_alive * KEEPALIVE_FACTOR
         # amqtt's handle_read_timeout is a no-op; bind ours to this handler only.
         handler.handle_read_timeout = lambda: self._keepalive_expired(session, handler)
+        if isinstance(handler, FastProtocolHandler):
+            # The reader hands each PUBLISH to the broker itself (no hop through the message loop).
+            handler.on_publish = functools.partial(self.publish_inline, session, handler)
         return handler, session
 
     async def _session_from_connect(
@@ -156,7 +190,9 @@ class FleetBroker(IndexedBroker):
         :meth:`_handle_client_session` then does nothing for it.
         """
         try:
-            handler, incoming = await BrokerProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
+            # A FleetSession (no transitions.Machine, light queues) and its handler (session.FleetProtocolHandler
+            # with handler.FastProtocolHandler's packet path).
+            handler, incoming = await FastProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
         except AMQTTError as exc:
             log.warning("[MQTT-3.1.0-1] %s:%s: can't read first packet as CONNECT: %s", remote_address, remote_port, exc)
             raise AMQTTError(exc) from exc
@@ -309,15 +345,27 @@ class FleetBroker(IndexedBroker):
 
     # ---- device -> service ----------------------------------------------------------------
 
-    async def _handle_message_delivery(
-        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
-    ) -> bool:
-        app_message = wait_deliver.result()
+    async def _process_message(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        app_message: ApplicationMessage | None,
+        *,
+        inline: bool = False,
+    ) -> bool | None:
+        """A device's PUBLISH: checked, then routed to subscribers or, when a rule claims it, to the sink.
+
+        With ``inline`` (from the connection's reader) a message that would end the connection or
+        go to the control plane is left to the client's message loop (None): the sink may wait, and
+        the reader has to go on reading the device's PUBACKs meanwhile.
+        """
         if app_message is None:
             return True
         topic: str = app_message.topic or ""
         client_id = client_session.client_id or ""
         if not topic or "#" in topic or "+" in topic:
+            if inline:
+                return None
             # [MQTT-4.7.3-1] / [MQTT-3.3.2-2]: a protocol violation; really close (stock code leaves a zombie).
             self.stats["invalid_topic_disconnects"] += 1
             log.warning("client %s published to invalid topic %r: disconnecting", client_id, topic)
@@ -338,8 +386,9 @@ class FleetBroker(IndexedBroker):
                 self.stats["dropped.unrouted"] += 1
                 log.warning("client %s published to %r, which no rule handles: dropped", client_id, topic)
                 return True
-            delivered: bool = await super()._handle_message_delivery(client_session, handler, wait_deliver)
-            return delivered
+            return await super()._process_message(client_session, handler, app_message, inline=inline)
+        if inline:
+            return None
         data = bytes(app_message.data or b"")
         if len(data) > self._max_payload:
             self.stats["dropped.oversized"] += 1
@@ -370,9 +419,7 @@ class FleetBroker(IndexedBroker):
 
     # ---- service -> device ----------------------------------------------------------------
 
-    async def deliver(
-        self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None
-    ) -> Delivery:
+    async def deliver(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None) -> Delivery:
         """Publish to one client, at the QoS of its subscription (at most ``max_qos``).
 
         With ``qos`` given the client gets the message at that QoS whether it subscribed or not
@@ -392,7 +439,12 @@ class FleetBroker(IndexedBroker):
         handler = entry[1]
         task = asyncio.current_task()
         try:
-            await handler.mqtt_publish(topic, payload, qos, False)
+            # Written at once and its PUBACK awaited on a future when the connection allows it.
+            outcome = handler.publish_tracked(topic, payload, qos) if isinstance(handler, FastProtocolHandler) else None
+            if outcome is not None:
+                await outcome
+            else:
+                await handler.mqtt_publish(topic, payload, qos, False)
         except asyncio.CancelledError:
             # The handler cancels its PUBACK waiters when the connection drops; only
             # re-raise when it is this task that is being cancelled.

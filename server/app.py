@@ -153,6 +153,7 @@ class FleetcmdApp:
             sink=core,
             dollar_prefixes=[p for d in dialects for p in d.dollar_prefixes],
             max_payload_bytes=s.max_response_bytes,
+            listen_backlog=s.mqtt_backlog,
         )
         core.outbox.attach(broker)
         core.routes["emqx"] = EmqxRoute(broker)

@@ -47,6 +47,7 @@ class Settings:
     max_active_executions: int = field(default=100_000, metadata={"help": "non-final executions held at once"})
     stream_buffer: int = field(default=1000, metadata={"help": "events buffered per Stream before it is ended"})
     ingest_queue: int = field(default=10_000, metadata={"help": "device reports waiting to be processed"})
+    mqtt_backlog: int = field(default=4096, metadata={"help": "listen backlog of the MQTT listeners (connects not yet accepted)"})
     shutdown_timeout: float = field(default=8.0, metadata={"help": "seconds a graceful stop may take"})
     sys_interval: int = field(default=0, metadata={"help": "$SYS broadcast interval in seconds (0 = off)"})
     # asyncio, not uvloop, by default: measured in one run, grpc.aio on uvloop did 25% fewer
@@ -79,6 +80,8 @@ class Settings:
         for name in ("max_params_bytes", "max_response_bytes", "max_active_executions", "stream_buffer", "ingest_queue"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive")
+        if not 1 <= self.mqtt_backlog <= 65535:
+            problems.append("mqtt_backlog must be 1..65535")
         if self.shutdown_timeout <= 0:
             problems.append("shutdown_timeout must be positive")
         if self.sys_interval < 0:

@@ -1,0 +1,441 @@
+"""``FastProtocolHandler``: amqtt 0.12.1's broker protocol handler with a cheap per-packet path.
+
+For every packet amqtt's ``ProtocolHandler._reader_loop`` reads the fixed header a
+byte at a time under ``asyncio.wait_for`` (a task per packet on Python 3.11 plus a
+timer), decodes the rest with one await per field, and starts one more task to handle
+it. A QoS 1 PUBLISH is then queued for the client's message loop (another task hop)
+and, per subscriber, forwarded by a task that holds the write lock, drains, re-arms a
+write-timeout timer that does nothing in a broker, and waits up to 5 s for the PUBACK
+under ``asyncio.wait_for``.
+
+Here, on TCP and TLS connections (``asyncio`` streams) and while no plugin listens to
+packet events:
+
+* a packet is read with two ``readexactly`` calls (header, body) and decoded from
+  bytes; the keep-alive read timeout is one timer per connection that checks the time
+  of the last packet, and calls ``handle_read_timeout`` as amqtt's would;
+* PUBLISH (QoS 0 and 1), PUBACK, PINGREQ and DISCONNECT are handled in the reader
+  itself; the other packets go to amqtt's ``handle_*`` methods as upstream, in a task;
+* an incoming PUBLISH is handed to the broker (``on_publish``) in the reader, in
+  arrival order, and is PUBACKed after that; what the broker declines (handling that
+  can end the connection or waits on the control plane) is queued for the client's
+  message loop as amqtt does, and so is every later message until the loop caught up,
+  which keeps the client's messages in order;
+* :meth:`publish_nowait` writes a PUBLISH at once and tracks its PUBACK with one
+  timer (amqtt's 5 s, after which the message is dropped as amqtt drops it).
+
+Other connections (WebSocket), QoS 2 and plugins listening to packet events take
+amqtt's own paths. ``tests/test_broker_scaling.py`` pins the upstream methods this
+re-implements.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
+from amqtt.errors import MQTTError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt import packet_class
+from amqtt.mqtt.constants import QOS_0, QOS_1
+from amqtt.mqtt.packet import (
+    CONNACK,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PINGRESP,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    RESERVED_0,
+    RESERVED_15,
+    SUBACK,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    MQTTFixedHeader,
+)
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
+from amqtt.session import ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage, Session
+
+from broker_hooks.session import FleetProtocolHandler
+
+log = logging.getLogger(__name__)
+
+# amqtt's hard-coded wait for a PUBACK (handler.py, _handle_qos1_message_flow).
+PUBACK_TIMEOUT = 5.0
+# Above this many unsent bytes a subscriber's publishes go through amqtt's path, which waits for the drain.
+WRITE_HIGH_WATER = 256 * 1024
+
+_PINGRESP = b"\xd0\x00"
+# amqtt's handle_<type> methods, run in a task per packet as upstream (the packets this handler does not handle itself).
+_UPSTREAM = {
+    CONNACK: "handle_connack",
+    SUBSCRIBE: "handle_subscribe",
+    UNSUBSCRIBE: "handle_unsubscribe",
+    SUBACK: "handle_suback",
+    UNSUBACK: "handle_unsuback",
+    PUBREC: "handle_pubrec",
+    PUBREL: "handle_pubrel",
+    PUBCOMP: "handle_pubcomp",
+    PINGRESP: "handle_pingresp",
+}
+
+PublishHook = Callable[[ApplicationMessage], Awaitable[bool]]
+
+
+def _remaining_length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes((length,))
+    out = bytearray()
+    while True:
+        byte = length & 0x7F
+        length >>= 7
+        if length:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def encode_publish(topic: str, data: bytes | bytearray, qos: int, packet_id: int | None, *, retain: bool = False) -> bytes:
+    """The bytes of a PUBLISH packet (no DUP flag)."""
+    name = topic.encode()
+    head = len(name).to_bytes(2, "big") + name
+    if packet_id is not None:
+        head += packet_id.to_bytes(2, "big")
+    flags = 0x30 | (qos << 1) | (1 if retain else 0)
+    return b"".join((bytes((flags,)), _remaining_length(len(head) + len(data)), head, data))
+
+
+class FastProtocolHandler(FleetProtocolHandler):
+    """The broker's handler of one connection; see the module docstring for what differs from amqtt."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set by the broker: hands an incoming PUBLISH over; False means "queue it for the message loop".
+        self.on_publish: PublishHook | None = None
+        self._fast = False
+        # Messages queued for the message loop and not handled yet; while any is, later ones queue too.
+        self._deferred: collections.deque[ApplicationMessage] = collections.deque()
+        # QoS 1 publishes written by publish_nowait: packet id -> when to give up on its PUBACK (loop time),
+        # oldest first; one timer (not one per message) drops the expired ones.
+        self._unacked: dict[int, float] = {}
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        # Futures of publish_tracked callers waiting for a PUBACK, by packet id.
+        self._ack_waiters: dict[int, asyncio.Future[None]] = {}
+        # Publishes sent through amqtt's mqtt_publish task and not finished; publish_nowait waits for them (order).
+        self._slow_publishes = 0
+        self._last_read = 0.0
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def attach(self, session: Session, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        """Attach as amqtt does, and decide whether the fast paths apply to this connection."""
+        super().attach(session, reader, writer)
+        listened = self.plugins_manager._event_plugin_callbacks
+        self._fast = (
+            isinstance(reader, StreamReaderAdapter)
+            and isinstance(writer, StreamWriterAdapter)
+            and not listened.get(MQTTEvents.PACKET_RECEIVED)
+            and not listened.get(MQTTEvents.PACKET_SENT)
+        )
+
+    async def start(self) -> None:
+        """Start as amqtt does, without the write-timeout timer a broker handler ignores."""
+        await super().start()
+        if self._fast and "handle_write_timeout" not in vars(self) and self._keepalive_task is not None:
+            # BrokerProtocolHandler.handle_write_timeout does nothing; amqtt re-arms its timer on every send.
+            self._keepalive_task.cancel()
+            self._keepalive_task = None
+
+    def _stop_waiters(self) -> None:
+        super()._stop_waiters()
+        # amqtt's waiters drop their message from inflight_out when cancelled; do the same for ours.
+        unacked, self._unacked = self._unacked, {}
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self.session is not None:
+            for packet_id in unacked:
+                self.session.inflight_out.pop(packet_id, None)
+        waiters, self._ack_waiters = self._ack_waiters, {}
+        for waiter in waiters.values():
+            waiter.cancel()
+
+    # ---- incoming -------------------------------------------------------------------------
+
+    async def _reader_loop(self) -> None:
+        """Amqtt's ``ProtocolHandler._reader_loop`` (0.12.1) with the packet path described in the module docstring."""
+        reader = self.reader
+        if not self._fast or self.session is None or self._reader_ready is None or not isinstance(reader, StreamReaderAdapter):
+            await super()._reader_loop()
+            return
+        readexactly = reader._reader.readexactly
+        running_tasks: collections.deque[asyncio.Task[None]] = collections.deque()
+        keepalive = self.session.keep_alive
+        self._reader_ready.set()
+        if keepalive > 0:
+            self._last_read = self._loop.time()
+            self._read_timer = self._loop.call_later(keepalive, self._check_read_timeout, keepalive)
+        while True:
+            try:
+                while running_tasks and running_tasks[0].done():
+                    running_tasks.popleft()
+                if self.reader is None:
+                    log.warning("reader is not initialized")
+                    break
+                header = await readexactly(2)
+                length = header[1]
+                if length & 0x80:
+                    length = await self._read_length(readexactly, length)
+                body = await readexactly(length) if length else b""
+                if keepalive > 0:
+                    self._last_read = self._loop.time()
+                packet_type = header[0] >> 4
+                flags = header[0] & 0x0F
+                if packet_type == PUBLISH:
+                    task = await self._handle_publish_bytes(flags, body)
+                    if task is not None:
+                        running_tasks.append(task)
+                elif packet_type == PUBACK:
+                    self._handle_puback_bytes(body)
+                elif packet_type == PINGREQ:
+                    self._write(_PINGRESP)
+                elif packet_type in (RESERVED_0, RESERVED_15):
+                    log.warning("%s sent a reserved packet type, which is forbidden: closing", self.session.client_id)
+                    await self.handle_connection_closed()
+                else:
+                    packet = await packet_class(MQTTFixedHeader(packet_type, flags, length)).from_stream(
+                        BufferReader(body), fixed_header=MQTTFixedHeader(packet_type, flags, length)
+                    )
+                    if packet_type == DISCONNECT:
+                        await self.handle_disconnect(packet)
+                    elif packet_type == CONNECT:
+                        await self.handle_connect(packet)
+                    else:
+                        running_tasks.append(asyncio.create_task(getattr(self, _UPSTREAM[packet_type])(packet)))
+            except MQTTError:
+                log.debug("message discarded")
+            except asyncio.CancelledError:
+                break
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break  # EOF or reset: amqtt ends its reader on "no more data" too
+            except Exception as exc:  # noqa: BLE001 - amqtt ends the reader on any other error too
+                log.warning("%s unhandled exception in reader: %r", type(self).__name__, exc)
+                break
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        while running_tasks:
+            running_tasks.popleft().cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    @staticmethod
+    async def _read_length(readexactly: Callable[[int], Awaitable[bytes]], first: int) -> int:
+        value = first & 0x7F
+        multiplier = 0x80
+        while True:
+            byte = (await readexactly(1))[0]
+            value += (byte & 0x7F) * multiplier
+            if not byte & 0x80:
+                return value
+            multiplier *= 0x80
+            if multiplier > 0x80**3:
+                # Malformed: the stream cannot be resynchronised, so the connection ends (an exception the loop ends on).
+                raise ConnectionError("invalid remaining length")
+
+    def _check_read_timeout(self, keepalive: float) -> None:
+        now = self._loop.time()
+        idle = now - self._last_read
+        if idle >= keepalive:
+            # As amqtt's wait_for timing out: report, then wait a whole keep-alive again.
+            self._last_read = now
+            try:
+                self.handle_read_timeout()
+            except Exception:  # a timer callback must not raise into the loop
+                log.exception("read timeout handler failed")
+            idle = 0.0
+        self._read_timer = self._loop.call_later(keepalive - idle, self._check_read_timeout, keepalive)
+
+    async def _handle_publish_bytes(self, flags: int, body: bytes) -> asyncio.Task[None] | None:
+        """Decode a PUBLISH; QoS 0/1 are handled here, QoS 2 by amqtt's flow in the returned task."""
+        qos = (flags >> 1) & 0x03
+        end = 2 + int.from_bytes(body[:2], "big")
+        if len(body) < end + (2 if qos else 0):
+            raise MQTTError("truncated PUBLISH")
+        raw_topic = body[2:end]
+        try:
+            topic = raw_topic.decode("utf-8")
+        except UnicodeDecodeError:
+            topic = str(raw_topic)  # what amqtt's decode_string makes of it
+        packet_id: int | None = None
+        if qos:
+            packet_id = int.from_bytes(body[end : end + 2], "big")
+            end += 2
+        data = body[end:]
+        # amqtt's packet object (its variable header refuses wildcard topic names with MQTTError, as upstream).
+        variable = PublishVariableHeader(topic, packet_id)
+        packet = PublishPacket(MQTTFixedHeader(PUBLISH, flags, len(body)), variable, PublishPayload(data))
+        if qos == QOS_0:
+            if flags & PublishPacket.DUP_FLAG:
+                log.warning("[MQTT-3.3.1-2] DUP flag must be 0 for a QoS 0 message; message ignored: %r", packet)
+                return None
+            await self._hand_over(self._incoming(packet_id, topic, qos, data, flags, packet))
+            return None
+        if qos == QOS_1 and packet_id is not None:
+            await self._hand_over(self._incoming(packet_id, topic, qos, data, flags, packet))
+            # After the hand-over, as amqtt (which PUBACKs once the message is queued).
+            self._write(b"\x40\x02" + packet_id.to_bytes(2, "big"))
+            return None
+        return asyncio.create_task(self.handle_publish(packet))
+
+    @staticmethod
+    def _incoming(
+        packet_id: int | None, topic: str, qos: int, data: bytes, flags: int, packet: PublishPacket
+    ) -> IncomingApplicationMessage:
+        message = IncomingApplicationMessage(packet_id, topic, qos, data, bool(flags & PublishPacket.RETAIN_FLAG))
+        message.publish_packet = packet
+        return message
+
+    async def _hand_over(self, message: ApplicationMessage) -> None:
+        if self.on_publish is not None and not self._deferred:
+            try:
+                if await self.on_publish(message):
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # amqtt's message loop would die with the connection left open; drop the message instead.
+                client_id = self.session.client_id if self.session else None
+                log.exception("handling a message from %s on %r failed", client_id, message.topic)
+                return
+        self._deferred.append(message)
+        if self.session is not None:
+            self.session.delivered_message_queue.put_nowait(message)
+
+    def deferred_done(self, message: ApplicationMessage | None) -> None:
+        """The message loop finished a message it took from the queue (see :meth:`_hand_over`)."""
+        if self._deferred and self._deferred[0] is message:
+            self._deferred.popleft()
+
+    def _handle_puback_bytes(self, body: bytes) -> None:
+        if len(body) < 2:
+            raise MQTTError("truncated PUBACK")
+        packet_id = int.from_bytes(body[:2], "big")
+        if self._unacked.pop(packet_id, None) is not None:
+            if self.session is not None:
+                self.session.inflight_out.pop(packet_id, None)
+            waiter = self._ack_waiters.pop(packet_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        waiter = self._puback_waiters.get(packet_id)
+        if waiter is None:
+            log.warning("received PUBACK for unknown pending message id %d", packet_id)
+        elif waiter.done():
+            log.warning("PUBACK waiter with id %d already done", packet_id)
+        else:
+            waiter.set_result(PubackPacket.build(packet_id))
+
+    # ---- outgoing -------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        writer = self.writer
+        if isinstance(writer, StreamWriterAdapter) and not writer.is_closed:
+            writer._writer.transport.write(data)
+
+    def publish_nowait(self, topic: str, data: bytes | bytearray, qos: int) -> bool:
+        """Write a PUBLISH (QoS 0 or 1, not retained) at once, without waiting for the PUBACK.
+
+        A QoS 1 message stays in the session's ``inflight_out`` until its PUBACK, the
+        connection's end or :data:`PUBACK_TIMEOUT`, as with amqtt's ``mqtt_publish``.
+
+        Returns:
+            False when it was not written: the connection is not on the fast path, is
+            closing or backed up, or an earlier publish is still on amqtt's path (order);
+            the caller then uses ``mqtt_publish``.
+        """
+        return self._publish_now(topic, data, qos) >= 0
+
+    def publish_tracked(self, topic: str, data: bytes | bytearray, qos: int) -> asyncio.Future[None] | None:
+        """:meth:`publish_nowait`, and a future for the outcome, as awaiting amqtt's ``mqtt_publish`` gives.
+
+        Returns:
+            None when it was not written (use ``mqtt_publish``); else a future done once
+            the message is written (QoS 0) or PUBACKed (QoS 1). It fails with TimeoutError
+            after :data:`PUBACK_TIMEOUT` and is cancelled when the connection ends, as
+            amqtt's PUBACK waiters are.
+        """
+        packet_id = self._publish_now(topic, data, qos)
+        if packet_id < 0:
+            return None
+        outcome: asyncio.Future[None] = self._loop.create_future()
+        if packet_id == 0:
+            outcome.set_result(None)
+        else:
+            self._ack_waiters[packet_id] = outcome
+        return outcome
+
+    def _publish_now(self, topic: str, data: bytes | bytearray, qos: int) -> int:
+        """Write the PUBLISH if the connection allows it: its packet id, 0 for QoS 0, -1 when not written."""
+        writer = self.writer
+        session = self.session
+        if (
+            not self._fast
+            or self._slow_publishes
+            or self._write_lock.locked()
+            or session is None
+            or qos not in (QOS_0, QOS_1)
+            or not isinstance(writer, StreamWriterAdapter)
+            or writer.is_closed
+        ):
+            return -1
+        transport = writer._writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            return -1
+        packet_id: int | None = None
+        if qos == QOS_1:
+            packet_id = session.next_packet_id
+            session.inflight_out[packet_id] = OutgoingApplicationMessage(packet_id, topic, qos, data, False)
+            self._unacked[packet_id] = self._loop.time() + PUBACK_TIMEOUT
+            if self._expiry_timer is None:
+                self._expiry_timer = self._loop.call_later(PUBACK_TIMEOUT, self._expire_unacked)
+        transport.write(encode_publish(topic, data, qos, packet_id))
+        return packet_id or 0
+
+    def _expire_unacked(self) -> None:
+        """Drop the QoS 1 messages not PUBACKed within :data:`PUBACK_TIMEOUT`, as amqtt's ``mqtt_publish`` does."""
+        self._expiry_timer = None
+        now = self._loop.time()
+        unacked = self._unacked
+        while unacked:
+            packet_id, deadline = next(iter(unacked.items()))
+            if deadline > now:
+                self._expiry_timer = self._loop.call_at(deadline, self._expire_unacked)
+                return
+            del unacked[packet_id]
+            if self.session is not None:
+                self.session.inflight_out.pop(packet_id, None)
+            log.warning("timeout waiting for PUBACK for packet id %d: message dropped", packet_id)
+            waiter = self._ack_waiters.pop(packet_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(TimeoutError(f"Timeout waiting for PUBACK for packet ID {packet_id}"))
+
+    def track_publish(self, task: asyncio.Future[Any]) -> None:
+        """A publish to this client runs through amqtt's ``mqtt_publish`` task; later ones wait for it."""
+        self._slow_publishes += 1
+        task.add_done_callback(self._slow_publish_done)
+
+    def _slow_publish_done(self, _: asyncio.Future[Any]) -> None:
+        self._slow_publishes -= 1

@@ -1,0 +1,365 @@
+"""The broker's message path: indexed routing (broker_hooks/router.py) and the fast handler (broker_hooks/handler.py).
+
+A real FleetBroker (acl=None, as bench/harness_broker.py runs it) on 127.0.0.1 port 0 and real
+paho clients. Routing must be amqtt's (Broker._matches, _run_broadcast), minus the scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import queue
+import random
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from amqtt.broker import Broker
+
+from broker_hooks import emqx, handler
+from broker_hooks.broker import Delivery, FleetBroker
+from broker_hooks.config import broker_config
+from broker_hooks.router import TopicRouter
+from broker_hooks.rules import Inbound, RuleSet
+from tests.devices import EmqxDevice, Received, wait_for
+
+
+class _NullSink:
+    def __init__(self) -> None:
+        self.inbound: list[Inbound] = []
+
+    def device_connected(self, client_id: str, remote_address: str) -> None:
+        pass
+
+    def device_subscribed(self, client_id: str, filters: Sequence[tuple[str, int]]) -> None:
+        pass
+
+    def device_disconnected(self, client_id: str) -> None:
+        pass
+
+    async def device_message(self, inbound: Inbound) -> None:
+        self.inbound.append(inbound)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[FleetBroker]:
+    dialects = (emqx.DIALECT,)
+    running = FleetBroker(
+        broker_config(bind="127.0.0.1", mqtt_port=0, ws_port=-1, sys_interval=0, allow_anonymous=True, acl=None),
+        rules=RuleSet.of(dialects),
+        sink=_NullSink(),
+        dollar_prefixes=[p for d in dialects for p in d.dollar_prefixes],
+        max_payload_bytes=256 * 1024,
+    )
+    await running.start()
+    try:
+        yield running
+    finally:
+        await running.stop(4)
+
+
+def _client(broker: FleetBroker, client_id: str, **kw: Any) -> EmqxDevice:
+    return EmqxDevice("127.0.0.1", broker.listener_ports()["mqtt"], client_id, subscribe=False, **kw)
+
+
+def _payload(n: int) -> bytes:
+    # EmqxDevice decodes every payload as JSON.
+    return json.dumps({"n": n}).encode()
+
+
+async def _drain(dev: EmqxDevice, quiet: float = 0.3) -> list[Received]:
+    """Everything the client received until nothing arrived for ``quiet`` seconds."""
+    got: list[Received] = []
+    while True:
+        try:
+            got.append(await asyncio.to_thread(dev.received.get, True, quiet))
+        except queue.Empty:
+            return got
+
+
+# ---- the router alone ---------------------------------------------------------------------
+
+_LEVELS = ["a", "b", "", "$x", "c"]
+
+
+def _random_filter(rng: random.Random) -> str:
+    levels = [rng.choice([*_LEVELS, "+", "+"]) for _ in range(rng.randint(1, 4))]
+    if rng.random() < 0.3:
+        levels.append("#")
+    return "/".join(levels)
+
+
+def _random_topic(rng: random.Random) -> str:
+    return "/".join(rng.choice(_LEVELS) for _ in range(rng.randint(1, 5)))
+
+
+def test_router_matches_exactly_what_amqtt_matches() -> None:
+    rng = random.Random(7)
+    stock = Broker.__new__(Broker)  # amqtt's _matches needs nothing but a logger
+    stock.logger = logging.getLogger("stock")
+    filters = {_random_filter(rng) for _ in range(400)} | {"#", "+", "a/#", "$x/#", "$x/+", "+/a", "a", "a/b", "/"}
+    router = TopicRouter()
+    for f in filters:
+        router.add(f)
+    topics = {_random_topic(rng) for _ in range(600)} | {"a", "$x", "$x/a", "/", "", "a/"}
+    for topic in topics:
+        got = router.match(topic)
+        assert len(got) == len(set(got)), topic
+        assert set(got) == {f for f in filters if stock._matches(topic, f)}, topic
+    # Removing every filter leaves nothing behind, not even trie nodes.
+    for f in filters:
+        router.discard(f)
+    assert len(router) == 0
+    assert all(router.match(t) == [] for t in topics)
+    assert router._root.empty()
+
+
+def test_router_discard_keeps_other_filters() -> None:
+    router = TopicRouter()
+    for f in ("a/+/c", "a/+/#", "a/b/c", "a/#"):
+        router.add(f)
+    router.discard("a/+/c")
+    assert sorted(router.match("a/b/c")) == ["a/#", "a/+/#", "a/b/c"]
+    router.discard("a/#")
+    router.discard("a/nothing/#")  # not there: no-op
+    assert sorted(router.match("a/b/c")) == ["a/+/#", "a/b/c"]
+
+
+# ---- routing through the broker ------------------------------------------------------------
+
+
+async def test_exact_and_wildcard_filters(broker: FleetBroker) -> None:
+    filters = {"exact": "t/a/b", "plus": "t/+/b", "hash": "t/#", "all": "#", "lead": "+/a/b", "other": "t/a/c"}
+    subs = {name: _client(broker, f"sub-{name}") for name in filters}
+    pub = _client(broker, "pub-1")
+    async with pub:
+        for name, dev in subs.items():
+            await dev.__aenter__()
+            assert await dev.asubscribe(filters[name]) == [1]
+        await pub.apublish("t/a/b", _payload(1))
+        await pub.apublish("t/x", _payload(2))
+        got = {name: [r.topic for r in await _drain(dev)] for name, dev in subs.items()}
+        for dev in subs.values():
+            await dev.__aexit__(None, None, None)
+    assert got == {
+        "exact": ["t/a/b"],
+        "plus": ["t/a/b"],
+        "hash": ["t/a/b", "t/x"],
+        "all": ["t/a/b", "t/x"],
+        "lead": ["t/a/b"],
+        "other": [],
+    }
+
+
+async def test_dollar_topics_are_not_matched_by_leading_wildcards(broker: FleetBroker) -> None:
+    filters = {"dollar": "$test/+", "all": "#", "lead": "+/a", "sys": "$test/#"}
+    subs = {name: _client(broker, f"sub-{name}") for name in filters}
+    for name, dev in subs.items():
+        await dev.__aenter__()
+        assert await dev.asubscribe(filters[name]) == [1]
+    await broker.internal_message_broadcast("$test/a", _payload(1), 1)
+    got = {name: [r.topic for r in await _drain(dev)] for name, dev in subs.items()}
+    for dev in subs.values():
+        await dev.__aexit__(None, None, None)
+    assert got == {"dollar": ["$test/a"], "all": [], "lead": [], "sys": ["$test/a"]}
+
+
+async def test_overlapping_filters_of_one_client_get_a_copy_each(broker: FleetBroker) -> None:
+    # amqtt 0.12.1 delivers once per matching filter (its _run_broadcast loops over filters).
+    async with _client(broker, "overlap") as sub, _client(broker, "pub-2") as pub:
+        assert await sub.asubscribe(["o/+", "o/#", "o/x"]) == [1, 1, 1]
+        await pub.apublish("o/x", _payload(1))
+        assert [r.topic for r in await _drain(sub)] == ["o/x"] * 3
+
+
+async def test_unsubscribe_removes_the_route(broker: FleetBroker) -> None:
+    async with _client(broker, "unsub") as sub, _client(broker, "pub-3") as pub:
+        assert await sub.asubscribe("u/+") == [1]
+        await pub.apublish("u/1", _payload(1))
+        assert [r.topic for r in await _drain(sub)] == ["u/1"]
+        sub.client.unsubscribe("u/+")
+        await wait_for(lambda: "u/+" not in broker._router, what="unsubscribe")
+        assert "u/+" not in broker._subscriptions
+        await pub.apublish("u/2", _payload(2))
+        assert await _drain(sub) == []
+
+
+async def test_clean_session_disconnect_removes_its_routes(broker: FleetBroker) -> None:
+    async with _client(broker, "keeper") as keeper:
+        assert await keeper.asubscribe("c/shared/+") == [1]
+        async with _client(broker, "leaver") as leaver:
+            assert await leaver.asubscribe(["c/own/#", "c/exact", "c/shared/+"]) == [1, 1, 1]
+            assert {"c/own/#", "c/exact", "c/shared/+"} <= set(broker._subscriptions)
+        # The session monitor (every second) drops the disconnected clean session.
+        await wait_for(lambda: "c/own/#" not in broker._router, timeout=5, what="routes dropped")
+        assert "c/exact" not in broker._router and "c/exact" not in broker._subscriptions
+        assert "c/shared/+" in broker._router
+        assert [s.client_id for s, _ in broker._subscriptions["c/shared/+"]] == ["keeper"]
+
+
+async def test_offline_persistent_session_keeps_qos1_messages(broker: FleetBroker) -> None:
+    sub = _client(broker, "persistent", clean_session=False)
+    async with sub:
+        assert await sub.asubscribe("p/one", qos=1) == [1]
+        assert await sub.asubscribe("p/zero", qos=0) == [0]
+    session = broker._sessions["persistent"][0]
+    await wait_for(lambda: session.transitions.state == "disconnected", what="offline")
+    async with _client(broker, "pub-4") as pub:
+        await pub.apublish("p/one", _payload(1), qos=1)
+        await pub.apublish("p/one", _payload(2), qos=0)  # delivered at the subscription's QoS 1: kept too
+        await pub.apublish("p/zero", _payload(3), qos=1)  # QoS 0 subscription: not kept, as amqtt
+    assert "p/one" in broker._router  # the offline session keeps its routes
+    await wait_for(lambda: session.retained_messages.qsize() == 2, what="queued for the offline session")
+    again = _client(broker, "persistent", clean_session=False)
+    async with again:
+        got = await _drain(again)
+    assert [(r.topic, json.loads(r.payload)["n"], r.qos) for r in got] == [("p/one", 1, 1), ("p/one", 2, 1)]
+
+
+async def test_publish_does_not_touch_filters_that_do_not_match(broker: FleetBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cost independence: a publish looks at its own subscribers only (counted, not timed)."""
+    touched = 0
+
+    class CountingList(list[Any]):
+        def __iter__(self) -> Any:
+            nonlocal touched
+            touched += 1
+            return super().__iter__()
+
+    context = broker.plugins_manager.context
+    for i in range(2000):
+        await context.add_subscription(f"idle-{i}", f"fleet/idle-{i}/req" if i % 2 else f"fleet/idle-{i}/+/req", 1)
+    for topic_filter, subscriptions in broker._subscriptions.items():
+        broker._subscriptions[topic_filter] = CountingList(subscriptions)
+
+    def no_scan(self: Broker, topic: str, a_filter: str) -> bool:
+        raise AssertionError("the broadcast scanned the subscription table")
+
+    monkeypatch.setattr(Broker, "_matches", no_scan)
+    async with _client(broker, "target") as sub, _client(broker, "pub-5") as pub:
+        assert await sub.asubscribe("fleet/target/req") == [1]
+        for n in range(20):
+            await pub.apublish("fleet/target/req", _payload(n))
+        assert len(await _drain(sub)) == 20
+    assert touched == 0
+
+
+# ---- the handler --------------------------------------------------------------------------
+
+
+async def test_qos1_stream_keeps_order_and_clears_inflight(broker: FleetBroker) -> None:
+    async with _client(broker, "order-sub") as sub, _client(broker, "order-pub") as pub:
+        assert await sub.asubscribe("ord/x") == [1]
+        infos = [pub.publish_raw("ord/x", _payload(n), qos=1) for n in range(300)]
+        await asyncio.to_thread(lambda: [i.wait_for_publish(10) for i in infos])
+        got = await _drain(sub, 0.5)
+        assert [json.loads(r.payload)["n"] for r in got] == list(range(300))
+        session, fast = broker._sessions["order-sub"]
+        assert isinstance(fast, handler.FastProtocolHandler) and fast._fast
+        await wait_for(lambda: not session.inflight_out and not fast._unacked, what="PUBACKs")
+
+
+async def test_qos0_and_qos2_are_forwarded(broker: FleetBroker) -> None:
+    async with _client(broker, "q-sub") as sub, _client(broker, "q-pub") as pub:
+        assert await sub.asubscribe("q/+", qos=2) == [2]
+        await pub.apublish("q/zero", _payload(0), qos=0)
+        await pub.apublish("q/two", _payload(2), qos=2)
+        got = sorted((r.topic, r.qos) for r in await _drain(sub))
+    # Delivered at the subscription's QoS, as amqtt does.
+    assert got == [("q/two", 2), ("q/zero", 2)]
+
+
+async def test_unacked_qos1_publish_is_dropped_after_the_timeout(broker: FleetBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handler, "PUBACK_TIMEOUT", 0.3)
+    async with _client(broker, "silent", auto_ack=False) as sub, _client(broker, "pub-6") as pub:
+        assert await sub.asubscribe("s/x") == [1]
+        session, fast = broker._sessions["silent"]
+        assert isinstance(fast, handler.FastProtocolHandler)
+        await pub.apublish("s/x", _payload(1))
+        await sub.wait_message()
+        assert len(session.inflight_out) == 1
+        await wait_for(lambda: not session.inflight_out and not fast._unacked, timeout=3, what="timeout drop")
+
+
+async def test_deliver_still_reports_the_puback(broker: FleetBroker) -> None:
+    async with _client(broker, "dev-1") as dev:
+        assert await dev.asubscribe("d/+/req") == [1]
+        assert await broker.deliver("dev-1", "d/1/req", _payload(1)) is Delivery.ACKED
+        assert await broker.deliver("dev-1", "d/1/other", _payload(2)) is Delivery.NOT_SUBSCRIBED
+        assert await broker.deliver("dev-1", "d/2/req", _payload(3), qos=0) is Delivery.SENT
+        got = await _drain(dev)
+    assert [r.topic for r in got] == ["d/1/req", "d/2/req"]
+
+
+async def test_deliver_fails_without_a_puback(broker: FleetBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handler, "PUBACK_TIMEOUT", 0.3)
+    async with _client(broker, "mute", auto_ack=False) as dev:
+        assert await dev.asubscribe("m/+") == [1]
+        assert await broker.deliver("mute", "m/1", _payload(1)) is Delivery.FAILED
+        assert not broker._sessions["mute"][0].inflight_out
+
+
+async def test_deliver_fails_when_the_connection_drops(broker: FleetBroker) -> None:
+    dev = _client(broker, "dropper", auto_ack=False)
+    await dev.__aenter__()
+    assert await dev.asubscribe("x/+") == [1]
+    pending = asyncio.ensure_future(broker.deliver("dropper", "x/1", _payload(1)))
+    await dev.wait_message()
+    await dev.aabort()
+    assert await asyncio.wait_for(pending, 3) is Delivery.FAILED
+
+
+async def test_control_plane_messages_take_the_message_loop_and_later_ones_stay_in_order(broker: FleetBroker) -> None:
+    sink = broker._sink
+    assert isinstance(sink, _NullSink)
+    async with _client(broker, "mixed-sub") as sub, _client(broker, "thing-7") as dev:
+        assert await sub.asubscribe("plain/#") == [1]
+        fast = broker._sessions["thing-7"][1]
+        assert isinstance(fast, handler.FastProtocolHandler)
+        # A response is claimed by the EMQX rule: the reader leaves it to the message loop (the sink may wait).
+        dev.respond("e1", "SUCCEEDED")
+        infos = [dev.publish_raw(f"plain/{n}", _payload(n)) for n in range(20)]
+        await asyncio.to_thread(lambda: [i.wait_for_publish(5) for i in infos])
+        assert [json.loads(r.payload)["n"] for r in await _drain(sub)] == list(range(20))
+        assert [i.topic for i in sink.inbound] == [dev.response_topic("e1")]
+        assert not fast._deferred  # the loop caught up: the next publish is handled in the reader again
+
+
+async def test_many_pairs_round_trip(broker: FleetBroker) -> None:
+    """Request/response between 20 pairs at once, as the raw bench does (nothing lost or crossed)."""
+    pairs = 20
+    port = broker.listener_ports()["mqtt"]
+
+    def echo(client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        client.publish(msg.topic[: -len("req")] + "resp", msg.payload, qos=1)
+
+    responders: list[mqtt.Client] = []
+    for i in range(pairs):
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"echo-{i}")
+        c.on_message = echo
+        c.connect_async("127.0.0.1", port)
+        c.loop_start()
+        responders.append(c)
+    requesters = [_client(broker, f"req-{i}") for i in range(pairs)]
+    try:
+        for i, c in enumerate(responders):
+            await wait_for(c.is_connected, what="responder")
+            c.subscribe(f"rt/{i}/req", qos=1)
+        await wait_for(lambda: all(f"rt/{i}/req" in broker._router for i in range(pairs)), what="responders subscribed")
+        for i, r in enumerate(requesters):
+            await r.__aenter__()
+            assert await r.asubscribe(f"rt/{i}/resp") == [1]
+        for n, (i, r) in itertools.product(range(5), enumerate(requesters)):
+            r.publish_raw(f"rt/{i}/req", _payload(n))
+        for i, r in enumerate(requesters):
+            got = [json.loads(m.payload)["n"] for m in await _drain(r, 0.5)]
+            assert got == list(range(5)), i
+    finally:
+        for r in requesters:
+            await r.__aexit__(None, None, None)
+        for c in responders:
+            c.disconnect()
+            c.loop_stop()
