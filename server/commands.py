@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -22,7 +23,7 @@ from server.clock import now_ms
 from server.config import Settings
 from server.delivery import Outbox, Route, Spawn
 from server.errors import FailedPrecondition, FleetcmdError, NotFound, ResourceExhausted, ThingMismatch
-from server.events import EventBus
+from server.events import EventBus, StreamBatch
 from server.lifecycle import Outcome, Status, Trigger, initial_status
 from server.models import DeviceReport, EventFilter, Execution, ListQuery, NewExecution, StateChange
 from server.registry import Registry
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 INGEST_BATCH = 256
 REPLAY_PAGE = 500
+# Device reports handed to the store and not yet committed, at most: beyond that the ingest
+# loop waits, and the bounded ingest queue pushes back on the broker.
+REPORTS_IN_FLIGHT = 2 * INGEST_BATCH
 
 
 InboundHandler = Callable[[Inbound], Awaitable[None]]
@@ -50,6 +54,9 @@ class DeviceListener(Protocol):
 
     def client_disconnected(self, client_id: str) -> None:
         """A client's connection ended."""
+
+
+_REPORT_STATS = {outcome: f"reports.{outcome.value}" for outcome in Outcome}
 
 
 class CommandCore:
@@ -73,6 +80,8 @@ class CommandCore:
         self.stats: collections.Counter[str] = collections.Counter()
         self._stopping = False
         self._ingest_done = asyncio.Event()
+        self._reports_in_flight = 0
+        self._reports_drained = asyncio.Event()
 
     # ---- start and stop -------------------------------------------------------------------
 
@@ -82,7 +91,10 @@ class CommandCore:
             if event.status.final and not event.late:
                 self.scheduler.cancel(event.execution_id)
                 self.outbox.discard(event.thing_id, event.execution_id)
-        self.bus.publish(events)
+        # Announced on the next loop turn: the callers this commit resolved go first (a Send
+        # that is about to publish its request to the device); watchers still get every
+        # event, in commit order.
+        asyncio.get_running_loop().call_soon(self.bus.publish, events)
 
     async def restore(self) -> int:
         """Reschedule every non-final execution after a (re)start; overdue ones expire at once.
@@ -118,6 +130,7 @@ class CommandCore:
         """Background loop: apply device reports in arrival order, a batch per store commit."""
         try:
             await self._ingest_loop()
+            await self._reports_below(1)  # stopping: every report taken is committed
         finally:
             self._ingest_done.set()
 
@@ -135,9 +148,55 @@ class CommandCore:
                     break
                 batch.append(item)
             # Submitted in order: the store runs them in this order within one transaction.
-            await asyncio.gather(*(self._apply(item) for item in batch))
+            # EMQX reports go to the store at once, without a task each; other dialects'
+            # handlers run as tasks (they may read before they write).
+            handlers = []
+            for item in batch:
+                if item.action is LifecycleAction.DEVICE_REPORT and self._builtin_report:
+                    self._submit_emqx_report(item)
+                else:
+                    handlers.append(self._apply(item))
+            if handlers:
+                await asyncio.gather(*handlers)
+            await self._reports_below(REPORTS_IN_FLIGHT)
             if stop:
                 return
+
+    async def _reports_below(self, limit: int) -> None:
+        """Wait until fewer than ``limit`` device reports are waiting for their commit."""
+        while self._reports_in_flight >= limit:
+            self._reports_drained.clear()
+            await self._reports_drained.wait()
+
+    @property
+    def _builtin_report(self) -> bool:
+        # Whether EMQX reports still go to the built-in handler (nobody replaced it).
+        return self.handlers.get(LifecycleAction.DEVICE_REPORT) == self._on_emqx_report
+
+    def _submit_emqx_report(self, inbound: Inbound) -> None:
+        msg: emqx.ReportMessage = inbound.message
+        future = self.store.transition_nowait(
+            msg.execution_id,
+            Trigger.DEVICE_REPORT,
+            at_ms=now_ms(),
+            report=msg.report,
+            expect_thing=msg.thing_id,
+            result_check=self.registry.result_check,
+        )
+        self._reports_in_flight += 1
+        future.add_done_callback(functools.partial(self._emqx_report_done, inbound))
+
+    def _emqx_report_done(self, inbound: Inbound, future: asyncio.Future[TransitionResult]) -> None:
+        self._reports_in_flight -= 1
+        if self._reports_in_flight < REPORTS_IN_FLIGHT:
+            self._reports_drained.set()
+        msg: emqx.ReportMessage = inbound.message
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - counted and logged like the handler's failures
+            self._emqx_report_failed(inbound, exc)
+            return
+        self._count_report(result, msg.execution_id, msg.report)
 
     async def stop_ingest(self, timeout: float) -> None:
         """Refuse new reports and wait (at most ``timeout`` s) until those already queued are applied.
@@ -181,9 +240,11 @@ class CommandCore:
         prepared = self.registry.prepare_send(cmd.thing_id, cmd.action, cmd.params, cmd.ttl_seconds)
         ttl = prepared.ttl_seconds or self.settings.default_ttl
         created = now_ms()
+        # Two random 128-bit ids in one call, in uuid4().hex's format (32 lowercase hex digits).
+        ids = os.urandom(32).hex()
         new = NewExecution(
-            execution_id=uuid.uuid4().hex,
-            command_id=uuid.uuid4().hex,
+            execution_id=ids[:32],
+            command_id=ids[32:],
             thing_id=cmd.thing_id,
             action=cmd.action,
             params_json=prepared.params_json,
@@ -201,7 +262,10 @@ class CommandCore:
         if result.created:
             self.stats["sent"] += 1
             self.scheduler.schedule(new.execution_id, new.expires_at_ms)
-            self.outbox.add(result.execution)
+            if self.outbox.add(result.execution):
+                # Let the publish task write the request to the device before this caller
+                # goes on to build its answer: the device's round trip is the longer path.
+                await asyncio.sleep(0)
         return result.execution
 
     async def wait(self, execution: Execution, seconds: float) -> Execution:
@@ -266,8 +330,12 @@ class CommandCore:
         self.stats["canceled"] += 1
         return result.execution
 
-    async def stream(self, flt: EventFilter, after_sequence: int | None) -> AsyncIterator[StateChange]:
+    async def stream(self, flt: EventFilter, after_sequence: int | None) -> AsyncIterator[StreamBatch]:
         """Committed events matching ``flt``: replayed after ``after_sequence`` if given, then live.
+
+        Events come in batches, in sequence order: one replay page, or everything
+        the bus delivered since the caller last asked (one commit, or several when
+        it was behind), so a surface can send them in one message.
 
         Subscribing live before reading the log closes the race between the two:
         an event is either in the replay, in the live buffer, or both (and then
@@ -283,16 +351,19 @@ class CommandCore:
                 last = after_sequence
                 while True:
                     page = await self.store.events_after(last, flt, REPLAY_PAGE)
-                    for event in page:
-                        yield event
-                        last = event.sequence
+                    if page:
+                        last = page[-1].sequence
+                        yield StreamBatch(page, live=False)
                     if len(page) < REPLAY_PAGE:
                         break
             while True:
-                for event in await sub.next_batch():
-                    if event.sequence > last:
-                        yield event
-                        last = event.sequence
+                batch = await sub.next_batch()
+                if batch[0].sequence <= last:  # already replayed (only right after the replay)
+                    batch = [e for e in batch if e.sequence > last]
+                    if not batch:
+                        continue
+                last = batch[-1].sequence
+                yield StreamBatch(batch, live=True)
         finally:
             sub.close()
 
@@ -356,26 +427,35 @@ class CommandCore:
             expect_thing=thing_id,
             result_check=self.registry.result_check,
         )
-        self.stats[f"reports.{result.decision.outcome.value}"] += 1
+        self._count_report(result, execution_id, report)
+        return result
+
+    def _count_report(self, result: TransitionResult, execution_id: str, report: DeviceReport) -> None:
+        self.stats[_REPORT_STATS[result.decision.outcome]] += 1
         if result.decision.outcome is Outcome.LATE:
             log.info("late %s for %s kept in history", report.status.name, execution_id)
-        return result
 
     async def _on_emqx_report(self, inbound: Inbound) -> None:
         msg: emqx.ReportMessage = inbound.message
         try:
             await self.report(msg.execution_id, msg.report, thing_id=msg.thing_id)
-        except NotFound:
+        except Exception as exc:  # noqa: BLE001 - every failure is counted and logged there
+            self._emqx_report_failed(inbound, exc)
+
+    def _emqx_report_failed(self, inbound: Inbound, exc: BaseException) -> None:
+        msg: emqx.ReportMessage = inbound.message
+        if isinstance(exc, NotFound):
             self.stats["dropped.unknown_execution"] += 1
             log.warning("%s reported on unknown execution %r: dropped", inbound.client_id, msg.execution_id)
-            return
-        except ThingMismatch as exc:
+        elif isinstance(exc, ThingMismatch):
             self.stats["dropped.thing_mismatch"] += 1
             log.warning("%s: %s: dropped", inbound.client_id, exc)
-            return
-        except FleetcmdError:
+        elif isinstance(exc, FleetcmdError):
             self.stats["dropped.store_error"] += 1
-            log.exception("could not record a report from %s", inbound.client_id)
+            log.error("could not record a report from %s", inbound.client_id, exc_info=exc)
+        else:
+            self.stats["dropped.handler_error"] += 1
+            log.error("%s from %s on %r failed", inbound.action.value, inbound.client_id, inbound.topic, exc_info=exc)
 
     def metrics(self) -> dict[str, Any]:
         """Counters for logs and tests."""

@@ -12,6 +12,7 @@ PUBACKs it or the execution ends.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from server.clock import now_ms
 from server.errors import FleetcmdError
 from server.lifecycle import Outcome, Status, Trigger
 from server.models import Execution
-from server.store import Store
+from server.store import Store, TransitionResult
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,16 @@ class Outbox:
         """Keep an execution until its device acknowledges it (restored after a restart)."""
         self._pending.setdefault(thing_id, {})[execution_id] = None
 
-    def add(self, execution: Execution) -> None:
-        """Hold a new execution; publish it at once when it was created SENT (device ready)."""
+    def add(self, execution: Execution) -> bool:
+        """Hold a new execution; publish it at once when it was created SENT (device ready).
+
+        Returns:
+            Whether a publish was started.
+        """
         self.hold(execution.thing_id, execution.execution_id)
         if execution.status is Status.SENT:
-            self._start_publish(execution)
+            return self._start_publish(execution)
+        return False
 
     def discard(self, thing_id: str, execution_id: str) -> None:
         """Forget an execution that was acknowledged or ended."""
@@ -179,13 +185,27 @@ class Outbox:
             else:
                 self.discard(thing_id, execution.execution_id)
 
-    def _start_publish(self, execution: Execution) -> None:
+    def _acked(self, execution: Execution, future: asyncio.Future[TransitionResult]) -> None:
+        # The DELIVERED transition is committed (or failed): only now is the publish over.
+        try:
+            if not future.cancelled():
+                exc = future.exception()
+                if exc is None:
+                    self.discard(execution.thing_id, execution.execution_id)
+                else:
+                    log.error("could not record the PUBACK of %s", execution.execution_id, exc_info=exc)
+        finally:
+            self._published(execution)
+
+    def _start_publish(self, execution: Execution) -> bool:
         if execution.execution_id in self._inflight:
-            return
+            return False
         self._inflight.add(execution.execution_id)
         self._spawn(self._publish(execution), f"deliver-{execution.execution_id}")
+        return True
 
     async def _publish(self, execution: Execution) -> None:
+        acked: asyncio.Future[TransitionResult] | None = None
         try:
             link, route = self._link, self.route_for(execution.thing_id)
             if link is None or route is None:
@@ -199,8 +219,13 @@ class Outbox:
                 self.published += 1
             if outcome is Delivery.ACKED:
                 self.acked += 1
-                await self._store.transition(execution.execution_id, Trigger.ACKED, at_ms=now_ms())
-                self.discard(execution.thing_id, execution.execution_id)
+                # Queued at once, so it reaches the store ahead of the device's answer that
+                # followed the PUBACK; deferrable, so that answer can share its commit. The
+                # task ends here and _acked finishes the publish once DELIVERED is committed.
+                acked = self._store.transition_nowait(
+                    execution.execution_id, Trigger.ACKED, at_ms=now_ms(), deferrable=True
+                )
+                acked.add_done_callback(functools.partial(self._acked, execution))
             elif outcome is Delivery.SENT:
                 # A QoS 0 subscription cannot acknowledge: sent once is all MQTT offers.
                 self.discard(execution.thing_id, execution.execution_id)
@@ -210,9 +235,13 @@ class Outbox:
         except Exception:
             log.exception("publishing %s failed", execution.execution_id)
         finally:
-            self._inflight.discard(execution.execution_id)
-            if execution.execution_id in self._retry:
-                self._retry.discard(execution.execution_id)
-                # Still not acknowledged (e.g. it went to a connection that was being replaced).
-                if execution.execution_id in self._pending.get(execution.thing_id, ()):
-                    self.device_available(execution.thing_id)
+            if acked is None:
+                self._published(execution)
+
+    def _published(self, execution: Execution) -> None:
+        self._inflight.discard(execution.execution_id)
+        if execution.execution_id in self._retry:
+            self._retry.discard(execution.execution_id)
+            # Still not acknowledged (e.g. it went to a connection that was being replaced).
+            if execution.execution_id in self._pending.get(execution.thing_id, ()):
+                self.device_available(execution.thing_id)

@@ -5,12 +5,14 @@ lifecycle (``server.lifecycle.decide``) inside its write transaction, so a
 device report racing a timeout or a cancel is decided against the committed
 status, and every change is recorded in the append-only event log in the same
 transaction as the execution row. Committed events are handed to the
-``on_commit`` callback in sequence order, after the commit and before the
-writer resolves the callers.
+``on_commit`` callback in sequence order, after the commit, in the same
+event-loop callback that resolves the callers: no caller resumes before the
+listener has seen the events of its commit.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -86,6 +88,25 @@ class Store(Protocol):
         Raises:
             NotFound: no such execution.
             ThingMismatch: ``expect_thing`` is given and is not the execution's thing.
+        """
+
+    def transition_nowait(
+        self,
+        execution_id: str,
+        trigger: Trigger,
+        *,
+        at_ms: int,
+        report: DeviceReport | None = None,
+        expect_thing: str | None = None,
+        result_check: ResultCheck | None = None,
+        deferrable: bool = False,
+    ) -> asyncio.Future[TransitionResult]:
+        """Queue :meth:`transition` and return the future of its result, without a coroutine.
+
+        For callers that apply many triggers and want no task per write: the write is
+        queued in call order, and committed whatever becomes of the future. A
+        ``deferrable`` write (nobody waits for it) may be held a moment (about a
+        millisecond) so that the writes right behind it share its commit.
         """
 
     async def get(self, execution_id: str, *, with_history: bool = False) -> Execution | None:
