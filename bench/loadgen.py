@@ -9,9 +9,10 @@ keep being served by the same event loop. Agents:
   request with ``SUCCEEDED``; in ``raw`` mode each echoes ``bench/{id}/req`` to
   ``bench/{id}/resp``.
 * :class:`RequesterAgent` - the other side of the raw round trip.
-* :class:`CallerAgent` - gRPC ``Send`` callers (``grpc.aio``) plus one ``Stream``
-  watcher that sees each command's final status.
-* :class:`WatcherAgent` - many ``Stream`` watchers counting every event.
+* :class:`CallerAgent` - gRPC callers (``grpc.aio``), each command a unary ``Send``
+  or an item of one ``SendStream`` call, plus one ``StreamBatches`` watcher that
+  sees each command's final status.
+* :class:`WatcherAgent` - many ``StreamBatches`` watchers counting every event.
 
 Every loop here is bounded by a deadline or a count.
 """
@@ -317,8 +318,83 @@ def _channel(target: str) -> Any:
     return grpc.aio.insecure_channel(target, options=[("grpc.max_receive_message_length", 16 << 20)])
 
 
+class ItemError(Exception):
+    """A SendStream item answered with an error (counted by its code name, as a unary call's error is)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        import grpc
+
+        super().__init__(message)
+        self._code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+    def code(self) -> Any:
+        """The item's status code."""
+        return self._code
+
+
+class SendStreamClient:
+    """One ``SendStream`` call shared by many coroutines: :meth:`send` writes an item and awaits its answer."""
+
+    def __init__(self, stub: Any, pb: Any, md: Any) -> None:
+        self.pb = pb
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._pending: dict[str, asyncio.Future[Any]] = {}
+        self._next = 0
+        self.error = ""
+        self.call = stub.SendStream(self._requests(), metadata=md)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _requests(self) -> Any:
+        while (req := await self._queue.get()) is not None:
+            yield req
+
+    async def _read(self) -> None:
+        failure: Exception = RuntimeError("SendStream ended")
+        try:
+            async for resp in self.call:
+                fut = self._pending.pop(resp.request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(resp)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to every waiting sender
+            failure = exc
+            self.error = f"{type(exc).__name__}: {exc}"[:300]
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(failure)
+        self._pending.clear()
+
+    async def send(self, thing: str, action: str, timeout: float) -> Any:
+        """Write one item; its Execution once the server answers (committed), or raise its error."""
+        self._next += 1
+        rid = str(self._next)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        self._queue.put_nowait(
+            self.pb.SendStreamRequest(request_id=rid, send={"thing_id": thing, "action": action, "ttl_seconds": 60})
+        )
+        try:
+            resp = await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(rid, None)
+        if resp.WhichOneof("outcome") == "error":
+            raise ItemError(resp.error.code, resp.error.message)
+        return resp.execution
+
+    async def close(self) -> None:
+        """Half-close, let the answers still due arrive (bounded), then end the call."""
+        self._queue.put_nowait(None)
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(self._reader, 10)
+        self.call.cancel()
+
+
 class CallerAgent:
-    """``Send`` callers plus one ``Stream`` watcher that resolves each command when its final event arrives."""
+    """Callers (unary ``Send``, or items of one ``SendStream``) plus one ``StreamBatches`` watcher.
+
+    The watcher resolves each command when its final event arrives.
+    """
 
     def __init__(self, target: str, api_key: str, action: str = "bench") -> None:
         from server.pb import commands_pb2, commands_pb2_grpc
@@ -337,31 +413,37 @@ class CallerAgent:
         self.stream_error = ""
 
     async def _watch(self) -> None:
-        call = self.stub.Stream(self.pb.StreamRequest(action=self.action), metadata=self.md)
+        # StreamBatches: the events committed together arrive in one message (the watcher's own cost per
+        # event is what limited it on Stream); each final status is still seen, timed at its batch's arrival.
+        call = self.stub.StreamBatches(self.pb.StreamRequest(action=self.action), metadata=self.md)
         try:
-            async for ev in call:
-                self.events += 1
-                if self.last_seq and ev.sequence != self.last_seq + 1:
-                    self.gaps += 1
-                self.last_seq = ev.sequence
-                if ev.status in FINAL:
-                    now = time.monotonic()
-                    fut = self._waiters.pop(ev.execution_id, None)
-                    if fut is None:
-                        self._early[ev.execution_id] = now
-                    elif not fut.done():
-                        fut.set_result(now)
+            async for batch in call:
+                now = time.monotonic()
+                for ev in batch.events:
+                    self.events += 1
+                    if self.last_seq and ev.sequence != self.last_seq + 1:
+                        self.gaps += 1
+                    self.last_seq = ev.sequence
+                    if ev.status in FINAL:
+                        fut = self._waiters.pop(ev.execution_id, None)
+                        if fut is None:
+                            self._early[ev.execution_id] = now
+                        elif not fut.done():
+                            fut.set_result(now)
         except asyncio.CancelledError:
             call.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - reported in the results
             self.stream_error = f"{type(exc).__name__}: {exc}"[:300]
 
-    async def _one(self, thing: str, timeout: float = 30.0) -> tuple[float, float]:
-        """Send one command; returns (send_started, final_seen) monotonic times."""
+    async def _one(self, thing: str, timeout: float = 30.0, stream: SendStreamClient | None = None) -> tuple[float, float]:
+        """Send one command (unary, or as an item of ``stream``); returns (send_started, final_seen) monotonic times."""
         t0 = time.monotonic()
-        ex = await self.stub.Send(self.pb.SendRequest(thing_id=thing, action=self.action, ttl_seconds=60),
-                                  metadata=self.md, timeout=timeout)
+        if stream is None:
+            ex = await self.stub.Send(self.pb.SendRequest(thing_id=thing, action=self.action, ttl_seconds=60),
+                                      metadata=self.md, timeout=timeout)
+        else:
+            ex = await stream.send(thing, self.action, timeout)
         eid = ex.execution_id
         t = self._early.pop(eid, None)
         if t is None:
@@ -390,11 +472,15 @@ class CallerAgent:
                 # The stream may have subscribed after the probe's final event: try again.
 
     async def cmd_run(self, things: list[str], concurrency: int, warmup: float, duration: float,
-                      max_commands: int = 1_000_000, start_at: float = 0.0, drain_s: float = 20.0) -> dict[str, Any]:
+                      max_commands: int = 1_000_000, start_at: float = 0.0, drain_s: float = 20.0,
+                      mode: str = "unary") -> dict[str, Any]:
         """Closed loop: ``concurrency`` callers each Send, wait for the final event, repeat.
 
-        Commands started after the warm-up whose final event arrives inside the window are counted.
+        ``mode`` ``unary``: each command is a ``Send`` call; ``stream``: an item of one ``SendStream``
+        call that all callers share (so ``concurrency`` items are in flight on it). Commands started
+        after the warm-up whose final event arrives inside the window are counted.
         """
+        stream = SendStreamClient(self.stub, self.pb, self.md) if mode == "stream" else None
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         t_begin = time.monotonic()
         ws, we = t_begin + warmup, t_begin + warmup + duration
@@ -414,7 +500,7 @@ class CallerAgent:
                 thing = things[(i + rng.randrange(len(things))) % len(things)]
                 i += concurrency
                 try:
-                    t0, t1 = await self._one(thing)
+                    t0, t1 = await self._one(thing, stream=stream)
                 except Exception as exc:  # noqa: BLE001 - counted
                     code = getattr(exc, "code", None)
                     key = str(code()) if callable(code) else type(exc).__name__
@@ -439,7 +525,13 @@ class CallerAgent:
         for task in pending:
             task.cancel()
         await marker
+        stream_call_error = ""
+        if stream is not None:
+            await stream.close()
+            stream_call_error = stream.error
         return {
+            "mode": mode,
+            "send_stream_error": stream_call_error,
             "commands": completed_in_window,
             "duration": duration,
             "window": [ws, we],
@@ -506,7 +598,7 @@ class CallerAgent:
 
 
 class WatcherAgent:
-    """``n`` Stream watchers; each counts its events and checks that sequences have no gap."""
+    """``n`` ``StreamBatches`` watchers; each counts its events and checks that sequences have no gap."""
 
     def __init__(self, target: str, api_key: str, n: int, action: str = "bench") -> None:
         from server.pb import commands_pb2, commands_pb2_grpc
@@ -527,18 +619,21 @@ class WatcherAgent:
         self.recording = False
 
     async def _watch(self, k: int) -> None:
-        call = self.stub.Stream(self.pb.StreamRequest(action=self.action), metadata=self.md)
+        # StreamBatches: the same events as Stream, those available together in one message.
+        call = self.stub.StreamBatches(self.pb.StreamRequest(action=self.action), metadata=self.md)
         try:
-            async for ev in call:
-                seq = ev.sequence
-                if self.last[k] and seq != self.last[k] + 1:
-                    self.gaps[k] += 1
-                if not self.first[k]:
-                    self.first[k] = seq
-                self.last[k] = seq
-                self.count[k] += 1
-                if self.recording and (seq & 7) == 0:  # one event in 8: age = now - commit time
-                    self.ages[k].append(time.time() - (ev.at.seconds + ev.at.nanos / 1e9))
+            async for batch in call:
+                now = time.time()
+                for ev in batch.events:
+                    seq = ev.sequence
+                    if self.last[k] and seq != self.last[k] + 1:
+                        self.gaps[k] += 1
+                    if not self.first[k]:
+                        self.first[k] = seq
+                    self.last[k] = seq
+                    self.count[k] += 1
+                    if self.recording and (seq & 7) == 0:  # one event in 8: age = arrival - commit time
+                        self.ages[k].append(now - (ev.at.seconds + ev.at.nanos / 1e9))
         except asyncio.CancelledError:
             call.cancel()
             raise

@@ -87,20 +87,23 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
     fleets = sorted({e["fleet"] for e in (_reps(doc, "e2e") or [])})
     conc = doc.get("meta", {}).get("plan", {}).get("concurrency", 64)
     targets = {1000: ">= 1,500", 10000: ">= 1,200"}
+    # (results key, row key part, label part): unary Send callers, then the same load on one SendStream.
+    apis = (("reps", "", ""), ("stream_reps", ".stream", " (SendStream)"))
     for fleet in fleets:
-        def e2e(d: dict[str, Any], k: str, fleet: int = fleet) -> list[float] | None:
-            e = _e2e_entry(d, fleet)
-            return [r[k] for r in e["reps"]] if e else None
+        for reps_key, kp, api in apis:
+            def e2e(d: dict[str, Any], k: str, fleet: int = fleet, reps_key: str = reps_key) -> list[float] | None:
+                e = _e2e_entry(d, fleet)
+                return [r[k] for r in e.get(reps_key, [])] if e else None
 
-        add(f"e2e.{fleet}.rate", f"end-to-end commands/s, {fleet:,} devices", lambda d, f=e2e: f(d, "rate"),
-            targets.get(fleet, ""))
-        add(f"e2e.{fleet}.p50", f"  latency p50 ms ({conc} in flight)", lambda d, f=e2e: f(d, "lat_p50_ms"))
-        add(f"e2e.{fleet}.p99", f"  latency p99 ms ({conc} in flight)", lambda d, f=e2e: f(d, "lat_p99_ms"))
-        add(f"e2e.{fleet}.svc_us", "  service CPU per command, us", lambda d, f=e2e: f(d, "service_us_per_cmd"),
-            "<= 1.3x the 100-device cost" if fleet == 10000 else "")
-        add(f"e2e.{fleet}.svc_cpu", "  service CPU, % of one core", lambda d, f=e2e: f(d, "service_cpu_pct"))
-        add(f"e2e.{fleet}.lg_cpu", "  load generator CPU, % of one core", lambda d, f=e2e: f(d, "loadgen_cpu_pct"))
-        add(f"e2e.{fleet}.busy", "  machine busy, % of all cores", lambda d, f=e2e: f(d, "machine_busy_pct"))
+            add(f"e2e.{fleet}{kp}.rate", f"end-to-end commands/s{api}, {fleet:,} devices", lambda d, f=e2e: f(d, "rate"),
+                targets.get(fleet, ""))
+            add(f"e2e.{fleet}{kp}.p50", f"  latency p50 ms ({conc} in flight)", lambda d, f=e2e: f(d, "lat_p50_ms"))
+            add(f"e2e.{fleet}{kp}.p99", f"  latency p99 ms ({conc} in flight)", lambda d, f=e2e: f(d, "lat_p99_ms"))
+            add(f"e2e.{fleet}{kp}.svc_us", "  service CPU per command, us", lambda d, f=e2e: f(d, "service_us_per_cmd"),
+                "<= 1.3x the 100-device cost" if fleet == 10000 else "")
+            add(f"e2e.{fleet}{kp}.svc_cpu", "  service CPU, % of one core", lambda d, f=e2e: f(d, "service_cpu_pct"))
+            add(f"e2e.{fleet}{kp}.lg_cpu", "  load generator CPU, % of one core", lambda d, f=e2e: f(d, "loadgen_cpu_pct"))
+            add(f"e2e.{fleet}{kp}.busy", "  machine busy, % of all cores", lambda d, f=e2e: f(d, "machine_busy_pct"))
 
     def low(d: dict[str, Any], k: str) -> list[float] | None:
         reps = _reps(d, "lowload", "reps")
@@ -243,10 +246,10 @@ def plot(doc: dict[str, Any], path: Path, baseline: dict[str, Any] | None) -> No
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax_t, ax_l, ax_r, ax_c = axes[0][0], axes[0][1], axes[1][0], axes[1][1]
 
-    def series(d: dict[str, Any], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    def series(d: dict[str, Any], key: str, reps_key: str = "reps") -> tuple[list[int], list[float], list[float], list[float]]:
         xs, med, lo, hi = [], [], [], []
         for e in sorted(_reps(d, "e2e") or [], key=lambda e: e["fleet"]):
-            s = _summary([r[key] for r in e["reps"]])
+            s = _summary([r[key] for r in e.get(reps_key, [])])
             if s:
                 xs.append(e["fleet"])
                 med.append(s[0])
@@ -260,6 +263,9 @@ def plot(doc: dict[str, Any], path: Path, baseline: dict[str, Any] | None) -> No
         xs, med, lo, hi = series(d, "rate")
         if xs:
             ax_t.errorbar(xs, med, yerr=[lo, hi], fmt=style, capsize=4, label=f"{label}")
+        xs, med, lo, hi = series(d, "rate", "stream_reps")
+        if xs:
+            ax_t.errorbar(xs, med, yerr=[lo, hi], fmt=style, capsize=4, label=f"{label} SendStream")
         for key, color in (("lat_p50_ms", "tab:blue"), ("lat_p99_ms", "tab:red")):
             xs, med, lo, hi = series(d, key)
             if xs:

@@ -217,7 +217,8 @@ class Suite:
             failed = set(conn.pop("failed_ids"))
             live = [t for t in ids if t not in failed] or ids[:1]
             probe = caller.call("start", 60, probe_thing=live[0])
-            entry: dict[str, Any] = {"fleet": fleet, "connect": conn, "probe": probe, "reps": []}
+            # reps: unary Send callers; stream_reps: the same load as items of one SendStream call.
+            entry: dict[str, Any] = {"fleet": fleet, "connect": conn, "probe": probe, "reps": [], "stream_reps": []}
             out.append(entry)
             if conn["connected"] < fleet:
                 self.notes.append(f"e2e at {fleet} devices ran with the {conn['connected']} that connected "
@@ -227,7 +228,10 @@ class Suite:
             groups = {"service": [svc.pid], "loadgen": [a.pid for a in (*devs, caller)]}
             if "e2e" in plan.scenarios:
                 for rep in range(plan.reps):
-                    entry["reps"].append(self._e2e_rep(caller, live, groups, rep, fleet, svc))
+                    # Both APIs in every repetition, alternating which goes first (the machine is shared and noisy).
+                    for mode in ("unary", "stream") if rep % 2 == 0 else ("stream", "unary"):
+                        r = self._e2e_rep(caller, live, groups, rep, fleet, svc, mode=mode)
+                        entry["reps" if mode == "unary" else "stream_reps"].append(r)
             if "fanout" in plan.scenarios and fleet == plan.fanout_fleet:
                 self._fanout(svc, caller, live, groups)
             self.p.stop(caller)
@@ -236,11 +240,14 @@ class Suite:
             self.p.stop(svc)
 
     def _e2e_rep(self, caller: Agent, ids: list[str], groups: dict[str, list[int]], rep: int, fleet: int,
-                 svc: Service, label: str = "e2e") -> dict[str, Any]:
+                 svc: Service, label: str = "e2e", mode: str = "unary") -> dict[str, Any]:
+        """One closed-loop measurement; ``mode`` ``unary`` (a ``Send`` per command) or ``stream`` (one ``SendStream``)."""
         plan = self.plan
+        if mode == "stream":
+            label += "-sendstream"
         start = time.monotonic() + 0.3
         caller.send("run", things=ids, concurrency=plan.concurrency, warmup=plan.e2e_warmup, duration=plan.e2e_window,
-                    start_at=start)
+                    start_at=start, mode=mode)
         cpu = CpuWindow(groups)
         sleep_until(start + plan.e2e_warmup)
         cpu.start()
@@ -256,7 +263,8 @@ class Suite:
         r["service_rss_mb"] = rss_bytes(svc.pid) / 2**20
         log(f"{label}: fleet {fleet} rep {rep + 1}: {r['rate']:.0f} commands/s, p50 {r['lat_p50_ms']:.1f} ms, "
             f"p99 {r['lat_p99_ms']:.1f} ms, service CPU {usage['service_cpu_pct']:.0f}%, "
-            f"loadgen CPU {usage['loadgen_cpu_pct']:.0f}%, errors {r['errors'] or 0}")
+            f"loadgen CPU {usage['loadgen_cpu_pct']:.0f}%, errors {r['errors'] or 0}"
+            + (f", SendStream ended: {r['send_stream_error']}" if r.get("send_stream_error") else ""))
         return r
 
     def _lowload(self, caller: Agent, thing: str) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -139,9 +139,8 @@ def execution(e: Execution) -> pb.Execution:
     )
 
 
-@functools.lru_cache(maxsize=4096)
 def event(change: StateChange) -> pb.ExecutionEvent:
-    """A Stream event (cached: every watcher of a change gets the same message; do not mutate it)."""
+    """A Stream event."""
     return pb.ExecutionEvent(
         sequence=change.sequence,
         execution_id=change.execution_id,
@@ -157,7 +156,120 @@ def event(change: StateChange) -> pb.ExecutionEvent:
     )
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+# The key of one ``EventBatch.events`` entry (field number, wire type 2 = length-delimited).
+_EVENTS_KEY = _varint(pb.EventBatch.DESCRIPTOR.fields_by_name["events"].number << 3 | 2)
+
+
+class EventWire:
+    """Stream events serialized once, whoever sends them.
+
+    A live event reaches every watcher as the same :class:`StateChange` object
+    (the bus hands each subscriber the commit's own events), so its bytes are
+    kept by that object's identity: 50 watchers cost one conversion and one
+    serialization, not 50. An entry holds the object itself, so its ``id`` cannot
+    be reused while the entry exists; the oldest entries go first.
+
+    ``EventBatch`` has one field, ``repeated ExecutionEvent events = 1``, whose
+    encoding is the concatenation of its entries (key, length, message): a batch
+    is joined from the entries' bytes, exactly what ``SerializeToString`` gives.
+    """
+
+    def __init__(self, size: int = 8192) -> None:
+        """Keep the bytes of up to ``size`` live events."""
+        self._size = size
+        self._entries: dict[int, tuple[StateChange, bytes, bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _encode(self, change: StateChange) -> tuple[StateChange, bytes, bytes]:
+        message = event(change).SerializeToString()
+        return change, message, _EVENTS_KEY + _varint(len(message)) + message
+
+    def _entry(self, change: StateChange, shared: bool) -> tuple[StateChange, bytes, bytes]:
+        if not shared:  # replayed for one caller: nobody else will ask, do not evict live entries for it
+            return self._encode(change)
+        entries = self._entries
+        entry = entries.get(id(change))
+        if entry is None or entry[0] is not change:
+            entry = self._encode(change)
+            entries[id(change)] = entry
+            if len(entries) > self._size:
+                del entries[next(iter(entries))]
+        return entry
+
+    def message(self, change: StateChange, shared: bool = True) -> bytes:
+        """The serialized ``ExecutionEvent``.
+
+        Args:
+            change: The event.
+            shared: Whether other watchers get this very object (a live event): keep its bytes.
+        """
+        return self._entry(change, shared)[1]
+
+    def batches(self, changes: Sequence[StateChange], shared: bool = True, max_bytes: int = 1 << 20) -> list[bytes]:
+        """The serialized ``EventBatch`` messages that carry ``changes``, in order.
+
+        Args:
+            changes: The events, in sequence order.
+            shared: As for :meth:`message`.
+            max_bytes: A new message starts before one would exceed this (an event larger
+                than it travels alone): a burst of large device results stays far below
+                the 4 MiB a gRPC client accepts by default.
+        """
+        out: list[bytes] = []
+        parts: list[bytes] = []
+        size = 0
+        for change in changes:
+            framed = self._entry(change, shared)[2]
+            if parts and size + len(framed) > max_bytes:
+                out.append(b"".join(parts))
+                parts, size = [], 0
+            parts.append(framed)
+            size += len(framed)
+        if parts:
+            out.append(b"".join(parts))
+        return out
+
+
+# The keys of ``SendStreamResponse.request_id`` and ``SendStreamResponse.execution`` (wire type 2).
+_RESPONSE_FIELDS = pb.SendStreamResponse.DESCRIPTOR.fields_by_name
+_REQUEST_ID_KEY = _varint(_RESPONSE_FIELDS["request_id"].number << 3 | 2)
+_EXECUTION_KEY = _varint(_RESPONSE_FIELDS["execution"].number << 3 | 2)
+
+
+def _length_delimited(key: bytes, payload: bytes) -> bytes:
+    return key + _varint(len(payload)) + payload
+
+
+def send_stream_execution(request_id: str, e: Execution) -> bytes:
+    """A serialized ``SendStreamResponse`` carrying an execution.
+
+    Framed from the Execution's own bytes, as ``SerializeToString`` would write it:
+    building the wrapper message would copy the whole Execution into it first.
+    """
+    body = _length_delimited(_EXECUTION_KEY, execution(e).SerializeToString())
+    if not request_id:
+        return body  # proto3 leaves an empty string out
+    return _length_delimited(_REQUEST_ID_KEY, request_id.encode()) + body
+
+
+def send_stream_error(request_id: str, error: pb.Error) -> bytes:
+    """A serialized ``SendStreamResponse`` carrying an error."""
+    return pb.SendStreamResponse(request_id=request_id, error=error).SerializeToString()
+
+
 # ---- List pagination ---------------------------------------------------------------------
+
 
 def _filter_digest(req: pb.ListRequest) -> str:
     key = json.dumps(

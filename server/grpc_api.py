@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import convert
 from server.apikeys import ApiKeys
 from server.commands import CommandCore
-from server.errors import InvalidArgument
+from server.errors import FleetcmdError, InvalidArgument
 from server.grpc_auth import AuthInterceptor
-from server.grpc_errors import maps_errors
-from server.models import EventFilter
+from server.grpc_errors import internal_error, maps_errors, to_error
+from server.models import EventFilter, Execution
 from server.pb import commands_pb2 as pb
-from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import registry_pb2 as rpb
 from server.pb import registry_pb2_grpc as rpb_grpc
 from server.registry import Registry
 from server.registry_api import ThingServicer, ThingTypeServicer
-from server.validation import check_wait, validate_send
+from server.validation import SendCommand, check_wait, validate_send
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CommandService"].full_name
 SERVICE_NAMES = (
@@ -32,17 +36,38 @@ SERVICE_NAMES = (
 )
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_SEQUENCE = 2**63 - 1  # the event log's sequence is a SQLite INTEGER
+# StreamBatches: after a live message of at least LINGER_MIN_EVENTS events (the watcher is busy), how
+# long it lets further commits gather for the next one. Smaller batches mean a quiet stream: no pause,
+# so a lone command's events are not held back (low-load latency).
+BATCH_LINGER = 0.005
+LINGER_MIN_EVENTS = 16
+# SendStream: items read and not answered yet, per call. At the bound the server stops reading the
+# call, so HTTP/2 flow control holds the client back instead of the server buffering its requests.
+SEND_STREAM_WINDOW = 256
 
 
-class CommandServicer(pb_grpc.CommandServiceServicer):
-    """Implements ``CommandService`` on top of :class:`~server.commands.CommandCore`."""
+class CommandServicer:
+    """Implements ``CommandService`` on top of :class:`~server.commands.CommandCore`.
+
+    Registered by :func:`command_service_handlers`, not by the generated
+    ``add_CommandServiceServicer_to_server``: the streaming methods return bytes
+    serialized once per event for every watcher (see :class:`~server.convert.EventWire`).
+    """
+
+    # Methods whose implementation yields serialized messages: registered without a serializer.
+    PRESERIALIZED = frozenset({"Stream", "StreamBatches", "SendStream"})
 
     def __init__(self, core: CommandCore) -> None:
         self._core = core
+        # A watcher further behind than its buffer is cut off, so twice that many recent events cover every one still served.
+        self._wire = convert.EventWire(max(8192, 2 * core.settings.stream_buffer))
 
-    @maps_errors
-    async def Send(self, request: pb.SendRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
-        """See the proto."""
+    def _send_command(self, request: pb.SendRequest) -> tuple[SendCommand, int]:
+        """The validated command and wait of a SendRequest (the same checks for Send and SendStream).
+
+        Raises:
+            InvalidArgument: a bad field.
+        """
         wait = check_wait(request.wait_seconds)
         cmd = validate_send(
             self._core.settings,
@@ -52,8 +77,93 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
             ttl_seconds=request.ttl_seconds,
             idempotency_key=request.idempotency_key,
         )
+        return cmd, wait
+
+    async def _send(self, cmd: SendCommand, wait: int) -> Execution:
         execution = await self._core.send(cmd)
-        return convert.execution(await self._core.wait(execution, wait))
+        return await self._core.wait(execution, wait) if wait else execution
+
+    @maps_errors
+    async def Send(self, request: pb.SendRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
+        """See the proto."""
+        cmd, wait = self._send_command(request)
+        return convert.execution(await self._send(cmd, wait))
+
+    async def _send_item(self, request_id: str, cmd: SendCommand, wait: int, answers: asyncio.Queue[bytes | None]) -> None:
+        """One valid SendStream item: send (and wait), then queue its answer, whatever happens."""
+        try:
+            answer = convert.send_stream_execution(request_id, await self._send(cmd, wait))
+        except FleetcmdError as exc:
+            answer = convert.send_stream_error(request_id, to_error(exc))
+        except Exception:
+            # A bug, not the caller's error: this item fails as INTERNAL and the stream goes on.
+            log.exception("SendStream item %r failed", request_id)
+            answer = convert.send_stream_error(request_id, internal_error())
+        answers.put_nowait(answer)
+
+    # Not @maps_errors: every domain error is one item's answer, none ends the call, and each
+    # answer would pass through one more generator.
+    async def SendStream(  # noqa: N802
+        self, requests: AsyncIterator[pb.SendStreamRequest], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """See the proto; yields serialized ``SendStreamResponse`` messages (registered without a serializer).
+
+        A reader task takes items while fewer than :data:`SEND_STREAM_WINDOW` are unanswered.
+        An invalid item is answered at once; a valid one runs in a task of its own, because
+        the commits of many items must overlap to share one group commit. This generator
+        writes the answers in the order they are ready, and ends the call once the client
+        has half-closed and every item it sent is answered.
+        """
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: the reader is done
+        window = asyncio.Semaphore(SEND_STREAM_WINDOW)
+        running: set[asyncio.Task[None]] = set()
+        total: int | None = None  # items read, once the reader is done
+        failure: BaseException | None = None
+
+        async def read() -> None:
+            nonlocal total, failure
+            loop = asyncio.get_running_loop()
+            items = aiter(requests)
+            count = 0
+            try:
+                while True:
+                    await window.acquire()  # before reading: a full window leaves the next item unread
+                    try:
+                        item = await anext(items)
+                    except StopAsyncIteration:
+                        break
+                    count += 1
+                    try:
+                        cmd, wait = self._send_command(item.send)
+                    except FleetcmdError as exc:
+                        answers.put_nowait(convert.send_stream_error(item.request_id, to_error(exc)))
+                        continue
+                    task = loop.create_task(self._send_item(item.request_id, cmd, wait, answers))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                total = count
+            except Exception as exc:  # noqa: BLE001 - re-raised by the writer, which owns the call
+                failure = exc
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            written = 0
+            while total is None or written < total:
+                answer = await answers.get()
+                if answer is None:
+                    if failure is not None:
+                        raise failure
+                    continue
+                yield answer
+                written += 1
+                window.release()
+        finally:
+            # Ended early (the client canceled, the server is stopping): the unanswered items are canceled, as a unary Send is.
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
 
     @maps_errors
     async def Get(self, request: pb.GetRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
@@ -69,17 +179,39 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
             next_page_token=convert.page_token(request, page.next_before_index),
         )
 
-    @maps_errors
-    async def Stream(  # noqa: N802
-        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.ExecutionEvent]:
-        """See the proto."""
+    def _stream_args(self, request: pb.StreamRequest) -> tuple[EventFilter, int | None]:
         flt = EventFilter(thing_id=request.thing_id, execution_id=request.execution_id, action=request.action)
         after = request.after_sequence if request.HasField("after_sequence") else None
         if after is not None and after > MAX_SEQUENCE:
             raise InvalidArgument.single("after_sequence", f"after_sequence must be at most {MAX_SEQUENCE}")
-        async for change in self._core.stream(flt, after):
-            yield convert.event(change)
+        return flt, after
+
+    @maps_errors
+    async def Stream(  # noqa: N802
+        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """See the proto; yields serialized ``ExecutionEvent`` messages (registered without a serializer)."""
+        flt, after = self._stream_args(request)
+        wire = self._wire
+        async for batch in self._core.stream(flt, after):
+            for change in batch.events:
+                yield wire.message(change, batch.live)
+
+    @maps_errors
+    async def StreamBatches(  # noqa: N802
+        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        """See the proto; yields serialized ``EventBatch`` messages (registered without a serializer)."""
+        flt, after = self._stream_args(request)
+        wire = self._wire
+        async for batch in self._core.stream(flt, after):
+            for message in wire.batches(batch.events, batch.live):
+                yield message
+            if batch.live and len(batch.events) >= LINGER_MIN_EVENTS:
+                # Writes, not bytes, are what a watcher costs (tens of microseconds of CPU each in grpc.aio):
+                # once events come faster than one write each, pausing lets the commits of the next moment
+                # share one message. The batch grows with the load, so the pause only happens under load.
+                await asyncio.sleep(BATCH_LINGER)
 
     @maps_errors
     async def Rerun(self, request: pb.RerunRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
@@ -94,6 +226,34 @@ class CommandServicer(pb_grpc.CommandServiceServicer):
         return convert.execution(await self._core.cancel(request.execution_id))
 
 
+# (client streaming, server streaming) -> how grpc wants such a method registered.
+_HANDLER_FACTORIES: dict[tuple[bool, bool], Any] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def command_service_handlers(servicer: CommandServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """A method handler for every RPC the proto declares for ``CommandService``.
+
+    Built from the service descriptor, so an RPC added to the proto without an
+    implementation fails here, at start, rather than answering UNIMPLEMENTED.
+    """
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in pb.DESCRIPTOR.services_by_name["CommandService"].methods:
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        # None: grpc sends the bytes the method yields as they are.
+        serializer = None if method.name in servicer.PRESERIALIZED else response_type.SerializeToString
+        factory = _HANDLER_FACTORIES[method.client_streaming, method.server_streaming]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name), request_deserializer=request_type.FromString, response_serializer=serializer
+        )
+    return handlers
+
+
 class GrpcServer:
     """The grpc.aio server with every fleetcmd service, health and reflection."""
 
@@ -106,7 +266,9 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_CommandServiceServicer_to_server(CommandServicer(core), self.server)
+        handlers = command_service_handlers(CommandServicer(core))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self.server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
         rpb_grpc.add_ThingServiceServicer_to_server(ThingServicer(registry), self.server)
         rpb_grpc.add_ThingTypeServiceServicer_to_server(ThingTypeServicer(registry, core.settings), self.server)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]

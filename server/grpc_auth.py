@@ -18,11 +18,13 @@ PUBLIC_PREFIXES = (
 # The least role each method needs; a method missing here needs ADMIN.
 REQUIRED_ROLE: dict[str, Role] = {
     "/fleetcmd.v1.CommandService/Send": Role.OPERATOR,
+    "/fleetcmd.v1.CommandService/SendStream": Role.OPERATOR,
     "/fleetcmd.v1.CommandService/Cancel": Role.OPERATOR,
     "/fleetcmd.v1.CommandService/Rerun": Role.OPERATOR,
     "/fleetcmd.v1.CommandService/Get": Role.VIEWER,
     "/fleetcmd.v1.CommandService/List": Role.VIEWER,
     "/fleetcmd.v1.CommandService/Stream": Role.VIEWER,
+    "/fleetcmd.v1.CommandService/StreamBatches": Role.VIEWER,
     "/fleetcmd.v1.ThingService/GetThing": Role.VIEWER,
     "/fleetcmd.v1.ThingService/ListThings": Role.VIEWER,
     "/fleetcmd.v1.ThingService/WatchPresence": Role.VIEWER,
@@ -47,13 +49,15 @@ def _deny(handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, messa
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
+    # The refusal must have the method's own shape: grpc calls a handler by the kind it is registered as.
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(abort, **kw)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            abort_stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
-    return grpc.unary_unary_rpc_method_handler(
-        abort, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
+        return grpc.unary_stream_rpc_method_handler(abort_stream, **kw)
+    return grpc.unary_unary_rpc_method_handler(abort, **kw)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -23,6 +23,7 @@ from server.errors import (
     ThingMismatch,
     Unavailable,
 )
+from server.pb import commands_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,7 @@ def to_status(exc: FleetcmdError) -> grpc.Status:
     if isinstance(exc, InvalidArgument):
         bad = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in exc.violations
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description) for v in exc.violations
             ]
         )
         packed = any_pb2.Any()
@@ -61,6 +61,24 @@ def to_status(exc: FleetcmdError) -> grpc.Status:
         details.append(packed)
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=str(exc), details=details)
     return rpc_status.to_status(status)
+
+
+def to_error(exc: FleetcmdError) -> pb.Error:
+    """The status :func:`to_status` gives, as a ``fleetcmd.v1.Error`` (one failed item of a SendStream).
+
+    The code is the number of the one :func:`grpc_code` gives, so an item fails
+    exactly as the unary call would have.
+    """
+    code: int = grpc_code(exc).value[0]
+    error = pb.Error(code=code, message=str(exc))
+    if isinstance(exc, InvalidArgument):
+        error.violations.extend(pb.FieldViolation(field=v.field, description=v.description) for v in exc.violations)
+    return error
+
+
+def internal_error() -> pb.Error:
+    """An item that failed with an unexpected exception: INTERNAL, with no detail (the log has it)."""
+    return pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -41,9 +41,16 @@ class BearerStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ign
         return await continuation(self._details(details), request)
 
 
+class BearerBidi(_Bearer, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <key>`` to bidirectional-streaming calls (SendStream)."""
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
 def channel(target: str, key: str | None, options: Sequence[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
     """An insecure channel to ``target`` that presents ``key`` (None: no key)."""
-    interceptors = [BearerUnary(key), BearerStream(key)] if key else None
+    interceptors = [BearerUnary(key), BearerStream(key), BearerBidi(key)] if key else None
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 

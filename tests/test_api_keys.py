@@ -55,6 +55,7 @@ VIEWER_METHODS = {
     "/fleetcmd.v1.CommandService/Get",
     "/fleetcmd.v1.CommandService/List",
     "/fleetcmd.v1.CommandService/Stream",
+    "/fleetcmd.v1.CommandService/StreamBatches",
     "/fleetcmd.v1.ThingService/GetThing",
     "/fleetcmd.v1.ThingService/ListThings",
     "/fleetcmd.v1.ThingService/WatchPresence",
@@ -63,6 +64,7 @@ VIEWER_METHODS = {
 }
 OPERATOR_METHODS = VIEWER_METHODS | {
     "/fleetcmd.v1.CommandService/Send",
+    "/fleetcmd.v1.CommandService/SendStream",
     "/fleetcmd.v1.CommandService/Cancel",
     "/fleetcmd.v1.CommandService/Rerun",  # a Send of an earlier execution's request (when the proto has it)
 }
@@ -92,7 +94,17 @@ async def status_of(ch: grpc.aio.Channel, path: str, request: message.Message | 
     response = message_factory.GetMessageClass(method.output_type)
     serialize, deserialize = type(request).SerializeToString, response.FromString
     try:
-        if method.server_streaming:
+        if method.client_streaming:
+            # One request, then half-close; permitted, the method answers it.
+            bidi = ch.stream_stream(path, request_serializer=serialize, response_deserializer=deserialize)(
+                iter([request]), timeout=STREAM_PROBE, **kw
+            )
+            try:
+                async for _ in bidi:
+                    break
+            finally:
+                bidi.cancel()
+        elif method.server_streaming:
             call = ch.unary_stream(path, request_serializer=serialize, response_deserializer=deserialize)(
                 request, timeout=STREAM_PROBE, **kw
             )
@@ -157,7 +169,7 @@ async def test_every_fleetcmd_method_needs_a_key(app: FleetcmdApp, admin: Client
     core = {
         f"/fleetcmd.v1.{service}/{name}"
         for service, names in (
-            ("CommandService", "Send Get List Stream Cancel"),
+            ("CommandService", "Send SendStream Get List Stream Cancel"),
             ("ThingService", "CreateThing GetThing ListThings UpdateThing DeleteThing RotateCredentials WatchPresence"),
             ("ThingTypeService", "PutThingType GetThingType ListThingTypes DeleteThingType"),
         )
@@ -169,8 +181,10 @@ async def test_every_fleetcmd_method_needs_a_key(app: FleetcmdApp, admin: Client
     # Requests that would change something if they got through.
     harmful: dict[str, message.Message] = {
         "/fleetcmd.v1.CommandService/Send": pb.SendRequest(thing_id="victim", action="x"),
+        "/fleetcmd.v1.CommandService/SendStream": pb.SendStreamRequest(send=pb.SendRequest(thing_id="victim", action="x")),
         "/fleetcmd.v1.CommandService/Cancel": pb.CancelRequest(execution_id=queued.execution_id),
         "/fleetcmd.v1.CommandService/Stream": pb.StreamRequest(after_sequence=0),
+        "/fleetcmd.v1.CommandService/StreamBatches": pb.StreamRequest(after_sequence=0),
         "/fleetcmd.v1.CommandService/Get": pb.GetRequest(execution_id=queued.execution_id),
         "/fleetcmd.v1.ThingService/CreateThing": rpb.CreateThingRequest(thing_id="intruder"),
         "/fleetcmd.v1.ThingService/DeleteThing": rpb.DeleteThingRequest(thing_id="victim"),
@@ -233,9 +247,7 @@ async def test_health_and_reflection_need_no_key(app: FleetcmdApp) -> None:
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
         reflection = reflection_pb2_grpc.ServerReflectionStub(ch)
-        call = reflection.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=DEADLINE
-        )
+        call = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=DEADLINE)
         names: set[str] = set()
         async for resp in call:
             names = {s.name for s in resp.list_services_response.service}

@@ -40,6 +40,11 @@ class CommandServiceStub:
                 request_serializer=fleetcmd_dot_v1_dot_commands__pb2.SendRequest.SerializeToString,
                 response_deserializer=fleetcmd_dot_v1_dot_commands__pb2.Execution.FromString,
                 _registered_method=True)
+        self.SendStream = channel.stream_stream(
+                '/fleetcmd.v1.CommandService/SendStream',
+                request_serializer=fleetcmd_dot_v1_dot_commands__pb2.SendStreamRequest.SerializeToString,
+                response_deserializer=fleetcmd_dot_v1_dot_commands__pb2.SendStreamResponse.FromString,
+                _registered_method=True)
         self.Get = channel.unary_unary(
                 '/fleetcmd.v1.CommandService/Get',
                 request_serializer=fleetcmd_dot_v1_dot_commands__pb2.GetRequest.SerializeToString,
@@ -54,6 +59,11 @@ class CommandServiceStub:
                 '/fleetcmd.v1.CommandService/Stream',
                 request_serializer=fleetcmd_dot_v1_dot_commands__pb2.StreamRequest.SerializeToString,
                 response_deserializer=fleetcmd_dot_v1_dot_commands__pb2.ExecutionEvent.FromString,
+                _registered_method=True)
+        self.StreamBatches = channel.unary_stream(
+                '/fleetcmd.v1.CommandService/StreamBatches',
+                request_serializer=fleetcmd_dot_v1_dot_commands__pb2.StreamRequest.SerializeToString,
+                response_deserializer=fleetcmd_dot_v1_dot_commands__pb2.EventBatch.FromString,
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/fleetcmd.v1.CommandService/Cancel',
@@ -77,6 +87,18 @@ class CommandServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendStream(self, request_iterator, context):
+        """Send many commands on one call: each request is handled exactly as Send
+        (validation, idempotency, durability, wait_seconds) and answered by one
+        response with its request_id; answers may come in another order than the
+        requests. A bad item is answered with its error and the stream goes on.
+        At most 256 items are in flight (read, not yet answered) per call: past that
+        the server stops reading until answers are written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Get(self, request, context):
         """Read one execution with its state-change history.
         """
@@ -93,6 +115,15 @@ class CommandServiceServicer:
 
     def Stream(self, request, context):
         """Follow state changes live, optionally replaying from a sequence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamBatches(self, request, context):
+        """As Stream (same request, same events, same order, same resume and cut-off
+        rules), with the events that become available together sent as one
+        EventBatch: far fewer messages for a watcher of a busy service.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +151,11 @@ def add_CommandServiceServicer_to_server(servicer, server):
                     request_deserializer=fleetcmd_dot_v1_dot_commands__pb2.SendRequest.FromString,
                     response_serializer=fleetcmd_dot_v1_dot_commands__pb2.Execution.SerializeToString,
             ),
+            'SendStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SendStream,
+                    request_deserializer=fleetcmd_dot_v1_dot_commands__pb2.SendStreamRequest.FromString,
+                    response_serializer=fleetcmd_dot_v1_dot_commands__pb2.SendStreamResponse.SerializeToString,
+            ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
                     request_deserializer=fleetcmd_dot_v1_dot_commands__pb2.GetRequest.FromString,
@@ -134,6 +170,11 @@ def add_CommandServiceServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=fleetcmd_dot_v1_dot_commands__pb2.StreamRequest.FromString,
                     response_serializer=fleetcmd_dot_v1_dot_commands__pb2.ExecutionEvent.SerializeToString,
+            ),
+            'StreamBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamBatches,
+                    request_deserializer=fleetcmd_dot_v1_dot_commands__pb2.StreamRequest.FromString,
+                    response_serializer=fleetcmd_dot_v1_dot_commands__pb2.EventBatch.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -173,6 +214,33 @@ class CommandService:
             '/fleetcmd.v1.CommandService/Send',
             fleetcmd_dot_v1_dot_commands__pb2.SendRequest.SerializeToString,
             fleetcmd_dot_v1_dot_commands__pb2.Execution.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fleetcmd.v1.CommandService/SendStream',
+            fleetcmd_dot_v1_dot_commands__pb2.SendStreamRequest.SerializeToString,
+            fleetcmd_dot_v1_dot_commands__pb2.SendStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -254,6 +322,33 @@ class CommandService:
             '/fleetcmd.v1.CommandService/Stream',
             fleetcmd_dot_v1_dot_commands__pb2.StreamRequest.SerializeToString,
             fleetcmd_dot_v1_dot_commands__pb2.ExecutionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleetcmd.v1.CommandService/StreamBatches',
+            fleetcmd_dot_v1_dot_commands__pb2.StreamRequest.SerializeToString,
+            fleetcmd_dot_v1_dot_commands__pb2.EventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,12 +39,25 @@ class CommandServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CommandServiceAsyncStub: ...
     Send: _grpc.UnaryUnaryMultiCallable[_commands_pb2.SendRequest, _commands_pb2.Execution]
     """Create an execution and deliver it to the thing."""
+    SendStream: _grpc.StreamStreamMultiCallable[_commands_pb2.SendStreamRequest, _commands_pb2.SendStreamResponse]
+    """Send many commands on one call: each request is handled exactly as Send
+    (validation, idempotency, durability, wait_seconds) and answered by one
+    response with its request_id; answers may come in another order than the
+    requests. A bad item is answered with its error and the stream goes on.
+    At most 256 items are in flight (read, not yet answered) per call: past that
+    the server stops reading until answers are written.
+    """
     Get: _grpc.UnaryUnaryMultiCallable[_commands_pb2.GetRequest, _commands_pb2.Execution]
     """Read one execution with its state-change history."""
     List: _grpc.UnaryUnaryMultiCallable[_commands_pb2.ListRequest, _commands_pb2.ListResponse]
     """Page through executions, newest first."""
     Stream: _grpc.UnaryStreamMultiCallable[_commands_pb2.StreamRequest, _commands_pb2.ExecutionEvent]
     """Follow state changes live, optionally replaying from a sequence."""
+    StreamBatches: _grpc.UnaryStreamMultiCallable[_commands_pb2.StreamRequest, _commands_pb2.EventBatch]
+    """As Stream (same request, same events, same order, same resume and cut-off
+    rules), with the events that become available together sent as one
+    EventBatch: far fewer messages for a watcher of a busy service.
+    """
     Cancel: _grpc.UnaryUnaryMultiCallable[_commands_pb2.CancelRequest, _commands_pb2.Execution]
     """Cancel a non-final execution."""
     Rerun: _grpc.UnaryUnaryMultiCallable[_commands_pb2.RerunRequest, _commands_pb2.Execution]
@@ -55,12 +68,25 @@ class CommandServiceAsyncStub(CommandServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Send: _aio.UnaryUnaryMultiCallable[_commands_pb2.SendRequest, _commands_pb2.Execution]  # type: ignore[assignment]
     """Create an execution and deliver it to the thing."""
+    SendStream: _aio.StreamStreamMultiCallable[_commands_pb2.SendStreamRequest, _commands_pb2.SendStreamResponse]  # type: ignore[assignment]
+    """Send many commands on one call: each request is handled exactly as Send
+    (validation, idempotency, durability, wait_seconds) and answered by one
+    response with its request_id; answers may come in another order than the
+    requests. A bad item is answered with its error and the stream goes on.
+    At most 256 items are in flight (read, not yet answered) per call: past that
+    the server stops reading until answers are written.
+    """
     Get: _aio.UnaryUnaryMultiCallable[_commands_pb2.GetRequest, _commands_pb2.Execution]  # type: ignore[assignment]
     """Read one execution with its state-change history."""
     List: _aio.UnaryUnaryMultiCallable[_commands_pb2.ListRequest, _commands_pb2.ListResponse]  # type: ignore[assignment]
     """Page through executions, newest first."""
     Stream: _aio.UnaryStreamMultiCallable[_commands_pb2.StreamRequest, _commands_pb2.ExecutionEvent]  # type: ignore[assignment]
     """Follow state changes live, optionally replaying from a sequence."""
+    StreamBatches: _aio.UnaryStreamMultiCallable[_commands_pb2.StreamRequest, _commands_pb2.EventBatch]  # type: ignore[assignment]
+    """As Stream (same request, same events, same order, same resume and cut-off
+    rules), with the events that become available together sent as one
+    EventBatch: far fewer messages for a watcher of a busy service.
+    """
     Cancel: _aio.UnaryUnaryMultiCallable[_commands_pb2.CancelRequest, _commands_pb2.Execution]  # type: ignore[assignment]
     """Cancel a non-final execution."""
     Rerun: _aio.UnaryUnaryMultiCallable[_commands_pb2.RerunRequest, _commands_pb2.Execution]  # type: ignore[assignment]
@@ -74,6 +100,20 @@ class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_commands_pb2.Execution, _abc.Awaitable[_commands_pb2.Execution]]:
         """Create an execution and deliver it to the thing."""
+
+    @_abc_1.abstractmethod
+    def SendStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_commands_pb2.SendStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_commands_pb2.SendStreamResponse], _abc.AsyncIterator[_commands_pb2.SendStreamResponse]]:
+        """Send many commands on one call: each request is handled exactly as Send
+        (validation, idempotency, durability, wait_seconds) and answered by one
+        response with its request_id; answers may come in another order than the
+        requests. A bad item is answered with its error and the stream goes on.
+        At most 256 items are in flight (read, not yet answered) per call: past that
+        the server stops reading until answers are written.
+        """
 
     @_abc_1.abstractmethod
     def Get(
@@ -98,6 +138,17 @@ class CommandServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_commands_pb2.ExecutionEvent], _abc.AsyncIterator[_commands_pb2.ExecutionEvent]]:
         """Follow state changes live, optionally replaying from a sequence."""
+
+    @_abc_1.abstractmethod
+    def StreamBatches(
+        self,
+        request: _commands_pb2.StreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_commands_pb2.EventBatch], _abc.AsyncIterator[_commands_pb2.EventBatch]]:
+        """As Stream (same request, same events, same order, same resume and cut-off
+        rules), with the events that become available together sent as one
+        EventBatch: far fewer messages for a watcher of a busy service.
+        """
 
     @_abc_1.abstractmethod
     def Cancel(
