@@ -7,8 +7,10 @@ What it changes (see ``shared/notes/amqtt-0.12.1.md`` for the defects):
   healthy (stock amqtt leaves a zombie connection behind).
 * Empty or wildcard topic names in a PUBLISH really close the connection.
 * Publishes whose topic a rule claims are decoded by that rule and handed to
-  the control plane (``DeviceSink``) in the client's own message loop, so they
-  are processed in order and a slow control plane slows only that client.
+  the control plane (``DeviceSink``) in order, from the connection's reader
+  while the control plane's queue has room, else in the client's own message
+  loop, so a slow control plane slows only that client. Such a QoS 1 publish
+  is PUBACKed once what it changes is stored, not before.
   Garbage is logged, counted and dropped; the device stays connected.
 * Keep-alive is enforced: a client silent for 1.5 x its keep-alive is disconnected.
 * A CONNECT is authenticated before amqtt looks up its client id, so a refused
@@ -25,7 +27,7 @@ What it changes (see ``shared/notes/amqtt-0.12.1.md`` for the defects):
   whether it PUBACKed, which the broadcast path cannot.
 * Connections get a ``handler.FastProtocolHandler``, whose reader hands a
   PUBLISH to the broker directly (``publish_inline``); publishes that may end
-  the connection or go to the control plane still take the message loop.
+  the connection still take the message loop.
 * ``stop`` is bounded: on Python 3.11 ``shutdown()`` can hang when an ack
   races the reader cancellation, so client writers are closed first and the
   whole shutdown has a deadline.
@@ -75,8 +77,17 @@ class DeviceSink(Protocol):
     def device_disconnected(self, client_id: str) -> None:
         """A client's connection ended."""
 
-    async def device_message(self, inbound: Inbound) -> None:
-        """A device publish decoded by a rule; awaiting it applies back-pressure to that client."""
+    def device_message_nowait(self, inbound: Inbound) -> asyncio.Future[None] | None:
+        """A device publish decoded by a rule, queued without waiting.
+
+        Returns:
+            A future that is done once the message is applied (what it changes is
+            durable), or failed when it could not be stored; None when the queue is
+            full (then :meth:`device_message` waits for room).
+        """
+
+    async def device_message(self, inbound: Inbound) -> asyncio.Future[None]:
+        """As :meth:`device_message_nowait`, waiting while the queue is full (back-pressure on that client)."""
 
 
 class Delivery(enum.Enum):
@@ -355,9 +366,9 @@ class FleetBroker(IndexedBroker):
     ) -> bool | None:
         """A device's PUBLISH: checked, then routed to subscribers or, when a rule claims it, to the sink.
 
-        With ``inline`` (from the connection's reader) a message that would end the connection or
-        go to the control plane is left to the client's message loop (None): the sink may wait, and
-        the reader has to go on reading the device's PUBACKs meanwhile.
+        With ``inline`` (from the connection's reader) a message that would end the connection,
+        or that the control plane has no room for, is left to the client's message loop (None):
+        the reader must not wait, it has to go on reading the device's PUBACKs meanwhile.
         """
         if app_message is None:
             return True
@@ -387,8 +398,6 @@ class FleetBroker(IndexedBroker):
                 log.warning("client %s published to %r, which no rule handles: dropped", client_id, topic)
                 return True
             return await super()._process_message(client_session, handler, app_message, inline=inline)
-        if inline:
-            return None
         data = bytes(app_message.data or b"")
         if len(data) > self._max_payload:
             self.stats["dropped.oversized"] += 1
@@ -402,12 +411,24 @@ class FleetBroker(IndexedBroker):
             return True
         if inbound is None:  # pragma: no cover - claims() said a rule matches
             return True
-        self.stats["routed"] += 1
         try:
-            await self._sink.device_message(inbound)
+            if inline:
+                # From the reader, which must never wait here (it also reads the PUBACKs the
+                # control plane may be waiting for): a full queue sends it to the message loop.
+                written = self._sink.device_message_nowait(inbound)
+                if written is None:
+                    self.stats["ingest_full"] += 1
+                    return None
+            else:
+                written = await self._sink.device_message(inbound)
         except Exception:
             self.stats["sink_errors"] += 1
             log.exception("control plane failed on a message from %s on %r", client_id, topic)
+            return True
+        self.stats["routed"] += 1
+        if isinstance(handler, FastProtocolHandler):
+            # Its PUBACK waits until it is stored: a crash before that leaves the device to send it again.
+            handler.hold_ack(app_message, written)
         return True
 
     def _notify(self, callback: Any, *args: Any) -> None:

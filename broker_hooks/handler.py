@@ -20,7 +20,11 @@ packet events:
   arrival order, and is PUBACKed after that; what the broker declines (handling that
   can end the connection or waits on the control plane) is queued for the client's
   message loop as amqtt does, and so is every later message until the loop caught up,
-  which keeps the client's messages in order;
+  which keeps the client's messages in order; its PUBACK waits until the loop has
+  handled it;
+* a message the control plane takes over is PUBACKed only once it is written
+  (:meth:`hold_ack`): a crash before that leaves the device to send it again. PUBACKs
+  still go out in the order the PUBLISHes came [MQTT-4.6.0-2];
 * :meth:`publish_nowait` writes a PUBLISH at once and tracks its PUBACK with one
   timer (amqtt's 5 s, after which the message is dropped as amqtt drops it).
 
@@ -32,6 +36,7 @@ re-implements.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -89,6 +94,20 @@ _UPSTREAM = {
 
 PublishHook = Callable[[ApplicationMessage], Awaitable[bool]]
 
+# States of a QoS 1 PUBLISH waiting for its PUBACK (see _PendingAck).
+_HANDLING, _WAITING, _READY = 0, 1, 2
+
+
+class _PendingAck:
+    """A received QoS 1 PUBLISH whose PUBACK has not been written yet."""
+
+    __slots__ = ("message", "packet_id", "state")
+
+    def __init__(self, packet_id: int, message: ApplicationMessage) -> None:
+        self.packet_id = packet_id
+        self.message = message
+        self.state = _HANDLING  # -> _WAITING (its write is pending) -> _READY (may be PUBACKed)
+
 
 def _remaining_length(length: int) -> bytes:
     if length < 0x80:
@@ -125,6 +144,8 @@ class FastProtocolHandler(FleetProtocolHandler):
         # Messages queued for the message loop and not handled yet; while any is, later ones queue too.
         # A list, not a deque: it is almost always empty, and an empty deque costs ~600 B per connection.
         self._deferred: list[ApplicationMessage] = []
+        # QoS 1 publishes received and not PUBACKed yet, in arrival order; None until the first.
+        self._acks: list[_PendingAck] | None = None
         # QoS 1 publishes written by publish_nowait: packet id -> when to give up on its PUBACK (loop time),
         # oldest first; one timer (not one per message) drops the expired ones.
         self._unacked: dict[int, float] = {}
@@ -294,9 +315,17 @@ class FastProtocolHandler(FleetProtocolHandler):
             await self._hand_over(self._incoming(packet_id, topic, qos, data, flags, packet))
             return None
         if qos == QOS_1 and packet_id is not None:
-            await self._hand_over(self._incoming(packet_id, topic, qos, data, flags, packet))
-            # After the hand-over, as amqtt (which PUBACKs once the message is queued).
-            self._write(b"\x40\x02" + packet_id.to_bytes(2, "big"))
+            message = self._incoming(packet_id, topic, qos, data, flags, packet)
+            entry = _PendingAck(packet_id, message)
+            if self._acks is None:
+                self._acks = []
+            self._acks.append(entry)
+            deferred = await self._hand_over(message)
+            # Handled here: PUBACKed now (in order), unless the broker held it (hold_ack) until
+            # the control plane wrote it. Queued for the message loop: once the loop handled it.
+            if not deferred and entry.state == _HANDLING:
+                entry.state = _READY
+            self._flush_acks()
             return None
         return asyncio.create_task(self.handle_publish(packet))
 
@@ -308,26 +337,76 @@ class FastProtocolHandler(FleetProtocolHandler):
         message.publish_packet = packet
         return message
 
-    async def _hand_over(self, message: ApplicationMessage) -> None:
+    async def _hand_over(self, message: ApplicationMessage) -> bool:
+        """Hand ``message`` to the broker; True when it was queued for the message loop instead."""
         if self.on_publish is not None and not self._deferred:
             try:
                 if await self.on_publish(message):
-                    return
+                    return False
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # amqtt's message loop would die with the connection left open; drop the message instead.
                 client_id = self.session.client_id if self.session else None
                 log.exception("handling a message from %s on %r failed", client_id, message.topic)
-                return
+                return False
         self._deferred.append(message)
         if self.session is not None:
             self.session.delivered_message_queue.put_nowait(message)
+        return True
 
     def deferred_done(self, message: ApplicationMessage | None) -> None:
         """The message loop finished a message it took from the queue (see :meth:`_hand_over`)."""
         if self._deferred and self._deferred[0] is message:
             del self._deferred[0]
+        entry = self._pending_ack(message)
+        if entry is not None and entry.state == _HANDLING:
+            entry.state = _READY
+            self._flush_acks()
+
+    def hold_ack(self, message: ApplicationMessage, written: asyncio.Future[None]) -> None:
+        """PUBACK ``message`` only once ``written`` is done; close the connection if it fails.
+
+        Called by the broker while it handles the message (in the reader or the message loop).
+        A failed ``written`` means the message is not stored: the connection is closed without
+        the PUBACK, so that the device sends the message again (MQTT's redelivery).
+        Does nothing for a message this handler does not PUBACK itself (amqtt's own paths).
+        """
+        entry = self._pending_ack(message)
+        if entry is None or entry.state != _HANDLING:
+            return
+        entry.state = _WAITING
+        written.add_done_callback(functools.partial(self._written, entry))
+
+    def _pending_ack(self, message: ApplicationMessage | None) -> _PendingAck | None:
+        # Newest first: the message being handled is almost always the last one received.
+        for entry in reversed(self._acks or ()):
+            if entry.message is message:
+                return entry
+        return None
+
+    def _written(self, entry: _PendingAck, written: asyncio.Future[None]) -> None:
+        if written.cancelled() or written.exception() is not None:
+            client_id = self.session.client_id if self.session else None
+            log.warning(
+                "a message from %s on %r was not stored (%r): closing without its PUBACK, so that it comes again",
+                client_id,
+                entry.message.topic,
+                None if written.cancelled() else written.exception(),
+            )
+            writer = self.writer
+            if isinstance(writer, StreamWriterAdapter):
+                writer._writer.transport.abort()
+            return
+        entry.state = _READY
+        self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Write the PUBACKs that may go, oldest first, up to the first that has to wait."""
+        acks = self._acks
+        while acks and acks[0].state == _READY:
+            self._write(b"\x40\x02" + acks[0].packet_id.to_bytes(2, "big"))
+            del acks[0]
 
     def _handle_puback_bytes(self, body: bytes) -> None:
         if len(body) < 2:

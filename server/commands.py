@@ -22,7 +22,14 @@ from broker_hooks.rules import Inbound, LifecycleAction
 from server.clock import now_ms
 from server.config import Settings
 from server.delivery import Outbox, Route, Spawn
-from server.errors import FailedPrecondition, FleetcmdError, NotFound, ResourceExhausted, ThingMismatch
+from server.errors import (
+    FailedPrecondition,
+    FleetcmdError,
+    NotFound,
+    ResourceExhausted,
+    ThingMismatch,
+    Unavailable,
+)
 from server.events import EventBus, StreamBatch
 from server.lifecycle import Outcome, Status, Trigger, initial_status
 from server.models import DeviceReport, EventFilter, Execution, ListQuery, NewExecution, StateChange
@@ -76,7 +83,8 @@ class CommandCore:
         # Handlers of the dialects' lifecycle actions (EMQX's report is built in), and their client listeners.
         self.handlers: dict[LifecycleAction, InboundHandler] = {LifecycleAction.DEVICE_REPORT: self._on_emqx_report}
         self.device_listeners: list[DeviceListener] = []
-        self._ingest: asyncio.Queue[Inbound | None] = asyncio.Queue(settings.ingest_queue)
+        # Device messages with the future that tells the broker they are applied (their PUBACK waits for it).
+        self._ingest: asyncio.Queue[tuple[Inbound, asyncio.Future[None]] | None] = asyncio.Queue(settings.ingest_queue)
         self.stats: collections.Counter[str] = collections.Counter()
         self._stopping = False
         self._ingest_done = asyncio.Event()
@@ -139,7 +147,7 @@ class CommandCore:
             first = await self._ingest.get()
             if first is None:
                 return
-            batch = [first]
+            batch: list[tuple[Inbound, asyncio.Future[None]]] = [first]
             stop = False
             while len(batch) < INGEST_BATCH and not self._ingest.empty():
                 item = self._ingest.get_nowait()
@@ -151,11 +159,11 @@ class CommandCore:
             # EMQX reports go to the store at once, without a task each; other dialects'
             # handlers run as tasks (they may read before they write).
             handlers = []
-            for item in batch:
-                if item.action is LifecycleAction.DEVICE_REPORT and self._builtin_report:
-                    self._submit_emqx_report(item)
+            for inbound, applied in batch:
+                if inbound.action is LifecycleAction.DEVICE_REPORT and self._builtin_report:
+                    self._submit_emqx_report(inbound, applied)
                 else:
-                    handlers.append(self._apply(item))
+                    handlers.append(self._apply(inbound, applied))
             if handlers:
                 await asyncio.gather(*handlers)
             await self._reports_below(REPORTS_IN_FLIGHT)
@@ -173,20 +181,27 @@ class CommandCore:
         # Whether EMQX reports still go to the built-in handler (nobody replaced it).
         return self.handlers.get(LifecycleAction.DEVICE_REPORT) == self._on_emqx_report
 
-    def _submit_emqx_report(self, inbound: Inbound) -> None:
+    def _submit_emqx_report(self, inbound: Inbound, applied: asyncio.Future[None]) -> None:
         msg: emqx.ReportMessage = inbound.message
-        future = self.store.transition_nowait(
-            msg.execution_id,
-            Trigger.DEVICE_REPORT,
-            at_ms=now_ms(),
-            report=msg.report,
-            expect_thing=msg.thing_id,
-            result_check=self.registry.result_check,
-        )
+        try:
+            future = self.store.transition_nowait(
+                msg.execution_id,
+                Trigger.DEVICE_REPORT,
+                at_ms=now_ms(),
+                report=msg.report,
+                expect_thing=msg.thing_id,
+                result_check=self.registry.result_check,
+            )
+        except FleetcmdError as exc:  # the store is closing
+            self._emqx_report_failed(inbound, exc)
+            _settle(applied, exc)
+            return
         self._reports_in_flight += 1
-        future.add_done_callback(functools.partial(self._emqx_report_done, inbound))
+        future.add_done_callback(functools.partial(self._emqx_report_done, inbound, applied))
 
-    def _emqx_report_done(self, inbound: Inbound, future: asyncio.Future[TransitionResult]) -> None:
+    def _emqx_report_done(
+        self, inbound: Inbound, applied: asyncio.Future[None], future: asyncio.Future[TransitionResult]
+    ) -> None:
         self._reports_in_flight -= 1
         if self._reports_in_flight < REPORTS_IN_FLIGHT:
             self._reports_drained.set()
@@ -195,13 +210,15 @@ class CommandCore:
             result = future.result()
         except Exception as exc:  # noqa: BLE001 - counted and logged like the handler's failures
             self._emqx_report_failed(inbound, exc)
+            _settle(applied, exc)
             return
         self._count_report(result, msg.execution_id, msg.report)
+        _settle(applied, None)
 
     async def stop_ingest(self, timeout: float) -> None:
         """Refuse new reports and wait (at most ``timeout`` s) until those already queued are applied.
 
-        The store must still be writing meanwhile: the reports were PUBACKed to the devices.
+        The store must still be writing meanwhile: the reports taken are committed (their PUBACKs wait for that).
         """
         if not self._stopping:
             self._stopping = True
@@ -392,25 +409,48 @@ class CommandCore:
         if change is not None:
             self._spawn(self.registry.persist_presence(change), f"presence-{client_id}")
 
-    async def device_message(self, inbound: Inbound) -> None:
-        """See :class:`broker_hooks.broker.DeviceSink`; waits only while the ingest queue is full."""
+    def device_message_nowait(self, inbound: Inbound) -> asyncio.Future[None] | None:
+        """See :class:`broker_hooks.broker.DeviceSink`; None when the ingest queue is full."""
+        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._stopping:
-            self.stats["dropped.shutting_down"] += 1
-            return
+            return self._refuse_stopping(applied)
+        try:
+            self._ingest.put_nowait((inbound, applied))
+        except asyncio.QueueFull:
+            return None
         self.registry.device_seen(inbound.client_id)
-        await self._ingest.put(inbound)
+        return applied
 
-    async def _apply(self, inbound: Inbound) -> None:
+    async def device_message(self, inbound: Inbound) -> asyncio.Future[None]:
+        """See :class:`broker_hooks.broker.DeviceSink`; waits only while the ingest queue is full."""
+        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._stopping:
+            return self._refuse_stopping(applied)
+        self.registry.device_seen(inbound.client_id)
+        await self._ingest.put((inbound, applied))
+        return applied
+
+    def _refuse_stopping(self, applied: asyncio.Future[None]) -> asyncio.Future[None]:
+        # Not taken: the device gets no PUBACK and sends it again to the next run of the service.
+        self.stats["refused.shutting_down"] += 1
+        applied.set_exception(Unavailable("the service is stopping"))
+        return applied
+
+    async def _apply(self, inbound: Inbound, applied: asyncio.Future[None]) -> None:
         handler = self.handlers.get(inbound.action)
         if handler is None:
             self.stats["dropped.no_handler"] += 1
             log.warning("no handler for %s", inbound.action)
+            _settle(applied, None)
             return
         try:
             await handler(inbound)
-        except Exception:
+        except Exception as exc:
             self.stats["dropped.handler_error"] += 1
             log.exception("%s from %s on %r failed", inbound.action.value, inbound.client_id, inbound.topic)
+            _settle(applied, exc)
+        else:
+            _settle(applied, None)
 
     async def report(self, execution_id: str, report: DeviceReport, *, thing_id: str) -> TransitionResult:
         """Apply a device's status report, whatever its dialect, and count what it did.
@@ -465,3 +505,18 @@ class CommandCore:
             "watchers": len(self.bus),
             **self.stats,
         }
+
+
+def _settle(applied: asyncio.Future[None], exc: BaseException | None) -> None:
+    """Tell the broker a device message is applied, or that it was not stored (then it is not PUBACKed).
+
+    Only a store that could not write fails it: the device sends the message again. Any other
+    failure (an unknown execution, a handler's bug) would fail again the same way, so it counts
+    as handled, and the message is acknowledged and dropped.
+    """
+    if applied.done():
+        return
+    if isinstance(exc, Unavailable):
+        applied.set_exception(exc)
+    else:
+        applied.set_result(None)

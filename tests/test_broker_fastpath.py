@@ -28,8 +28,18 @@ from tests.devices import EmqxDevice, Received, wait_for
 
 
 class _NullSink:
+    """Records device messages; each is applied at once, or when the test says (``hold``).
+
+    ``full`` plays a control plane whose queue has no room: the reader must leave the message to
+    the message loop, which waits on :meth:`device_message`.
+    """
+
     def __init__(self) -> None:
         self.inbound: list[Inbound] = []
+        self.applied: list[asyncio.Future[None]] = []
+        self.via_loop: list[Inbound] = []
+        self.hold = False
+        self.full = False
 
     def device_connected(self, client_id: str, remote_address: str) -> None:
         pass
@@ -40,8 +50,20 @@ class _NullSink:
     def device_disconnected(self, client_id: str) -> None:
         pass
 
-    async def device_message(self, inbound: Inbound) -> None:
+    def device_message_nowait(self, inbound: Inbound) -> asyncio.Future[None] | None:
+        return None if self.full else self._take(inbound)
+
+    async def device_message(self, inbound: Inbound) -> asyncio.Future[None]:
+        self.via_loop.append(inbound)
+        return self._take(inbound)
+
+    def _take(self, inbound: Inbound) -> asyncio.Future[None]:
         self.inbound.append(inbound)
+        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self.hold:
+            applied.set_result(None)
+        self.applied.append(applied)
+        return applied
 
 
 @pytest.fixture
@@ -312,20 +334,76 @@ async def test_deliver_fails_when_the_connection_drops(broker: FleetBroker) -> N
     assert await asyncio.wait_for(pending, 3) is Delivery.FAILED
 
 
-async def test_control_plane_messages_take_the_message_loop_and_later_ones_stay_in_order(broker: FleetBroker) -> None:
+def _sink(broker: FleetBroker) -> _NullSink:
     sink = broker._sink
     assert isinstance(sink, _NullSink)
+    return sink
+
+
+async def _settled(what: str, check: Any, quiet: float = 0.3) -> None:
+    """``check()`` is still true after ``quiet`` seconds (a PUBACK that must not come)."""
+    await asyncio.sleep(quiet)
+    assert check(), what
+
+
+async def test_control_plane_messages_are_handled_in_the_reader_and_order_is_kept(broker: FleetBroker) -> None:
+    sink = _sink(broker)
     async with _client(broker, "mixed-sub") as sub, _client(broker, "thing-7") as dev:
         assert await sub.asubscribe("plain/#") == [1]
         fast = broker._sessions["thing-7"][1]
         assert isinstance(fast, handler.FastProtocolHandler)
-        # A response is claimed by the EMQX rule: the reader leaves it to the message loop (the sink may wait).
+        # A response is claimed by the EMQX rule and handed to the control plane from the reader.
         dev.respond("e1", "SUCCEEDED")
         infos = [dev.publish_raw(f"plain/{n}", _payload(n)) for n in range(20)]
         await asyncio.to_thread(lambda: [i.wait_for_publish(5) for i in infos])
         assert [json.loads(r.payload)["n"] for r in await _drain(sub)] == list(range(20))
         assert [i.topic for i in sink.inbound] == [dev.response_topic("e1")]
-        assert not fast._deferred  # the loop caught up: the next publish is handled in the reader again
+        assert not sink.via_loop and not fast._deferred and not fast._acks
+
+
+async def test_a_report_is_pubacked_only_once_it_is_stored_and_pubacks_keep_their_order(broker: FleetBroker) -> None:
+    sink = _sink(broker)
+    sink.hold = True
+    async with _client(broker, "order-sub2") as sub, _client(broker, "thing-8") as dev:
+        assert await sub.asubscribe("plain/#") == [1]
+        report = dev.respond("e1", "SUCCEEDED")
+        await wait_for(lambda: len(sink.applied) == 1, what="the report reaches the control plane")
+        later = dev.publish_raw("plain/1", _payload(1))
+        # The later message is routed at once, but its PUBACK may not overtake the report's [MQTT-4.6.0-2].
+        assert json.loads((await sub.wait_message()).payload) == {"n": 1}
+        await _settled("no PUBACK before the report is stored", lambda: not report.is_published() and not later.is_published())
+        sink.applied[0].set_result(None)
+        await asyncio.to_thread(later.wait_for_publish, 5)
+        assert report.is_published() and later.is_published()
+        assert not broker._sessions["thing-8"][1]._acks
+
+
+async def test_a_report_the_store_could_not_write_is_not_pubacked(broker: FleetBroker) -> None:
+    from server.errors import Unavailable
+
+    sink = _sink(broker)
+    sink.hold = True
+    async with _client(broker, "thing-9") as dev:
+        report = dev.respond("e1", "SUCCEEDED")
+        await wait_for(lambda: len(sink.applied) == 1, what="the report reaches the control plane")
+        sink.applied[0].set_exception(Unavailable("store write failed: disk full"))
+        # The connection is closed without the PUBACK: the device sends the report again after it reconnects.
+        await asyncio.to_thread(dev.disconnected.wait, 5)
+        assert dev.disconnected.is_set()
+        assert not report.is_published()
+
+
+async def test_with_a_full_control_plane_queue_the_report_waits_in_the_message_loop(broker: FleetBroker) -> None:
+    sink = _sink(broker)
+    sink.full = sink.hold = True
+    async with _client(broker, "thing-10") as dev:
+        report = dev.respond("e1", "SUCCEEDED")
+        await wait_for(lambda: len(sink.via_loop) == 1, what="the message loop hands the report over")
+        await _settled("no PUBACK before the report is stored", lambda: not report.is_published())
+        sink.applied[0].set_result(None)
+        await asyncio.to_thread(report.wait_for_publish, 5)
+        assert report.is_published()
+        assert broker.stats["ingest_full"] == 1
 
 
 async def test_many_pairs_round_trip(broker: FleetBroker) -> None:

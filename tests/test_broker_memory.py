@@ -167,8 +167,16 @@ class RecordingSink:
     def device_disconnected(self, client_id: str) -> None:
         self.events.append(("disconnected", client_id))
 
-    async def device_message(self, inbound: Inbound) -> None:
+    def device_message_nowait(self, inbound: Inbound) -> asyncio.Future[None] | None:
         self.events.append(("message", inbound.client_id))
+        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        applied.set_result(None)
+        return applied
+
+    async def device_message(self, inbound: Inbound) -> asyncio.Future[None]:
+        applied = self.device_message_nowait(inbound)
+        assert applied is not None
+        return applied
 
 
 @pytest.fixture

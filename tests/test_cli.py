@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import queue
 import socket
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from server.cli import GC_THRESHOLD, tune_gc
 from tests.devices import EmqxDevice
 from tests.proc import PYTHON_M, Service, clean_env, console_script, run_cli
 
@@ -198,3 +200,15 @@ def test_python_m_client_works_too(svc: Service) -> None:
                    command=PYTHON_M)
     assert proc.returncode == 0, proc.stderr
     assert "executions" in json.loads(proc.stdout) or json.loads(proc.stdout) == {}
+
+
+def test_tune_gc_freezes_the_started_service_and_raises_the_young_threshold() -> None:
+    before = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLD
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

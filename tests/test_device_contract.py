@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -140,6 +141,39 @@ async def test_request_shape_and_success(app: FleetcmdApp, stub: pb_grpc.Command
     assert done.HasField("completed_at")
     assert not done.HasField("status_reason") or as_json(done.status_reason) == {}
     assert dev.received.empty(), "the request must be delivered once"
+
+
+async def test_an_answer_is_pubacked_only_once_it_is_committed(
+    app: FleetcmdApp, stub: pb_grpc.CommandServiceStub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A crash between the PUBACK and the commit would lose the answer: the device would not send it again.
+    store = app.store
+    assert store is not None
+    gate = threading.Event()
+    gate.set()
+    commit = store._execute_batch
+
+    def gated(batch: Any) -> Any:
+        gate.wait(10)
+        return commit(batch)
+
+    monkeypatch.setattr(store, "_execute_batch", gated)
+    try:
+        async with device(app, "thermo-ack") as dev:
+            ex = await send(stub, "thermo-ack")
+            await dev.wait_message()
+            await wait_status(stub, ex.execution_id, pb.DELIVERED)
+            gate.clear()  # the store's next commit waits
+            answer = dev.respond(ex.execution_id, "SUCCEEDED")
+            await asyncio.sleep(0.3)
+            assert not answer.is_published(), "PUBACKed before the answer was committed"
+            assert (await get(stub, ex.execution_id)).status == pb.DELIVERED
+            gate.set()
+            await asyncio.to_thread(answer.wait_for_publish, 5)
+            assert answer.is_published()
+            assert (await get(stub, ex.execution_id)).status == pb.SUCCEEDED
+    finally:
+        gate.set()
 
 
 @pytest.mark.parametrize(
