@@ -50,9 +50,10 @@ class Settings:
     mqtt_backlog: int = field(default=4096, metadata={"help": "listen backlog of the MQTT listeners (connects not yet accepted)"})
     shutdown_timeout: float = field(default=8.0, metadata={"help": "seconds a graceful stop may take"})
     sys_interval: int = field(default=0, metadata={"help": "$SYS broadcast interval in seconds (0 = off)"})
-    # asyncio, not uvloop, by default: measured in one run, grpc.aio on uvloop did 25% fewer
-    # end-to-end commands per second (bench/run.py --only e2e).
-    event_loop: str = field(default="asyncio", metadata={"help": "asyncio, uvloop, or auto (uvloop when installed)"})
+    # uvloop when installed (it is a dependency on Linux and macOS): alternating three times in one
+    # run at 1,000 devices, ~13 % more end-to-end commands/s and ~15 % less event-loop CPU per
+    # command than asyncio's loop (BENCHMARKS.md).
+    event_loop: str = field(default="auto", metadata={"help": "asyncio, uvloop, or auto (uvloop when installed)"})
     allow_anonymous: bool = field(
         default=False,
         metadata={"help": "DEVELOPMENT ONLY: admit devices without credentials and Sends to unregistered things"},
