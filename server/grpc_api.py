@@ -38,9 +38,11 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_SEQUENCE = 2**63 - 1  # the event log's sequence is a SQLite INTEGER
 # StreamBatches: after a live message of at least LINGER_MIN_EVENTS events (the watcher is busy), how
 # long it lets further commits gather for the next one. Smaller batches mean a quiet stream: no pause,
-# so a lone command's events are not held back (low-load latency).
-BATCH_LINGER = 0.005
-LINGER_MIN_EVENTS = 16
+# so a lone command's events are not held back (low-load latency). 20 ms / 8 rather than 5 ms / 16:
+# with 50 watchers at 1,000 devices, ~17 % more commands/s (alternating, one run) and the same p99
+# event age, since fewer, larger writes leave the loop less behind.
+BATCH_LINGER = 0.02
+LINGER_MIN_EVENTS = 8
 # SendStream: items read and not answered yet, per call. At the bound the server stops reading the
 # call, so HTTP/2 flow control holds the client back instead of the server buffering its requests.
 SEND_STREAM_WINDOW = 256
