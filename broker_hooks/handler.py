@@ -136,6 +136,21 @@ def encode_publish(topic: str, data: bytes | bytearray, qos: int, packet_id: int
 class FastProtocolHandler(FleetProtocolHandler):
     """The broker's handler of one connection; see the module docstring for what differs from amqtt."""
 
+    # Slots, not the instance dict: amqtt's own attributes fill a key-sharing dict of ~300 bytes,
+    # and ten more keys would turn it into a plain dict of ~1.6 KB on every connection.
+    __slots__ = (
+        "_ack_waiters",
+        "_acks",
+        "_deferred",
+        "_expiry_timer",
+        "_fast",
+        "_last_read",
+        "_read_timer",
+        "_slow_publishes",
+        "_unacked",
+        "on_publish",
+    )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Set by the broker: hands an incoming PUBLISH over; False means "queue it for the message loop".
@@ -407,6 +422,8 @@ class FastProtocolHandler(FleetProtocolHandler):
         while acks and acks[0].state == _READY:
             self._write(b"\x40\x02" + acks[0].packet_id.to_bytes(2, "big"))
             del acks[0]
+        if acks is not None and not acks:
+            self._acks = None  # an idle device keeps no list (memory per connection)
 
     def _handle_puback_bytes(self, body: bytes) -> None:
         if len(body) < 2:
