@@ -1,0 +1,335 @@
+"""The batch transaction of :class:`server.sqlite_store.SqliteStore`: queued writes and how they are planned and written.
+
+An :class:`Op` is one queued write; a :class:`Tx` is the transaction one batch of them runs
+in. Creates and transitions are *planned* (:func:`plan_create`, :func:`plan_transition`):
+they only read through the :class:`Tx` and return what to write, which the batch writes at
+the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from server.errors import AlreadyExists, NotFound, ThingMismatch
+from server.lifecycle import Decision, Outcome, Trigger, decide
+from server.models import DeviceReport, Execution, NewExecution, StateChange
+from server.sqlite_schema import (
+    INSERT_EVENT,
+    INSERT_EXECUTION,
+    SELECT_BY_KEY,
+    SELECT_EXECUTION,
+    SELECT_MAX_KAA,
+    UPDATE_EXECUTION,
+    event_row,
+    execution_from_row,
+)
+from server.store import CreateResult, ResultCheck, TransitionResult
+
+
+def _evolve(current: Execution, **changes: Any) -> Execution:
+    # A copy with some fields changed, without running __init__ over twenty fields again.
+    updated: Execution = object.__new__(Execution)
+    updated.__dict__.update(current.__dict__)
+    updated.__dict__.update(changes)
+    return updated
+
+
+@dataclass(slots=True)
+class _Change:
+    """What one lifecycle operation writes: at most one execution row and one event."""
+
+    execution: Execution | None  # the row's new state; None when only the event is recorded
+    event: StateChange | None
+    created: bool = False
+    fingerprint: str = ""
+
+
+@dataclass(slots=True)
+class Op:
+    """One queued write.
+
+    A *planned* operation (create, transition) only reads: it returns ``(result,
+    change)`` and the batch writes the change, so an operation that raises has
+    changed nothing and needs no savepoint of its own. Any other operation runs
+    its own SQL inside a savepoint.
+    """
+
+    fn: Callable[[Tx], Any]
+    future: asyncio.Future[Any]
+    planned: bool
+    deferrable: bool = False  # may wait DEFER_LINGER for company
+    result: Any = None
+    error: BaseException | None = None
+
+
+Undo = tuple[str | None, Execution | None, tuple[str, str] | None, int | None, int, int]
+
+
+class Tx:
+    """One batch transaction: the connection, the event numbering and the executions written so far.
+
+    ``rows`` holds the state of every execution this transaction wrote, so later
+    operations of the same batch see it before it reaches SQLite; ``flush``
+    writes what is pending with one ``executemany`` per statement.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, next_seq: int, cache: dict[str, Execution]) -> None:
+        self.conn = conn
+        self.next_seq = next_seq
+        self._cache = cache
+        self.rows: dict[str, Execution] = {}
+        self.events: list[StateChange] = []
+        self._fingerprints: dict[str, str] = {}  # executions created in this transaction
+        self._keys: dict[str, str] = {}  # idempotency key -> execution created in this transaction
+        self._kaa: dict[tuple[str, str], int] = {}  # highest Kaa id given out in this transaction
+        self._insert: dict[str, None] = {}  # pending, in creation order
+        self._update: set[str] = set()
+        self._flushed_events = 0
+
+    # ---- reads (planned operations) ----
+
+    def lookup(self, execution_id: str) -> Execution | None:
+        """The execution as this transaction sees it (its own writes included)."""
+        found = self.rows.get(execution_id) or self._cache.get(execution_id)
+        if found is not None:
+            return found
+        row = self.conn.execute(SELECT_EXECUTION, (execution_id,)).fetchone()
+        return execution_from_row(row) if row is not None else None
+
+    def by_idempotency_key(self, key: str) -> tuple[Execution, str] | None:
+        """The execution created with ``key`` and its request fingerprint, if any."""
+        execution_id = self._keys.get(key)
+        if execution_id is not None:
+            return self.rows[execution_id], self._fingerprints[execution_id]
+        row = self.conn.execute(SELECT_BY_KEY, (key,)).fetchone()
+        if row is None:
+            return None
+        return self.rows.get(row[1]) or execution_from_row(row), row[20] or ""
+
+    def next_kaa_id(self, thing_id: str, action: str) -> int:
+        """The Kaa command id a new execution of ``thing_id``/``action`` gets."""
+        stored: int = self.conn.execute(SELECT_MAX_KAA, (thing_id, action)).fetchone()[0]
+        return max(stored, self._kaa.get((thing_id, action), 0)) + 1
+
+    # ---- writes ----
+
+    def apply(self, change: _Change) -> Undo:
+        """Take a planned operation's change; returns what :meth:`undo` needs to forget it."""
+        eid: str | None = None
+        previous: Execution | None = None
+        kaa_key: tuple[str, str] | None = None
+        previous_kaa: int | None = None
+        undo_point = (len(self.events), self.next_seq)
+        ex = change.execution
+        if ex is not None:
+            eid = ex.execution_id
+            previous = self.rows.get(eid)
+            self.rows[eid] = ex
+            if change.created:
+                self._insert[eid] = None
+                self._fingerprints[eid] = change.fingerprint
+                if ex.idempotency_key:
+                    self._keys[ex.idempotency_key] = eid
+                if ex.kaa_id is not None:
+                    kaa_key = (ex.thing_id, ex.action)
+                    previous_kaa = self._kaa.get(kaa_key)
+                    self._kaa[kaa_key] = ex.kaa_id
+            elif eid not in self._insert:  # a pending insert already writes the latest state
+                self._update.add(eid)
+        if change.event is not None:
+            # Numbered when planned: nothing runs between planning and applying.
+            assert change.event.sequence == self.next_seq
+            self.events.append(change.event)
+            self.next_seq += 1
+        return (eid, previous, kaa_key, previous_kaa, *undo_point)
+
+    def undo(self, undo: Undo) -> None:
+        """Forget the last applied change (its flush failed and was rolled back)."""
+        eid, previous, kaa_key, previous_kaa, n_events, seq = undo
+        if eid is not None:
+            if previous is None:
+                self.rows.pop(eid, None)
+            else:
+                self.rows[eid] = previous
+            if eid in self._insert:  # created by the operation being undone
+                del self._fingerprints[eid]
+                self._keys = {k: v for k, v in self._keys.items() if v != eid}
+        if kaa_key is not None:
+            if previous_kaa is None:
+                self._kaa.pop(kaa_key, None)
+            else:
+                self._kaa[kaa_key] = previous_kaa
+        del self.events[n_events:]
+        self.next_seq = seq
+        self._flushed_events = min(self._flushed_events, n_events)
+        self._insert.clear()
+        self._update.clear()
+
+    def flush(self) -> None:
+        """Write the pending execution rows and events."""
+        conn = self.conn
+        if self._insert:
+            conn.executemany(INSERT_EXECUTION, [self._insert_row(eid) for eid in self._insert])
+            self._insert.clear()
+        if self._update:
+            conn.executemany(UPDATE_EXECUTION, [self._update_row(eid) for eid in self._update])
+            self._update.clear()
+        if self._flushed_events < len(self.events):
+            conn.executemany(INSERT_EVENT, [event_row(e) for e in self.events[self._flushed_events :]])
+            self._flushed_events = len(self.events)
+
+    def _insert_row(self, execution_id: str) -> tuple[Any, ...]:
+        ex = self.rows[execution_id]
+        reason = ex.reason
+        return (
+            ex.execution_id,
+            ex.command_id,
+            ex.thing_id,
+            ex.action,
+            ex.params_json,
+            ex.ttl_seconds,
+            int(ex.status),
+            ex.result_json,
+            reason.code if reason else None,
+            reason.description if reason else None,
+            ex.created_at_ms,
+            ex.updated_at_ms,
+            ex.completed_at_ms,
+            ex.expires_at_ms,
+            ex.idempotency_key or None,
+            self._fingerprints[execution_id] or None,
+            ex.thing_type or None,
+            json.dumps(list(ex.result_violations)) if ex.result_violations else None,
+            ex.kaa_id,
+            ex.rerun_of or None,
+        )
+
+    def _update_row(self, execution_id: str) -> tuple[Any, ...]:
+        ex = self.rows[execution_id]
+        reason = ex.reason
+        return (
+            int(ex.status),
+            ex.updated_at_ms,
+            ex.completed_at_ms,
+            ex.result_json,
+            reason.code if reason else None,
+            reason.description if reason else None,
+            json.dumps(list(ex.result_violations)) if ex.result_violations else None,
+            execution_id,
+        )
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
+def plan_create(tx: Tx, new: NewExecution) -> tuple[CreateResult, _Change | None]:
+    """Plan the creation of ``new`` (or find the execution its idempotency key already made)."""
+    # Planned: reads only; what it returns is written by the batch.
+    if new.idempotency_key:
+        existing = tx.by_idempotency_key(new.idempotency_key)
+        if existing is not None:
+            execution, fingerprint = existing
+            if fingerprint != new.fingerprint:
+                raise AlreadyExists(
+                    f"idempotency_key {new.idempotency_key!r} was used for a different request "
+                    f"(execution {execution.execution_id})"
+                )
+            return CreateResult(execution, created=False, event=None), None
+    kaa_id = tx.next_kaa_id(new.thing_id, new.action) if new.kaa else None
+    execution = Execution(
+        execution_id=new.execution_id,
+        command_id=new.command_id,
+        thing_id=new.thing_id,
+        action=new.action,
+        params_json=new.params_json,
+        ttl_seconds=new.ttl_seconds,
+        status=new.status,
+        created_at_ms=new.created_at_ms,
+        updated_at_ms=new.created_at_ms,
+        expires_at_ms=new.expires_at_ms,
+        idempotency_key=new.idempotency_key,
+        thing_type=new.thing_type,
+        kaa_id=kaa_id,
+        rerun_of=new.rerun_of,
+    )
+    event = StateChange(
+        sequence=tx.next_seq,
+        execution_id=new.execution_id,
+        thing_id=new.thing_id,
+        action=new.action,
+        status=new.status,
+        previous_status=None,
+        at_ms=new.created_at_ms,
+        note="created",
+    )
+    change = _Change(execution, event, created=True, fingerprint=new.fingerprint)
+    return CreateResult(execution, created=True, event=event), change
+
+
+def plan_transition(
+    tx: Tx,
+    execution_id: str,
+    trigger: Trigger,
+    at_ms: int,
+    report: DeviceReport | None,
+    expect_thing: str | None,
+    result_check: ResultCheck | None,
+) -> tuple[TransitionResult, _Change | None]:
+    """Plan one lifecycle trigger on an execution."""
+    # Planned: reads only (everything that can raise happens here); the batch writes the change.
+    current = tx.lookup(execution_id)
+    if current is None:
+        raise NotFound(f"execution {execution_id!r} not found")
+    if expect_thing is not None and expect_thing != current.thing_id:
+        raise ThingMismatch(
+            f"report for execution {execution_id} names thing {expect_thing!r}, the execution's is {current.thing_id!r}"
+        )
+    same = report is not None and (
+        report.status == current.status and report.result_json == current.result_json and report.reason == current.reason
+    )
+    decision: Decision = decide(current.status, trigger, report.status if report else None, same_report=same)
+    outcome = decision.outcome
+    if outcome is not Outcome.CHANGE and outcome is not Outcome.LATE:
+        return TransitionResult(current, decision, None), None
+    late = outcome is Outcome.LATE
+    result_json = report.result_json if report else None
+    reason = report.reason if report else None
+    event = StateChange(
+        sequence=tx.next_seq,
+        execution_id=current.execution_id,
+        thing_id=current.thing_id,
+        action=current.action,
+        status=report.status if (report and late) else decision.status,
+        previous_status=current.status,
+        at_ms=at_ms,
+        late=late,
+        result_json=result_json,
+        reason=reason,
+        note=decision.note,
+    )
+    if late:
+        return TransitionResult(current, decision, event), _Change(None, event)
+    new_status = decision.status
+    # A device report carries the result; other triggers keep what the device sent last.
+    if report is not None:
+        violations = tuple(result_check(current, report)) if result_check is not None else ()
+        updated = _evolve(
+            current,
+            status=new_status,
+            updated_at_ms=at_ms,
+            completed_at_ms=at_ms if new_status.final else None,
+            result_json=result_json,
+            reason=reason,
+            result_violations=violations,
+        )
+    else:
+        updated = _evolve(current, status=new_status, updated_at_ms=at_ms, completed_at_ms=at_ms if new_status.final else None)
+    return TransitionResult(updated, decision, event), _Change(updated, event)
