@@ -440,6 +440,41 @@ class FleetBroker(IndexedBroker):
 
     # ---- service -> device ----------------------------------------------------------------
 
+    def _target(
+        self, client_id: str, topic: str, max_qos: int, qos: int | None
+    ) -> tuple[BrokerProtocolHandler, int] | Delivery:
+        """The connection and QoS a publish to ``client_id`` goes out with, or why there is none."""
+        entry = self._sessions.get(client_id)
+        if entry is None or entry[0].transitions.state != "connected":
+            return Delivery.NOT_CONNECTED
+        if qos is None:
+            subscribed = self.subscription_qos(client_id, topic)
+            if subscribed is None:
+                return Delivery.NOT_SUBSCRIBED
+            qos = min(subscribed, max_qos)
+        return entry[1], qos
+
+    def deliver_nowait(
+        self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None
+    ) -> Delivery | asyncio.Future[None] | None:
+        """:meth:`deliver` without waiting, when the connection can take the publish at once.
+
+        Returns:
+            The outcome when it is known now (not connected, not subscribed, SENT at QoS 0); a
+            future done on the PUBACK (failing without one: :meth:`deliver`'s FAILED); None when
+            the publish was not written (use :meth:`deliver`).
+        """
+        target = self._target(client_id, topic, max_qos, qos)
+        if isinstance(target, Delivery):
+            return target
+        handler, qos = target
+        if not isinstance(handler, FastProtocolHandler):
+            return None
+        outcome = handler.publish_tracked(topic, payload, qos)
+        if outcome is None or qos > 0:
+            return outcome
+        return Delivery.SENT
+
     async def deliver(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None) -> Delivery:
         """Publish to one client, at the QoS of its subscription (at most ``max_qos``).
 
@@ -449,15 +484,10 @@ class FleetBroker(IndexedBroker):
         Returns:
             ACKED when the client PUBACKed, SENT for QoS 0, otherwise why it was not delivered.
         """
-        entry = self._sessions.get(client_id)
-        if entry is None or entry[0].transitions.state != "connected":
-            return Delivery.NOT_CONNECTED
-        if qos is None:
-            subscribed = self.subscription_qos(client_id, topic)
-            if subscribed is None:
-                return Delivery.NOT_SUBSCRIBED
-            qos = min(subscribed, max_qos)
-        handler = entry[1]
+        target = self._target(client_id, topic, max_qos, qos)
+        if isinstance(target, Delivery):
+            return target
+        handler, qos = target
         task = asyncio.current_task()
         try:
             # Written at once and its PUBACK awaited on a future when the connection allows it.

@@ -45,6 +45,11 @@ class DeviceLink(Protocol):
     ) -> Delivery:
         """Publish to one client and report the outcome."""
 
+    def deliver_nowait(
+        self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None
+    ) -> Delivery | asyncio.Future[None] | None:
+        """Publish without waiting: the outcome, a future done on the PUBACK, or None (use ``deliver``)."""
+
 
 @dataclass(frozen=True)
 class Message:
@@ -129,7 +134,8 @@ class Outbox:
         """Hold a new execution; publish it at once when it was created SENT (device ready).
 
         Returns:
-            Whether a publish was started.
+            Whether a publish task was started, which has not written the request yet
+            (usually the request is written at once, without a task).
         """
         self.hold(execution.thing_id, execution.execution_id)
         if execution.status is Status.SENT:
@@ -198,30 +204,82 @@ class Outbox:
             self._published(execution)
 
     def _start_publish(self, execution: Execution) -> bool:
+        """Publish ``execution`` unless a publish of it is under way.
+
+        Returns:
+            Whether a publish task was started (a caller may yield so that it writes first);
+            False also when the request was written at once, without a task.
+        """
         if execution.execution_id in self._inflight:
             return False
         self._inflight.add(execution.execution_id)
+        if self._publish_now(execution):
+            return False
         self._spawn(self._publish(execution), f"deliver-{execution.execution_id}")
         return True
 
+    def _publish_now(self, execution: Execution) -> bool:
+        """The common case without a task: one publish, which the connection takes at once.
+
+        Returns:
+            Whether it was handled here (the outcome, or the PUBACK's callback, finishes it).
+        """
+        link, route = self._link, self.route_for(execution.thing_id)
+        if link is None or route is None:
+            return False
+        try:
+            messages = route.messages(execution)
+            if len(messages) != 1:
+                return False
+            m = messages[0]
+            outcome = link.deliver_nowait(m.client_id, m.topic, m.payload, qos=m.qos)
+        except Exception:
+            log.exception("publishing %s failed", execution.execution_id)
+            self._published(execution)
+            return True
+        if outcome is None:
+            return False
+        if isinstance(outcome, Delivery):
+            self._delivered(execution, outcome)
+        else:
+            outcome.add_done_callback(functools.partial(self._puback, execution))
+        return True
+
+    def _puback(self, execution: Execution, waiter: asyncio.Future[None]) -> None:
+        # No PUBACK in time, or the connection ended: what deliver() reports as FAILED.
+        failed = waiter.cancelled() or waiter.exception() is not None
+        self._delivered(execution, Delivery.FAILED if failed else Delivery.ACKED)
+
     async def _publish(self, execution: Execution) -> None:
-        acked: asyncio.Future[TransitionResult] | None = None
         try:
             link, route = self._link, self.route_for(execution.thing_id)
             if link is None or route is None:
+                self._published(execution)
                 return
             outcomes = [
                 await link.deliver(m.client_id, m.topic, m.payload, qos=m.qos) for m in route.messages(execution)
             ]
-            # Acknowledged by any connection of the device is delivered.
-            outcome = min(outcomes, key=_RANK.__getitem__, default=Delivery.NOT_CONNECTED)
+        except asyncio.CancelledError:
+            self._published(execution)
+            raise
+        except Exception:
+            log.exception("publishing %s failed", execution.execution_id)
+            self._published(execution)
+            return
+        # Acknowledged by any connection of the device is delivered.
+        self._delivered(execution, min(outcomes, key=_RANK.__getitem__, default=Delivery.NOT_CONNECTED))
+
+    def _delivered(self, execution: Execution, outcome: Delivery) -> None:
+        """Record a publish's outcome; the publish is over here, or once DELIVERED is committed."""
+        acked: asyncio.Future[TransitionResult] | None = None
+        try:
             if outcome in (Delivery.ACKED, Delivery.SENT):
                 self.published += 1
             if outcome is Delivery.ACKED:
                 self.acked += 1
                 # Queued at once, so it reaches the store ahead of the device's answer that
-                # followed the PUBACK; deferrable, so that answer can share its commit. The
-                # task ends here and _acked finishes the publish once DELIVERED is committed.
+                # followed the PUBACK; deferrable, so that answer can share its commit.
+                # _acked finishes the publish once DELIVERED is committed.
                 acked = self._store.transition_nowait(
                     execution.execution_id, Trigger.ACKED, at_ms=now_ms(), deferrable=True
                 )
@@ -230,10 +288,8 @@ class Outbox:
                 # A QoS 0 subscription cannot acknowledge: sent once is all MQTT offers.
                 self.discard(execution.thing_id, execution.execution_id)
             # Otherwise it stays pending and goes out again on the next connect or subscribe.
-        except asyncio.CancelledError:
-            raise
         except Exception:
-            log.exception("publishing %s failed", execution.execution_id)
+            log.exception("recording the publish of %s failed", execution.execution_id)
         finally:
             if acked is None:
                 self._published(execution)
