@@ -166,19 +166,23 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
                 lambda d, s=system: _connect_values(d, s, "loadgen_cpu_pct", n) or None, "",
                 _connect_values(doc, "mosquitto", "loadgen_cpu_pct") if has_mosq_c else None, "mosquitto")
 
-    def fan(d: dict[str, Any], k: str) -> list[float] | None:
-        reps = _reps(d, "fanout", "reps")
-        return [r[k] for r in reps] if reps else None
-
     fo = _reps(doc, "fanout")
     if fo:
-        add("fanout.rate", f"commands/s with {fo['watchers']} Stream watchers, {fo['fleet']:,} devices",
-            lambda d: fan(d, "rate"), ">= 1,000 with all watchers complete")
-        add("fanout.complete", "  watchers that received every event", lambda d: fan(d, "watchers_complete"),
-            f"{fo['watchers']}")
-        add("fanout.events", "  events delivered/s (all watchers)", lambda d: fan(d, "events_delivered_per_s"))
-        add("fanout.age99", "  event age at the watcher p99 ms", lambda d: fan(d, "event_age_p99_ms"))
-        add("fanout.svc_cpu", "  service CPU, % of one core", lambda d: fan(d, "service_cpu_pct"))
+        # reps: the load sent with unary Send; stream_reps (since session 3): with SendStream.
+        for kind, kp, how in (("reps", "", ""), ("stream_reps", ".stream", " (load sent with SendStream)")):
+            def fan(d: dict[str, Any], k: str, kind: str = kind) -> list[float] | None:
+                reps = _reps(d, "fanout", kind)
+                return [r[k] for r in reps] if reps else None
+
+            if kind == "stream_reps" and not fo.get(kind):
+                continue
+            add(f"fanout{kp}.rate", f"commands/s with {fo['watchers']} Stream watchers, {fo['fleet']:,} devices{how}",
+                lambda d, f=fan: f(d, "rate"), ">= 1,000 with all watchers complete")
+            add(f"fanout{kp}.complete", "  watchers that received every event",
+                lambda d, f=fan: f(d, "watchers_complete"), f"{fo['watchers']}")
+            add(f"fanout{kp}.events", "  events delivered/s (all watchers)", lambda d, f=fan: f(d, "events_delivered_per_s"))
+            add(f"fanout{kp}.age99", "  event age at the watcher p99 ms", lambda d, f=fan: f(d, "event_age_p99_ms"))
+            add(f"fanout{kp}.svc_cpu", "  service CPU, % of one core", lambda d, f=fan: f(d, "service_cpu_pct"))
     return out
 
 

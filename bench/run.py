@@ -313,36 +313,46 @@ class Suite:
         if ready < plan.fanout_watchers:
             self.notes.append(f"fanout: only {ready} of {plan.fanout_watchers} watchers saw the first event")
         g = {"service": groups["service"], "loadgen": groups["loadgen"] + [w.pid for w in watchers]}
-        reps = []
+        # reps: the load sent with unary Send; stream_reps: the same load as items of one SendStream
+        # call. The watchers are the same in both; the order alternates (the machine is noisy).
+        out: dict[str, list[dict[str, Any]]] = {"unary": [], "stream": []}
         for rep in range(plan.reps):
-            for w in watchers:
-                w.call("reset", 10)
-            seq0 = caller.call("last_seq", 10)
-            r = self._e2e_rep(caller, ids, g, rep, plan.fanout_fleet, svc, "fanout")
-            seq1 = caller.call("last_seq", 10)
-            stats = [w.call("settle", 60, last_seq=seq1, timeout=30) for w in watchers]
-            expected = seq1 - seq0
-            counts = [c for s in stats for c in s["count"]]
-            # Complete: no gap since the reset (checked against the last event before it too), and the
-            # contiguous run of events it saw covers every sequence of this rep, (seq0, seq1].
-            complete = sum(1 for s in stats for first, g_, last in zip(s["first"], s["gaps"], s["last"], strict=True)
-                           if g_ == 0 and first and first <= seq0 + 1 and last >= seq1)
-            r.update({
-                "watchers": len(counts),
-                "watchers_complete": complete,
-                "events_expected_per_watcher": expected,
-                "events_min_per_watcher": min(counts) if counts else 0,
-                "stream_errors": [e for s in stats for e in s["errors"]][:5],
-                "event_age_p50_ms": statistics.median([s["age_p50_ms"] for s in stats]),
-                "event_age_p99_ms": max(s["age_p99_ms"] for s in stats),
-                "events_delivered_per_s": sum(counts) / (r["window_s"] or 1),
-            })
-            log(f"fanout rep {rep + 1}: {complete}/{len(counts)} watchers got all {expected} events; "
-                f"{r['rate']:.0f} commands/s; event age p99 {r['event_age_p99_ms']:.1f} ms")
-            reps.append(r)
-        self.results["fanout"] = {"fleet": plan.fanout_fleet, "watchers": plan.fanout_watchers, "reps": reps}
+            for mode in ("unary", "stream") if rep % 2 == 0 else ("stream", "unary"):
+                out[mode].append(self._fanout_rep(svc, caller, watchers, ids, g, rep, mode))
+        self.results["fanout"] = {"fleet": plan.fanout_fleet, "watchers": plan.fanout_watchers,
+                                  "reps": out["unary"], "stream_reps": out["stream"]}
         for w in watchers:
             self.p.stop(w)
+
+    def _fanout_rep(self, svc: Service, caller: Agent, watchers: list[Agent], ids: list[str],
+                    g: dict[str, list[int]], rep: int, mode: str) -> dict[str, Any]:
+        """One fan-out measurement: the e2e load (``mode``) while every watcher counts its events."""
+        plan = self.plan
+        for w in watchers:
+            w.call("reset", 10)
+        seq0 = caller.call("last_seq", 10)
+        r = self._e2e_rep(caller, ids, g, rep, plan.fanout_fleet, svc, "fanout", mode=mode)
+        seq1 = caller.call("last_seq", 10)
+        stats = [w.call("settle", 60, last_seq=seq1, timeout=30) for w in watchers]
+        expected = seq1 - seq0
+        counts = [c for s in stats for c in s["count"]]
+        # Complete: no gap since the reset (checked against the last event before it too), and the
+        # contiguous run of events it saw covers every sequence of this rep, (seq0, seq1].
+        complete = sum(1 for s in stats for first, g_, last in zip(s["first"], s["gaps"], s["last"], strict=True)
+                       if g_ == 0 and first and first <= seq0 + 1 and last >= seq1)
+        r.update({
+            "watchers": len(counts),
+            "watchers_complete": complete,
+            "events_expected_per_watcher": expected,
+            "events_min_per_watcher": min(counts) if counts else 0,
+            "stream_errors": [e for s in stats for e in s["errors"]][:5],
+            "event_age_p50_ms": statistics.median([s["age_p50_ms"] for s in stats]),
+            "event_age_p99_ms": max(s["age_p99_ms"] for s in stats),
+            "events_delivered_per_s": sum(counts) / (r["window_s"] or 1),
+        })
+        log(f"fanout ({mode}) rep {rep + 1}: {complete}/{len(counts)} watchers got all {expected} events; "
+            f"{r['rate']:.0f} commands/s; event age p99 {r['event_age_p99_ms']:.1f} ms")
+        return r
 
     # -- 3: raw broker round trips, alternating with mosquitto
 
