@@ -36,13 +36,16 @@ SERVICE_NAMES = (
 )
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_SEQUENCE = 2**63 - 1  # the event log's sequence is a SQLite INTEGER
-# StreamBatches: after a live message of at least LINGER_MIN_EVENTS events (the watcher is busy), how
-# long it lets further commits gather for the next one. Smaller batches mean a quiet stream: no pause,
-# so a lone command's events are not held back (low-load latency). 20 ms / 8 rather than 5 ms / 16:
-# with 50 watchers at 1,000 devices, ~17 % more commands/s (alternating, one run) and the same p99
-# event age, since fewer, larger writes leave the loop less behind.
-BATCH_LINGER = 0.02
-LINGER_MIN_EVENTS = 8
+# StreamBatches: after a live message of at least `min events` events (the watcher is busy), how long
+# it lets further commits gather for the next one; a quiet stream never pauses, so a lone command's
+# events are not held back. Each message costs the event loop tens of microseconds per watcher: with
+# many watchers fewer, larger messages matter more than a few milliseconds of event age, with few the
+# age matters more. Measured alternately: one SendStream caller did ~8 % more commands/s with 5 ms / 16
+# than with 20 ms / 8 (bench/steady.py --mode stream); 50 watchers, ~17 % more with 20 ms / 8
+# (bench/run.py --only fanout).
+LINGER = (0.005, 16)  # (seconds, min events) while fewer than MANY_WATCHERS streams are open
+LINGER_MANY = (0.02, 8)
+MANY_WATCHERS = 8
 # SendStream: items read and not answered yet, per call. At the bound the server stops reading the
 # call, so HTTP/2 flow control holds the client back instead of the server buffering its requests.
 SEND_STREAM_WINDOW = 256
@@ -209,11 +212,13 @@ class CommandServicer:
         async for batch in self._core.stream(flt, after):
             for message in wire.batches(batch.events, batch.live):
                 yield message
-            if batch.live and len(batch.events) >= LINGER_MIN_EVENTS:
+            if batch.live:
                 # Writes, not bytes, are what a watcher costs (tens of microseconds of CPU each in grpc.aio):
                 # once events come faster than one write each, pausing lets the commits of the next moment
                 # share one message. The batch grows with the load, so the pause only happens under load.
-                await asyncio.sleep(BATCH_LINGER)
+                linger, min_events = LINGER_MANY if len(self._core.bus) >= MANY_WATCHERS else LINGER
+                if len(batch.events) >= min_events:
+                    await asyncio.sleep(linger)
 
     @maps_errors
     async def Rerun(self, request: pb.RerunRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.Execution:  # noqa: N802
