@@ -316,6 +316,29 @@ async def test_deliver_still_reports_the_puback(broker: FleetBroker) -> None:
     assert [r.topic for r in got] == ["d/1/req", "d/2/req"]
 
 
+async def test_deliver_nowait_writes_at_once_and_reports_the_puback_on_a_future(broker: FleetBroker) -> None:
+    async with _client(broker, "dev-2") as dev:
+        assert await dev.asubscribe("n/+/req") == [1]
+        waiter = broker.deliver_nowait("dev-2", "n/1/req", _payload(1))
+        assert isinstance(waiter, asyncio.Future)
+        await asyncio.wait_for(waiter, 5)  # the device's PUBACK
+        assert broker.deliver_nowait("dev-2", "n/1/other", _payload(2)) is Delivery.NOT_SUBSCRIBED
+        assert broker.deliver_nowait("dev-2", "n/2/req", _payload(3), qos=0) is Delivery.SENT
+        assert broker.deliver_nowait("nobody", "n/2/req", _payload(4)) is Delivery.NOT_CONNECTED
+        got = await _drain(dev)
+    assert [r.topic for r in got] == ["n/1/req", "n/2/req"]
+
+
+async def test_deliver_nowait_fails_without_a_puback(broker: FleetBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handler, "PUBACK_TIMEOUT", 0.3)
+    async with _client(broker, "mute-2", auto_ack=False) as dev:
+        assert await dev.asubscribe("m/+") == [1]
+        waiter = broker.deliver_nowait("mute-2", "m/1", _payload(1))
+        assert isinstance(waiter, asyncio.Future)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(waiter, 5)
+
+
 async def test_deliver_fails_without_a_puback(broker: FleetBroker, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handler, "PUBACK_TIMEOUT", 0.3)
     async with _client(broker, "mute", auto_ack=False) as dev:
