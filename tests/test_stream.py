@@ -390,24 +390,49 @@ async def test_resume_while_events_are_produced_concurrently(
 SLOW_CLIENT_OPTIONS = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
 
 
-async def test_slow_subscriber_is_cut_off_and_fast_one_gets_everything(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def fast_and_slow_clients(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[FleetcmdApp, pb_grpc.CommandServiceStub, pb_grpc.CommandServiceStub]]:
+    """A service whose streams buffer 5 events, a normal client and one that hardly reads (see above)."""
     settings = make_settings(tmp_path / "data", stream_buffer=5)
     async with (
         FleetcmdApp(settings) as app,
         app_channel(app) as fast_channel,
         app_channel(app, options=SLOW_CLIENT_OPTIONS) as slow_channel,
     ):
-        stub = pb_grpc.CommandServiceStub(fast_channel)
-        slow_call = pb_grpc.CommandServiceStub(slow_channel).Stream(pb.StreamRequest())
+        yield app, pb_grpc.CommandServiceStub(fast_channel), pb_grpc.CommandServiceStub(slow_channel)
+
+
+async def make_large_events(stub: pb_grpc.CommandServiceStub) -> int:
+    """200 events of ~400 bytes (long ids), far beyond the slow client's window; one commit at a time."""
+    thing, action = "t" * 128, "a" * 128
+    made = [await send(stub, thing, action) for _ in range(100)]
+    for ex in made:
+        await cancel(stub, ex.execution_id)
+    return 2 * len(made)
+
+
+async def read_until_cut_off(call: Any, events: Callable[[Any], Iterable[pb.ExecutionEvent]]) -> list[pb.ExecutionEvent]:
+    """What a slow call still delivers (``events`` of each message), which must end with RESOURCE_EXHAUSTED."""
+    received: list[pb.ExecutionEvent] = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async with asyncio.timeout(TIMEOUT):
+            async for message in call:
+                received.extend(events(message))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "after_sequence" in (info.value.details() or "")
+    assert_gap_free(received, 1)
+    return received
+
+
+async def test_slow_subscriber_is_cut_off_and_fast_one_gets_everything(tmp_path: Path) -> None:
+    async with fast_and_slow_clients(tmp_path) as (app, stub, slow_stub):
+        slow_call = slow_stub.Stream(pb.StreamRequest())
         try:
             async with watching(stub) as fast:
                 await wait_watchers(app, 2)
-                # Long ids make ~400-byte events: 200 of them are far beyond the slow client's window.
-                thing, action = "t" * 128, "a" * 128
-                made = [await send(stub, thing, action) for _ in range(100)]
-                for ex in made:
-                    await cancel(stub, ex.execution_id)
-                produced = 200
+                produced = await make_large_events(stub)
                 everything = await fast.take(produced, timeout=30)
                 assert_gap_free(everything, 1)
                 # The fast subscriber is not affected by the slow one being cut off.
@@ -416,19 +441,12 @@ async def test_slow_subscriber_is_cut_off_and_fast_one_gets_everything(tmp_path:
                 await fast.assert_quiet(0.1)
 
             # The slow client reads at last: what was in flight before the cut, then RESOURCE_EXHAUSTED.
-            received: list[pb.ExecutionEvent] = []
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                async with asyncio.timeout(TIMEOUT):
-                    async for event in slow_call:
-                        received.append(event)
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "after_sequence" in (info.value.details() or "")
-            assert_gap_free(received, 1)
+            received = await read_until_cut_off(slow_call, lambda event: (event,))
             assert len(received) < produced
 
             # ... and it resumes from its last sequence with nothing lost.
             last = received[-1].sequence if received else 0
-            async with watching(pb_grpc.CommandServiceStub(slow_channel), after_sequence=last) as resumed:
+            async with watching(slow_stub, after_sequence=last) as resumed:
                 rest = await resumed.take(produced - last)
                 assert_gap_free(received + rest, 1)
                 await resumed.assert_quiet(0.1)

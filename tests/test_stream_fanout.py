@@ -24,8 +24,18 @@ from server.models import EventFilter, Reason, StateChange
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests.clients import app_channel
-from tests.conftest import make_settings
-from tests.test_stream import SLOW_CLIENT_OPTIONS, Watcher, assert_gap_free, burst, cancel, send, seqs, wait_watchers
+from tests.test_stream import (
+    Watcher,
+    assert_gap_free,
+    burst,
+    cancel,
+    fast_and_slow_clients,
+    make_large_events,
+    read_until_cut_off,
+    send,
+    seqs,
+    wait_watchers,
+)
 
 TIMEOUT = 10.0
 STREAM_BATCHES = "/fleetcmd.v1.CommandService/StreamBatches"
@@ -291,38 +301,20 @@ async def test_stream_batches_refuses_what_stream_refuses(stub: pb_grpc.CommandS
 
 async def test_slow_batch_watcher_is_cut_off_and_resumes(tmp_path: Path) -> None:
     """As for Stream: a StreamBatches reader that does not keep up gets RESOURCE_EXHAUSTED, the others everything."""
-    settings = make_settings(tmp_path / "data", stream_buffer=5)
-    async with (
-        FleetcmdApp(settings) as app,
-        app_channel(app) as fast_channel,
-        app_channel(app, options=SLOW_CLIENT_OPTIONS) as slow_channel,
-    ):
-        stub = pb_grpc.CommandServiceStub(fast_channel)
-        slow_call = pb_grpc.CommandServiceStub(slow_channel).StreamBatches(pb.StreamRequest())
+    async with fast_and_slow_clients(tmp_path) as (app, stub, slow_stub):
+        slow_call = slow_stub.StreamBatches(pb.StreamRequest())
         try:
             async with batch_watching(stub) as fast:
                 await wait_watchers(app, 2)
-                # Long ids make ~400-byte events; one at a time, so no commit holds more than the buffer.
-                thing, action = "t" * 128, "a" * 128
-                made = [await send(stub, thing, action) for _ in range(100)]
-                for ex in made:
-                    await cancel(stub, ex.execution_id)
-                produced = 200
+                produced = await make_large_events(stub)
                 assert_gap_free(await fast.take(produced, timeout=30), 1)
                 await fast.assert_quiet(produced, 0.1)
 
-            received: list[pb.ExecutionEvent] = []
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                async with asyncio.timeout(TIMEOUT):
-                    async for batch in slow_call:
-                        received.extend(batch.events)
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "after_sequence" in (info.value.details() or "")
-            assert_gap_free(received, 1)
+            received = await read_until_cut_off(slow_call, lambda batch: batch.events)
             assert len(received) < produced
 
             last = received[-1].sequence if received else 0
-            async with batch_watching(pb_grpc.CommandServiceStub(slow_channel), after_sequence=last) as resumed:
+            async with batch_watching(slow_stub, after_sequence=last) as resumed:
                 rest = await resumed.take(produced - last)
                 assert_gap_free(received + rest, 1)
                 await resumed.assert_quiet(produced - last, 0.1)
