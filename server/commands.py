@@ -33,7 +33,7 @@ from server.errors import (
 from server.events import EventBus, StreamBatch
 from server.lifecycle import Outcome, Status, Trigger, initial_status
 from server.models import DeviceReport, EventFilter, Execution, ListQuery, NewExecution, StateChange
-from server.registry import Registry
+from server.registry import PresenceChange, Registry
 from server.scheduler import TtlScheduler
 from server.store import ListPage, Store, TransitionResult
 from server.validation import SendCommand, check_execution_id, fingerprint
@@ -392,7 +392,7 @@ class CommandCore:
             listener.client_connected(client_id)
         change = self.registry.device_connected(client_id, remote_address)
         if change is not None:
-            self._spawn(self.registry.persist_presence(change), f"presence-{client_id}")
+            self._persist_presence(change)
         self.outbox.device_available(client_id)
 
     def device_subscribed(self, client_id: str, filters: Sequence[tuple[str, int]]) -> None:
@@ -407,7 +407,11 @@ class CommandCore:
             listener.client_disconnected(client_id)
         change = self.registry.device_disconnected(client_id)
         if change is not None:
-            self._spawn(self.registry.persist_presence(change), f"presence-{client_id}")
+            self._persist_presence(change)
+
+    def _persist_presence(self, change: PresenceChange) -> None:
+        if self.registry.persist_later(change):
+            self._spawn(self.registry.write_presence(), "presence-writer")
 
     def device_message_nowait(self, inbound: Inbound) -> asyncio.Future[None] | None:
         """See :class:`broker_hooks.broker.DeviceSink`; None when the ingest queue is full."""

@@ -141,6 +141,17 @@ class ActiveExecution:
 # ---- registry -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class LastConnection:
+    """A thing's last connection, as the store keeps it."""
+
+    thing_id: str
+    last_seen_ms: int
+    client_id: str
+    remote_address: str
+    connected_at_ms: int | None  # None: keep the stored one (a disconnect)
+
+
 @dataclass(frozen=True)
 class ThingRecord:
     """A registered thing as stored (the token only as its hash)."""

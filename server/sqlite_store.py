@@ -44,6 +44,7 @@ from server.models import (
     DeviceReport,
     EventFilter,
     Execution,
+    LastConnection,
     ListQuery,
     NewExecution,
     StateChange,
@@ -615,16 +616,15 @@ class SqliteStore:
 
         await self._write(write)
 
-    async def record_presence(
-        self, thing_id: str, *, last_seen_ms: int, client_id: str, remote_address: str, connected_at_ms: int | None
-    ) -> None:
-        """Remember when and from where a thing was last connected (a missing thing is ignored)."""
+    async def record_presence(self, connections: Sequence[LastConnection]) -> None:
+        """Remember when and from where each thing was last connected (a missing thing is ignored)."""
+        rows = [(c.last_seen_ms, c.client_id, c.remote_address, c.connected_at_ms, c.thing_id) for c in connections]
 
         def write(tx: Tx) -> None:
-            tx.conn.execute(
+            tx.conn.executemany(
                 "UPDATE things SET last_seen = ?, last_client_id = ?, last_remote_address = ?,"
                 " last_connected_at = COALESCE(?, last_connected_at) WHERE thing_id = ?",
-                (last_seen_ms, client_id, remote_address, connected_at_ms, thing_id),
+                rows,
             )
 
         await self._write(write)

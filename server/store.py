@@ -24,6 +24,7 @@ from server.models import (
     DeviceReport,
     EventFilter,
     Execution,
+    LastConnection,
     ListQuery,
     NewExecution,
     StateChange,
@@ -155,10 +156,8 @@ class RegistryStore(Protocol):
     async def delete_thing(self, thing_id: str) -> None:
         """Unregister a thing (NotFound)."""
 
-    async def record_presence(
-        self, thing_id: str, *, last_seen_ms: int, client_id: str, remote_address: str, connected_at_ms: int | None
-    ) -> None:
-        """Remember the last connection of a thing."""
+    async def record_presence(self, connections: Sequence[LastConnection]) -> None:
+        """Remember the last connection of each of these things (one write; missing things are ignored)."""
 
     async def put_thing_type(self, rec: ThingTypeRecord) -> ThingTypeRecord:
         """Create or replace a type; returns it with its new version."""

@@ -922,6 +922,51 @@ async def test_execution_records_thing_type_at_creation(api: Api) -> None:
 # ---- durability ------------------------------------------------------------------------------
 
 
+async def test_presence_changes_are_written_by_one_writer_latest_per_thing(tmp_path: Path) -> None:
+    """A fleet connecting at once: one writer task, a few store writes, each thing's last change kept."""
+    from server.registry import Registry
+    from server.sqlite_store import SqliteStore
+
+    async with SqliteStore(tmp_path / "f.db") as store:
+        writer = asyncio.create_task(store.run_writer())
+        try:
+            registry = Registry(store)
+            await registry.load()
+            for i in range(50):
+                await registry.create_thing(f"p{i}", thing_type="", attributes={})
+            writes: list[int] = []
+            record = store.record_presence
+
+            async def counted(connections: Any) -> None:
+                writes.append(len(connections))
+                await record(connections)
+
+            store.record_presence = counted  # type: ignore[method-assign]
+            writers: list[asyncio.Task[None]] = []
+            for i in range(50):
+                for change in (registry.device_connected(f"p{i}", f"10.0.0.{i}:1"), registry.device_disconnected(f"p{i}")):
+                    assert change is not None
+                    if registry.persist_later(change):
+                        writers.append(asyncio.create_task(registry.write_presence()))
+            await asyncio.gather(*writers)
+            assert len(writers) == 1 and writes == [50]  # 100 changes, one entry per thing, one write
+            stored = {t.thing_id: t for t in await store.load_things()}
+            for i in range(50):
+                thing = stored[f"p{i}"]
+                assert thing.last_remote_address == f"10.0.0.{i}:1" and thing.last_seen_ms is not None
+            # A change while the writer runs is written by it, in a round of its own.
+            assert registry.persist_later(registry.device_connected("p0", "10.0.0.99:1") or pytest.fail("unknown"))
+            task = asyncio.create_task(registry.write_presence())
+            assert not registry.persist_later(registry.device_disconnected("p1") or pytest.fail("unknown"))
+            await task
+            assert sum(writes[1:]) == 2
+            stored = {t.thing_id: t for t in await store.load_things()}
+            assert stored["p0"].last_remote_address == "10.0.0.99:1"
+        finally:
+            store.stop_writer()
+            await writer
+
+
 async def test_registry_survives_a_restart(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data", allow_anonymous=False)
     async with FleetcmdApp(settings) as app, app_channel(app) as channel:
