@@ -132,8 +132,9 @@ class DeviceAgent:
         pw = self.passwords.get(thing)
         try:
             timeout = max(0.5, deadline - time.monotonic())
-            conn = await open_conn(self.host, self.port, thing, self._on_publish, username=thing if pw else None,
-                                   password=pw, timeout=timeout)
+            conn = await open_conn(
+                self.host, self.port, thing, self._on_publish, username=thing if pw else None, password=pw, timeout=timeout
+            )
             conn.user = f"bench/{thing}/resp".encode()
             rc = await asyncio.wait_for(conn.subscribe(self._filter(thing), 1), max(0.5, deadline - time.monotonic()))
             self.conns[thing] = conn
@@ -148,8 +149,9 @@ class DeviceAgent:
         if self.conns.get(thing) is conn:
             self.lost += 1
 
-    async def cmd_connect(self, port: int, start_at: float, deadline_s: float,
-                          passwords: dict[str, str] | None = None) -> dict[str, Any]:
+    async def cmd_connect(
+        self, port: int, start_at: float, deadline_s: float, passwords: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """Connect and subscribe every device (``parallel`` handshakes at once), starting at ``start_at``.
 
         With ``passwords``, each device authenticates as a registered thing (username = client id).
@@ -248,8 +250,9 @@ class RequesterAgent:
             self._waiting.pop(conn.client_id, None)
             return False
 
-    async def cmd_run(self, start_at: float, warmup: float, duration: float, pairs: int = 0,
-                      payload_bytes: int = 64) -> dict[str, Any]:
+    async def cmd_run(
+        self, start_at: float, warmup: float, duration: float, pairs: int = 0, payload_bytes: int = 64
+    ) -> dict[str, Any]:
         """Closed loop, one request in flight per pair (the first ``pairs``, 0 = all), for ``warmup + duration`` s."""
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
         loop = asyncio.get_running_loop()
@@ -440,8 +443,9 @@ class CallerAgent:
         """Send one command (unary, or as an item of ``stream``); returns (send_started, final_seen) monotonic times."""
         t0 = time.monotonic()
         if stream is None:
-            ex = await self.stub.Send(self.pb.SendRequest(thing_id=thing, action=self.action, ttl_seconds=60),
-                                      metadata=self.md, timeout=timeout)
+            ex = await self.stub.Send(
+                self.pb.SendRequest(thing_id=thing, action=self.action, ttl_seconds=60), metadata=self.md, timeout=timeout
+            )
         else:
             ex = await stream.send(thing, self.action, timeout)
         eid = ex.execution_id
@@ -471,9 +475,17 @@ class CallerAgent:
                     raise
                 # The stream may have subscribed after the probe's final event: try again.
 
-    async def cmd_run(self, things: list[str], concurrency: int, warmup: float, duration: float,
-                      max_commands: int = 1_000_000, start_at: float = 0.0, drain_s: float = 20.0,
-                      mode: str = "unary") -> dict[str, Any]:
+    async def cmd_run(
+        self,
+        things: list[str],
+        concurrency: int,
+        warmup: float,
+        duration: float,
+        max_commands: int = 1_000_000,
+        start_at: float = 0.0,
+        drain_s: float = 20.0,
+        mode: str = "unary",
+    ) -> dict[str, Any]:
         """Closed loop: ``concurrency`` callers each Send, wait for the final event, repeat.
 
         ``mode`` ``unary``: each command is a ``Send`` call; ``stream``: an item of one ``SendStream``
@@ -699,4 +711,3 @@ AGENTS: dict[str, Callable[..., Any]] = {
 def run_agent(conn: Connection, kind: str, kwargs: dict[str, Any]) -> None:
     """Multiprocessing target (importable by name in a spawned child)."""
     agent_main(conn, AGENTS[kind], kwargs, fast_loop=kind in ("device", "requester"))
-

@@ -61,9 +61,16 @@ def publish_packet(topic: bytes, payload: bytes, qos: int, packet_id: int) -> by
 class MqttConn(asyncio.Protocol):
     """One MQTT connection. ``await conn.ready`` after CONNECT; ``await conn.subscribe(...)``."""
 
-    def __init__(self, client_id: str, on_publish: OnPublish | None = None, *,
-                 username: str | None = None, password: str | None = None,
-                 keepalive: int = 0, clean: bool = True) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        on_publish: OnPublish | None = None,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        keepalive: int = 0,
+        clean: bool = True,
+    ) -> None:
         self.client_id = client_id
         self.on_publish = on_publish
         self._connect = connect_packet(client_id, username, password, keepalive, clean)
@@ -195,9 +202,18 @@ class MqttConn(asyncio.Protocol):
             self.transport.close()
 
 
-async def open_conn(host: str, port: int, client_id: str, on_publish: OnPublish | None = None, *,
-                    username: str | None = None, password: str | None = None,
-                    keepalive: int = 0, clean: bool = True, timeout: float = 30.0) -> MqttConn:
+async def open_conn(
+    host: str,
+    port: int,
+    client_id: str,
+    on_publish: OnPublish | None = None,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    keepalive: int = 0,
+    clean: bool = True,
+    timeout: float = 30.0,
+) -> MqttConn:
     """Connect and wait for a successful CONNACK.
 
     Raises:

@@ -71,8 +71,9 @@ class Managed:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     cwd=ROOT)
+        self.proc = subprocess.Popen(
+            argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT
+        )
         self.pid = self.proc.pid
 
     def alive(self) -> bool:
@@ -103,18 +104,27 @@ class Managed:
 class Service(Managed):
     """``python -m server serve`` on port 0 in a data directory; ``ports`` from its ready line."""
 
-    def __init__(self, data_dir: Path, log_path: Path, *, anonymous: bool = True, extra_env: dict[str, str] | None = None,
-                 timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        *,
+        anonymous: bool = True,
+        extra_env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETCMD_")}
-        env.update({
-            "PYTHONUNBUFFERED": "1",
-            "FLEETCMD_BIND": "127.0.0.1",
-            "FLEETCMD_MQTT_PORT": "0",
-            "FLEETCMD_GRPC_PORT": "0",
-            "FLEETCMD_HTTP_PORT": "0",
-            "FLEETCMD_DATA_DIR": str(data_dir),
-            "FLEETCMD_ALLOW_ANONYMOUS": "true" if anonymous else "false",
-        })
+        env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "FLEETCMD_BIND": "127.0.0.1",
+                "FLEETCMD_MQTT_PORT": "0",
+                "FLEETCMD_GRPC_PORT": "0",
+                "FLEETCMD_HTTP_PORT": "0",
+                "FLEETCMD_DATA_DIR": str(data_dir),
+                "FLEETCMD_ALLOW_ANONYMOUS": "true" if anonymous else "false",
+            }
+        )
         env.update(extra_env or {})
         data_dir.mkdir(parents=True, exist_ok=True)
         super().__init__("fleetcmd", [sys.executable, "-m", "server", "serve"], env, log_path)
@@ -157,15 +167,20 @@ class HarnessBroker(Managed):
 
     def __init__(self, workdir: Path) -> None:
         self.port = free_port()
-        super().__init__("fleetbroker-harness", [sys.executable, str(ROOT / "bench" / "harness_broker.py"), str(self.port)],
-                         None, workdir / "harness.log")
+        super().__init__(
+            "fleetbroker-harness",
+            [sys.executable, str(ROOT / "bench" / "harness_broker.py"), str(self.port)],
+            None,
+            workdir / "harness.log",
+        )
         wait_port(self.port, 30)
 
 
 def find_mosquitto() -> str | None:
     """The mosquitto binary, if installed."""
-    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-                                               if os.access(p, os.X_OK)), None)
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None
+    )
 
 
 def install_mosquitto() -> tuple[str | None, str]:

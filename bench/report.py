@@ -61,8 +61,11 @@ def _e2e_entry(doc: dict[str, Any], fleet: int) -> dict[str, Any] | None:
 def _raw_values(doc: dict[str, Any] | None, system: str, pairs: int, key: str, idle: int = 0) -> list[float]:
     if not doc:
         return []
-    return [r[key] for r in (_reps(doc, "raw", "runs") or [])
-            if r["system"] == system and r["pairs"] == pairs and r.get("idle", 0) == idle]
+    return [
+        r[key]
+        for r in (_reps(doc, "raw", "runs") or [])
+        if r["system"] == system and r["pairs"] == pairs and r.get("idle", 0) == idle
+    ]
 
 
 def _connect_values(doc: dict[str, Any], system: str, key: str, devices: int | None = None) -> list[float]:
@@ -75,14 +78,28 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
     """The table rows: measure, this run's values, a comparison (mosquitto), the baseline's, the target."""
     out: list[Row] = []
 
-    def add(key: str, measure: str, get: Callable[[dict[str, Any]], list[float] | None], target: str = "",
-            compare: list[float] | None = None, compare_label: str = "") -> None:
+    def add(
+        key: str,
+        measure: str,
+        get: Callable[[dict[str, Any]], list[float] | None],
+        target: str = "",
+        compare: list[float] | None = None,
+        compare_label: str = "",
+    ) -> None:
         values = get(doc)
         if not values and not compare:
             return
-        out.append({"key": key, "measure": measure, "values": values or [], "compare": compare or [],
-                    "compare_label": compare_label, "baseline": (get(baseline) if baseline else None) or [],
-                    "target": target})
+        out.append(
+            {
+                "key": key,
+                "measure": measure,
+                "values": values or [],
+                "compare": compare or [],
+                "compare_label": compare_label,
+                "baseline": (get(baseline) if baseline else None) or [],
+                "target": target,
+            }
+        )
 
     fleets = sorted({e["fleet"] for e in (_reps(doc, "e2e") or [])})
     conc = doc.get("meta", {}).get("plan", {}).get("concurrency", 64)
@@ -91,16 +108,25 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
     apis = (("reps", "", ""), ("stream_reps", ".stream", " (SendStream)"))
     for fleet in fleets:
         for reps_key, kp, api in apis:
+
             def e2e(d: dict[str, Any], k: str, fleet: int = fleet, reps_key: str = reps_key) -> list[float] | None:
                 e = _e2e_entry(d, fleet)
                 return [r[k] for r in e.get(reps_key, [])] if e else None
 
-            add(f"e2e.{fleet}{kp}.rate", f"end-to-end commands/s{api}, {fleet:,} devices", lambda d, f=e2e: f(d, "rate"),
-                targets.get(fleet, ""))
+            add(
+                f"e2e.{fleet}{kp}.rate",
+                f"end-to-end commands/s{api}, {fleet:,} devices",
+                lambda d, f=e2e: f(d, "rate"),
+                targets.get(fleet, ""),
+            )
             add(f"e2e.{fleet}{kp}.p50", f"  latency p50 ms ({conc} in flight)", lambda d, f=e2e: f(d, "lat_p50_ms"))
             add(f"e2e.{fleet}{kp}.p99", f"  latency p99 ms ({conc} in flight)", lambda d, f=e2e: f(d, "lat_p99_ms"))
-            add(f"e2e.{fleet}{kp}.svc_us", "  service CPU per command, us", lambda d, f=e2e: f(d, "service_us_per_cmd"),
-                "<= 1.3x the 100-device cost" if fleet == 10000 else "")
+            add(
+                f"e2e.{fleet}{kp}.svc_us",
+                "  service CPU per command, us",
+                lambda d, f=e2e: f(d, "service_us_per_cmd"),
+                "<= 1.3x the 100-device cost" if fleet == 10000 else "",
+            )
             add(f"e2e.{fleet}{kp}.svc_cpu", "  service CPU, % of one core", lambda d, f=e2e: f(d, "service_cpu_pct"))
             add(f"e2e.{fleet}{kp}.lg_cpu", "  load generator CPU, % of one core", lambda d, f=e2e: f(d, "loadgen_cpu_pct"))
             add(f"e2e.{fleet}{kp}.busy", "  machine busy, % of all cores", lambda d, f=e2e: f(d, "machine_busy_pct"))
@@ -117,6 +143,7 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
     has_mosq = any(r["system"] == "mosquitto" for r in raw_runs)
     target_note = " [harness]" if _reps(doc, "raw", "fleetcmd_target") == "harness" else ""
     for idle, pairs in raw_kinds:
+
         def raw(d: dict[str, Any], k: str, pairs: int = pairs, idle: int = idle) -> list[float] | None:
             return _raw_values(d, "fleetcmd", pairs, k, idle) or None
 
@@ -130,14 +157,25 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
 
         extra = f" + {idle:,} idle subscribed devices" if idle else ""
         key = f"raw.{pairs}" + (f".idle{idle}" if idle else "")
-        add(f"{key}.rate", f"broker round trips/s, {pairs} pair(s){extra}, QoS 1{target_note}",
-            lambda d, f=raw: f(d, "rate"), ">= 1/3 of mosquitto", mosq("rate"), "mosquitto")
+        add(
+            f"{key}.rate",
+            f"broker round trips/s, {pairs} pair(s){extra}, QoS 1{target_note}",
+            lambda d, f=raw: f(d, "rate"),
+            ">= 1/3 of mosquitto",
+            mosq("rate"),
+            "mosquitto",
+        )
         if has_mosq:
             add(f"{key}.ratio", "  fleetcmd / mosquitto", ratio, ">= 0.33")
-        add(f"{key}.us", "  broker CPU per round trip, us", lambda d, f=raw: f(d, "broker_us_per_rt"), "",
-            mosq("broker_us_per_rt"), "mosquitto")
-        add(f"{key}.p50", "  round-trip latency p50 ms", lambda d, f=raw: f(d, "lat_p50_ms"), "",
-            mosq("lat_p50_ms"), "mosquitto")
+        add(
+            f"{key}.us",
+            "  broker CPU per round trip, us",
+            lambda d, f=raw: f(d, "broker_us_per_rt"),
+            "",
+            mosq("broker_us_per_rt"),
+            "mosquitto",
+        )
+        add(f"{key}.p50", "  round-trip latency p50 ms", lambda d, f=raw: f(d, "lat_p50_ms"), "", mosq("lat_p50_ms"), "mosquitto")
 
     n = _reps(doc, "connect", "devices")
     if n:
@@ -147,39 +185,79 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
             if not _connect_values(doc, system, "rate"):
                 continue
             cmp = _connect_values(doc, "mosquitto", "rate") if has_mosq_c else None
-            add(f"connect.{system}.rate", f"connect+subscribe/s, {n:,} devices, {label}",
-                lambda d, s=system: _connect_values(d, s, "rate", n) or None, "", cmp, "mosquitto")
+            add(
+                f"connect.{system}.rate",
+                f"connect+subscribe/s, {n:,} devices, {label}",
+                lambda d, s=system: _connect_values(d, s, "rate", n) or None,
+                "",
+                cmp,
+                "mosquitto",
+            )
             if any(c < n for c in _connect_values(doc, system, "connected")):
-                add(f"connect.{system}.n", f"  devices connected within the deadline ({deadline:.0f} s)",
-                    lambda d, s=system: _connect_values(d, s, "connected", n) or None, f"{n:,}",
-                    _connect_values(doc, "mosquitto", "connected") if has_mosq_c else None, "mosquitto")
-            add(f"connect.{system}.time", f"  seconds to connect {n:,} (or to the deadline)",
-                lambda d, s=system: _connect_values(d, s, "elapsed_s", n) or None, "<= 10 (for 10,000)",
-                _connect_values(doc, "mosquitto", "elapsed_s") if has_mosq_c else None, "mosquitto")
-            add(f"connect.{system}.kb", "  service memory per connected device, KB",
-                lambda d, s=system: _connect_values(d, s, "rss_per_device_kb", n) or None, "<= 15",
-                _connect_values(doc, "mosquitto", "rss_per_device_kb") if has_mosq_c else None, "mosquitto")
-            add(f"connect.{system}.us", "  broker CPU per connect, us",
-                lambda d, s=system: _connect_values(d, s, "broker_us_per_connect", n) or None, "",
-                _connect_values(doc, "mosquitto", "broker_us_per_connect") if has_mosq_c else None, "mosquitto")
-            add(f"connect.{system}.lg", "  load generator CPU, % of one core",
-                lambda d, s=system: _connect_values(d, s, "loadgen_cpu_pct", n) or None, "",
-                _connect_values(doc, "mosquitto", "loadgen_cpu_pct") if has_mosq_c else None, "mosquitto")
+                add(
+                    f"connect.{system}.n",
+                    f"  devices connected within the deadline ({deadline:.0f} s)",
+                    lambda d, s=system: _connect_values(d, s, "connected", n) or None,
+                    f"{n:,}",
+                    _connect_values(doc, "mosquitto", "connected") if has_mosq_c else None,
+                    "mosquitto",
+                )
+            add(
+                f"connect.{system}.time",
+                f"  seconds to connect {n:,} (or to the deadline)",
+                lambda d, s=system: _connect_values(d, s, "elapsed_s", n) or None,
+                "<= 10 (for 10,000)",
+                _connect_values(doc, "mosquitto", "elapsed_s") if has_mosq_c else None,
+                "mosquitto",
+            )
+            add(
+                f"connect.{system}.kb",
+                "  service memory per connected device, KB",
+                lambda d, s=system: _connect_values(d, s, "rss_per_device_kb", n) or None,
+                "<= 15",
+                _connect_values(doc, "mosquitto", "rss_per_device_kb") if has_mosq_c else None,
+                "mosquitto",
+            )
+            add(
+                f"connect.{system}.us",
+                "  broker CPU per connect, us",
+                lambda d, s=system: _connect_values(d, s, "broker_us_per_connect", n) or None,
+                "",
+                _connect_values(doc, "mosquitto", "broker_us_per_connect") if has_mosq_c else None,
+                "mosquitto",
+            )
+            add(
+                f"connect.{system}.lg",
+                "  load generator CPU, % of one core",
+                lambda d, s=system: _connect_values(d, s, "loadgen_cpu_pct", n) or None,
+                "",
+                _connect_values(doc, "mosquitto", "loadgen_cpu_pct") if has_mosq_c else None,
+                "mosquitto",
+            )
 
     fo = _reps(doc, "fanout")
     if fo:
         # reps: the load sent with unary Send; stream_reps (since session 3): with SendStream.
         for kind, kp, how in (("reps", "", ""), ("stream_reps", ".stream", " (load sent with SendStream)")):
+
             def fan(d: dict[str, Any], k: str, kind: str = kind) -> list[float] | None:
                 reps = _reps(d, "fanout", kind)
                 return [r[k] for r in reps] if reps else None
 
             if kind == "stream_reps" and not fo.get(kind):
                 continue
-            add(f"fanout{kp}.rate", f"commands/s with {fo['watchers']} Stream watchers, {fo['fleet']:,} devices{how}",
-                lambda d, f=fan: f(d, "rate"), ">= 1,000 with all watchers complete")
-            add(f"fanout{kp}.complete", "  watchers that received every event",
-                lambda d, f=fan: f(d, "watchers_complete"), f"{fo['watchers']}")
+            add(
+                f"fanout{kp}.rate",
+                f"commands/s with {fo['watchers']} Stream watchers, {fo['fleet']:,} devices{how}",
+                lambda d, f=fan: f(d, "rate"),
+                ">= 1,000 with all watchers complete",
+            )
+            add(
+                f"fanout{kp}.complete",
+                "  watchers that received every event",
+                lambda d, f=fan: f(d, "watchers_complete"),
+                f"{fo['watchers']}",
+            )
             add(f"fanout{kp}.events", "  events delivered/s (all watchers)", lambda d, f=fan: f(d, "events_delivered_per_s"))
             add(f"fanout{kp}.age99", "  event age at the watcher p99 ms", lambda d, f=fan: f(d, "event_age_p99_ms"))
             add(f"fanout{kp}.svc_cpu", "  service CPU, % of one core", lambda d, f=fan: f(d, "service_cpu_pct"))
@@ -273,18 +351,26 @@ def plot(doc: dict[str, Any], path: Path, baseline: dict[str, Any] | None) -> No
         for key, color in (("lat_p50_ms", "tab:blue"), ("lat_p99_ms", "tab:red")):
             xs, med, lo, hi = series(d, key)
             if xs:
-                ax_l.errorbar(xs, med, yerr=[lo, hi], fmt=style, color=color, capsize=4,
-                              label=f"{label} {key[4:7]}", alpha=1 if d is doc else 0.5)
+                ax_l.errorbar(
+                    xs,
+                    med,
+                    yerr=[lo, hi],
+                    fmt=style,
+                    color=color,
+                    capsize=4,
+                    label=f"{label} {key[4:7]}",
+                    alpha=1 if d is doc else 0.5,
+                )
     low = _reps(doc, "lowload")
     if low:
         for key, color in (("lat_p50_ms", "tab:blue"), ("lat_p99_ms", "tab:red")):
             s = _summary([r[key] for r in low["reps"]])
             if s:
-                ax_l.plot([low["fleet"]], [s[0]], marker="*", markersize=14, color=color, linestyle="none",
-                          label=f"1 caller {key[4:7]}")
+                ax_l.plot(
+                    [low["fleet"]], [s[0]], marker="*", markersize=14, color=color, linestyle="none", label=f"1 caller {key[4:7]}"
+                )
     ax_t.axhline(1500, color="grey", linestyle=":", linewidth=1)
-    ax_t.text(ax_t.get_xlim()[0] if False else 10, 1500, " target 1,500 (1,000 devices)", va="bottom", fontsize=8,
-              color="grey")
+    ax_t.text(ax_t.get_xlim()[0] if False else 10, 1500, " target 1,500 (1,000 devices)", va="bottom", fontsize=8, color="grey")
     for ax in (ax_t, ax_l):
         ax.set_xscale("log")
         ax.set_xlabel("connected devices")
@@ -309,14 +395,15 @@ def plot(doc: dict[str, Any], path: Path, baseline: dict[str, Any] | None) -> No
                 meds.append(s[0])
                 errs_lo.append(s[0] - s[1])
                 errs_hi.append(s[2] - s[0])
-            ax_r.bar([k + i * width for k in range(len(kinds))], meds, width, yerr=[errs_lo, errs_hi], capsize=4,
-                     label=system)
+            ax_r.bar([k + i * width for k in range(len(kinds))], meds, width, yerr=[errs_lo, errs_hi], capsize=4, label=system)
         ax_r.set_xticks([k + width * (len(systems) - 1) / 2 for k in range(len(kinds))])
         ax_r.set_xticklabels([f"{p} pair(s)" + (f"\n+{i:,} idle" if i else "") for p, i in kinds])
         ax_r.set_yscale("log")
         ax_r.set_ylabel("round trips/s (QoS 1, log scale)")
-        ax_r.set_title("raw broker request/response" + (" (fleetcmd: FleetBroker harness)"
-                                                         if _reps(doc, "raw", "fleetcmd_target") == "harness" else ""))
+        ax_r.set_title(
+            "raw broker request/response"
+            + (" (fleetcmd: FleetBroker harness)" if _reps(doc, "raw", "fleetcmd_target") == "harness" else "")
+        )
         ax_r.legend(fontsize=8)
         ax_r.grid(True, axis="y", alpha=0.3)
 
@@ -338,8 +425,11 @@ def plot(doc: dict[str, Any], path: Path, baseline: dict[str, Any] | None) -> No
         h2, l2 = ax_c2.get_legend_handles_labels()
         ax_c.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     m = doc["meta"]["machine"]
-    fig.suptitle(f"fleetcmd bench ({doc['meta']['plan']['name']}, median of {doc['meta']['plan']['reps']}, bars = min-max) "
-                 f"- {m['cpu']}, {m['cores']} cores, Python {m['python']}, amqtt {m['amqtt']}", fontsize=10)
+    fig.suptitle(
+        f"fleetcmd bench ({doc['meta']['plan']['name']}, median of {doc['meta']['plan']['reps']}, bars = min-max) "
+        f"- {m['cpu']}, {m['cores']} cores, Python {m['python']}, amqtt {m['amqtt']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -413,8 +503,13 @@ def _block(doc: dict[str, Any], rows_: list[Row], png: str, title: str) -> str:
     prof = _reps(doc, "profile")
     if prof:
         for fleet, top in prof.items():
-            lines += ["", f"py-spy profile of the service, {fleet} devices ({top['samples']} samples), "
-                          "top functions by own time:", "", "| % own | function |", "|---|---|"]
+            lines += [
+                "",
+                f"py-spy profile of the service, {fleet} devices ({top['samples']} samples), top functions by own time:",
+                "",
+                "| % own | function |",
+                "|---|---|",
+            ]
             lines += [f"| {p:.1f} | `{fn}` |" for fn, p in top["self"][:12]]
     return "\n".join(lines)
 
@@ -436,8 +531,12 @@ def write_benchmarks_md(path: Path, doc: dict[str, Any], rows_: list[Row], basel
     latest = _block(doc, rows_, "bench/results/latest.png", "Latest run")
     text = path.read_text() if path.exists() else ""
     if not text or BEGIN.format(name="latest") not in text:
-        text = TEMPLATE.format(latest_b=BEGIN.format(name="latest"), latest_e=END.format(name="latest"),
-                               base_b=BEGIN.format(name="baseline"), base_e=END.format(name="baseline"))
+        text = TEMPLATE.format(
+            latest_b=BEGIN.format(name="latest"),
+            latest_e=END.format(name="latest"),
+            base_b=BEGIN.format(name="baseline"),
+            base_e=END.format(name="baseline"),
+        )
     new = _replace_block(text, "latest", latest)
     assert new is not None
     text = new

@@ -61,12 +61,42 @@ class Plan:
     scenarios: list[str] = field(default_factory=lambda: ["e2e", "lowload", "raw", "connect", "fanout"])
 
 
-QUICK = Plan(name="quick", reps=3, e2e_fleets=[10, 1000], e2e_warmup=1.0, e2e_window=3.0, concurrency=64,
-             lowload_count=200, raw_pairs=[1, 100], raw_warmup=0.5, raw_window=2.0, raw_idle_devices=1000, connect_devices=2000,
-             connect_deadline=90, e2e_connect_deadline=90, fanout_watchers=50, fanout_fleet=1000)
-FULL = Plan(name="full", reps=3, e2e_fleets=[10, 1000, 10000], e2e_warmup=2.0, e2e_window=10.0, concurrency=64,
-            lowload_count=500, raw_pairs=[1, 100], raw_warmup=1.0, raw_window=5.0, raw_idle_devices=2000, connect_devices=10000,
-            connect_deadline=75, e2e_connect_deadline=180, fanout_watchers=50, fanout_fleet=1000)
+QUICK = Plan(
+    name="quick",
+    reps=3,
+    e2e_fleets=[10, 1000],
+    e2e_warmup=1.0,
+    e2e_window=3.0,
+    concurrency=64,
+    lowload_count=200,
+    raw_pairs=[1, 100],
+    raw_warmup=0.5,
+    raw_window=2.0,
+    raw_idle_devices=1000,
+    connect_devices=2000,
+    connect_deadline=90,
+    e2e_connect_deadline=90,
+    fanout_watchers=50,
+    fanout_fleet=1000,
+)
+FULL = Plan(
+    name="full",
+    reps=3,
+    e2e_fleets=[10, 1000, 10000],
+    e2e_warmup=2.0,
+    e2e_window=10.0,
+    concurrency=64,
+    lowload_count=500,
+    raw_pairs=[1, 100],
+    raw_warmup=1.0,
+    raw_window=5.0,
+    raw_idle_devices=2000,
+    connect_devices=10000,
+    connect_deadline=75,
+    e2e_connect_deadline=180,
+    fanout_watchers=50,
+    fanout_fleet=1000,
+)
 
 
 def log(msg: str) -> None:
@@ -139,8 +169,7 @@ def thing_ids(n: int, prefix: str = "dev") -> list[str]:
     return [f"{prefix}-{i:05d}" for i in range(n)]
 
 
-def connect_fleet(agents: list[Agent], port: int, deadline_s: float,
-                  passwords: dict[str, str] | None = None) -> dict[str, Any]:
+def connect_fleet(agents: list[Agent], port: int, deadline_s: float, passwords: dict[str, str] | None = None) -> dict[str, Any]:
     """Connect every agent's devices at once; returns the counts and the rate."""
     start = time.monotonic() + 0.3
     for a in agents:
@@ -154,9 +183,15 @@ def connect_fleet(agents: list[Agent], port: int, deadline_s: float,
     for r in res:
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
-    return {"connected": connected, "failed": failed, "errors": errors, "elapsed_s": elapsed,
-            "failed_ids": [t for r in res for t in r["failed_ids"]][:20000],
-            "rate": connected / elapsed if elapsed > 0 else 0.0, "loadgen_cpu_s": sum(r["cpu_s"] for r in res)}
+    return {
+        "connected": connected,
+        "failed": failed,
+        "errors": errors,
+        "elapsed_s": elapsed,
+        "failed_ids": [t for r in res for t in r["failed_ids"]][:20000],
+        "rate": connected / elapsed if elapsed > 0 else 0.0,
+        "loadgen_cpu_s": sum(r["cpu_s"] for r in res),
+    }
 
 
 _AGENT_IDS: dict[int, list[str]] = {}
@@ -221,8 +256,10 @@ class Suite:
             entry: dict[str, Any] = {"fleet": fleet, "connect": conn, "probe": probe, "reps": [], "stream_reps": []}
             out.append(entry)
             if conn["connected"] < fleet:
-                self.notes.append(f"e2e at {fleet} devices ran with the {conn['connected']} that connected "
-                                  f"within {plan.e2e_connect_deadline:.0f} s; errors {conn['errors']}")
+                self.notes.append(
+                    f"e2e at {fleet} devices ran with the {conn['connected']} that connected "
+                    f"within {plan.e2e_connect_deadline:.0f} s; errors {conn['errors']}"
+                )
             if "lowload" in plan.scenarios and fleet == min(plan.e2e_fleets):
                 self._lowload(caller, live[1 % len(live)])
             groups = {"service": [svc.pid], "loadgen": [a.pid for a in (*devs, caller)]}
@@ -239,15 +276,31 @@ class Suite:
                 self.p.stop(a)
             self.p.stop(svc)
 
-    def _e2e_rep(self, caller: Agent, ids: list[str], groups: dict[str, list[int]], rep: int, fleet: int,
-                 svc: Service, label: str = "e2e", mode: str = "unary") -> dict[str, Any]:
+    def _e2e_rep(
+        self,
+        caller: Agent,
+        ids: list[str],
+        groups: dict[str, list[int]],
+        rep: int,
+        fleet: int,
+        svc: Service,
+        label: str = "e2e",
+        mode: str = "unary",
+    ) -> dict[str, Any]:
         """One closed-loop measurement; ``mode`` ``unary`` (a ``Send`` per command) or ``stream`` (one ``SendStream``)."""
         plan = self.plan
         if mode == "stream":
             label += "-sendstream"
         start = time.monotonic() + 0.3
-        caller.send("run", things=ids, concurrency=plan.concurrency, warmup=plan.e2e_warmup, duration=plan.e2e_window,
-                    start_at=start, mode=mode)
+        caller.send(
+            "run",
+            things=ids,
+            concurrency=plan.concurrency,
+            warmup=plan.e2e_warmup,
+            duration=plan.e2e_window,
+            start_at=start,
+            mode=mode,
+        )
         cpu = CpuWindow(groups)
         sleep_until(start + plan.e2e_warmup)
         cpu.start()
@@ -261,10 +314,12 @@ class Suite:
         r["service_us_per_cmd"] = 1e6 * usage["service_cpu_s"] / max(1, r["commands"])
         r["loadgen_us_per_cmd"] = 1e6 * usage["loadgen_cpu_s"] / max(1, r["commands"])
         r["service_rss_mb"] = rss_bytes(svc.pid) / 2**20
-        log(f"{label}: fleet {fleet} rep {rep + 1}: {r['rate']:.0f} commands/s, p50 {r['lat_p50_ms']:.1f} ms, "
+        log(
+            f"{label}: fleet {fleet} rep {rep + 1}: {r['rate']:.0f} commands/s, p50 {r['lat_p50_ms']:.1f} ms, "
             f"p99 {r['lat_p99_ms']:.1f} ms, service CPU {usage['service_cpu_pct']:.0f}%, "
             f"loadgen CPU {usage['loadgen_cpu_pct']:.0f}%, errors {r['errors'] or 0}"
-            + (f", SendStream ended: {r['send_stream_error']}" if r.get("send_stream_error") else ""))
+            + (f", SendStream ended: {r['send_stream_error']}" if r.get("send_stream_error") else "")
+        )
         return r
 
     def _lowload(self, caller: Agent, thing: str) -> None:
@@ -283,9 +338,25 @@ class Suite:
             return None
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"profile-{name}.txt"
-        return subprocess.Popen([str(spy), "record", "--pid", str(svc.pid), "--duration", str(max(1, int(seconds))),
-                                 "--rate", "200", "--format", "raw", "--nonblocking", "-o", str(out)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return subprocess.Popen(
+            [
+                str(spy),
+                "record",
+                "--pid",
+                str(svc.pid),
+                "--duration",
+                str(max(1, int(seconds))),
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     def _finish_profile(self, prof: subprocess.Popen[bytes], name: str) -> None:
         try:
@@ -303,8 +374,10 @@ class Suite:
     def _fanout(self, svc: Service, caller: Agent, ids: list[str], groups: dict[str, list[int]]) -> None:
         plan = self.plan
         log(f"fanout: opening {plan.fanout_watchers} Stream watchers")
-        per = [plan.fanout_watchers // plan.watcher_agents + (1 if k < plan.fanout_watchers % plan.watcher_agents else 0)
-               for k in range(plan.watcher_agents)]
+        per = [
+            plan.fanout_watchers // plan.watcher_agents + (1 if k < plan.fanout_watchers % plan.watcher_agents else 0)
+            for k in range(plan.watcher_agents)
+        ]
         watchers = [self.p.agent("watcher", target=svc.grpc_target, api_key=svc.api_key, n=n) for n in per if n]
         for w in watchers:
             w.call("start", 30)
@@ -319,13 +392,18 @@ class Suite:
         for rep in range(plan.reps):
             for mode in ("unary", "stream") if rep % 2 == 0 else ("stream", "unary"):
                 out[mode].append(self._fanout_rep(svc, caller, watchers, ids, g, rep, mode))
-        self.results["fanout"] = {"fleet": plan.fanout_fleet, "watchers": plan.fanout_watchers,
-                                  "reps": out["unary"], "stream_reps": out["stream"]}
+        self.results["fanout"] = {
+            "fleet": plan.fanout_fleet,
+            "watchers": plan.fanout_watchers,
+            "reps": out["unary"],
+            "stream_reps": out["stream"],
+        }
         for w in watchers:
             self.p.stop(w)
 
-    def _fanout_rep(self, svc: Service, caller: Agent, watchers: list[Agent], ids: list[str],
-                    g: dict[str, list[int]], rep: int, mode: str) -> dict[str, Any]:
+    def _fanout_rep(
+        self, svc: Service, caller: Agent, watchers: list[Agent], ids: list[str], g: dict[str, list[int]], rep: int, mode: str
+    ) -> dict[str, Any]:
         """One fan-out measurement: the e2e load (``mode``) while every watcher counts its events."""
         plan = self.plan
         for w in watchers:
@@ -338,20 +416,28 @@ class Suite:
         counts = [c for s in stats for c in s["count"]]
         # Complete: no gap since the reset (checked against the last event before it too), and the
         # contiguous run of events it saw covers every sequence of this rep, (seq0, seq1].
-        complete = sum(1 for s in stats for first, g_, last in zip(s["first"], s["gaps"], s["last"], strict=True)
-                       if g_ == 0 and first and first <= seq0 + 1 and last >= seq1)
-        r.update({
-            "watchers": len(counts),
-            "watchers_complete": complete,
-            "events_expected_per_watcher": expected,
-            "events_min_per_watcher": min(counts) if counts else 0,
-            "stream_errors": [e for s in stats for e in s["errors"]][:5],
-            "event_age_p50_ms": statistics.median([s["age_p50_ms"] for s in stats]),
-            "event_age_p99_ms": max(s["age_p99_ms"] for s in stats),
-            "events_delivered_per_s": sum(counts) / (r["window_s"] or 1),
-        })
-        log(f"fanout ({mode}) rep {rep + 1}: {complete}/{len(counts)} watchers got all {expected} events; "
-            f"{r['rate']:.0f} commands/s; event age p99 {r['event_age_p99_ms']:.1f} ms")
+        complete = sum(
+            1
+            for s in stats
+            for first, g_, last in zip(s["first"], s["gaps"], s["last"], strict=True)
+            if g_ == 0 and first and first <= seq0 + 1 and last >= seq1
+        )
+        r.update(
+            {
+                "watchers": len(counts),
+                "watchers_complete": complete,
+                "events_expected_per_watcher": expected,
+                "events_min_per_watcher": min(counts) if counts else 0,
+                "stream_errors": [e for s in stats for e in s["errors"]][:5],
+                "event_age_p50_ms": statistics.median([s["age_p50_ms"] for s in stats]),
+                "event_age_p99_ms": max(s["age_p99_ms"] for s in stats),
+                "events_delivered_per_s": sum(counts) / (r["window_s"] or 1),
+            }
+        )
+        log(
+            f"fanout ({mode}) rep {rep + 1}: {complete}/{len(counts)} watchers got all {expected} events; "
+            f"{r['rate']:.0f} commands/s; event age p99 {r['event_age_p99_ms']:.1f} ms"
+        )
         return r
 
     # -- 3: raw broker round trips, alternating with mosquitto
@@ -366,8 +452,9 @@ class Suite:
         ids = thing_ids(maxpairs, "rt")
         responders = device_agents(self.p, ids, 1, mode="raw")
         requester = self.p.agent("requester", ids=ids)
-        idle = device_agents(self.p, thing_ids(plan.raw_idle_devices, "idle"), plan.device_agents) \
-            if plan.raw_idle_devices else []
+        idle = (
+            device_agents(self.p, thing_ids(plan.raw_idle_devices, "idle"), plan.device_agents) if plan.raw_idle_devices else []
+        )
         systems = ["fleetcmd"] + (["mosquitto"] if mosquitto else [])
         for rep in range(plan.reps):
             order = systems if rep % 2 == 0 else list(reversed(systems))
@@ -406,12 +493,20 @@ class Suite:
                     usage = cpu.stop()
                     r = requester.result(plan.raw_window + 60)
                     r.update(usage)
-                    r.update({"system": system, "rep": rep, "idle": idle_n,
-                              "broker_us_per_rt": 1e6 * usage["broker_cpu_s"] / max(1, r["round_trips"]),
-                              "broker_rss_mb": rss_bytes(broker.pid) / 2**20})
-                    log(f"raw rep {rep + 1} {system} {pairs} pair(s), {idle_n} idle: {r['rate']:.0f} round trips/s, "
+                    r.update(
+                        {
+                            "system": system,
+                            "rep": rep,
+                            "idle": idle_n,
+                            "broker_us_per_rt": 1e6 * usage["broker_cpu_s"] / max(1, r["round_trips"]),
+                            "broker_rss_mb": rss_bytes(broker.pid) / 2**20,
+                        }
+                    )
+                    log(
+                        f"raw rep {rep + 1} {system} {pairs} pair(s), {idle_n} idle: {r['rate']:.0f} round trips/s, "
                         f"p50 {r['lat_p50_ms']:.2f} ms, broker CPU {usage['broker_cpu_pct']:.0f}% "
-                        f"({r['broker_us_per_rt']:.0f} us/rt), loadgen CPU {usage['loadgen_cpu_pct']:.0f}%")
+                        f"({r['broker_us_per_rt']:.0f} us/rt), loadgen CPU {usage['loadgen_cpu_pct']:.0f}%"
+                    )
                     res["runs"].append(r)
                 requester.call("close", 20)
                 for a in (*responders, *idle):
@@ -430,9 +525,11 @@ class Suite:
         self.p.stop(svc)
         if c["connected"] == 1:
             return "service", "the service (FLEETCMD_ACL=off) lets devices use plain topics"
-        why = (f"the service's topic ACL refuses a device's plain-topic subscription ({c['errors']}), even with "
-               "FLEETCMD_ACL=off: the raw scenario runs fleetcmd's FleetBroker in bench/harness_broker.py "
-               "(same class and broker_config, acl=None)")
+        why = (
+            f"the service's topic ACL refuses a device's plain-topic subscription ({c['errors']}), even with "
+            "FLEETCMD_ACL=off: the raw scenario runs fleetcmd's FleetBroker in bench/harness_broker.py "
+            "(same class and broker_config, acl=None)"
+        )
         self.notes.append(why)
         return "harness", why
 
@@ -496,21 +593,28 @@ class Suite:
                 rss0 = rss_bytes(broker.pid)
                 cpu = CpuWindow({"broker": [broker.pid], "loadgen": [a.pid for a in agents]})
                 cpu.start()
-                c = connect_fleet(agents, port, plan.connect_deadline,
-                                  passwords if system == "fleetcmd-registered" else None)
+                c = connect_fleet(agents, port, plan.connect_deadline, passwords if system == "fleetcmd-registered" else None)
                 usage = cpu.stop()
                 time.sleep(1.0)
                 c.pop("failed_ids", None)
                 c.update(usage)
-                c.update({"system": system, "rep": rep,
-                          "rss_per_device_kb": (rss_bytes(broker.pid) - rss0) / max(1, c["connected"]) / 1024,
-                          "broker_rss_mb": rss_bytes(broker.pid) / 2**20,
-                          "broker_us_per_connect": 1e6 * usage["broker_cpu_s"] / max(1, c["connected"])})
-                log(f"connect rep {rep + 1} {system}: {c['connected']}/{n} in {c['elapsed_s']:.1f}s "
-                    f"({c['rate']:.0f}/s), {c['rss_per_device_kb']:.1f} KB/device, errors {c['errors'] or 0}")
+                c.update(
+                    {
+                        "system": system,
+                        "rep": rep,
+                        "rss_per_device_kb": (rss_bytes(broker.pid) - rss0) / max(1, c["connected"]) / 1024,
+                        "broker_rss_mb": rss_bytes(broker.pid) / 2**20,
+                        "broker_us_per_connect": 1e6 * usage["broker_cpu_s"] / max(1, c["connected"]),
+                    }
+                )
+                log(
+                    f"connect rep {rep + 1} {system}: {c['connected']}/{n} in {c['elapsed_s']:.1f}s "
+                    f"({c['rate']:.0f}/s), {c['rss_per_device_kb']:.1f} KB/device, errors {c['errors'] or 0}"
+                )
                 if c["connected"] < n:
-                    self.notes.append(f"connect: {system} connected {c['connected']} of {n} within "
-                                      f"{plan.connect_deadline:.0f}s: {c['errors']}")
+                    self.notes.append(
+                        f"connect: {system} connected {c['connected']} of {n} within {plan.connect_deadline:.0f}s: {c['errors']}"
+                    )
                 runs.append(c)
                 for a in agents:
                     a.call("close", 60)
@@ -553,18 +657,26 @@ def machine_info() -> dict[str, Any]:
             return "-"
 
     return {
-        "cpu": model, "cores": os.cpu_count(), "mem_gb": round(mem_kb / 2**20, 1), "kernel": platform.release(),
-        "python": platform.python_version(), "amqtt": ver("amqtt"), "grpcio": ver("grpcio"), "uvloop": ver("uvloop"),
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "mem_gb": round(mem_kb / 2**20, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "amqtt": ver("amqtt"),
+        "grpcio": ver("grpcio"),
+        "uvloop": ver("uvloop"),
     }
 
 
 def git_rev() -> str:
     """Short commit of the tree (``+dirty`` when it has changes)."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "server", "broker_hooks"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "server", "broker_hooks"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return "?"
@@ -600,8 +712,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--save-baseline", action="store_true", help="also store this run as the baseline the table compares with")
     ap.add_argument("--no-write", action="store_true", help="print only; leave results/ and BENCHMARKS.md alone")
     ap.add_argument("--json-out", type=Path, help="also write the results as JSON to this file")
-    ap.add_argument("--render", action="store_true",
-                    help="run nothing: redraw the table, plots and BENCHMARKS.md from results/latest.json and baseline.json")
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="run nothing: redraw the table, plots and BENCHMARKS.md from results/latest.json and baseline.json",
+    )
     args = ap.parse_args(argv)
 
     if args.render:
@@ -638,9 +753,14 @@ def main(argv: list[str] | None = None) -> int:
             mosq_version = (out.stdout or out.stderr).splitlines()[0]
 
     t_start = time.time()
-    meta = {"plan": plan.__dict__, "machine": machine_info(), "nofile": nofile, "git": git_rev(),
-            "mosquitto": {"binary": mosquitto, "note": mosq_note, "version": mosq_version},
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t_start))}
+    meta = {
+        "plan": plan.__dict__,
+        "machine": machine_info(),
+        "nofile": nofile,
+        "git": git_rev(),
+        "mosquitto": {"binary": mosquitto, "note": mosq_note, "version": mosq_version},
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t_start)),
+    }
     log(f"{plan.name} run: {', '.join(plan.scenarios)}; {plan.reps} repetitions; machine {meta['machine']}")
     suite: Suite | None = None
     interrupted = False

@@ -64,17 +64,32 @@ def main(argv: list[str] | None = None) -> int:
         connect_fleet(devices, svc.mqtt_port, 60)
         caller.call("start", 60, probe_thing=ids[0])
         start = time.monotonic() + 0.3
-        caller.send("run", things=ids, concurrency=args.inflight, warmup=1.0, duration=args.seconds,
-                    start_at=start, mode=args.mode)
+        caller.send(
+            "run", things=ids, concurrency=args.inflight, warmup=1.0, duration=args.seconds, start_at=start, mode=args.mode
+        )
         time.sleep(max(0.0, start + 1.0 - time.monotonic()))
         cpu0, threads0 = cpu_seconds(svc.pid), thread_cpu(svc.pid)
         spy = None
         if args.py_spy:
             spy = subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(svc.pid), "--duration",
-                 str(max(1, int(args.seconds) - 1)), "--rate", "200", "--format", "raw", "--threads", "-o",
-                 str(args.py_spy)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                [
+                    str(Path(sys.executable).parent / "py-spy"),
+                    "record",
+                    "--pid",
+                    str(svc.pid),
+                    "--duration",
+                    str(max(1, int(args.seconds) - 1)),
+                    "--rate",
+                    "200",
+                    "--format",
+                    "raw",
+                    "--threads",
+                    "-o",
+                    str(args.py_spy),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         time.sleep(args.seconds)
         cpu1, threads1 = cpu_seconds(svc.pid), thread_cpu(svc.pid)
         r = caller.result(args.seconds + 60)
@@ -86,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in sorted(threads1)
         if threads1[name] - threads0.get(name, 0.0) > 0.05
     )
-    print(f"{r['rate']:.0f} commands/s, p50 {r['lat_p50_ms']:.1f} ms, p99 {r['lat_p99_ms']:.1f} ms, "
-          f"service CPU {1e6 * (cpu1 - cpu0) / n:.0f} us/command ({per_thread}), errors {r['errors'] or 0}")
+    print(
+        f"{r['rate']:.0f} commands/s, p50 {r['lat_p50_ms']:.1f} ms, p99 {r['lat_p99_ms']:.1f} ms, "
+        f"service CPU {1e6 * (cpu1 - cpu0) / n:.0f} us/command ({per_thread}), errors {r['errors'] or 0}"
+    )
     return 0
 
 

@@ -440,9 +440,7 @@ class FleetBroker(IndexedBroker):
 
     # ---- service -> device ----------------------------------------------------------------
 
-    def _target(
-        self, client_id: str, topic: str, max_qos: int, qos: int | None
-    ) -> tuple[BrokerProtocolHandler, int] | Delivery:
+    def _target(self, client_id: str, topic: str, max_qos: int, qos: int | None) -> tuple[BrokerProtocolHandler, int] | Delivery:
         """The connection and QoS a publish to ``client_id`` goes out with, or why there is none."""
         entry = self._sessions.get(client_id)
         if entry is None or entry[0].transitions.state != "connected":

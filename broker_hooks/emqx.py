@@ -44,9 +44,7 @@ def request_filter(thing_id: str) -> str:
     return REQUEST.as_filter(thing=thing_id)
 
 
-def encode_request(
-    *, command_id: str, action: str, params_json: str | None, timestamp_s: int, ttl_seconds: int
-) -> bytes:
+def encode_request(*, command_id: str, action: str, params_json: str | None, timestamp_s: int, ttl_seconds: int) -> bytes:
     """Build the request payload; ``params_json`` is inserted as it is (already canonical JSON)."""
     return (
         f'{{"commandId":{json.dumps(command_id)},"action":{json.dumps(action)},'

@@ -61,9 +61,7 @@ class IndexedBroker(Broker):
         # client_id -> {filter: granted qos}; survives disconnects of persistent sessions like amqtt's own.
         self._client_filters: dict[str, dict[str, int]] = {}
         # The device ACL, evaluated inline (None: amqtt's plugin path, e.g. no ACL configured).
-        self._acl: TopicAcl | None = next(
-            (p.acl for p in self.plugins_manager.plugins if isinstance(p, DeviceAclPlugin)), None
-        )
+        self._acl: TopicAcl | None = next((p.acl for p in self.plugins_manager.plugins if isinstance(p, DeviceAclPlugin)), None)
         # Every filter in self._subscriptions, indexed by topic level: a publish looks only at its matches.
         self._router = TopicRouter()
         # Tasks publishing to one subscriber each (when the handler cannot write at once), until done.

@@ -87,9 +87,7 @@ class TopicPattern:
 
     def as_filter(self, **values: str) -> str:
         """The template as a subscription filter: given names filled, the rest ``+``."""
-        return "/".join(
-            values.get(self._names[i], "+") if i in self._names else lvl for i, lvl in enumerate(self._levels)
-        )
+        return "/".join(values.get(self._names[i], "+") if i in self._names else lvl for i, lvl in enumerate(self._levels))
 
 
 Decoder = Callable[[Mapping[str, str], bytes], Any]

@@ -49,6 +49,7 @@ def configure_logging(level: str) -> None:
 
 # ---- serve ---------------------------------------------------------------------------------
 
+
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
@@ -145,6 +146,7 @@ def run_loop(main: Coroutine[Any, Any, int], event_loop: str) -> int:
 
 
 # ---- client commands ---------------------------------------------------------------------
+
 
 def _status_name(value: int) -> str:
     return pb.ExecutionStatus.Name(value)  # type: ignore[arg-type]
@@ -279,9 +281,7 @@ def _statuses(values: Sequence[str]) -> list[pb.ExecutionStatus.ValueType]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """``fleetcmd list``."""
-    req = pb.ListRequest(
-        thing_id=args.thing or "", action=args.action or "", status=_statuses(args.status), page_size=args.limit
-    )
+    req = pb.ListRequest(thing_id=args.thing or "", action=args.action or "", status=_statuses(args.status), page_size=args.limit)
     with _client(args) as stub:
         resp = stub.List(req, timeout=args.timeout)
     if args.json:

@@ -251,9 +251,7 @@ class CommandCore:
             ResourceExhausted: too many executions are active.
         """
         if len(self.scheduler) >= self.settings.max_active_executions:
-            raise ResourceExhausted(
-                f"{len(self.scheduler)} executions are active (limit {self.settings.max_active_executions})"
-            )
+            raise ResourceExhausted(f"{len(self.scheduler)} executions are active (limit {self.settings.max_active_executions})")
         prepared = self.registry.prepare_send(cmd.thing_id, cmd.action, cmd.params, cmd.ttl_seconds)
         ttl = prepared.ttl_seconds or self.settings.default_ttl
         created = now_ms()

@@ -40,9 +40,7 @@ class DeviceLink(Protocol):
     def is_connected(self, client_id: str) -> bool:
         """Whether the client has a live connection."""
 
-    async def deliver(
-        self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None
-    ) -> Delivery:
+    async def deliver(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None) -> Delivery:
         """Publish to one client and report the outcome."""
 
     def deliver_nowait(
@@ -256,9 +254,7 @@ class Outbox:
             if link is None or route is None:
                 self._published(execution)
                 return
-            outcomes = [
-                await link.deliver(m.client_id, m.topic, m.payload, qos=m.qos) for m in route.messages(execution)
-            ]
+            outcomes = [await link.deliver(m.client_id, m.topic, m.payload, qos=m.qos) for m in route.messages(execution)]
         except asyncio.CancelledError:
             self._published(execution)
             raise
@@ -280,9 +276,7 @@ class Outbox:
                 # Queued at once, so it reaches the store ahead of the device's answer that
                 # followed the PUBACK; deferrable, so that answer can share its commit.
                 # _acked finishes the publish once DELIVERED is committed.
-                acked = self._store.transition_nowait(
-                    execution.execution_id, Trigger.ACKED, at_ms=now_ms(), deferrable=True
-                )
+                acked = self._store.transition_nowait(execution.execution_id, Trigger.ACKED, at_ms=now_ms(), deferrable=True)
                 acked.add_done_callback(functools.partial(self._acked, execution))
             elif outcome is Delivery.SENT:
                 # A QoS 0 subscription cannot acknowledge: sent once is all MQTT offers.

@@ -78,7 +78,7 @@ _SENT_OR_ACCEPTED = {
 def _schemas() -> dict[str, Any]:
     status_reason = {
         "type": ["object", "null"],
-        "description": "Why the device reported its status (Kaa: reasonCode is the statusCode, e.g. \"200\").",
+        "description": 'Why the device reported its status (Kaa: reasonCode is the statusCode, e.g. "200").',
         "properties": {"reasonCode": {"type": "string"}, "reasonDescription": {"type": "string"}},
         "required": ["reasonCode", "reasonDescription"],
     }
@@ -244,8 +244,7 @@ def _responses_component() -> dict[str, Any]:
         "Forbidden": _error("The key's role is too weak (code PERMISSION_DENIED)."),
         "NotFound": _error("No such execution or thing (code NOT_FOUND)."),
         "Conflict": _error(
-            "ALREADY_EXISTS: the idempotency key belongs to another request; FAILED_PRECONDITION: the execution is "
-            "already final."
+            "ALREADY_EXISTS: the idempotency key belongs to another request; FAILED_PRECONDITION: the execution is already final."
         ),
         "PayloadTooLarge": _error("The body is larger than the server accepts (1 MiB by default; code PAYLOAD_TOO_LARGE)."),
         "TooManyRequests": _error(

@@ -123,9 +123,7 @@ class ThingServicer(rpb_grpc.ThingServiceServicer):
             after=after,
             limit=convert.page_size(request.page_size),
         )
-        return rpb.ListThingsResponse(
-            things=[self._pb(t) for t in things], next_page_token=convert.encode_cursor(last, filters)
-        )
+        return rpb.ListThingsResponse(things=[self._pb(t) for t in things], next_page_token=convert.encode_cursor(last, filters))
 
     @maps_errors
     async def UpdateThing(self, request: rpb.UpdateThingRequest, context: Context) -> rpb.Thing:  # noqa: N802

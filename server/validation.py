@@ -92,9 +92,7 @@ def validate_send(
         violations.append(FieldViolation("ttl_seconds", f"ttl_seconds must be 0 (default) to {settings.max_ttl}"))
     if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_LENGTH:
         violations.append(
-            FieldViolation(
-                "idempotency_key", f"idempotency_key must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters"
-            )
+            FieldViolation("idempotency_key", f"idempotency_key must be at most {MAX_IDEMPOTENCY_KEY_LENGTH} characters")
         )
     if violations:
         raise InvalidArgument(violations)

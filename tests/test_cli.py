@@ -85,9 +85,7 @@ def test_send_wait_until_the_device_answers(svc: Service) -> None:
 
     dev = EmqxDevice("127.0.0.1", svc.ready.mqtt_port, thing, on_request=answer).start()
     try:
-        done = ok_json(
-            cli(svc, "send", thing, "setTemperature", "--params", '{"value": 24}', "--ttl", "5", "--wait", "--json")
-        )
+        done = ok_json(cli(svc, "send", thing, "setTemperature", "--params", '{"value": 24}', "--ttl", "5", "--wait", "--json"))
         assert done["status"] == "SUCCEEDED"
         assert done["result"] == {"currentTemperature": 24}
         assert [h["status"] for h in done["history"]][-1] == "SUCCEEDED"
@@ -172,8 +170,16 @@ def test_watch_replays_then_follows_live(svc: Service) -> None:
         (("list", "--status", "BOGUS"), 2, "BOGUS"),
         (("send", "t1", "act", "--ttl", "soon"), 2, "--ttl"),
     ],
-    ids=["get-unknown", "cancel-unknown", "bad-thing", "ttl-too-big", "params-not-json", "params-not-object",
-         "bad-status", "ttl-not-int"],
+    ids=[
+        "get-unknown",
+        "cancel-unknown",
+        "bad-thing",
+        "ttl-too-big",
+        "params-not-json",
+        "params-not-object",
+        "bad-status",
+        "ttl-not-int",
+    ],
 )
 def test_errors(svc: Service, args: tuple[str, ...], code: int, stderr_has: str) -> None:
     proc = cli(svc, *args)
@@ -196,8 +202,7 @@ def test_unreachable_server_is_unavailable(tmp_path: Path) -> None:
 
 def test_python_m_client_works_too(svc: Service) -> None:
     assert svc.ready is not None
-    proc = run_cli("list", "--json", "--limit", "1", target=svc.ready.grpc_target, api_key=svc.api_key,
-                   command=PYTHON_M)
+    proc = run_cli("list", "--json", "--limit", "1", target=svc.ready.grpc_target, api_key=svc.api_key, command=PYTHON_M)
     assert proc.returncode == 0, proc.stderr
     assert "executions" in json.loads(proc.stdout) or json.loads(proc.stdout) == {}
 

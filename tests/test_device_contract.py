@@ -376,14 +376,10 @@ class GatedLink:
     def is_connected(self, client_id: str) -> bool:
         return self.broker.is_connected(client_id)  # type: ignore[no-any-return]
 
-    def deliver_nowait(
-        self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None
-    ) -> None:
+    def deliver_nowait(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None) -> None:
         return None  # every publish takes deliver()
 
-    async def deliver(
-        self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None
-    ) -> Delivery:
+    async def deliver(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None) -> Delivery:
         self.calls += 1
         if self.calls == 1:
             self.first_started.set()

@@ -63,8 +63,9 @@ async def post(session: aiohttp.ClientSession, path: str, body: Any = None, *, r
         return Reply(resp.status, json.loads(text) if text else None)
 
 
-async def send(stub: pb_grpc.CommandServiceStub, thing_id: str, command_type: str, payload: dict[str, Any] | None = None,
-               ttl: int = 60) -> pb.Execution:
+async def send(
+    stub: pb_grpc.CommandServiceStub, thing_id: str, command_type: str, payload: dict[str, Any] | None = None, ttl: int = 60
+) -> pb.Execution:
     req = pb.SendRequest(thing_id=thing_id, action=command_type, ttl_seconds=ttl)
     if payload is not None:
         req.params.CopyFrom(json_format.ParseDict(payload, struct_pb2.Struct()))

@@ -72,10 +72,14 @@ def env_of(docker: list[tuple[str, str]]) -> dict[str, str]:
 
 # ---- Dockerfile --------------------------------------------------------------------------
 
+
 def test_hadolint_passes() -> None:
     proc = subprocess.run(
         [hadolint(), "--no-color", "--failure-threshold", "warning", str(DOCKERFILE)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -85,7 +89,10 @@ def test_hadolint_does_catch_problems(tmp_path: Path) -> None:
     bad.write_text("FROM python:latest\nRUN pip install grpcio\n")
     proc = subprocess.run(
         [hadolint(), "--no-color", "--failure-threshold", "warning", str(bad)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode != 0 and "DL3013" in proc.stdout, proc.stdout
 
@@ -103,8 +110,9 @@ def test_dockerfile_shape(docker: list[tuple[str, str]]) -> None:
     assert env.get("FLEETCMD_GRPC_PORT", "50051") == "50051"
     exposed = {p.split("/")[0] for a in args_of(docker, "EXPOSE") for p in a.split()}
     assert {"1883", "50051", "8080"} <= exposed
-    assert any(re.search(r"\bpip install\b.*\s/tmp/fleetcmd\b|\bpip install\b.*\s\.(\s|$)", a)
-               for a in args_of(docker, "RUN")), "the project itself is pip-installed"
+    assert any(re.search(r"\bpip install\b.*\s/tmp/fleetcmd\b|\bpip install\b.*\s\.(\s|$)", a) for a in args_of(docker, "RUN")), (
+        "the project itself is pip-installed"
+    )
     entry = json.loads(args_of(docker, "ENTRYPOINT")[-1]) + json.loads(args_of(docker, "CMD")[-1])
     assert entry == ["fleetcmd", "serve"]
 
@@ -184,17 +192,19 @@ def test_image_contents_build_into_a_working_wheel(docker: list[tuple[str, str]]
         else:
             shutil.copy2(path, ctx / src)
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w"),
-         str(ctx)],
-        capture_output=True, text=True, timeout=120, check=False, env=clean_env(),
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "w"), str(ctx)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=clean_env(),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (wheel,) = (tmp_path / "w").glob("fleetcmd-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    for needed in ("server/pb/commands_pb2.py", "server/pb/commands_pb2_grpc.py", "server/cli.py",
-                   "broker_hooks/__init__.py"):
+    for needed in ("server/pb/commands_pb2.py", "server/pb/commands_pb2_grpc.py", "server/cli.py", "broker_hooks/__init__.py"):
         assert needed in names, needed
     assert "fleetcmd = server.cli:main" in entry_points
 
@@ -212,26 +222,38 @@ def test_healthcheck_reports_serving_and_unreachable(docker: list[tuple[str, str
     argv = healthcheck_argv(docker)
     with Service(tmp_path / "data") as svc:
         assert svc.ready is not None
-        up = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False,
-                            env=clean_env({"FLEETCMD_GRPC_PORT": str(svc.ready.grpc_port)}))
+        up = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            env=clean_env({"FLEETCMD_GRPC_PORT": str(svc.ready.grpc_port)}),
+        )
         assert up.returncode == 0, up.stdout + up.stderr
         code, _ = svc.stop(signal.SIGTERM, 10)
         assert code == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    down = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False,
-                          env=clean_env({"FLEETCMD_GRPC_PORT": str(port)}))
+    down = subprocess.run(
+        argv, capture_output=True, text=True, timeout=30, check=False, env=clean_env({"FLEETCMD_GRPC_PORT": str(port)})
+    )
     assert down.returncode == 1, (down.returncode, down.stderr)  # 1 = unhealthy; Docker reserves 2
 
 
 # ---- generated code and pins -------------------------------------------------------------
 
+
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     out = tmp_path / "pb"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "genproto.py"), str(out)],
-        capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     committed = {p.name: p.read_bytes() for p in (ROOT / "server" / "pb").iterdir() if p.is_file()}

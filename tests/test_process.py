@@ -164,6 +164,7 @@ def check_history(e: pb.Execution) -> None:
 
 # ---- signals -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("sig", "entry"),
     [(signal.SIGTERM, "console-script"), (signal.SIGINT, "python-m")],
@@ -255,6 +256,7 @@ async def test_signal_stops_cleanly_under_load(tmp_path: Path, sig: int, entry: 
 
 # ---- configuration -------------------------------------------------------------------------
 
+
 def test_environment_configures_the_service(tmp_path: Path) -> None:
     """FLEETCMD_* variables alone configure it; a flag beats its variable."""
     data = tmp_path / "env-data"
@@ -288,11 +290,17 @@ def test_environment_configures_the_service(tmp_path: Path) -> None:
     ],
     ids=["mqtt-abc", "mqtt-70000", "grpc-negative", "log-level", "flag-abc"],
 )
-def test_bad_setting_exits_2_with_a_clear_error(tmp_path: Path, env: dict[str, str], flags: tuple[str, ...],
-                                                 mentions: str) -> None:
+def test_bad_setting_exits_2_with_a_clear_error(
+    tmp_path: Path, env: dict[str, str], flags: tuple[str, ...], mentions: str
+) -> None:
     env = {"FLEETCMD_DATA_DIR": str(tmp_path / "data"), **env}
     proc = subprocess.run(
-        [*PYTHON_M, "serve", *flags], capture_output=True, text=True, timeout=20, env=clean_env(env), cwd=tmp_path,
+        [*PYTHON_M, "serve", *flags],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=clean_env(env),
+        cwd=tmp_path,
         check=False,
     )
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
@@ -482,9 +490,15 @@ async def test_sigkill_mid_traffic_loses_nothing(tmp_path: Path) -> None:
         if os.environ.get("FLEETCMD_TEST_DEBUG"):
             for i, e in every.items():
                 if i in accepted and e.thing_id == "crash-dev":
-                    print(i[:8], responder.plans.get(i), e.ttl_seconds, name(e.status), i in overdue,
-                          [name(c.status) + ("*" if c.late else "") for c in e.history],
-                          responder.requests.count(i))
+                    print(
+                        i[:8],
+                        responder.plans.get(i),
+                        e.ttl_seconds,
+                        name(e.status),
+                        i in overdue,
+                        [name(c.status) + ("*" if c.late else "") for c in e.history],
+                        responder.requests.count(i),
+                    )
         counts = {s: sum(1 for i, e in every.items() if i in accepted and name(e.status) == s) for s in statuses}
         print(
             f"crash test: accepted={len(accepted)} failed={len(failed)} overdue={len(overdue)} "

@@ -73,9 +73,7 @@ def plain(message: Any) -> Any:
     return json_format.MessageToDict(message)
 
 
-def command(
-    params_schema: Any = None, result_schema: Any = None, ttl: int = 0, description: str = ""
-) -> rpb.CommandDefinition:
+def command(params_schema: Any = None, result_schema: Any = None, ttl: int = 0, description: str = "") -> rpb.CommandDefinition:
     c = rpb.CommandDefinition(description=description, default_ttl_seconds=ttl)
     if params_schema is not None:
         c.params_schema = json.dumps(params_schema)
@@ -778,9 +776,7 @@ async def test_send_params_violations_with_paths(api: Api) -> None:
         },
     )
     await api.create("r1", "robot")
-    found = await invalid(
-        api.send("r1", "move", {"waypoints": [{"x": 1}, {"x": "far"}], "speed": {"max": 11}, "extra": 1})
-    )
+    found = await invalid(api.send("r1", "move", {"waypoints": [{"x": 1}, {"x": "far"}], "speed": {"max": 11}, "extra": 1}))
     assert sorted(f for f, _ in found) == ["params", "params.speed.max", "params.waypoints[1].x"]
     listed = await api.commands.List(pb.ListRequest(), timeout=DEADLINE)
     assert list(listed.executions) == []  # nothing was created by a refused Send
@@ -972,9 +968,7 @@ async def test_registry_survives_a_restart(tmp_path: Path) -> None:
     async with FleetcmdApp(settings) as app, app_channel(app) as channel:
         api = Api(app, channel)
         await api.put_type("lamp", {"dim": command(DIMMING, LEVEL_RESULT, ttl=20, description="dim it")})
-        lamp = await api.put_type(
-            "lamp", {"dim": command(DIMMING, LEVEL_RESULT, ttl=25, description="dim it")}, description="v2"
-        )
+        lamp = await api.put_type("lamp", {"dim": command(DIMMING, LEVEL_RESULT, ttl=25, description="dim it")}, description="v2")
         assert lamp.version == 2
         meter = await api.put_type("meter", allow_undefined_actions=True)
         created = await api.create("l1", "lamp", site="north", pole="17")

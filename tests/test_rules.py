@@ -60,9 +60,7 @@ def _decode(payload: bytes) -> emqx.ReportMessage:
 
 
 def test_decode_full_response() -> None:
-    msg = _decode(
-        b'{"status":"REJECTED","result":{"x":[1,2]},"statusReason":{"reasonCode":"BUSY","reasonDescription":"later"}}'
-    )
+    msg = _decode(b'{"status":"REJECTED","result":{"x":[1,2]},"statusReason":{"reasonCode":"BUSY","reasonDescription":"later"}}')
     assert msg.report.status is Status.REJECTED
     assert json.loads(msg.report.result_json or "") == {"x": [1, 2]}
     assert msg.report.reason is not None and msg.report.reason.code == "BUSY"

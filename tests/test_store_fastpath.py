@@ -241,9 +241,7 @@ class AnsweringLink:
     def is_connected(self, client_id: str) -> bool:
         return True
 
-    def deliver_nowait(
-        self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None
-    ) -> None:
+    def deliver_nowait(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None) -> None:
         return None  # every publish takes deliver()
 
     async def deliver(self, client_id: str, topic: str, payload: bytes, *, max_qos: int = 1, qos: int | None = None) -> Delivery:
