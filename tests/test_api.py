@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import sqlite3
 from collections.abc import Awaitable
 from typing import Any
 
@@ -25,6 +26,7 @@ from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests.clients import app_channel
 from tests.devices import EmqxDevice
+from tests.test_stream import wait_watchers
 
 SERVICE = "fleetcmd.v1.CommandService"
 
@@ -317,6 +319,58 @@ async def test_get_includes_history_in_order(stub) -> None:
     assert ats[0] == ms(got.created_at)
     assert ms(got.completed_at) == ats[1]
     assert all(not c.late for c in got.history)
+
+
+async def test_every_announced_state_is_already_committed(app: FleetcmdApp, stub) -> None:
+    """Durable before announced: what Send returns and every event Stream and StreamBatches show are
+    already in the database file when they arrive (read through a connection of the test's own)."""
+    assert app.ports is not None and app.core is not None
+    db = sqlite3.connect(f"file:{app.settings.db_path}?mode=ro", uri=True)
+
+    def committed(sequence: int) -> bool:
+        return db.execute("SELECT 1 FROM events WHERE seq = ?", (sequence,)).fetchone() is not None
+
+    def answer(dev: EmqxDevice, execution_id: str, body: dict[str, Any]) -> None:
+        dev.respond(execution_id, "IN_PROGRESS")
+        dev.respond(execution_id, "SUCCEEDED", {"ok": True})
+
+    count = 20
+    events = stub.Stream(pb.StreamRequest(action="durable"))
+    batches = stub.StreamBatches(pb.StreamRequest(action="durable"))
+    seen: list[int] = []
+
+    async def check_events() -> None:
+        finals = 0
+        async for event in events:
+            assert committed(event.sequence), f"event {event.sequence} announced before it was committed"
+            seen.append(event.sequence)
+            finals += event.status == pb.SUCCEEDED
+            if finals == count:
+                return
+
+    async def check_batches() -> None:
+        finals = 0
+        async for batch in batches:
+            for event in batch.events:
+                assert committed(event.sequence), f"event {event.sequence} announced before it was committed"
+                finals += event.status == pb.SUCCEEDED
+            if finals == count:
+                return
+
+    try:
+        await wait_watchers(app, 2)  # both streams live before the first event
+        async with EmqxDevice("127.0.0.1", app.ports.mqtt, "durable-dev", on_request=answer):
+            watchers = asyncio.gather(check_events(), check_batches())
+            sent = await asyncio.gather(*(send(stub, "durable-dev", "durable") for _ in range(count)))
+            for ex in sent:
+                row = db.execute("SELECT status FROM executions WHERE execution_id = ?", (ex.execution_id,)).fetchone()
+                assert row is not None, "Send returned before the execution was committed"
+            await asyncio.wait_for(watchers, 20)
+        assert len(seen) >= 3 * count  # SENT, (DELIVERED,) IN_PROGRESS, SUCCEEDED each
+    finally:
+        events.cancel()
+        batches.cancel()
+        db.close()
 
 
 async def test_get_history_with_device(app: FleetcmdApp, stub) -> None:
