@@ -204,6 +204,10 @@ class Outbox:
     def _start_publish(self, execution: Execution) -> bool:
         """Publish ``execution`` unless a publish of it is under way.
 
+        The common case needs no task: one publish, which the connection takes at once; the
+        outcome, or the PUBACK's callback, finishes it. Anything else goes through ``deliver``
+        in a task.
+
         Returns:
             Whether a publish task was started (a caller may yield so that it writes first);
             False also when the request was written at once, without a task.
@@ -211,50 +215,39 @@ class Outbox:
         if execution.execution_id in self._inflight:
             return False
         self._inflight.add(execution.execution_id)
-        if self._publish_now(execution):
-            return False
-        self._spawn(self._publish(execution), f"deliver-{execution.execution_id}")
-        return True
-
-    def _publish_now(self, execution: Execution) -> bool:
-        """The common case without a task: one publish, which the connection takes at once.
-
-        Returns:
-            Whether it was handled here (the outcome, or the PUBACK's callback, finishes it).
-        """
         link, route = self._link, self.route_for(execution.thing_id)
         if link is None or route is None:
+            self._published(execution)  # stays pending for the next connect
             return False
         try:
             messages = route.messages(execution)
-            if len(messages) != 1:
-                return False
-            m = messages[0]
-            outcome = link.deliver_nowait(m.client_id, m.topic, m.payload, qos=m.qos)
+            outcome = None
+            if len(messages) == 1:
+                m = messages[0]
+                outcome = link.deliver_nowait(m.client_id, m.topic, m.payload, qos=m.qos)
         except Exception:
             log.exception("publishing %s failed", execution.execution_id)
             self._published(execution)
-            return True
-        if outcome is None:
             return False
         if isinstance(outcome, Delivery):
             self._delivered(execution, outcome)
-        else:
+        elif outcome is not None:
             outcome.add_done_callback(functools.partial(self._puback, execution))
-        return True
+        elif not messages:
+            self._published(execution)  # no publish reaches it now: pending for the next connect
+        else:
+            self._spawn(self._publish(execution, link, messages), f"deliver-{execution.execution_id}")
+            return True
+        return False
 
     def _puback(self, execution: Execution, waiter: asyncio.Future[None]) -> None:
         # No PUBACK in time, or the connection ended: what deliver() reports as FAILED.
         failed = waiter.cancelled() or waiter.exception() is not None
         self._delivered(execution, Delivery.FAILED if failed else Delivery.ACKED)
 
-    async def _publish(self, execution: Execution) -> None:
+    async def _publish(self, execution: Execution, link: DeviceLink, messages: list[Message]) -> None:
         try:
-            link, route = self._link, self.route_for(execution.thing_id)
-            if link is None or route is None:
-                self._published(execution)
-                return
-            outcomes = [await link.deliver(m.client_id, m.topic, m.payload, qos=m.qos) for m in route.messages(execution)]
+            outcomes = [await link.deliver(m.client_id, m.topic, m.payload, qos=m.qos) for m in messages]
         except asyncio.CancelledError:
             self._published(execution)
             raise
@@ -263,7 +256,7 @@ class Outbox:
             self._published(execution)
             return
         # Acknowledged by any connection of the device is delivered.
-        self._delivered(execution, min(outcomes, key=_RANK.__getitem__, default=Delivery.NOT_CONNECTED))
+        self._delivered(execution, min(outcomes, key=_RANK.__getitem__))
 
     def _delivered(self, execution: Execution, outcome: Delivery) -> None:
         """Record a publish's outcome; the publish is over here, or once DELIVERED is committed."""
