@@ -303,15 +303,48 @@ async def test_reports_without_a_task_are_counted_and_dropped_like_before(core: 
     sent = await command_core.send(SendCommand("dev1", "reboot", None, 30, ""))
     await command_core.wait(sent, 5)
     bogus = emqx.ReportMessage("dev1", "0" * 32, OK)
-    await command_core.device_message(Inbound("r", LifecycleAction.DEVICE_REPORT, "dev1", "t", bogus, 1))
+    unknown = await command_core.device_message(Inbound("r", LifecycleAction.DEVICE_REPORT, "dev1", "t", bogus, 1))
     other = emqx.ReportMessage("dev2", sent.execution_id, OK)
-    await command_core.device_message(Inbound("r", LifecycleAction.DEVICE_REPORT, "dev2", "t", other, 1))
+    mismatch = await command_core.device_message(Inbound("r", LifecycleAction.DEVICE_REPORT, "dev2", "t", other, 1))
+    # Dropped for good (sending them again would not help): handled, so the broker PUBACKs them.
+    assert await asyncio.wait_for(unknown, 5) is None and await asyncio.wait_for(mismatch, 5) is None
     await command_core.stop_ingest(5)
     stats = command_core.stats
     assert (stats["reports.change"], stats["reports.duplicate"], stats["reports.late"]) == (1, 1, 1)
     assert stats["dropped.unknown_execution"] == 1 and stats["dropped.thing_mismatch"] == 1
     got = await command_core.get(sent.execution_id)
     assert [(c.status, c.late) for c in got.history][-2:] == [(Status.SUCCEEDED, False), (Status.FAILED, True)]
+
+
+async def test_a_report_the_control_plane_cannot_take_or_store_is_not_acknowledged(tmp_path: Path) -> None:
+    """The future the broker's PUBACK waits for: None when the queue is full, failed when nothing was stored."""
+    settings = Settings(bind="127.0.0.1", mqtt_port=0, grpc_port=0, data_dir=tmp_path, allow_anonymous=True, ingest_queue=1)
+    async with SqliteStore(tmp_path / "f.db") as store:
+        writer = asyncio.create_task(store.run_writer())
+        registry = Registry(store, allow_unregistered=True)
+        await registry.load()
+        command_core = CommandCore(settings, store, registry, lambda coro, name: coro.close())
+
+        def report(n: int) -> Inbound:
+            return Inbound("r", LifecycleAction.DEVICE_REPORT, "dev1", "t", emqx.ReportMessage("dev1", f"{n:032x}", OK), 1)
+
+        first = command_core.device_message_nowait(report(1))
+        assert first is not None and not first.done()
+        assert command_core.device_message_nowait(report(2)) is None  # full: the broker's message loop waits instead
+        # The store stops taking writes: the queued report fails, so it is not PUBACKed and comes again.
+        store.stop_writer()
+        await writer
+        ingest = asyncio.create_task(command_core.run_ingest())
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(first, 5)
+        await command_core.stop_ingest(5)
+        await ingest
+        # Once stopping, nothing is taken.
+        refused = command_core.device_message_nowait(report(3))
+        assert refused is not None
+        with pytest.raises(Unavailable):
+            await refused
+        assert command_core.stats["refused.shutting_down"] == 1
 
 
 async def test_a_deferrable_write_waits_a_moment_for_the_next_one(running: Running) -> None:
