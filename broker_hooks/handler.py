@@ -29,7 +29,9 @@ packet events:
   timer (amqtt's 5 s, after which the message is dropped as amqtt drops it).
 
 Other connections (WebSocket), QoS 2 and plugins listening to packet events take
-amqtt's own paths. ``tests/test_broker_scaling.py`` pins the upstream methods this
+amqtt's own paths, with one change: an incoming QoS 1 PUBLISH is PUBACKed as above (once
+the message loop handled it and the control plane wrote what it holds), not as soon as it
+is queued. ``tests/test_broker_scaling.py`` pins the upstream methods this
 re-implements.
 """
 
@@ -73,6 +75,9 @@ from broker_hooks.session import FleetProtocolHandler
 
 log = logging.getLogger(__name__)
 
+# Writes to and closes of amqtt's own (WebSocket) connections in flight, kept until they end.
+_BACKGROUND: set[asyncio.Future[Any]] = set()
+
 # amqtt's hard-coded wait for a PUBACK (handler.py, _handle_qos1_message_flow).
 PUBACK_TIMEOUT = 5.0
 # Above this many unsent bytes a subscriber's publishes go through amqtt's path, which waits for the drain.
@@ -107,6 +112,18 @@ class _PendingAck:
         self.packet_id = packet_id
         self.message = message
         self.state = _HANDLING  # -> _WAITING (its write is pending) -> _READY (may be PUBACKed)
+
+
+def _in_background(work: Awaitable[Any]) -> None:
+    task = asyncio.ensure_future(work)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_background_done)
+
+
+def _background_done(task: asyncio.Future[Any]) -> None:
+    _BACKGROUND.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("writing to an amqtt connection failed: %r", task.exception())
 
 
 def _remaining_length(length: int) -> bytes:
@@ -370,6 +387,22 @@ class FastProtocolHandler(FleetProtocolHandler):
             self.session.delivered_message_queue.put_nowait(message)
         return True
 
+    async def _handle_qos1_message_flow(self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage) -> None:
+        """Amqtt's QoS 1 flow, but an incoming message's PUBACK waits as on the fast path.
+
+        Only amqtt's reader (WebSocket, or a plugin listening to packets) gets here with an
+        incoming message. Upstream PUBACKs it once it is queued for the message loop, before
+        anything handled it; here the entry waits in ``_acks`` for :meth:`deferred_done` and
+        :meth:`hold_ack`, so a crash before the control plane wrote it leaves the device to send it again.
+        """
+        if not isinstance(app_message, IncomingApplicationMessage) or self.session is None or app_message.packet_id is None:
+            await super()._handle_qos1_message_flow(app_message)
+            return
+        if self._acks is None:
+            self._acks = []
+        self._acks.append(_PendingAck(app_message.packet_id, app_message))
+        await self.session.delivered_message_queue.put(app_message)
+
     def deferred_done(self, message: ApplicationMessage | None) -> None:
         """The message loop finished a message it took from the queue (see :meth:`_hand_over`)."""
         if self._deferred and self._deferred[0] is message:
@@ -412,6 +445,8 @@ class FastProtocolHandler(FleetProtocolHandler):
             writer = self.writer
             if isinstance(writer, StreamWriterAdapter):
                 writer._writer.transport.abort()
+            elif writer is not None:
+                _in_background(writer.close())
             return
         entry.state = _READY
         self._flush_acks()
@@ -420,7 +455,11 @@ class FastProtocolHandler(FleetProtocolHandler):
         """Write the PUBACKs that may go, oldest first, up to the first that has to wait."""
         acks = self._acks
         while acks and acks[0].state == _READY:
-            self._write(b"\x40\x02" + acks[0].packet_id.to_bytes(2, "big"))
+            if self._fast:
+                self._write(b"\x40\x02" + acks[0].packet_id.to_bytes(2, "big"))
+            else:
+                # amqtt's writers are async; the tasks take its write lock (first come, first served) in order.
+                _in_background(self._send_packet(PubackPacket.build(acks[0].packet_id)))
             del acks[0]
         if acks is not None and not acks:
             self._acks = None  # an idle device keeps no list (memory per connection)

@@ -70,7 +70,7 @@ class _NullSink:
 async def broker() -> AsyncIterator[FleetBroker]:
     dialects = (emqx.DIALECT,)
     running = FleetBroker(
-        broker_config(bind="127.0.0.1", mqtt_port=0, ws_port=-1, sys_interval=0, allow_anonymous=True, acl=None),
+        broker_config(bind="127.0.0.1", mqtt_port=0, ws_port=0, sys_interval=0, allow_anonymous=True, acl=None),
         rules=RuleSet.of(dialects),
         sink=_NullSink(),
         dollar_prefixes=[p for d in dialects for p in d.dollar_prefixes],
@@ -83,8 +83,10 @@ async def broker() -> AsyncIterator[FleetBroker]:
         await running.stop(4)
 
 
-def _client(broker: FleetBroker, client_id: str, **kw: Any) -> EmqxDevice:
-    return EmqxDevice("127.0.0.1", broker.listener_ports()["mqtt"], client_id, subscribe=False, **kw)
+def _client(broker: FleetBroker, client_id: str, transport: str = "tcp", **kw: Any) -> EmqxDevice:
+    """A client on TCP (fleetcmd's reader) or WebSocket (amqtt's reader)."""
+    port = broker.listener_ports()["mqtt" if transport == "tcp" else "ws"]
+    return EmqxDevice("127.0.0.1", port, client_id, subscribe=False, transport=transport, **kw)
 
 
 def _payload(n: int) -> bytes:
@@ -384,10 +386,13 @@ async def test_control_plane_messages_are_handled_in_the_reader_and_order_is_kep
         assert not sink.via_loop and not fast._deferred and not fast._acks
 
 
-async def test_a_report_is_pubacked_only_once_it_is_stored_and_pubacks_keep_their_order(broker: FleetBroker) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "websockets"])
+async def test_a_report_is_pubacked_only_once_it_is_stored_and_pubacks_keep_their_order(
+    broker: FleetBroker, transport: str
+) -> None:
     sink = _sink(broker)
     sink.hold = True
-    async with _client(broker, "order-sub2") as sub, _client(broker, "thing-8") as dev:
+    async with _client(broker, "order-sub2") as sub, _client(broker, "thing-8", transport) as dev:
         assert await sub.asubscribe("plain/#") == [1]
         report = dev.respond("e1", "SUCCEEDED")
         await wait_for(lambda: len(sink.applied) == 1, what="the report reaches the control plane")
@@ -401,12 +406,13 @@ async def test_a_report_is_pubacked_only_once_it_is_stored_and_pubacks_keep_thei
         assert not broker._sessions["thing-8"][1]._acks
 
 
-async def test_a_report_the_store_could_not_write_is_not_pubacked(broker: FleetBroker) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "websockets"])
+async def test_a_report_the_store_could_not_write_is_not_pubacked(broker: FleetBroker, transport: str) -> None:
     from server.errors import Unavailable
 
     sink = _sink(broker)
     sink.hold = True
-    async with _client(broker, "thing-9") as dev:
+    async with _client(broker, "thing-9", transport) as dev:
         report = dev.respond("e1", "SUCCEEDED")
         await wait_for(lambda: len(sink.applied) == 1, what="the report reaches the control plane")
         sink.applied[0].set_exception(Unavailable("store write failed: disk full"))

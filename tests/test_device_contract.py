@@ -143,10 +143,15 @@ async def test_request_shape_and_success(app: FleetcmdApp, stub: pb_grpc.Command
     assert dev.received.empty(), "the request must be delivered once"
 
 
+@pytest.mark.parametrize("transport", ["tcp", "websockets"])
 async def test_an_answer_is_pubacked_only_once_it_is_committed(
-    app: FleetcmdApp, stub: pb_grpc.CommandServiceStub, monkeypatch: pytest.MonkeyPatch
+    small_app: FleetcmdApp, small_stub: pb_grpc.CommandServiceStub, monkeypatch: pytest.MonkeyPatch, transport: str
 ) -> None:
     # A crash between the PUBACK and the commit would lose the answer: the device would not send it again.
+    # On TCP fleetcmd's reader PUBACKs; on WebSocket amqtt's reader, whose own flow PUBACKed at once.
+    app, stub = small_app, small_stub
+    assert app.ports is not None
+    port = app.ports.mqtt if transport == "tcp" else app.ports.ws
     store = app.store
     assert store is not None
     gate = threading.Event()
@@ -159,7 +164,7 @@ async def test_an_answer_is_pubacked_only_once_it_is_committed(
 
     monkeypatch.setattr(store, "_execute_batch", gated)
     try:
-        async with device(app, "thermo-ack") as dev:
+        async with EmqxDevice(HOST, port, "thermo-ack", transport=transport) as dev:
             ex = await send(stub, "thermo-ack")
             await dev.wait_message()
             await wait_status(stub, ex.execution_id, pb.DELIVERED)
