@@ -13,7 +13,6 @@ import collections
 import functools
 import json
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -31,6 +30,7 @@ from server.errors import (
     Unavailable,
 )
 from server.events import EventBus, StreamBatch
+from server.ids import new_execution_ids
 from server.lifecycle import Outcome, Status, Trigger, initial_status
 from server.models import DeviceReport, EventFilter, Execution, ListQuery, NewExecution, StateChange
 from server.registry import PresenceChange, Registry
@@ -255,11 +255,10 @@ class CommandCore:
         prepared = self.registry.prepare_send(cmd.thing_id, cmd.action, cmd.params, cmd.ttl_seconds)
         ttl = prepared.ttl_seconds or self.settings.default_ttl
         created = now_ms()
-        # Two random 128-bit ids in one call, in uuid4().hex's format (32 lowercase hex digits).
-        ids = os.urandom(32).hex()
+        execution_id, command_id = new_execution_ids(created)
         new = NewExecution(
-            execution_id=ids[:32],
-            command_id=ids[32:],
+            execution_id=execution_id,
+            command_id=command_id,
             thing_id=cmd.thing_id,
             action=cmd.action,
             params_json=prepared.params_json,
