@@ -40,6 +40,15 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def written_bytes(pid: int) -> int:
+    """Bytes a process caused to be written to storage (``write_bytes`` of /proc/<pid>/io)."""
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (bound, read and released)."""
     with socket.socket() as s:

@@ -111,7 +111,8 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
 
             def e2e(d: dict[str, Any], k: str, fleet: int = fleet, reps_key: str = reps_key) -> list[float] | None:
                 e = _e2e_entry(d, fleet)
-                return [r[k] for r in e.get(reps_key, [])] if e else None
+                # Older results (the baseline) may lack a measure added since.
+                return [r[k] for r in e.get(reps_key, []) if k in r] or None if e else None
 
             add(
                 f"e2e.{fleet}{kp}.rate",
@@ -128,6 +129,7 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
                 "<= 1.3x the 100-device cost" if fleet == 10000 else "",
             )
             add(f"e2e.{fleet}{kp}.svc_cpu", "  service CPU, % of one core", lambda d, f=e2e: f(d, "service_cpu_pct"))
+            add(f"e2e.{fleet}{kp}.disk_kb", "  written to disk per command, KB", lambda d, f=e2e: f(d, "store_kb_per_cmd"))
             add(f"e2e.{fleet}{kp}.lg_cpu", "  load generator CPU, % of one core", lambda d, f=e2e: f(d, "loadgen_cpu_pct"))
             add(f"e2e.{fleet}{kp}.busy", "  machine busy, % of all cores", lambda d, f=e2e: f(d, "machine_busy_pct"))
 

@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import report
-from bench.procs import ROOT, Agent, Procs, Service, cpu_seconds, install_mosquitto, rss_bytes
+from bench.procs import ROOT, Agent, Procs, Service, cpu_seconds, install_mosquitto, rss_bytes, written_bytes
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -304,14 +304,18 @@ class Suite:
         cpu = CpuWindow(groups)
         sleep_until(start + plan.e2e_warmup)
         cpu.start()
+        written0 = written_bytes(svc.pid)
         prof = self._start_profile(svc, plan.e2e_window, f"{label}-{fleet}") if self.profile and rep == 0 else None
         sleep_until(start + plan.e2e_warmup + plan.e2e_window)
         usage = cpu.stop()
+        written = written_bytes(svc.pid) - written0
         r = caller.result(plan.e2e_warmup + plan.e2e_window + 60)
         if prof is not None:
             self._finish_profile(prof, f"{label}-{fleet}")
         r.update(usage)
         r["service_us_per_cmd"] = 1e6 * usage["service_cpu_s"] / max(1, r["commands"])
+        # What reached the disk (WAL, checkpoints) per command completed in the window.
+        r["store_kb_per_cmd"] = written / 1024 / max(1, r["commands"])
         r["loadgen_us_per_cmd"] = 1e6 * usage["loadgen_cpu_s"] / max(1, r["commands"])
         r["service_rss_mb"] = rss_bytes(svc.pid) / 2**20
         log(
