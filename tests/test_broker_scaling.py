@@ -68,7 +68,8 @@ def test_amqtt_code_mirrored_by_the_light_session_is_unchanged_upstream(name: st
 # (copies of _handle_message_delivery and _run_broadcast, routing with router.TopicRouter, which
 # implements _matches; _del_all_subscriptions and _topic_filtering are replaced or short-cut, and
 # fire_event is skipped when nobody listens), and handler.FastProtocolHandler (its _reader_loop is a
-# copy; it decodes PUBLISH/PUBACK itself and publishes QoS 0/1 without mqtt_publish).
+# copy; it decodes PUBLISH/PUBACK itself, publishes QoS 0/1 without mqtt_publish, and takes over the
+# PUBACK of an incoming QoS 1 message in _handle_qos1_message_flow).
 FAST_PATH_COPIES = {
     "Broker._handle_message_delivery": (Broker._handle_message_delivery, "89727723"),
     "Broker._run_broadcast": (Broker._run_broadcast, "e852128b"),
