@@ -111,8 +111,10 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
 
             def e2e(d: dict[str, Any], k: str, fleet: int = fleet, reps_key: str = reps_key) -> list[float] | None:
                 e = _e2e_entry(d, fleet)
+                if not e:
+                    return None
                 # Older results (the baseline) may lack a measure added since.
-                return [r[k] for r in e.get(reps_key, []) if k in r] or None if e else None
+                return [r[k] for r in e.get(reps_key, []) if k in r] or None
 
             add(
                 f"e2e.{fleet}{kp}.rate",

@@ -53,7 +53,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import ApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
-from broker_hooks.handler import FastProtocolHandler
+from broker_hooks.handler import FastProtocolHandler, in_background
 from broker_hooks.indexed import SUBACK_FAILURE, IndexedBroker
 from broker_hooks.rules import DecodeError, Inbound, RuleSet
 
@@ -124,7 +124,6 @@ class FleetBroker(IndexedBroker):
         self._replaced: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
         # Handlers of CONNECTs refused before amqtt touched any session.
         self._refused: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
-        self._closing: set[asyncio.Future[Any]] = set()
 
     # ---- addresses ------------------------------------------------------------------------
 
@@ -269,9 +268,7 @@ class FleetBroker(IndexedBroker):
         if handler.writer is not None:
             # Closing the transport makes the reader see EOF, which runs the normal
             # abnormal-disconnect path (will message, disconnected event).
-            task = asyncio.ensure_future(handler.writer.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            in_background(handler.writer.close())
 
     async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         remote = f"{client_session.remote_address}:{client_session.remote_port}"
@@ -317,9 +314,7 @@ class FleetBroker(IndexedBroker):
             return
         self.stats["forced_disconnects"] += 1
         log.info("closing the connection of client %s", client_id)
-        task = asyncio.ensure_future(writer.close())
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        in_background(writer.close())
 
     # ---- subscriptions --------------------------------------------------------------------
 

@@ -75,7 +75,7 @@ from broker_hooks.session import FleetProtocolHandler
 
 log = logging.getLogger(__name__)
 
-# Writes to and closes of amqtt's own (WebSocket) connections in flight, kept until they end.
+# Writes to and closes of connections started from callbacks, kept referenced until they end.
 _BACKGROUND: set[asyncio.Future[Any]] = set()
 
 # amqtt's hard-coded wait for a PUBACK (handler.py, _handle_qos1_message_flow).
@@ -114,7 +114,8 @@ class _PendingAck:
         self.state = _HANDLING  # -> _WAITING (its write is pending) -> _READY (may be PUBACKed)
 
 
-def _in_background(work: Awaitable[Any]) -> None:
+def in_background(work: Awaitable[Any]) -> None:
+    """Run ``work`` (a write to or a close of a connection) from a callback; a failure is logged."""
     task = asyncio.ensure_future(work)
     _BACKGROUND.add(task)
     task.add_done_callback(_background_done)
@@ -123,7 +124,7 @@ def _in_background(work: Awaitable[Any]) -> None:
 def _background_done(task: asyncio.Future[Any]) -> None:
     _BACKGROUND.discard(task)
     if not task.cancelled() and task.exception() is not None:
-        log.warning("writing to an amqtt connection failed: %r", task.exception())
+        log.warning("writing to or closing a connection failed: %r", task.exception())
 
 
 def _remaining_length(length: int) -> bytes:
@@ -446,7 +447,7 @@ class FastProtocolHandler(FleetProtocolHandler):
             if isinstance(writer, StreamWriterAdapter):
                 writer._writer.transport.abort()
             elif writer is not None:
-                _in_background(writer.close())
+                in_background(writer.close())
             return
         entry.state = _READY
         self._flush_acks()
@@ -459,7 +460,7 @@ class FastProtocolHandler(FleetProtocolHandler):
                 self._write(b"\x40\x02" + acks[0].packet_id.to_bytes(2, "big"))
             else:
                 # amqtt's writers are async; the tasks take its write lock (first come, first served) in order.
-                _in_background(self._send_packet(PubackPacket.build(acks[0].packet_id)))
+                in_background(self._send_packet(PubackPacket.build(acks[0].packet_id)))
             del acks[0]
         if acks is not None and not acks:
             self._acks = None  # an idle device keeps no list (memory per connection)

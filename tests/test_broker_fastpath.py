@@ -19,11 +19,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from amqtt.broker import Broker
 
-from broker_hooks import emqx, handler
+from broker_hooks import handler
 from broker_hooks.broker import Delivery, FleetBroker
-from broker_hooks.config import broker_config
 from broker_hooks.router import TopicRouter
-from broker_hooks.rules import Inbound, RuleSet
+from broker_hooks.rules import Inbound
+from tests.brokers import running_broker
 from tests.devices import EmqxDevice, Received, wait_for
 
 
@@ -68,19 +68,9 @@ class _NullSink:
 
 @pytest.fixture
 async def broker() -> AsyncIterator[FleetBroker]:
-    dialects = (emqx.DIALECT,)
-    running = FleetBroker(
-        broker_config(bind="127.0.0.1", mqtt_port=0, ws_port=0, sys_interval=0, allow_anonymous=True, acl=None),
-        rules=RuleSet.of(dialects),
-        sink=_NullSink(),
-        dollar_prefixes=[p for d in dialects for p in d.dollar_prefixes],
-        max_payload_bytes=256 * 1024,
-    )
-    await running.start()
-    try:
+    # WebSocket too: amqtt's own reader, where the PUBACK rules must hold as on fleetcmd's.
+    async with running_broker(_NullSink(), ws_port=0, max_payload_bytes=256 * 1024) as running:
         yield running
-    finally:
-        await running.stop(4)
 
 
 def _client(broker: FleetBroker, client_id: str, transport: str = "tcp", **kw: Any) -> EmqxDevice:

@@ -20,11 +20,10 @@ import pytest
 from amqtt.session import Session
 from transitions import MachineError
 
-from broker_hooks import emqx
 from broker_hooks.broker import Delivery, FleetBroker
-from broker_hooks.config import broker_config
-from broker_hooks.rules import Inbound, RuleSet
+from broker_hooks.rules import Inbound
 from broker_hooks.session import FleetSession, LightEvent, LightQueue, SessionState, light_queue
+from tests.brokers import running_broker
 
 HOST = "127.0.0.1"
 
@@ -181,19 +180,8 @@ class RecordingSink:
 
 @pytest.fixture
 async def broker() -> AsyncIterator[FleetBroker]:
-    dialects = (emqx.DIALECT,)
-    instance = FleetBroker(
-        broker_config(bind=HOST, mqtt_port=0, ws_port=-1, sys_interval=0, allow_anonymous=True, acl=None),
-        rules=RuleSet.of(dialects),
-        sink=RecordingSink(),
-        dollar_prefixes=[p for d in dialects for p in d.dollar_prefixes],
-        max_payload_bytes=64 * 1024,
-    )
-    await instance.start()
-    try:
+    async with running_broker(RecordingSink(), max_payload_bytes=64 * 1024) as instance:
         yield instance
-    finally:
-        await instance.stop(5)
 
 
 def _port(broker: FleetBroker) -> int:

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import pytest
@@ -31,7 +31,26 @@ TIMEOUT = 10.0
 _EOF = object()
 
 
-class Watcher:
+class StreamCall:
+    """A server-streaming call read by a background task; ``async with`` cancels both when it ends."""
+
+    call: Any
+    task: asyncio.Task[None]
+
+    async def close(self) -> None:
+        self.call.cancel()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Watcher(StreamCall):
     """One Stream call, read continuously by a background task into a queue."""
 
     def __init__(self, stub: pb_grpc.CommandServiceStub, **request: Any) -> None:
@@ -82,21 +101,6 @@ class Watcher:
         await asyncio.sleep(wait)
         assert self.queue.empty(), f"unexpected: {self.queue.get_nowait()!r}"
 
-    async def close(self) -> None:
-        self.call.cancel()
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-
-@contextlib.asynccontextmanager
-async def watching(stub: pb_grpc.CommandServiceStub, **request: Any) -> AsyncIterator[Watcher]:
-    watcher = Watcher(stub, **request)
-    try:
-        yield watcher
-    finally:
-        await watcher.close()
-
 
 async def wait_watchers(app: FleetcmdApp, count: int, timeout: float = 5) -> None:
     """Wait until ``count`` live subscriptions exist (a live Stream only sees events after this)."""
@@ -135,7 +139,7 @@ def assert_gap_free(events: list[pb.ExecutionEvent], first: int) -> None:
 
 
 async def test_live_events_for_send_and_cancel(app: FleetcmdApp, stub) -> None:
-    async with watching(stub) as watcher:
+    async with Watcher(stub) as watcher:
         await wait_watchers(app, 1)
         made = [await send(stub, f"thing-{i}", f"action-{i}") for i in range(3)]
         created = await watcher.take(3)
@@ -170,7 +174,7 @@ async def test_live_events_for_send_and_cancel(app: FleetcmdApp, stub) -> None:
 
 async def test_live_stream_without_after_sequence_skips_the_past(app: FleetcmdApp, stub) -> None:
     old = await send(stub, "thing", "act")
-    async with watching(stub) as watcher:
+    async with Watcher(stub) as watcher:
         await wait_watchers(app, 1)
         new = await send(stub, "thing", "act")
         (event,) = await watcher.take(1)
@@ -186,7 +190,7 @@ async def test_live_events_with_a_device(app: FleetcmdApp, stub) -> None:
         dev.respond(execution_id, "IN_PROGRESS", {"pct": 10})
         dev.respond(execution_id, "FAILED", {"err": 7}, statusReason={"reasonCode": "E7", "reasonDescription": "jam"})
 
-    async with watching(stub, thing_id="dev-1") as watcher:
+    async with Watcher(stub, thing_id="dev-1") as watcher:
         await wait_watchers(app, 1)
         async with EmqxDevice("127.0.0.1", app.ports.mqtt, "dev-1", on_request=answer):
             ex = await send(stub, "dev-1", "print")
@@ -208,12 +212,12 @@ async def test_live_events_with_a_device(app: FleetcmdApp, stub) -> None:
 async def test_filters_thing_execution_and_action(app: FleetcmdApp, stub) -> None:
     target = await send(stub, "th-e", "act-e")  # created before the streams: its QUEUED event is not live
     async with contextlib.AsyncExitStack() as stack:
-        everything = await stack.enter_async_context(watching(stub))
-        by_thing = await stack.enter_async_context(watching(stub, thing_id="th-a"))
-        by_action = await stack.enter_async_context(watching(stub, action="act-x"))
-        by_both = await stack.enter_async_context(watching(stub, thing_id="th-a", action="act-x"))
-        by_execution = await stack.enter_async_context(watching(stub, execution_id=target.execution_id))
-        nobody = await stack.enter_async_context(watching(stub, thing_id="th-none"))
+        everything = await stack.enter_async_context(Watcher(stub))
+        by_thing = await stack.enter_async_context(Watcher(stub, thing_id="th-a"))
+        by_action = await stack.enter_async_context(Watcher(stub, action="act-x"))
+        by_both = await stack.enter_async_context(Watcher(stub, thing_id="th-a", action="act-x"))
+        by_execution = await stack.enter_async_context(Watcher(stub, execution_id=target.execution_id))
+        nobody = await stack.enter_async_context(Watcher(stub, thing_id="th-none"))
         await wait_watchers(app, 6)
 
         made = []
@@ -250,9 +254,9 @@ async def test_filters_apply_to_replay(app: FleetcmdApp, stub) -> None:
     await cancel(stub, a.execution_id)
     await cancel(stub, b.execution_id)
     async with contextlib.AsyncExitStack() as stack:
-        by_thing = await stack.enter_async_context(watching(stub, thing_id="th-b", after_sequence=0))
-        by_action = await stack.enter_async_context(watching(stub, action="act-x", after_sequence=1))
-        by_execution = await stack.enter_async_context(watching(stub, execution_id=a.execution_id, after_sequence=0))
+        by_thing = await stack.enter_async_context(Watcher(stub, thing_id="th-b", after_sequence=0))
+        by_action = await stack.enter_async_context(Watcher(stub, action="act-x", after_sequence=1))
+        by_execution = await stack.enter_async_context(Watcher(stub, execution_id=a.execution_id, after_sequence=0))
         assert seqs(await by_thing.take(2)) == [2, 4]
         assert seqs(await by_action.take(1)) == [3]
         assert seqs(await by_execution.take(2)) == [1, 3]
@@ -296,7 +300,7 @@ async def test_after_sequence_zero_replays_the_whole_log(app: FleetcmdApp, stub)
     made = [await send(stub, f"t{i % 2}", "act") for i in range(4)]
     await cancel(stub, made[1].execution_id)
     await cancel(stub, made[3].execution_id)
-    async with watching(stub, after_sequence=0) as watcher:
+    async with Watcher(stub, after_sequence=0) as watcher:
         events = await watcher.take(6)
         assert_gap_free(events, 1)
         assert [e.execution_id for e in events] == [
@@ -318,7 +322,7 @@ async def test_after_sequence_zero_replays_the_whole_log(app: FleetcmdApp, stub)
 async def test_resume_replays_after_n_then_continues_live(app: FleetcmdApp, stub) -> None:
     assert await burst(stub, 5) == 10
     # A client that saw up to 4 resumes: exactly 5..10 replayed, then live 11.. with no gap.
-    async with watching(stub, after_sequence=4) as watcher:
+    async with Watcher(stub, after_sequence=4) as watcher:
         replayed = await watcher.take(6)
         assert_gap_free(replayed, 5)
         await wait_watchers(app, 1)
@@ -333,7 +337,7 @@ async def test_resume_replays_after_n_then_continues_live(app: FleetcmdApp, stub
         ]
         await watcher.assert_quiet()
     # Resuming at the head of the log replays nothing and waits for the next event.
-    async with watching(stub, after_sequence=18) as watcher:
+    async with Watcher(stub, after_sequence=18) as watcher:
         await wait_watchers(app, 1)
         await watcher.assert_quiet(0.2)
         await send(stub)
@@ -430,7 +434,7 @@ async def test_slow_subscriber_is_cut_off_and_fast_one_gets_everything(tmp_path:
     async with fast_and_slow_clients(tmp_path) as (app, stub, slow_stub):
         slow_call = slow_stub.Stream(pb.StreamRequest())
         try:
-            async with watching(stub) as fast:
+            async with Watcher(stub) as fast:
                 await wait_watchers(app, 2)
                 produced = await make_large_events(stub)
                 everything = await fast.take(produced, timeout=30)
@@ -446,7 +450,7 @@ async def test_slow_subscriber_is_cut_off_and_fast_one_gets_everything(tmp_path:
 
             # ... and it resumes from its last sequence with nothing lost.
             last = received[-1].sequence if received else 0
-            async with watching(slow_stub, after_sequence=last) as resumed:
+            async with Watcher(slow_stub, after_sequence=last) as resumed:
                 rest = await resumed.take(produced - last)
                 assert_gap_free(received + rest, 1)
                 await resumed.assert_quiet(0.1)
@@ -461,7 +465,7 @@ async def test_one_commit_larger_than_the_buffer_reaches_a_fast_subscriber(tmp_p
         assert app.core is not None and app.store is not None
         stub = pb_grpc.CommandServiceStub(channel)
         made = [await send(stub) for _ in range(12)]
-        async with watching(stub) as fast:
+        async with Watcher(stub) as fast:
             await wait_watchers(app, 1)
             batches = app.store.batches
             # Cancels queued in the same loop iteration reach the store writer together: one commit.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests.clients import app_channel
 from tests.test_stream import (
+    StreamCall,
     Watcher,
     assert_gap_free,
     burst,
@@ -41,7 +41,7 @@ TIMEOUT = 10.0
 STREAM_BATCHES = "/fleetcmd.v1.CommandService/StreamBatches"
 
 
-class BatchWatcher:
+class BatchWatcher(StreamCall):
     """One StreamBatches call, read continuously; keeps the events and how many messages carried them."""
 
     def __init__(self, stub: pb_grpc.CommandServiceStub, **request: Any) -> None:
@@ -80,21 +80,6 @@ class BatchWatcher:
         """No more than ``count`` events arrive."""
         await asyncio.sleep(wait)
         assert len(self.events) == count, seqs(self.events[count:])
-
-    async def close(self) -> None:
-        self.call.cancel()
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-
-@contextlib.asynccontextmanager
-async def batch_watching(stub: pb_grpc.CommandServiceStub, **request: Any) -> AsyncIterator[BatchWatcher]:
-    watcher = BatchWatcher(stub, **request)
-    try:
-        yield watcher
-    finally:
-        await watcher.close()
 
 
 def change(sequence: int, **kw: Any) -> StateChange:
@@ -209,7 +194,7 @@ async def test_bus_indexes_execution_subscriptions_and_filters_once_per_filter()
 async def test_every_watcher_gets_every_event_in_order(app: FleetcmdApp, stub: pb_grpc.CommandServiceStub) -> None:
     """30 StreamBatches and 10 Stream watchers while commits of several events each are made."""
     async with contextlib.AsyncExitStack() as stack:
-        batched = [await stack.enter_async_context(batch_watching(stub)) for _ in range(30)]
+        batched = [await stack.enter_async_context(BatchWatcher(stub)) for _ in range(30)]
         single = [Watcher(stub) for _ in range(10)]
         for w in single:
             stack.push_async_callback(w.close)
@@ -272,11 +257,11 @@ async def test_stream_batches_filters_replay_and_live(
     await cancel(stub, a.execution_id)
     await cancel(stub, b.execution_id)
     async with contextlib.AsyncExitStack() as stack:
-        everything = await stack.enter_async_context(batch_watching(stub, after_sequence=0))
-        by_thing = await stack.enter_async_context(batch_watching(stub, thing_id="th-b", after_sequence=0))
-        by_action = await stack.enter_async_context(batch_watching(stub, action="act-x", after_sequence=1))
-        by_execution = await stack.enter_async_context(batch_watching(stub, execution_id=a.execution_id, after_sequence=0))
-        by_both = await stack.enter_async_context(batch_watching(stub, thing_id="th-b", action="act-x"))
+        everything = await stack.enter_async_context(BatchWatcher(stub, after_sequence=0))
+        by_thing = await stack.enter_async_context(BatchWatcher(stub, thing_id="th-b", after_sequence=0))
+        by_action = await stack.enter_async_context(BatchWatcher(stub, action="act-x", after_sequence=1))
+        by_execution = await stack.enter_async_context(BatchWatcher(stub, execution_id=a.execution_id, after_sequence=0))
+        by_both = await stack.enter_async_context(BatchWatcher(stub, thing_id="th-b", action="act-x"))
         assert seqs(await everything.take(4)) == [1, 2, 3, 4]
         assert seqs(await by_thing.take(2)) == [2, 4]
         assert seqs(await by_action.take(1)) == [3]
@@ -304,7 +289,7 @@ async def test_slow_batch_watcher_is_cut_off_and_resumes(tmp_path: Path) -> None
     async with fast_and_slow_clients(tmp_path) as (app, stub, slow_stub):
         slow_call = slow_stub.StreamBatches(pb.StreamRequest())
         try:
-            async with batch_watching(stub) as fast:
+            async with BatchWatcher(stub) as fast:
                 await wait_watchers(app, 2)
                 produced = await make_large_events(stub)
                 assert_gap_free(await fast.take(produced, timeout=30), 1)
@@ -314,7 +299,7 @@ async def test_slow_batch_watcher_is_cut_off_and_resumes(tmp_path: Path) -> None
             assert len(received) < produced
 
             last = received[-1].sequence if received else 0
-            async with batch_watching(slow_stub, after_sequence=last) as resumed:
+            async with BatchWatcher(slow_stub, after_sequence=last) as resumed:
                 rest = await resumed.take(produced - last)
                 assert_gap_free(received + rest, 1)
                 await resumed.assert_quiet(produced - last, 0.1)
