@@ -8,12 +8,14 @@ same ``FleetBroker`` class with the same configuration builder
 (``broker_config``: explicit listener, minimal plugin set, anonymous admitted
 by ``DeviceAuthPlugin``) and the same rules, only with ``acl=None``, and a sink
 that does nothing (no rule claims a plain topic, so it is never called).
-It stops on SIGTERM/SIGINT.
+It runs on the event loop the service would choose (``FLEETCMD_EVENT_LOOP``, default
+``auto``: uvloop when installed) and stops on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -25,6 +27,7 @@ from broker_hooks import emqx
 from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
 from broker_hooks.rules import Inbound, RuleSet
+from server.cli import run_loop
 
 
 class NullSink:
@@ -43,7 +46,7 @@ class NullSink:
         """Ignored."""
 
 
-async def main(port: int) -> None:
+async def main(port: int) -> int:
     """Run the broker until a signal."""
     dialects = (emqx.DIALECT,)
     broker = FleetBroker(
@@ -61,7 +64,8 @@ async def main(port: int) -> None:
     print(f"harness ready mqtt=127.0.0.1:{broker.listener_ports().get('mqtt')}", flush=True)
     await stop.wait()
     await broker.stop(4)
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1])))
+    sys.exit(run_loop(main(int(sys.argv[1])), os.environ.get("FLEETCMD_EVENT_LOOP", "auto")))

@@ -241,6 +241,8 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
 
     fo = _reps(doc, "fanout")
     if fo:
+        # Recorded since session 5 (128); earlier runs used the e2e scenarios' 64.
+        inflight = f", {fo.get('concurrency', 64)} in flight"
         # reps: the load sent with unary Send; stream_reps (since session 3): with SendStream.
         for kind, kp, how in (("reps", "", ""), ("stream_reps", ".stream", " (load sent with SendStream)")):
 
@@ -252,7 +254,7 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
                 continue
             add(
                 f"fanout{kp}.rate",
-                f"commands/s with {fo['watchers']} Stream watchers, {fo['fleet']:,} devices{how}",
+                f"commands/s with {fo['watchers']} Stream watchers, {fo['fleet']:,} devices{inflight}{how}",
                 lambda d, f=fan: f(d, "rate"),
                 ">= 1,000 with all watchers complete",
             )
