@@ -314,7 +314,7 @@ def test_bad_setting_exits_2_with_a_clear_error(
 
 TRAFFIC = 200
 KILL_AFTER = 100  # accepted Sends before the SIGKILL
-SLACK_MS = 1500  # how late past expires_at a final state may come
+SLACK_MS = 1500  # how late past expires_at (or the restart, if later) a final state may come
 
 
 async def test_sigkill_mid_traffic_loses_nothing(tmp_path: Path) -> None:
@@ -441,8 +441,9 @@ async def test_sigkill_mid_traffic_loses_nothing(tmp_path: Path) -> None:
 
             for eid, e in every.items():
                 check_history(e)
-                late_by = ms(e.completed_at) - ms(e.expires_at)
-                assert late_by <= SLACK_MS, f"{eid} became final {late_by} ms after its TTL"
+                # Nothing can end while the service is down: one that expired then is due at the restart.
+                late_by = ms(e.completed_at) - max(ms(e.expires_at), ready_ms)
+                assert late_by <= SLACK_MS, f"{eid} became final {late_by} ms after its TTL (or the restart)"
                 if e.status == pb.TIMED_OUT:
                     assert ms(e.completed_at) >= ms(e.expires_at) - 5, f"{eid} timed out before its TTL"
                 if e.thing_id == "crash-offline":
