@@ -197,7 +197,7 @@ class FleetBroker(IndexedBroker):
         takes over the connected client and leaves the session marked connected under a closed
         socket. Any CONNECT with a known client id, whatever its password, would knock that device
         off. Here a refused CONNECT gets its CONNACK (rc 5) before anything else is touched, and
-        :meth:`_handle_client_session` then does nothing for it.
+        :meth:`_session_refused` then stops ``_handle_client_session`` from doing anything more for it.
         """
         try:
             # A FleetSession (no transitions.Machine, light queues) and its handler (session.FleetProtocolHandler
@@ -248,19 +248,11 @@ class FleetBroker(IndexedBroker):
             client_session.keep_alive += delay
         return handler, client_session
 
-    async def _handle_client_session(
-        self,
-        reader: Any,
-        writer: Any,
-        client_session: Session,
-        handler: BrokerProtocolHandler,
-        server: Any,
-        listener_name: str,
-    ) -> None:
+    def _session_refused(self, handler: BrokerProtocolHandler) -> bool:
         if handler in self._refused:
             self._refused.discard(handler)  # refused in _session_from_connect: CONNACK sent, socket closed
-            return
-        await super()._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+            return True
+        return False
 
     def _keepalive_expired(self, session: Session, handler: BrokerProtocolHandler) -> None:
         self.stats["keepalive_timeouts"] += 1
@@ -270,10 +262,9 @@ class FleetBroker(IndexedBroker):
             # abnormal-disconnect path (will message, disconnected event).
             in_background(handler.writer.close())
 
-    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+    def _session_connected(self, client_session: Session) -> None:
         remote = f"{client_session.remote_address}:{client_session.remote_port}"
         self._notify(self._sink.device_connected, client_session.client_id, remote)
-        await super()._client_message_loop(client_session, handler)
 
     async def _handle_disconnect(
         self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import struct
 import sys
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import pytest
 from amqtt.session import Session
@@ -305,6 +307,36 @@ async def test_connect_disconnect_reconnect(broker: FleetBroker) -> None:
     finally:
         await again.close()
     await until(lambda: _sink(broker).events.count(("disconnected", "cycle-1")) == 2)
+
+
+def _await_chain(task: asyncio.Task[Any]) -> list[str]:
+    """The coroutines ``task`` is suspended in, outermost first."""
+    names = []
+    coro: Any = task.get_coro()
+    while inspect.iscoroutine(coro):
+        names.append(coro.cr_code.co_qualname)
+        coro = coro.cr_await
+    return names
+
+
+async def test_a_connection_keeps_no_wrapping_coroutine_alive(broker: FleetBroker) -> None:
+    # Every coroutine in a connection's await chain lives, frame and all, as long as the connection:
+    # subclasses hook in through plain methods (_session_refused, _session_connected) instead.
+    client = await RawClient.connect(_port(broker), "frames-1")
+    try:
+        assert await client.subscribe("frames/1/req") == 1
+        chains = [_await_chain(t) for t in asyncio.all_tasks() if "stream_connected" in _await_chain(t)[0]]
+        assert chains == [
+            [
+                "Broker.stream_connected",
+                "Broker._client_connected",
+                "IndexedBroker._handle_client_session",
+                "IndexedBroker._client_message_loop",
+            ]
+        ]
+        assert ("connected", "frames-1") in _sink(broker).events
+    finally:
+        await client.close()
 
 
 async def test_abrupt_close_is_a_disconnect(broker: FleetBroker) -> None:
