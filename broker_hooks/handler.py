@@ -84,6 +84,14 @@ PUBACK_TIMEOUT = 5.0
 WRITE_HIGH_WATER = 256 * 1024
 
 _PINGRESP = b"\xd0\x00"
+
+
+def _track(running: list[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    # In the list while it runs, out of it (and so freed) as soon as it is done.
+    running.append(task)
+    task.add_done_callback(running.remove)
+
+
 # amqtt's handle_<type> methods, run in a task per packet as upstream (the packets this handler does not handle itself).
 _UPSTREAM = {
     CONNACK: "handle_connack",
@@ -234,7 +242,9 @@ class FastProtocolHandler(FleetProtocolHandler):
             await super()._reader_loop()
             return
         readexactly = reader._reader.readexactly
-        running_tasks: list[asyncio.Task[None]] = []  # rarely non-empty (QoS 2, SUBSCRIBE...): a list is smaller
+        # Rarely non-empty (QoS 2, SUBSCRIBE...): a list is smaller than a set. A task leaves it when
+        # done, not at the next packet: an idle device would keep its SUBSCRIBE's task (~550 B) forever.
+        running_tasks: list[asyncio.Task[None]] = []
         keepalive = self.session.keep_alive
         self._reader_ready.set()
         if keepalive > 0:
@@ -242,8 +252,6 @@ class FastProtocolHandler(FleetProtocolHandler):
             self._read_timer = self._loop.call_later(keepalive, self._check_read_timeout, keepalive)
         while True:
             try:
-                if running_tasks:
-                    running_tasks = [t for t in running_tasks if not t.done()]
                 if self.reader is None:
                     log.warning("reader is not initialized")
                     break
@@ -257,9 +265,10 @@ class FastProtocolHandler(FleetProtocolHandler):
                 packet_type = header[0] >> 4
                 flags = header[0] & 0x0F
                 if packet_type == PUBLISH:
-                    task = await self._handle_publish_bytes(flags, body)
-                    if task is not None:
-                        running_tasks.append(task)
+                    pending = await self._handle_publish_bytes(flags, body)
+                    if pending is not None:
+                        _track(running_tasks, pending)
+                        pending = None  # this frame would keep the task alive, done, while the device idles
                 elif packet_type == PUBACK:
                     self._handle_puback_bytes(body)
                 elif packet_type == PINGREQ:
@@ -276,7 +285,7 @@ class FastProtocolHandler(FleetProtocolHandler):
                     elif packet_type == CONNECT:
                         await self.handle_connect(packet)
                     else:
-                        running_tasks.append(asyncio.create_task(getattr(self, _UPSTREAM[packet_type])(packet)))
+                        _track(running_tasks, asyncio.create_task(getattr(self, _UPSTREAM[packet_type])(packet)))
             except MQTTError:
                 log.debug("message discarded")
             except asyncio.CancelledError:
@@ -289,7 +298,7 @@ class FastProtocolHandler(FleetProtocolHandler):
         if self._read_timer is not None:
             self._read_timer.cancel()
             self._read_timer = None
-        for task in running_tasks:
+        for task in list(running_tasks):
             task.cancel()
         await self.handle_connection_closed()
         self._reader_stopped.set()

@@ -319,7 +319,7 @@ def _await_chain(task: asyncio.Task[Any]) -> list[str]:
     return names
 
 
-async def test_a_connection_keeps_no_wrapping_coroutine_alive(broker: FleetBroker) -> None:
+async def test_an_idle_connection_holds_no_wrapping_coroutine_nor_finished_task(broker: FleetBroker) -> None:
     # Every coroutine in a connection's await chain lives, frame and all, as long as the connection:
     # subclasses hook in through plain methods (_session_refused, _session_connected) instead.
     client = await RawClient.connect(_port(broker), "frames-1")
@@ -335,6 +335,12 @@ async def test_a_connection_keeps_no_wrapping_coroutine_alive(broker: FleetBroke
             ]
         ]
         assert ("connected", "frames-1") in _sink(broker).events
+
+        # The reader let go of its SUBSCRIBE's task once done, though no packet came after it.
+        def subscribe_tasks() -> list[asyncio.Task[Any]]:
+            return [o for o in gc.get_objects() if isinstance(o, asyncio.Task) and "handle_subscribe" in repr(o.get_coro())]
+
+        await until(lambda: not subscribe_tasks())
     finally:
         await client.close()
 
