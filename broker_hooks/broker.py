@@ -180,11 +180,10 @@ class FleetBroker(IndexedBroker):
             # The reader times out after session.keep_alive seconds of silence; MQTT allows 1.5x.
             # A float is fine: amqtt only hands it to asyncio.wait_for as the read timeout.
             session.keep_alive = session.keep_alive * KEEPALIVE_FACTOR
-        # amqtt's handle_read_timeout is a no-op; bind ours to this handler only.
-        handler.handle_read_timeout = lambda: self._keepalive_expired(session, handler)
         if isinstance(handler, FastProtocolHandler):
-            # The reader hands each PUBLISH to the broker itself (no hop through the message loop).
-            handler.on_publish = functools.partial(self.publish_inline, session, handler)
+            # The reader hands each PUBLISH to the broker itself (no hop through the message loop), and
+            # reports keep-alive timeouts here (amqtt's handler only logs them).
+            handler.broker = self
         return handler, session
 
     async def _session_from_connect(
@@ -254,7 +253,8 @@ class FleetBroker(IndexedBroker):
             return True
         return False
 
-    def _keepalive_expired(self, session: Session, handler: BrokerProtocolHandler) -> None:
+    def keepalive_expired(self, session: Session, handler: BrokerProtocolHandler) -> None:
+        """Disconnect a client silent for 1.5 x its keep-alive (see :class:`~broker_hooks.handler.BrokerHooks`)."""
         self.stats["keepalive_timeouts"] += 1
         log.info("client %s silent for %ss (1.5 x keep-alive): disconnecting", session.client_id, session.keep_alive)
         if handler.writer is not None:

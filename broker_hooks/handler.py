@@ -13,10 +13,12 @@ packet events:
 
 * a packet is read with two ``readexactly`` calls (header, body) and decoded from
   bytes; the keep-alive read timeout is one timer per connection that checks the time
-  of the last packet, and calls ``handle_read_timeout`` as amqtt's would;
+  of the last packet, and calls ``handle_read_timeout`` as amqtt's would (which tells
+  the broker, :class:`BrokerHooks`);
 * PUBLISH (QoS 0 and 1), PUBACK, PINGREQ and DISCONNECT are handled in the reader
-  itself; the other packets go to amqtt's ``handle_*`` methods as upstream, in a task;
-* an incoming PUBLISH is handed to the broker (``on_publish``) in the reader, in
+  itself; the other packets go to amqtt's ``handle_*`` methods as upstream, in a task
+  that the reader holds only while it runs;
+* an incoming PUBLISH is handed to the broker (``BrokerHooks.publish_inline``) in the reader, in
   arrival order, and is PUBACKed after that; what the broker declines (handling that
   can end the connection or waits on the control plane) is queued for the client's
   message loop as amqtt does, and so is every later message until the loop caught up,
@@ -41,7 +43,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.errors import MQTTError
@@ -105,7 +107,18 @@ _UPSTREAM = {
     PINGRESP: "handle_pingresp",
 }
 
-PublishHook = Callable[[ApplicationMessage], Awaitable[bool]]
+
+class BrokerHooks(Protocol):
+    """What a connection's reader asks of the broker (the broker itself: one reference per connection, not a closure each)."""
+
+    async def publish_inline(self, client_session: Session, handler: FastProtocolHandler, message: ApplicationMessage) -> bool:
+        """Handle an incoming PUBLISH now; False when it has to go through the message loop."""
+        ...
+
+    def keepalive_expired(self, client_session: Session, handler: FastProtocolHandler) -> None:
+        """The client was silent for longer than its keep-alive allows."""
+        ...
+
 
 # States of a QoS 1 PUBLISH waiting for its PUBACK (see _PendingAck).
 _HANDLING, _WAITING, _READY = 0, 1, 2
@@ -174,13 +187,13 @@ class FastProtocolHandler(FleetProtocolHandler):
         "_read_timer",
         "_slow_publishes",
         "_unacked",
-        "on_publish",
+        "broker",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Set by the broker: hands an incoming PUBLISH over; False means "queue it for the message loop".
-        self.on_publish: PublishHook | None = None
+        # Set by the broker: incoming PUBLISHes are handed to it, and keep-alive timeouts reported.
+        self.broker: BrokerHooks | None = None
         self._fast = False
         # Messages queued for the message loop and not handled yet; while any is, later ones queue too.
         # A list, not a deque: it is almost always empty, and an empty deque costs ~600 B per connection.
@@ -318,6 +331,13 @@ class FastProtocolHandler(FleetProtocolHandler):
                 # Malformed: the stream cannot be resynchronised, so the connection ends (an exception the loop ends on).
                 raise ConnectionError("invalid remaining length")
 
+    def handle_read_timeout(self) -> None:
+        """The client was silent for longer than its keep-alive allows: the broker's call (amqtt's only logs it)."""
+        if self.broker is not None and self.session is not None:
+            self.broker.keepalive_expired(self.session, self)
+        else:
+            super().handle_read_timeout()
+
     def _check_read_timeout(self, keepalive: float) -> None:
         now = self._loop.time()
         idle = now - self._last_read
@@ -381,9 +401,10 @@ class FastProtocolHandler(FleetProtocolHandler):
 
     async def _hand_over(self, message: ApplicationMessage) -> bool:
         """Hand ``message`` to the broker; True when it was queued for the message loop instead."""
-        if self.on_publish is not None and not self._deferred:
+        broker = self.broker
+        if broker is not None and not self._deferred and self.session is not None:
             try:
-                if await self.on_publish(message):
+                if await broker.publish_inline(self.session, self, message):
                     return False
             except asyncio.CancelledError:
                 raise
