@@ -335,6 +335,9 @@ async def test_an_idle_connection_holds_no_wrapping_coroutine_nor_finished_task(
             ]
         ]
         assert ("connected", "frames-1") in _sink(broker).events
+        # One reference to the broker, no closure of its own (a partial and a lambda were ~600 B).
+        handler = broker._sessions["frames-1"][1]
+        assert getattr(handler, "broker", None) is broker and "handle_read_timeout" not in vars(handler)
 
         # The reader let go of its SUBSCRIBE's task once done, though no packet came after it.
         def subscribe_tasks() -> list[asyncio.Task[Any]]:
