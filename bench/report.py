@@ -188,56 +188,25 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
         for system, label in (("fleetcmd-anonymous", "anonymous"), ("fleetcmd-registered", "registered things")):
             if not _connect_values(doc, system, "rate"):
                 continue
-            cmp = _connect_values(doc, "mosquitto", "rate") if has_mosq_c else None
-            add(
-                f"connect.{system}.rate",
-                f"connect+subscribe/s, {n:,} devices, {label}",
-                lambda d, s=system: _connect_values(d, s, "rate", n) or None,
-                "",
-                cmp,
-                "mosquitto",
-            )
+            sub = [
+                # (key suffix, measure, field, target); the first is the scenario's own row.
+                ("rate", f"connect+subscribe/s, {n:,} devices, {label}", "rate", ""),
+                ("time", f"  seconds to connect {n:,} (or to the deadline)", "elapsed_s", "<= 10 (for 10,000)"),
+                ("kb", "  service memory per connected device, KB", "rss_per_device_kb", "<= 15"),
+                ("us", "  broker CPU per connect, us", "broker_us_per_connect", ""),
+                ("lg", "  load generator CPU, % of one core", "loadgen_cpu_pct", ""),
+            ]
             if any(c < n for c in _connect_values(doc, system, "connected")):
+                sub.insert(1, ("n", f"  devices connected within the deadline ({deadline:.0f} s)", "connected", f"{n:,}"))
+            for suffix, measure, fld, target in sub:
                 add(
-                    f"connect.{system}.n",
-                    f"  devices connected within the deadline ({deadline:.0f} s)",
-                    lambda d, s=system: _connect_values(d, s, "connected", n) or None,
-                    f"{n:,}",
-                    _connect_values(doc, "mosquitto", "connected") if has_mosq_c else None,
+                    f"connect.{system}.{suffix}",
+                    measure,
+                    lambda d, s=system, f=fld: _connect_values(d, s, f, n) or None,
+                    target,
+                    _connect_values(doc, "mosquitto", fld) if has_mosq_c else None,
                     "mosquitto",
                 )
-            add(
-                f"connect.{system}.time",
-                f"  seconds to connect {n:,} (or to the deadline)",
-                lambda d, s=system: _connect_values(d, s, "elapsed_s", n) or None,
-                "<= 10 (for 10,000)",
-                _connect_values(doc, "mosquitto", "elapsed_s") if has_mosq_c else None,
-                "mosquitto",
-            )
-            add(
-                f"connect.{system}.kb",
-                "  service memory per connected device, KB",
-                lambda d, s=system: _connect_values(d, s, "rss_per_device_kb", n) or None,
-                "<= 15",
-                _connect_values(doc, "mosquitto", "rss_per_device_kb") if has_mosq_c else None,
-                "mosquitto",
-            )
-            add(
-                f"connect.{system}.us",
-                "  broker CPU per connect, us",
-                lambda d, s=system: _connect_values(d, s, "broker_us_per_connect", n) or None,
-                "",
-                _connect_values(doc, "mosquitto", "broker_us_per_connect") if has_mosq_c else None,
-                "mosquitto",
-            )
-            add(
-                f"connect.{system}.lg",
-                "  load generator CPU, % of one core",
-                lambda d, s=system: _connect_values(d, s, "loadgen_cpu_pct", n) or None,
-                "",
-                _connect_values(doc, "mosquitto", "loadgen_cpu_pct") if has_mosq_c else None,
-                "mosquitto",
-            )
 
     fo = _reps(doc, "fanout")
     if fo:
