@@ -9,7 +9,6 @@ the end.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from server.sqlite_schema import (
     UPDATE_EXECUTION,
     event_row,
     execution_from_row,
+    reason_columns,
+    violations_column,
 )
 from server.store import CreateResult, ResultCheck, TransitionResult
 
@@ -185,7 +186,6 @@ class Tx:
 
     def _insert_row(self, execution_id: str) -> tuple[Any, ...]:
         ex = self.rows[execution_id]
-        reason = ex.reason
         return (
             ex.execution_id,
             ex.command_id,
@@ -195,8 +195,7 @@ class Tx:
             ex.ttl_seconds,
             int(ex.status),
             ex.result_json,
-            reason.code if reason else None,
-            reason.description if reason else None,
+            *reason_columns(ex.reason),
             ex.created_at_ms,
             ex.updated_at_ms,
             ex.completed_at_ms,
@@ -204,22 +203,20 @@ class Tx:
             ex.idempotency_key or None,
             self._fingerprints[execution_id] or None,
             ex.thing_type or None,
-            json.dumps(list(ex.result_violations)) if ex.result_violations else None,
+            violations_column(ex),
             ex.kaa_id,
             ex.rerun_of or None,
         )
 
     def _update_row(self, execution_id: str) -> tuple[Any, ...]:
         ex = self.rows[execution_id]
-        reason = ex.reason
         return (
             int(ex.status),
             ex.updated_at_ms,
             ex.completed_at_ms,
             ex.result_json,
-            reason.code if reason else None,
-            reason.description if reason else None,
-            json.dumps(list(ex.result_violations)) if ex.result_violations else None,
+            *reason_columns(ex.reason),
+            violations_column(ex),
             execution_id,
         )
 

@@ -142,6 +142,16 @@ def _reason(code: str | None, description: str | None) -> Reason | None:
     return Reason(code or "", description or "")
 
 
+def reason_columns(reason: Reason | None) -> tuple[str | None, str | None]:
+    """The ``(reason_code, reason_description)`` columns of a status reason (the inverse of reading them)."""
+    return (reason.code, reason.description) if reason else (None, None)
+
+
+def violations_column(ex: Execution) -> str | None:
+    """The ``result_violations`` column: a JSON array, NULL when there are none."""
+    return json.dumps(list(ex.result_violations)) if ex.result_violations else None
+
+
 def execution_from_row(row: Sequence[Any], history: tuple[StateChange, ...] = (), reruns: tuple[str, ...] = ()) -> Execution:
     """An :class:`Execution` from a row of ``EXEC_COLUMNS``."""
     # By position (the order of EXEC_COLUMNS): cheaper than by name, and works for plain tuples too.
@@ -191,7 +201,6 @@ def event_from_row(row: Sequence[Any]) -> StateChange:
 
 def event_row(e: StateChange) -> tuple[Any, ...]:
     """The ``INSERT_EVENT`` parameters for an event."""
-    reason = e.reason
     return (
         e.sequence,
         e.execution_id,
@@ -202,8 +211,7 @@ def event_row(e: StateChange) -> tuple[Any, ...]:
         e.at_ms,
         int(e.late),
         e.result_json,
-        reason.code if reason else None,
-        reason.description if reason else None,
+        *reason_columns(e.reason),
         e.note,
     )
 
