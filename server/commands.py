@@ -99,10 +99,10 @@ class CommandCore:
             if event.status.final and not event.late:
                 self.scheduler.cancel(event.execution_id)
                 self.outbox.discard(event.thing_id, event.execution_id)
-        # Announced on the next loop turn: the callers this commit resolved go first (a Send
-        # that is about to publish its request to the device); watchers still get every
-        # event, in commit order.
-        asyncio.get_running_loop().call_soon(self.bus.publish, events)
+        # The store calls this after resolving the Sends it committed, so they still resume
+        # (and publish their requests) ahead of the watchers woken here; every watcher gets
+        # every event, in commit order.
+        self.bus.publish(events)
 
     async def restore(self) -> int:
         """Reschedule every non-final execution after a (re)start; overdue ones expire at once.

@@ -64,6 +64,9 @@ class Op:
     future: asyncio.Future[Any]
     planned: bool
     deferrable: bool = False  # may wait DEFER_LINGER for company
+    # Its caller resumes before the commit is announced: a Send about to publish its request,
+    # which is the longer path. Others' callbacks (a PUBACK to write) run after the announcement.
+    ahead: bool = False
     result: Any = None
     error: BaseException | None = None
 

@@ -85,6 +85,16 @@ CACHE_SIZE = 10_000
 CACHE_MAX_PAYLOAD = 4_096
 
 
+def _resolve(op: Op) -> None:
+    future = op.future
+    if future.done():  # the caller went away (cancelled); the write still happened
+        return
+    if op.error is not None:
+        future.set_exception(op.error)
+    else:
+        future.set_result(op.result)
+
+
 class SqliteStore:
     """Executions and their event log in one SQLite file.
 
@@ -241,24 +251,24 @@ class SqliteStore:
 
     def _complete(self, batch: list[Op], events: list[StateChange]) -> None:
         # On the event loop, after the commit. Resolving a future only schedules its waiters,
-        # so the listener still sees the events before any caller resumes; resolving first
-        # puts the callers (a Send about to publish its request) ahead of the watchers the
-        # listener wakes.
+        # so the listener still sees the events before any caller resumes. The order in which
+        # they are scheduled is the order they run in: the callers marked ``ahead`` (a Send
+        # about to publish its request: the device's round trip is the longer path), then the
+        # watchers the listener wakes (a final status someone waits to see), then the rest
+        # (bookkeeping such as a PUBACK to write to the device that reported).
         self.batches += 1
         self.ops += len(batch)
         for op in batch:
-            future = op.future
-            if future.done():  # the caller went away (cancelled); the write still happened
-                continue
-            if op.error is not None:
-                future.set_exception(op.error)
-            else:
-                future.set_result(op.result)
+            if op.ahead:
+                _resolve(op)
         if events and self._on_commit is not None:
             try:
                 self._on_commit(events)
             except Exception:  # a listener bug must not lose the callers' results
                 log.exception("commit listener failed")
+        for op in batch:
+            if not op.ahead:
+                _resolve(op)
 
     def _execute_batch(self, batch: list[Op]) -> list[StateChange]:
         """Run and commit ``batch``; returns the committed events in sequence order."""
@@ -334,12 +344,14 @@ class SqliteStore:
         while len(cache) > CACHE_SIZE:
             del cache[next(iter(cache))]
 
-    def _submit(self, fn: Callable[[Tx], Any], *, planned: bool, deferrable: bool = False) -> asyncio.Future[Any]:
+    def _submit(
+        self, fn: Callable[[Tx], Any], *, planned: bool, deferrable: bool = False, ahead: bool = False
+    ) -> asyncio.Future[Any]:
         if self._closing:
             raise Unavailable("store is closing")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._submitted.append(Op(fn, future, planned, deferrable))
+        self._submitted.append(Op(fn, future, planned, deferrable, ahead))
         if not self._handover_scheduled:
             self._handover_scheduled = True
             loop.call_soon(self._hand_over)
@@ -367,7 +379,7 @@ class SqliteStore:
 
     async def create(self, new: NewExecution) -> CreateResult:
         """See :meth:`server.store.Store.create`."""
-        result: CreateResult = await self._submit(lambda tx: plan_create(tx, new), planned=True)
+        result: CreateResult = await self._submit(lambda tx: plan_create(tx, new), planned=True, ahead=True)
         return result
 
     async def transition(

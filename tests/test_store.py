@@ -155,3 +155,38 @@ async def test_reopen_keeps_everything_and_continues_the_sequence(tmp_path: Path
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT seq FROM events ORDER BY seq").fetchall() == [(1,), (2,)]
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_a_commit_resumes_its_sends_then_its_watchers_then_the_other_callbacks(tmp_path: Path) -> None:
+    """The order after a commit: a Send publishes first, a watcher sees the final status next, bookkeeping last."""
+    order: list[str] = []
+    announced = asyncio.Event()
+
+    def listener(events: Sequence[StateChange]) -> None:
+        order.append("listener")
+        announced.set()
+
+    async def watcher() -> None:
+        await announced.wait()
+        order.append("watcher")
+
+    async with SqliteStore(tmp_path / "f.db") as store:
+        writer = asyncio.create_task(store.run_writer())
+        await store.create(new(1, status=Status.SENT))
+        store.set_commit_listener(listener)
+        watching = asyncio.create_task(watcher())
+        await asyncio.sleep(0)  # the watcher waits
+
+        async def send() -> None:
+            await store.create(new(2))
+            order.append("send")
+
+        # Submitted in one loop turn: one commit.
+        report = store.transition_nowait("e1", Trigger.DEVICE_REPORT, at_ms=5, report=DeviceReport(Status.SUCCEEDED))
+        report.add_done_callback(lambda _f: order.append("report callback"))
+        await asyncio.gather(send(), watching)
+        await report
+        assert store.batches == 2
+        assert order == ["listener", "send", "watcher", "report callback"]
+        store.stop_writer()
+        await writer
