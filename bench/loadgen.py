@@ -562,15 +562,21 @@ class CallerAgent:
             "last_seq": self.last_seq,
         }
 
-    async def cmd_sequential(self, thing: str, count: int, max_s: float) -> dict[str, Any]:
-        """One caller, one command at a time: the low-load latency."""
+    async def cmd_sequential(self, thing: str, count: int, max_s: float, mode: str = "unary") -> dict[str, Any]:
+        """One caller, one command at a time: the low-load latency.
+
+        ``mode`` ``unary``: each command is a ``Send`` call; ``stream``: an item of one ``SendStream`` call.
+        """
+        stream = SendStreamClient(self.stub, self.pb, self.md) if mode == "stream" else None
         lat: list[float] = []
         deadline = time.monotonic() + max_s
         for _ in range(count):
             if time.monotonic() > deadline:
                 break
-            t0, t1 = await self._one(thing)
+            t0, t1 = await self._one(thing, stream=stream)
             lat.append(t1 - t0)
+        if stream is not None:
+            await stream.close()
         return {
             "samples": len(lat),
             "lat_p50_ms": (percentile(lat, 50) or 0) * 1000,

@@ -76,13 +76,11 @@ def wait_port(port: int, timeout: float) -> None:
 class Managed:
     """A subprocess with a log file, stopped by SIGTERM then SIGKILL."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None, log_path: Path) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None, log_path: Path, cwd: Path = ROOT) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT
-        )
+        self.proc = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd)
         self.pid = self.proc.pid
 
     def alive(self) -> bool:
@@ -121,7 +119,9 @@ class Service(Managed):
         anonymous: bool = True,
         extra_env: dict[str, str] | None = None,
         timeout: float = 60.0,
+        root: Path = ROOT,
     ) -> None:
+        """Start it; ``root`` is the checkout it runs from (``python -m server`` imports from there)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETCMD_")}
         env.update(
             {
@@ -136,7 +136,7 @@ class Service(Managed):
         )
         env.update(extra_env or {})
         data_dir.mkdir(parents=True, exist_ok=True)
-        super().__init__("fleetcmd", [sys.executable, "-m", "server", "serve"], env, log_path)
+        super().__init__("fleetcmd", [sys.executable, "-m", "server", "serve"], env, log_path, cwd=root)
         self.data_dir = data_dir
         self.ready = self._wait_ready(timeout)
         self.mqtt_port = int(self.ready["mqtt"].rpartition(":")[2])

@@ -135,12 +135,20 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
             add(f"e2e.{fleet}{kp}.lg_cpu", "  load generator CPU, % of one core", lambda d, f=e2e: f(d, "loadgen_cpu_pct"))
             add(f"e2e.{fleet}{kp}.busy", "  machine busy, % of all cores", lambda d, f=e2e: f(d, "machine_busy_pct"))
 
-    def low(d: dict[str, Any], k: str) -> list[float] | None:
-        reps = _reps(d, "lowload", "reps")
-        return [r[k] for r in reps] if reps else None
+    for reps_key, kp, label in (("reps", "", "Send"), ("stream_reps", ".stream", "SendStream")):
 
-    add("low.p50", "low-load latency p50 ms (1 caller, sequential)", lambda d: low(d, "lat_p50_ms"), "<= 2")
-    add("low.p99", "low-load latency p99 ms", lambda d: low(d, "lat_p99_ms"), "<= 5")
+        def low(d: dict[str, Any], k: str, reps_key: str = reps_key) -> list[float] | None:
+            # Older results (the baseline) have no SendStream repetitions.
+            reps = _reps(d, "lowload", reps_key)
+            return [r[k] for r in reps] if reps else None
+
+        add(
+            f"low{kp}.p50",
+            f"low-load latency p50 ms, {label} (1 caller, one at a time)",
+            lambda d, f=low: f(d, "lat_p50_ms"),
+            "<= 2",
+        )
+        add(f"low{kp}.p99", f"  low-load latency p99 ms, {label}", lambda d, f=low: f(d, "lat_p99_ms"), "<= 5")
 
     raw_runs = _reps(doc, "raw", "runs") or []
     raw_kinds = sorted({(r.get("idle", 0), r["pairs"]) for r in raw_runs})
@@ -338,12 +346,19 @@ def plot(doc: dict[str, Any], path: Path, baseline: dict[str, Any] | None) -> No
                 )
     low = _reps(doc, "lowload")
     if low:
-        for key, color in (("lat_p50_ms", "tab:blue"), ("lat_p99_ms", "tab:red")):
-            s = _summary([r[key] for r in low["reps"]])
-            if s:
-                ax_l.plot(
-                    [low["fleet"]], [s[0]], marker="*", markersize=14, color=color, linestyle="none", label=f"1 caller {key[4:7]}"
-                )
+        for reps_key, marker, api in (("reps", "*", ""), ("stream_reps", "P", " SendStream")):
+            for key, color in (("lat_p50_ms", "tab:blue"), ("lat_p99_ms", "tab:red")):
+                s = _summary([r[key] for r in low.get(reps_key, [])])
+                if s:
+                    ax_l.plot(
+                        [low["fleet"]],
+                        [s[0]],
+                        marker=marker,
+                        markersize=12,
+                        color=color,
+                        linestyle="none",
+                        label=f"1 caller{api} {key[4:7]}",
+                    )
     ax_t.axhline(1500, color="grey", linestyle=":", linewidth=1)
     ax_t.text(ax_t.get_xlim()[0] if False else 10, 1500, " target 1,500 (1,000 devices)", va="bottom", fontsize=8, color="grey")
     for ax in (ax_t, ax_l):
@@ -356,7 +371,7 @@ def plot(doc: dict[str, Any], path: Path, baseline: dict[str, Any] | None) -> No
     ax_t.set_ylim(bottom=0)
     ax_l.set_yscale("log")
     ax_l.set_ylabel("latency, ms")
-    ax_l.set_title(f"end-to-end latency ({doc['meta']['plan'].get('concurrency', 64)} in flight; * = 1 caller)")
+    ax_l.set_title(f"end-to-end latency ({doc['meta']['plan'].get('concurrency', 64)} in flight; * and + = 1 caller)")
 
     raw = _reps(doc, "raw", "runs") or []
     if raw:

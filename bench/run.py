@@ -334,12 +334,18 @@ class Suite:
 
     def _lowload(self, caller: Agent, thing: str) -> None:
         plan = self.plan
-        reps = []
+        # reps: each command a unary Send; stream_reps: each an item of one SendStream call.
+        out: dict[str, Any] = {"fleet": min(plan.e2e_fleets), "reps": [], "stream_reps": []}
         for rep in range(plan.reps):
-            r = caller.call("sequential", 120, thing=thing, count=plan.lowload_count, max_s=60)
-            log(f"lowload rep {rep + 1}: p50 {r['lat_p50_ms']:.2f} ms, p99 {r['lat_p99_ms']:.2f} ms ({r['samples']} commands)")
-            reps.append(r)
-        self.results["lowload"] = {"fleet": min(plan.e2e_fleets), "reps": reps}
+            # Both APIs in every repetition, alternating which goes first (the machine is shared and noisy).
+            for mode in ("unary", "stream") if rep % 2 == 0 else ("stream", "unary"):
+                r = caller.call("sequential", 120, thing=thing, count=plan.lowload_count, max_s=60, mode=mode)
+                log(
+                    f"lowload {mode} rep {rep + 1}: p50 {r['lat_p50_ms']:.2f} ms, p99 {r['lat_p99_ms']:.2f} ms "
+                    f"({r['samples']} commands)"
+                )
+                out["reps" if mode == "unary" else "stream_reps"].append(r)
+        self.results["lowload"] = out
 
     def _start_profile(self, svc: Service, seconds: float, name: str) -> subprocess.Popen[bytes] | None:
         spy = Path(sys.executable).parent / "py-spy"
