@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from server import convert
 from server.apikeys import ApiKeys
@@ -261,6 +261,31 @@ def command_service_handlers(servicer: CommandServicer) -> dict[str, grpc.RpcMet
     return handlers
 
 
+class _GenericHandlersOnly:
+    """The server as a generated ``add_*_to_server`` function sees it: generic handlers only.
+
+    None of the methods it adds becomes a registered method. grpc.aio's server waits for the
+    next call of every registered method at once: each call it takes costs an ``asyncio.wait``
+    over one future per registered method, on the event loop. With every method of every
+    service registered (23), that was measured at about 2 % of unary ``Send`` throughput; a
+    method found through its generic handler costs a dict lookup instead.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Add the handlers to the server."""
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
+        """Left out on purpose (see the class): the generic handlers added beside them serve these methods."""
+
+
+# The methods registered with gRPC's core (see _GenericHandlersOnly): the one called once per command.
+REGISTERED_METHODS = ("Send",)
+
+
 class GrpcServer:
     """The grpc.aio server with every fleetcmd service, health and reflection."""
 
@@ -275,14 +300,19 @@ class GrpcServer:
         )
         handlers = command_service_handlers(CommandServicer(core))
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-        self.server.add_registered_method_handlers(SERVICE_NAME, handlers)  # type: ignore[attr-defined]
-        rpb_grpc.add_ThingServiceServicer_to_server(ThingServicer(registry), self.server)
-        rpb_grpc.add_ThingTypeServiceServicer_to_server(ThingTypeServicer(registry, core.settings), self.server)
+        registered = {name: handlers[name] for name in REGISTERED_METHODS}
+        self.server.add_registered_method_handlers(SERVICE_NAME, registered)  # type: ignore[attr-defined]
+        # Typed as the server for the generated functions: they only call the two methods it has.
+        generic_only = cast(grpc.aio.Server, _GenericHandlersOnly(self.server))
+        rpb_grpc.add_ThingServiceServicer_to_server(ThingServicer(registry), generic_only)
+        rpb_grpc.add_ThingTypeServiceServicer_to_server(ThingTypeServicer(registry, core.settings), generic_only)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server,
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, generic_only)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]
+                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+            ),
+            generic_only,
         )
 
     async def start(self, bind: str, port: int, *, tls: tuple[bytes, bytes] | None = None) -> int:
