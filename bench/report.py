@@ -42,6 +42,11 @@ def fmt(values: list[float] | None) -> str:
     return f"{fmt_num(med)} ({fmt_num(lo)}-{fmt_num(hi)})"
 
 
+# Each API a scenario measures with: where its repetitions are kept, the suffix of its rows' keys,
+# its name. Unary Send (the issue's own wording), then the same load as items of one SendStream call.
+APIS = (("reps", "", "Send"), ("stream_reps", ".stream", "SendStream"))
+
+
 def _reps(doc: dict[str, Any], *path: str) -> Any:
     cur: Any = doc.get("results", {})
     for p in path:
@@ -104,10 +109,9 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
     fleets = sorted({e["fleet"] for e in (_reps(doc, "e2e") or [])})
     conc = doc.get("meta", {}).get("plan", {}).get("concurrency", 64)
     targets = {1000: ">= 1,500", 10000: ">= 1,200"}
-    # (results key, row key part, label part): unary Send callers, then the same load on one SendStream.
-    apis = (("reps", "", ""), ("stream_reps", ".stream", " (SendStream)"))
     for fleet in fleets:
-        for reps_key, kp, api in apis:
+        for reps_key, kp, name in APIS:
+            api = f" ({name})" if kp else ""  # the unary rows keep their first, unmarked labels
 
             def e2e(d: dict[str, Any], k: str, fleet: int = fleet, reps_key: str = reps_key) -> list[float] | None:
                 e = _e2e_entry(d, fleet)
@@ -135,7 +139,7 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
             add(f"e2e.{fleet}{kp}.lg_cpu", "  load generator CPU, % of one core", lambda d, f=e2e: f(d, "loadgen_cpu_pct"))
             add(f"e2e.{fleet}{kp}.busy", "  machine busy, % of all cores", lambda d, f=e2e: f(d, "machine_busy_pct"))
 
-    for reps_key, kp, label in (("reps", "", "Send"), ("stream_reps", ".stream", "SendStream")):
+    for reps_key, kp, label in APIS:
 
         def low(d: dict[str, Any], k: str, reps_key: str = reps_key) -> list[float] | None:
             # Older results (the baseline) have no SendStream repetitions.
@@ -220,8 +224,9 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
     if fo:
         # Recorded since session 5 (128); earlier runs used the e2e scenarios' 64.
         inflight = f", {fo.get('concurrency', 64)} in flight"
-        # reps: the load sent with unary Send; stream_reps (since session 3): with SendStream.
-        for kind, kp, how in (("reps", "", ""), ("stream_reps", ".stream", " (load sent with SendStream)")):
+        # stream_reps: since session 3.
+        for kind, kp, name in APIS:
+            how = f" (load sent with {name})" if kp else ""
 
             def fan(d: dict[str, Any], k: str, kind: str = kind) -> list[float] | None:
                 reps = _reps(d, "fanout", kind)
@@ -346,7 +351,8 @@ def plot(doc: dict[str, Any], path: Path, baseline: dict[str, Any] | None) -> No
                 )
     low = _reps(doc, "lowload")
     if low:
-        for reps_key, marker, api in (("reps", "*", ""), ("stream_reps", "P", " SendStream")):
+        for reps_key, kp, name in APIS:
+            marker, api = ("P", f" {name}") if kp else ("*", "")
             for key, color in (("lat_p50_ms", "tab:blue"), ("lat_p99_ms", "tab:red")):
                 s = _summary([r[key] for r in low.get(reps_key, [])])
                 if s:

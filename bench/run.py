@@ -217,6 +217,19 @@ def device_agents(p: Procs, ids: list[str], n: int, mode: str = "emqx") -> list[
     return agents
 
 
+def serve_fleet(
+    p: Procs, fleet: int, *, env: dict[str, str] | None = None, root: Path = ROOT, connect_s: float = 60.0
+) -> tuple[Service, Agent, list[str]]:
+    """A service (from the checkout ``root``) with ``fleet`` connected devices and a caller whose Stream is proven live."""
+    svc = p.service(extra_env=env, root=root)
+    ids = thing_ids(fleet)
+    devices = device_agents(p, ids, 1 if fleet <= 100 else 2)
+    caller = p.agent("caller", target=svc.grpc_target, api_key=svc.api_key)
+    connect_fleet(devices, svc.mqtt_port, connect_s)
+    caller.call("start", 60, probe_thing=ids[0])
+    return svc, caller, ids
+
+
 # ---- scenarios ------------------------------------------------------------------------------
 
 

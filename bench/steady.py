@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.procs import Procs, cpu_seconds
-from bench.run import connect_fleet, device_agents, thing_ids
+from bench.run import serve_fleet
 
 
 def thread_cpu(pid: int) -> dict[str, float]:
@@ -57,12 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.env)
     with Procs() as p:
-        svc = p.service(extra_env=extra)
-        ids = thing_ids(args.fleet)
-        devices = device_agents(p, ids, 1 if args.fleet <= 100 else 2)
-        caller = p.agent("caller", target=svc.grpc_target, api_key=svc.api_key)
-        connect_fleet(devices, svc.mqtt_port, 60)
-        caller.call("start", 60, probe_thing=ids[0])
+        svc, caller, ids = serve_fleet(p, args.fleet, env=extra)
         start = time.monotonic() + 0.3
         caller.send(
             "run", things=ids, concurrency=args.inflight, warmup=1.0, duration=args.seconds, start_at=start, mode=args.mode
