@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from server import pagination
 from server.errors import InvalidArgument
 from server.lifecycle import Status
 from server.models import Execution, ListQuery, Reason, StateChange
@@ -268,25 +266,7 @@ def send_stream_error(request_id: str, error: pb.Error) -> bytes:
     return pb.SendStreamResponse(request_id=request_id, error=error).SerializeToString()
 
 
-# ---- List pagination ---------------------------------------------------------------------
-
-
-def _filter_digest(req: pb.ListRequest) -> str:
-    key = json.dumps(
-        [req.thing_id, req.action, sorted(req.status), req.created_after.ToMilliseconds(), req.created_before.ToMilliseconds()]
-    )
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def page_token(req: pb.ListRequest, before_index: int | None) -> str:
-    """Opaque token for the next page; bound to the request's filters."""
-    if before_index is None:
-        return ""
-    raw = json.dumps({"b": before_index, "f": _filter_digest(req)}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-_MAX_INDEX = 2**63  # SQLite INTEGER
+# ---- List pagination (the codec is server.pagination; these adapt a ListRequest to it) ----
 
 
 def _millis(req: pb.ListRequest, field: Literal["created_after", "created_before"]) -> int | None:
@@ -300,91 +280,43 @@ def _millis(req: pb.ListRequest, field: Literal["created_after", "created_before
     return value
 
 
-def list_query(req: pb.ListRequest, default_page_size: int = 50, max_page_size: int = 1000) -> ListQuery:
-    """Validate a ListRequest.
+def list_filters(req: pb.ListRequest) -> pagination.ListFilters:
+    """The filters of a ListRequest, for :func:`server.pagination.list_query` and ``page_token``.
 
     Raises:
-        InvalidArgument: bad status value, page size or page token.
+        InvalidArgument: a created-at bound outside the Timestamp range (or, first, a bad
+            status or page size, the faults a request with several of them always named).
     """
-    statuses = set()
-    for value in req.status:
-        try:
-            statuses.add(Status(value))
-        except ValueError:
-            raise InvalidArgument.single("status", f"{value} is not a valid ExecutionStatus") from None
-    if req.page_size > max_page_size:
-        raise InvalidArgument.single("page_size", f"page_size must be at most {max_page_size}")
-    after = _millis(req, "created_after")
-    before_ts = _millis(req, "created_before")
-    before = None
-    if req.page_token:
-        try:
-            padded = req.page_token + "=" * (-len(req.page_token) % 4)
-            data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-            before = data["b"]
-            digest = data["f"]
-            # Only positions this server can issue: a forged 1e400 or 10**30 must not reach SQLite.
-            if type(before) is not int or not 0 < before < _MAX_INDEX:
-                raise ValueError("position out of range")
-        except (binascii.Error, ValueError, KeyError, TypeError):
-            raise InvalidArgument.single("page_token", "page_token is not a token this server issued") from None
-        if digest != _filter_digest(req):
-            raise InvalidArgument.single("page_token", "page_token belongs to a request with other filters")
-    return ListQuery(
+    try:
+        after = _millis(req, "created_after")
+        before = _millis(req, "created_before")
+    except InvalidArgument:
+        pagination.statuses(req.status)
+        pagination.page_size(req.page_size)
+        raise
+    return pagination.ListFilters(
         thing_id=req.thing_id,
         action=req.action,
-        statuses=frozenset(statuses),
+        statuses=tuple(req.status),
         created_after_ms=after,
-        created_before_ms=before_ts,
-        page_size=req.page_size or default_page_size,
-        before_index=before,
+        created_before_ms=before,
+        page_size=req.page_size,
+        page_token=req.page_token,
     )
 
 
-# ---- string-keyed pagination (things, thing types) ----------------------------------------
-
-
-def _digest(filters: Any) -> str:
-    return hashlib.sha256(json.dumps(filters, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def encode_cursor(position: str | None, filters: Any) -> str:
-    """Opaque page token for a page that ended at ``position``, bound to the request's filters."""
-    if position is None:
-        return ""
-    raw = json.dumps({"p": position, "f": _digest(filters)}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(token: str, filters: Any) -> str:
-    """The position a page token stands for ("" for no token).
+def list_query(req: pb.ListRequest) -> ListQuery:
+    """Validate a ListRequest (see :func:`server.pagination.list_query`).
 
     Raises:
-        InvalidArgument: not a token of this server, or one issued for other filters.
+        InvalidArgument: bad status value, page size, time or page token.
     """
-    if not token:
-        return ""
-    try:
-        data = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
-        position, digest = data["p"], data["f"]
-        if not isinstance(position, str):
-            raise TypeError("position")
-    except (binascii.Error, ValueError, KeyError, TypeError):
-        raise InvalidArgument.single("page_token", "page_token is not a token this server issued") from None
-    if digest != _digest(filters):
-        raise InvalidArgument.single("page_token", "page_token belongs to a request with other filters")
-    return position
+    return pagination.list_query(list_filters(req))
 
 
-def page_size(requested: int, default: int = 50, maximum: int = 1000) -> int:
-    """Validate a page size (0 = default).
-
-    Raises:
-        InvalidArgument: above ``maximum``.
-    """
-    if requested > maximum:
-        raise InvalidArgument.single("page_size", f"page_size must be at most {maximum}")
-    return requested or default
+def page_token(req: pb.ListRequest, before_index: int | None) -> str:
+    """Opaque token for the next page; bound to the request's filters."""
+    return pagination.page_token(list_filters(req), before_index)
 
 
 def to_python(value: struct_pb2.Value | struct_pb2.Struct) -> Any:

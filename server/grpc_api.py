@@ -12,7 +12,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from server import convert
+from server import convert, pagination
 from server.apikeys import ApiKeys
 from server.commands import CommandCore
 from server.errors import FleetcmdError, InvalidArgument
@@ -178,10 +178,11 @@ class CommandServicer:
     @maps_errors
     async def List(self, request: pb.ListRequest, context: grpc.aio.ServicerContext[Any, Any]) -> pb.ListResponse:  # noqa: N802
         """See the proto."""
-        page = await self._core.list_executions(convert.list_query(request))
+        filters = convert.list_filters(request)
+        page = await self._core.list_executions(pagination.list_query(filters))
         return pb.ListResponse(
             executions=[convert.execution(e) for e in page.executions],
-            next_page_token=convert.page_token(request, page.next_before_index),
+            next_page_token=pagination.page_token(filters, page.next_before_index),
         )
 
     def _stream_args(self, request: pb.StreamRequest) -> tuple[EventFilter, int | None]:

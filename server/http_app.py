@@ -18,7 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from server import __version__, http_kaa, http_rest, metrics, openapi
-from server.apikeys import ApiKeys, Role
+from server.apikeys import ApiKeys
+from server.authz import Operation, required_role
 from server.commands import CommandCore
 from server.errors import FleetcmdError
 from server.kaa import KaaCex
@@ -80,10 +81,11 @@ def build_app(core: CommandCore, keys: ApiKeys, cex: KaaCex, collect: metrics.Co
 
 def _metrics_handler(keys: ApiKeys, collect: metrics.Collector) -> Handler:
     async def get_metrics(request: web.Request) -> web.Response:
-        # Counters say how the fleet behaves (client counts, refusals): any API key may read them.
+        # Counters say how the fleet behaves (client counts, refusals): any API key may read them;
+        # a key too weak for them (none today) is answered as no key at all.
         token = http_rest.bearer_token(request)
         principal = await keys.authenticate(token) if token else None
-        if principal is None or principal.role < Role.VIEWER:
+        if principal is None or principal.role < required_role(Operation.READ_METRICS):
             raise http_rest.HttpError(
                 401,
                 "UNAUTHENTICATED",

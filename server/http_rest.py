@@ -1,57 +1,67 @@
 """The EMQX-style REST API for operators: ``/api/v1/commands``.
 
-Same API keys and roles as gRPC (``Authorization: Bearer ...``; the role each
-route needs is the one of its gRPC method in :data:`server.grpc_auth.REQUIRED_ROLE`).
+Same API keys and roles as gRPC (``Authorization: Bearer ...``): each route names
+its operation (:data:`ROUTES`), whose role is in :data:`server.authz.REQUIRED_ROLE`.
 JSON field names are camelCase as in the EMQX Fleets documentation; times are
 RFC 3339 strings in UTC with milliseconds (``2026-01-02T03:04:05.678Z``).
 
 Send and Rerun answer 200 when the execution is final, otherwise 202 with a
 ``Location`` header. Errors are ``{"code", "message", "details"}`` with the
 HTTP status chosen by :func:`http_status`, the one mapping from domain errors.
+This surface stands on the application layer alone: it imports neither gRPC nor
+the generated protobuf code (tests/test_layering.py checks it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import grpc
 from aiohttp import web
-from google.protobuf import timestamp_pb2
 
-from server import convert
-from server.apikeys import ApiKeys, Principal, Role
+from server import pagination
+from server.apikeys import ApiKeys, Principal
+from server.authz import Operation, required_role
 from server.commands import CommandCore
-from server.errors import FieldViolation, FleetcmdError, InvalidArgument, ResourceExhausted
-from server.grpc_auth import REQUIRED_ROLE
-from server.grpc_errors import grpc_code
+from server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    FleetcmdError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ThingMismatch,
+    Unavailable,
+)
 from server.lifecycle import Status
 from server.models import Execution, Reason, StateChange
-from server.pb import commands_pb2 as pb
 from server.validation import check_wait, validate_send
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 COMMANDS = f"{API_PREFIX}/commands"
-_METHOD = "/fleetcmd.v1.CommandService/"
 
-# gRPC canonical code -> HTTP status. ALREADY_EXISTS and FAILED_PRECONDITION are both conflicts.
-HTTP_STATUS: dict[grpc.StatusCode, int] = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.FAILED_PRECONDITION: 409,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.INTERNAL: 500,
+# Domain error -> (HTTP status, error code). A subclass takes its nearest listed ancestor's row;
+# an error listed nowhere is a bug: 500 INTERNAL. Both kinds of conflict are 409, told apart by
+# the code (the names are the canonical codes, which gRPC clients see too).
+HTTP_STATUS: dict[type[FleetcmdError], tuple[int, str]] = {
+    InvalidArgument: (400, "INVALID_ARGUMENT"),
+    NotFound: (404, "NOT_FOUND"),
+    AlreadyExists: (409, "ALREADY_EXISTS"),
+    FailedPrecondition: (409, "FAILED_PRECONDITION"),
+    ThingMismatch: (409, "FAILED_PRECONDITION"),
+    ResourceExhausted: (429, "RESOURCE_EXHAUSTED"),
+    Unavailable: (503, "UNAVAILABLE"),
 }
+_INTERNAL = (500, "INTERNAL")
 
 # Error codes an HTTP status has when it does not come from a domain error.
 HTTP_CODE: dict[int, str] = {
@@ -93,9 +103,12 @@ class HttpError(Exception):
 
 
 def http_status(exc: FleetcmdError) -> tuple[int, str]:
-    """The one mapping of a domain error to (HTTP status, error code); mirrors ``server.grpc_errors``."""
-    code = grpc_code(exc)
-    return HTTP_STATUS.get(code, 500), code.name
+    """The one mapping of a domain error to (HTTP status, error code), from :data:`HTTP_STATUS`."""
+    for kind in type(exc).__mro__:
+        row = HTTP_STATUS.get(kind)
+        if row is not None:
+            return row
+    return _INTERNAL
 
 
 def rest_field(name: str) -> str:
@@ -322,7 +335,8 @@ def _wait(body: _Body, request: web.Request) -> int:
         return 0
 
 
-def _parse_time(name: str, raw: str, violations: list[FieldViolation]) -> timestamp_pb2.Timestamp | None:
+def _parse_time(name: str, raw: str, violations: list[FieldViolation]) -> int | None:
+    """An RFC 3339 date-time with an offset as milliseconds since the epoch (microseconds floored)."""
     try:
         at = datetime.fromisoformat(raw)
     except ValueError:
@@ -331,13 +345,13 @@ def _parse_time(name: str, raw: str, violations: list[FieldViolation]) -> timest
     if at.tzinfo is None:
         violations.append(FieldViolation(name, f"{name} must have a time zone offset (e.g. Z)"))
         return None
-    ts = timestamp_pb2.Timestamp()
     try:
-        ts.FromDatetime(at)
+        # In UTC, years 1..9999 only: an offset that leaves them is out of range ("date value out of range").
+        seconds = calendar.timegm(at.utctimetuple())
     except (ValueError, OverflowError) as exc:
         violations.append(FieldViolation(name, f"{name} is out of range: {exc}"))
         return None
-    return ts
+    return seconds * 1000 + at.microsecond // 1000
 
 
 def _statuses(values: Iterable[str], violations: list[FieldViolation]) -> list[int]:
@@ -355,31 +369,41 @@ def _statuses(values: Iterable[str], violations: list[FieldViolation]) -> list[i
     return out
 
 
-def list_request(request: web.Request) -> pb.ListRequest:
-    """The query string of ``GET /api/v1/commands`` as a gRPC ListRequest (same filters, same page tokens).
+def list_filters(request: web.Request) -> pagination.ListFilters:
+    """The query string of ``GET /api/v1/commands`` as List filters.
+
+    The same filters and page tokens as gRPC's ListRequest: a token one surface issued
+    is good on the other.
 
     Raises:
         InvalidArgument: bad status, page size or time.
     """
     violations: list[FieldViolation] = []
     q = request.query
-    req = pb.ListRequest(thing_id=q.get("thingId", ""), action=q.get("action", ""), page_token=q.get("pageToken", ""))
-    req.status.extend(_statuses(q.getall("status", []), violations))  # type: ignore[arg-type]
+    statuses = _statuses(q.getall("status", []), violations)
     size = _query_int(request, "pageSize", violations)
+    page_size = 0
     if size is not None:
         if size < 0:
             violations.append(FieldViolation("pageSize", "pageSize must not be negative"))
         else:
-            req.page_size = min(size, 2**32 - 1)
-    for name, field in (("createdAfter", "created_after"), ("createdBefore", "created_before")):
+            page_size = min(size, 2**32 - 1)  # the range of ListRequest.page_size (uint32)
+    times: dict[str, int | None] = {"createdAfter": None, "createdBefore": None}
+    for name in times:
         raw = q.get(name)
         if raw:
-            ts = _parse_time(name, raw, violations)
-            if ts is not None:
-                getattr(req, field).CopyFrom(ts)
+            times[name] = _parse_time(name, raw, violations)
     if violations:
         raise InvalidArgument(violations)
-    return req
+    return pagination.ListFilters(
+        thing_id=q.get("thingId", ""),
+        action=q.get("action", ""),
+        statuses=tuple(statuses),
+        created_after_ms=times["createdAfter"],
+        created_before_ms=times["createdBefore"],
+        page_size=page_size,
+        page_token=q.get("pageToken", ""),
+    )
 
 
 # ---- handlers -----------------------------------------------------------------------------
@@ -389,6 +413,29 @@ def bearer_token(request: web.Request) -> str:
     """The token of an ``Authorization: Bearer ...`` header ("" when there is none)."""
     header = request.headers.get("Authorization", "")
     return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
+@dataclass(frozen=True)
+class RestRoute:
+    """One route of the REST API and the operation a caller must be allowed."""
+
+    method: str  # GET (HEAD answered too, as aiohttp does for every GET route) or POST
+    path: str
+    handler: str  # the name of the RestApi method that serves it
+    operation: Operation
+
+
+# Every route of the REST API; RestApi.routes() authorizes each one's operation before its handler runs.
+ROUTES: tuple[RestRoute, ...] = (
+    RestRoute("POST", COMMANDS, "send", Operation.SEND),
+    RestRoute("GET", COMMANDS, "list", Operation.LIST),
+    RestRoute("GET", COMMANDS + "/{executionId}", "get", Operation.GET),
+    RestRoute("POST", COMMANDS + "/{executionId}/cancel", "cancel", Operation.CANCEL),
+    RestRoute("POST", COMMANDS + "/{executionId}/rerun", "rerun", Operation.RERUN),
+)
+_ROUTE_DEF = {"GET": web.get, "POST": web.post}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class RestApi:
@@ -423,16 +470,20 @@ class RestApi:
             return execution
 
     def routes(self) -> list[web.RouteDef]:
-        """The routes of the REST API."""
-        return [
-            web.post(COMMANDS, self.send),
-            web.get(COMMANDS, self.list),
-            web.get(COMMANDS + "/{executionId}", self.get),
-            web.post(COMMANDS + "/{executionId}/cancel", self.cancel),
-            web.post(COMMANDS + "/{executionId}/rerun", self.rerun),
-        ]
+        """The routes of the REST API (:data:`ROUTES`), each behind its operation's role check."""
+        return [_ROUTE_DEF[route.method](route.path, self._guarded(route)) for route in ROUTES]
 
-    async def _authorize(self, request: web.Request, method: str) -> Principal:
+    def _guarded(self, route: RestRoute) -> Handler:
+        handler: Handler = getattr(self, route.handler)
+        operation = route.operation
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            await self._authorize(request, operation)
+            return await handler(request)
+
+        return guarded
+
+    async def _authorize(self, request: web.Request, operation: Operation) -> Principal:
         token = bearer_token(request)
         principal = await self._keys.authenticate(token) if token else None
         if principal is None:
@@ -442,7 +493,7 @@ class RestApi:
                 "a valid API key is required (Authorization: Bearer ...)",
                 {"WWW-Authenticate": 'Bearer realm="fleetcmd"'},
             )
-        needed = REQUIRED_ROLE.get(_METHOD + method, Role.ADMIN)
+        needed = required_role(operation)
         if principal.role < needed:
             raise HttpError(
                 403,
@@ -462,7 +513,6 @@ class RestApi:
 
     async def send(self, request: web.Request) -> web.Response:
         """``POST /api/v1/commands``."""
-        await self._authorize(request, "Send")
         body = _Body(await read_json(request))
         thing_id = body.string("thingId", required=True)
         action = body.string("action", required=True)
@@ -491,31 +541,27 @@ class RestApi:
 
     async def get(self, request: web.Request) -> web.Response:
         """``GET /api/v1/commands/{executionId}``."""
-        await self._authorize(request, "Get")
         execution = await self._core.get(request.match_info["executionId"])
         return web.json_response(execution_json(execution, detail=True))
 
     async def list(self, request: web.Request) -> web.Response:
         """``GET /api/v1/commands``: newest first, ``nextPageToken`` "" on the last page."""
-        await self._authorize(request, "List")
-        req = list_request(request)
-        page = await self._core.list_executions(convert.list_query(req))
+        filters = list_filters(request)
+        page = await self._core.list_executions(pagination.list_query(filters))
         return web.json_response(
             {
                 "executions": [execution_json(e) for e in page.executions],
-                "nextPageToken": convert.page_token(req, page.next_before_index),
+                "nextPageToken": pagination.page_token(filters, page.next_before_index),
             }
         )
 
     async def cancel(self, request: web.Request) -> web.Response:
         """``POST /api/v1/commands/{executionId}/cancel``."""
-        await self._authorize(request, "Cancel")
         execution = await self._core.cancel(request.match_info["executionId"])
         return web.json_response(execution_json(execution))
 
     async def rerun(self, request: web.Request) -> web.Response:
         """``POST /api/v1/commands/{executionId}/rerun`` (optional ``waitSeconds`` in the body or query)."""
-        await self._authorize(request, "Rerun")
         body = _Body(await read_json(request))
         wait = _wait(body, request)
         if body.violations:

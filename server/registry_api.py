@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 
 from broker_hooks.topics import level_problem
-from server import convert
+from server import convert, pagination
 from server.config import Settings
 from server.errors import InvalidArgument
 from server.grpc_errors import maps_errors
@@ -114,16 +114,18 @@ class ThingServicer(rpb_grpc.ThingServiceServicer):
     async def ListThings(self, request: rpb.ListThingsRequest, context: Context) -> rpb.ListThingsResponse:  # noqa: N802
         """See the proto."""
         filters = [request.thing_type, dict(request.attributes), int(request.presence)]
-        after = convert.decode_cursor(request.page_token, filters)
+        after = pagination.decode_cursor(request.page_token, filters)
         online = {rpb.ONLINE: True, rpb.OFFLINE: False}.get(request.presence)
         things, last = self._registry.list_things(
             thing_type=request.thing_type,
             attributes=dict(request.attributes),
             online=online,
             after=after,
-            limit=convert.page_size(request.page_size),
+            limit=pagination.page_size(request.page_size),
         )
-        return rpb.ListThingsResponse(things=[self._pb(t) for t in things], next_page_token=convert.encode_cursor(last, filters))
+        return rpb.ListThingsResponse(
+            things=[self._pb(t) for t in things], next_page_token=pagination.encode_cursor(last, filters)
+        )
 
     @maps_errors
     async def UpdateThing(self, request: rpb.UpdateThingRequest, context: Context) -> rpb.Thing:  # noqa: N802
@@ -204,10 +206,10 @@ class ThingTypeServicer(rpb_grpc.ThingTypeServiceServicer):
     @maps_errors
     async def ListThingTypes(self, request: rpb.ListThingTypesRequest, context: Context) -> rpb.ListThingTypesResponse:  # noqa: N802
         """See the proto."""
-        after = convert.decode_cursor(request.page_token, [])
-        types, last = self._registry.list_types(after=after, limit=convert.page_size(request.page_size))
+        after = pagination.decode_cursor(request.page_token, [])
+        types, last = self._registry.list_types(after=after, limit=pagination.page_size(request.page_size))
         return rpb.ListThingTypesResponse(
-            thing_types=[thing_type_pb(t) for t in types], next_page_token=convert.encode_cursor(last, [])
+            thing_types=[thing_type_pb(t) for t in types], next_page_token=pagination.encode_cursor(last, [])
         )
 
     @maps_errors
