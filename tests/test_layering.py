@@ -1,0 +1,94 @@
+"""Import rules between the parts of the service (issue 14, item 3).
+
+The HTTP surface (every ``server/http_*.py`` and ``server/openapi.py``) stands on the
+application layer, not on the gRPC surface: it imports neither ``grpc`` (nor any
+``grpc_*`` package), nor protobuf, nor the generated ``server.pb`` code, nor the
+gRPC surface's own modules. Imports are read with :mod:`ast`, so a comment or a
+string that names them does not count and ``from server import pb`` does.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SERVER = Path(__file__).resolve().parent.parent / "server"
+HTTP_SURFACE = sorted([*SERVER.glob("http_*.py"), SERVER / "openapi.py"])
+
+# Modules the HTTP surface must not import (a name matches itself and everything under it).
+FORBIDDEN = ("grpc", "google.protobuf", "google.rpc", "server.pb", "server.convert", "server.registry_api")
+FORBIDDEN_PREFIXES = ("grpc_", "server.grpc_")  # grpc_status, grpc_health, ...; server.grpc_api, grpc_errors, grpc_auth
+
+
+def imported_modules(source: str) -> list[tuple[int, str]]:
+    """Every module an import statement in ``source`` names, with its line (``from a import b``: ``a`` and ``a.b``)."""
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and node.module, f"line {node.lineno}: relative import"
+            out.append((node.lineno, node.module))
+            # `from server import pb` imports the module server.pb; `from x import name` is harmless either way.
+            out.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+    return out
+
+
+def forbidden(module: str) -> bool:
+    """Whether the HTTP surface may not import ``module``."""
+    if any(module == name or module.startswith(name + ".") for name in FORBIDDEN):
+        return True
+    return module.startswith(FORBIDDEN_PREFIXES)
+
+
+def violations(source: str) -> list[str]:
+    """The forbidden imports of one module's source, as ``line: module``."""
+    return [f"{line}: {module}" for line, module in imported_modules(source) if forbidden(module)]
+
+
+def test_the_http_surface_is_every_http_module_and_openapi() -> None:
+    names = {path.name for path in HTTP_SURFACE}
+    assert {"http_app.py", "http_rest.py", "http_kaa.py", "openapi.py"} <= names
+
+
+@pytest.mark.parametrize("path", HTTP_SURFACE, ids=lambda p: p.name)
+def test_the_http_surface_imports_no_grpc_and_no_protobuf(path: Path) -> None:
+    assert violations(path.read_text()) == [], f"{path.name} leans on the gRPC surface"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import grpc",
+        "import grpc.aio",
+        "from grpc import StatusCode",
+        "import grpc_status.rpc_status",
+        "from google.protobuf import timestamp_pb2",
+        "import google.protobuf.json_format",
+        "from google.rpc import code_pb2",
+        "from server.pb import commands_pb2 as pb",
+        "from server import pb",
+        "from server import convert",
+        "from server.grpc_errors import grpc_code",
+        "from server import grpc_auth",
+        "def f():\n    import grpc\n",
+    ],
+)
+def test_the_rule_catches_each_form_of_a_forbidden_import(source: str) -> None:
+    assert violations(source)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from server import pagination\nfrom server.authz import Operation",
+        "import aiohttp\nfrom aiohttp import web",
+        "text = 'import grpc'  # import grpc",
+        "from server.errors import FleetcmdError",
+        "import json",
+    ],
+)
+def test_the_rule_allows_the_application_layer(source: str) -> None:
+    assert violations(source) == []
