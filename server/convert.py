@@ -11,7 +11,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from server import pagination
 from server.errors import InvalidArgument
 from server.lifecycle import Status
-from server.models import Execution, ListQuery, Reason, StateChange
+from server.models import Execution, Reason, StateChange
 from server.pb import commands_pb2 as pb
 
 
@@ -281,7 +281,10 @@ def _millis(req: pb.ListRequest, field: Literal["created_after", "created_before
 
 
 def list_filters(req: pb.ListRequest) -> pagination.ListFilters:
-    """The filters of a ListRequest, for :func:`server.pagination.list_query` and ``page_token``.
+    """The filters of a ListRequest (the gRPC adapter of List).
+
+    What :func:`server.pagination.list_query` validates and :func:`server.pagination.page_token`
+    binds a token to.
 
     Raises:
         InvalidArgument: a created-at bound outside the Timestamp range (or, first, a bad
@@ -291,6 +294,8 @@ def list_filters(req: pb.ListRequest) -> pagination.ListFilters:
         after = _millis(req, "created_after")
         before = _millis(req, "created_before")
     except InvalidArgument:
+        # Statuses and page size were always checked before the times: a request with several
+        # faults keeps naming the same one (checked here only on this failing path).
         pagination.statuses(req.status)
         pagination.page_size(req.page_size)
         raise
@@ -303,20 +308,6 @@ def list_filters(req: pb.ListRequest) -> pagination.ListFilters:
         page_size=req.page_size,
         page_token=req.page_token,
     )
-
-
-def list_query(req: pb.ListRequest) -> ListQuery:
-    """Validate a ListRequest (see :func:`server.pagination.list_query`).
-
-    Raises:
-        InvalidArgument: bad status value, page size, time or page token.
-    """
-    return pagination.list_query(list_filters(req))
-
-
-def page_token(req: pb.ListRequest, before_index: int | None) -> str:
-    """Opaque token for the next page; bound to the request's filters."""
-    return pagination.page_token(list_filters(req), before_index)
 
 
 def to_python(value: struct_pb2.Value | struct_pb2.Struct) -> Any:

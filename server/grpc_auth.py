@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from server.apikeys import ApiKeys
+from server.apikeys import ApiKeys, Role
 from server.authz import Operation, required_role
 
 PUBLIC_PREFIXES = (
@@ -43,6 +43,8 @@ METHOD_OPERATION: dict[str, Operation] = {
     _TYPES + "ListThingTypes": Operation.READ_THING_TYPES,
     _TYPES + "DeleteThingType": Operation.MANAGE_THING_TYPES,
 }
+# Resolved once: the interceptor runs on every call.
+_METHOD_ROLE: dict[str, Role] = {method: required_role(operation) for method, operation in METHOD_OPERATION.items()}
 
 
 def bearer(metadata: Any) -> str | None:
@@ -92,7 +94,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         principal = await self._keys.authenticate(token) if token else None
         if principal is None:
             return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (authorization: Bearer ...)")
-        needed = required_role(METHOD_OPERATION.get(method))
+        needed = _METHOD_ROLE.get(method, required_role(None))
         if principal.role < needed:
             return _deny(
                 handler,
