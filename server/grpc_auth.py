@@ -1,4 +1,8 @@
-"""Bearer API keys on every gRPC method except health checking and reflection."""
+"""Bearer API keys on every gRPC method except health checking and reflection.
+
+Each method is an operation of :mod:`server.authz`, which says the role it needs (the same
+table the REST routes use).
+"""
 
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ METHOD_OPERATION: dict[str, Operation] = {
 }
 # Resolved once: the interceptor runs on every call.
 _METHOD_ROLE: dict[str, Role] = {method: required_role(operation) for method, operation in METHOD_OPERATION.items()}
+_UNNAMED_ROLE = required_role(None)
 
 
 def bearer(metadata: Any) -> str | None:
@@ -94,7 +99,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         principal = await self._keys.authenticate(token) if token else None
         if principal is None:
             return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required (authorization: Bearer ...)")
-        needed = _METHOD_ROLE.get(method, required_role(None))
+        needed = _METHOD_ROLE.get(method, _UNNAMED_ROLE)
         if principal.role < needed:
             return _deny(
                 handler,
