@@ -121,8 +121,26 @@ class SqliteStore:
         self.batches = 0  # commits so far, for metrics and benchmarks
         self.ops = 0
 
+    @classmethod
+    def from_url(cls, url: str) -> SqliteStore:
+        """The store of ``sqlite:///relative/path`` or ``sqlite:////absolute/path``, not opened yet.
+
+        Raises:
+            FleetcmdError: the URL is not an ``sqlite://`` URL with a path.
+        """
+        scheme, _, rest = url.partition("://")
+        path = rest[1:] if rest.startswith("/") else ""
+        if scheme != "sqlite" or not path or "?" in path:
+            raise FleetcmdError(f"database_url {url!r}: expected sqlite:///relative/path or sqlite:////absolute/path")
+        return cls(Path(path))
+
+    @property
+    def commits(self) -> int:
+        """See :attr:`server.store.Store.commits`."""
+        return self.batches
+
     def set_commit_listener(self, listener: CommitListener) -> None:
-        """Set the callback that receives committed events in sequence order."""
+        """See :meth:`server.store.Store.set_commit_listener`."""
         self._on_commit = listener
 
     async def __aenter__(self) -> SqliteStore:
