@@ -110,6 +110,8 @@ class FleetcmdApp:
         s = self.settings
         stack = self._stack
 
+        # The data directory holds admin.key whichever store database_url names.
+        await asyncio.to_thread(s.data_dir.mkdir, parents=True, exist_ok=True)
         store = store_from_url(s.store_url)
         await stack.enter_async_context(store)
         self.store = store

@@ -10,8 +10,10 @@ is in ``test_store.py`` and ``test_store_fastpath.py``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,11 +21,15 @@ from pathlib import Path
 
 import pytest
 
+from server import admin_cli
+from server.app import FleetcmdApp
 from server.config import Settings, SettingsError
 from server.errors import AlreadyExists, FleetcmdError, NotFound, ThingMismatch, Unavailable
 from server.lifecycle import Outcome, Status, Trigger
 from server.models import DeviceReport, EventFilter, ListQuery, NewExecution, StateChange
 from server.store import STORES, ServiceStore, TransitionResult, kaa_store, store_from_url
+from server.validation import SendCommand
+from tests.conftest import make_settings
 
 # Implementation -> a fresh, empty store's URL for one test (given the test's own directory).
 STORE_URLS: dict[str, Callable[[Path], str]] = {
@@ -371,3 +377,33 @@ async def test_the_listener_sees_a_commit_before_its_callers_resume(db: Open) ->
         result = await future
         assert result.event is not None and result.event in db.events
     assert seen_by_caller == [1] * 10
+
+
+# ---- the service and the admin CLI open the store the setting names ----------------------------
+
+
+async def test_the_service_runs_on_the_store_its_url_names(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/elsewhere/fleet.db"
+    settings = make_settings(tmp_path / "data", database_url=url)
+    async with FleetcmdApp(settings) as app:
+        assert app.core is not None
+        sent = await app.core.send(SendCommand("t1", "reboot", None, 5, ""))
+    assert not settings.db_path.exists()
+    async with opened(url) as reopened:
+        got = await reopened.store.get(sent.execution_id)
+        assert got is not None and got.thing_id == "t1"
+
+
+def test_the_admin_cli_opens_the_store_the_setting_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLEETCMD_DATABASE_URL", f"sqlite:///{tmp_path}/keys/k.db")
+    local = {"data_dir": tmp_path / "unused", "json": True}
+    assert admin_cli.cmd_apikey(argparse.Namespace(apikey_command="create", name="ci", role="operator", **local)) == 0
+    key_id = json.loads(capsys.readouterr().out)["key_id"]
+    assert (tmp_path / "keys" / "k.db").is_file() and not (tmp_path / "unused").exists()
+    assert admin_cli.cmd_apikey(argparse.Namespace(apikey_command="list", **local)) == 0
+    assert key_id in capsys.readouterr().out
+    monkeypatch.setenv("FLEETCMD_DATABASE_URL", "nope:/x")
+    assert admin_cli.cmd_apikey(argparse.Namespace(apikey_command="list", **local)) == 1
+    assert "database_url 'nope:/x'" in capsys.readouterr().err
