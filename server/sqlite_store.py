@@ -1,4 +1,6 @@
-"""SQLite implementation of :class:`server.store.Store` (WAL, group commit).
+"""SQLite implementation of :class:`server.store.Store` (WAL, group commit), ``sqlite:///path``.
+
+It also implements :class:`server.store.RegistryStore` and :class:`server.store.KaaStore`.
 
 One writer thread owns the write connection. Callers queue operations; what is
 queued during one event-loop iteration is handed to the writer together, and
@@ -8,8 +10,8 @@ batch, which is what makes durable writes cheap under load.
 
 Creates and transitions are *planned*: they only read (the execution as this
 transaction sees it: its own earlier writes, then a cache of committed
-non-final executions, then SQLite), decide, and return the row and event to
-write; the batch writes all of them at the end with one ``executemany`` per
+non-final executions, then SQLite), let the pure rules of :mod:`server.decisions`
+decide, and return the row and event to write; the batch writes all of them at the end with one ``executemany`` per
 statement. An operation that raises has therefore changed nothing and needs no
 savepoint. Should the bulk write itself fail (a constraint only SQLite can
 check), the transaction is rolled back and the batch runs again with every
