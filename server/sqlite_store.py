@@ -36,7 +36,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from server.errors import AlreadyExists, FailedPrecondition, FleetcmdError, NotFound, Unavailable
 from server.lifecycle import Status, Trigger
@@ -68,7 +68,7 @@ from server.sqlite_schema import (
     thing_type_from_row,
     type_definition,
 )
-from server.store import CommitListener, CreateResult, ListPage, ResultCheck, TransitionResult
+from server.store import CommitListener, CreateResult, KaaStore, ListPage, ResultCheck, ServiceStore, TransitionResult
 
 log = logging.getLogger(__name__)
 
@@ -735,3 +735,8 @@ class SqliteStore:
         return await self._read(
             lambda conn: [api_key_from_row(r) for r in conn.execute("SELECT * FROM api_keys ORDER BY created_at")]
         )
+
+
+if TYPE_CHECKING:
+    # mypy proves here that this class fulfils the contracts store_from_url promises.
+    _CONTRACTS: tuple[type[ServiceStore], type[KaaStore]] = (SqliteStore, SqliteStore)
