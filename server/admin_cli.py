@@ -205,9 +205,9 @@ def register(sub: Any, client_flags: argparse.ArgumentParser) -> None:
     local = argparse.ArgumentParser(add_help=False)
     local.add_argument("--data-dir", type=Path, help="the service's data directory (default: $FLEETCMD_DATA_DIR, else ./data)")
     local.add_argument("--json", action="store_true")
-    keys = sub.add_parser("apikey", help="manage API keys (works on the data directory)").add_subparsers(
-        dest="apikey_command", required=True
-    )
+    keys = sub.add_parser(
+        "apikey", help="manage API keys (works on the store: $FLEETCMD_DATABASE_URL, else the data directory)"
+    ).add_subparsers(dest="apikey_command", required=True)
     p = keys.add_parser("create", parents=[local], help="create a key; prints it once")
     p.add_argument("--name", required=True)
     p.add_argument("--role", default="operator", choices=[r.name.lower() for r in Role])

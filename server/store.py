@@ -187,7 +187,7 @@ class KaaStore(Protocol):
 
 
 class RegistryStore(Protocol):
-    """Durable things, thing types and API keys (same file, same writer as the executions)."""
+    """Durable things, thing types and API keys (in the same store, through the same writer, as the executions)."""
 
     async def load_things(self) -> list[ThingRecord]:
         """Every registered thing."""
