@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,10 +15,11 @@ from google.protobuf import json_format
 
 from server import client
 from server.apikeys import ApiKeys, Role
+from server.config import ENV_PREFIX, default_database_url
 from server.errors import FleetcmdError
 from server.pb import registry_pb2 as rpb
 from server.pb import registry_pb2_grpc as rpb_grpc
-from server.sqlite_store import SqliteStore
+from server.store import store_from_url
 
 EXIT_USAGE = 2
 
@@ -137,7 +139,8 @@ def cmd_types(args: argparse.Namespace) -> int:
 
 
 async def _apikey(args: argparse.Namespace) -> int:
-    store = SqliteStore(client.data_dir(args) / "fleetcmd.db")
+    # The service's store: the same setting (FLEETCMD_DATABASE_URL), else the file in the data directory.
+    store = store_from_url(os.environ.get(f"{ENV_PREFIX}DATABASE_URL") or default_database_url(client.data_dir(args)))
     async with store:
         writer = asyncio.create_task(store.run_writer(), name="store-writer")
         try:
@@ -202,9 +205,9 @@ def register(sub: Any, client_flags: argparse.ArgumentParser) -> None:
     local = argparse.ArgumentParser(add_help=False)
     local.add_argument("--data-dir", type=Path, help="the service's data directory (default: $FLEETCMD_DATA_DIR, else ./data)")
     local.add_argument("--json", action="store_true")
-    keys = sub.add_parser("apikey", help="manage API keys (works on the data directory)").add_subparsers(
-        dest="apikey_command", required=True
-    )
+    keys = sub.add_parser(
+        "apikey", help="manage API keys (works on the store: $FLEETCMD_DATABASE_URL, else the data directory)"
+    ).add_subparsers(dest="apikey_command", required=True)
     p = keys.add_parser("create", parents=[local], help="create a key; prints it once")
     p.add_argument("--name", required=True)
     p.add_argument("--role", default="operator", choices=[r.name.lower() for r in Role])

@@ -33,7 +33,7 @@ from server.http_app import HttpServer, server_ssl_context
 from server.kaa import KaaMqtt
 from server.metrics import Kind, Sample, counters
 from server.registry import Registry
-from server.sqlite_store import SqliteStore
+from server.store import ServiceStore, store_from_url
 
 log = logging.getLogger("fleetcmd")
 
@@ -64,7 +64,7 @@ class FleetcmdApp:
         self._failed = asyncio.Event()
         # Tasks that are cancelled at shutdown; the store writer and the ingest loop instead drain and end.
         self._cancellable: set[asyncio.Task[None]] = set()
-        self.store: SqliteStore | None = None
+        self.store: ServiceStore | None = None
         self.core: CommandCore | None = None
         self.registry: Registry | None = None
         self.keys: ApiKeys | None = None
@@ -110,7 +110,9 @@ class FleetcmdApp:
         s = self.settings
         stack = self._stack
 
-        store = SqliteStore(s.db_path)
+        # The data directory holds admin.key whichever store database_url names.
+        await asyncio.to_thread(s.data_dir.mkdir, parents=True, exist_ok=True)
+        store = store_from_url(s.store_url)
         await stack.enter_async_context(store)
         self.store = store
         self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -239,7 +241,7 @@ class FleetcmdApp:
             samples.append(Sample("mqtt_clients_connected", connected, Kind.GAUGE, "Live MQTT clients."))
             samples += counters("broker", broker.stats, "Broker events by kind (drops, refusals, takeovers).")
         if store is not None:
-            samples.append(Sample("store_commits", store.batches, Kind.COUNTER, "SQLite transactions committed."))
+            samples.append(Sample("store_commits", store.commits, Kind.COUNTER, "Store transactions committed."))
         return samples
 
     @staticmethod

@@ -67,7 +67,11 @@ _REPORT_STATS = {outcome: f"reports.{outcome.value}" for outcome in Outcome}
 
 
 class CommandCore:
-    """Lifecycle orchestration; the only caller of ``Store.create`` and ``Store.transition``."""
+    """Lifecycle orchestration; the only caller of ``Store.create`` and ``Store.transition``.
+
+    Delivery (the outbox, the Kaa dialect) records what it did through :meth:`mark_published`,
+    :meth:`mark_delivered` and :meth:`mark_delivered_nowait`, never through the store.
+    """
 
     def __init__(self, settings: Settings, store: Store, registry: Registry, spawn: Spawn) -> None:
         self.settings = settings
@@ -76,7 +80,7 @@ class CommandCore:
         self._spawn = spawn
         self.bus = EventBus()
         self.scheduler = TtlScheduler()
-        self.outbox = Outbox(store, spawn)
+        self.outbox = Outbox(store, self, spawn)
         self.outbox.route_for = self.route_for
         # Routes by dialect; the EMQX one is set when the broker is attached, others by their dialect.
         self.routes: dict[str, Route] = {}
@@ -238,6 +242,24 @@ class CommandCore:
         if self.registry.is_kaa_endpoint(thing_id):
             return self.routes.get("kaa")
         return self.routes.get("emqx")
+
+    # ---- delivery (called by the outbox and the dialects' routes) -------------------------
+
+    def mark_published(self, execution_id: str, at_ms: int | None = None) -> Awaitable[TransitionResult]:
+        """Record that a request went out to its device (QUEUED -> SENT); await the result.
+
+        Returns the store's awaitable as is (no coroutine of its own on the publish path);
+        writes submitted in one loop turn share one commit.
+        """
+        return self.store.transition(execution_id, Trigger.PUBLISHED, at_ms=now_ms() if at_ms is None else at_ms)
+
+    def mark_delivered(self, execution_id: str) -> Awaitable[TransitionResult]:
+        """Record that the device acknowledged its request (DELIVERED, unless it is already further); await it."""
+        return self.store.transition(execution_id, Trigger.ACKED, at_ms=now_ms())
+
+    def mark_delivered_nowait(self, execution_id: str) -> asyncio.Future[TransitionResult]:
+        """:meth:`mark_delivered` on a PUBACK: queued at once, deferrable so the device's answer can share its commit."""
+        return self.store.transition_nowait(execution_id, Trigger.ACKED, at_ms=now_ms(), deferrable=True)
 
     # ---- operator API ---------------------------------------------------------------------
 

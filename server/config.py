@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from server.store import STORES, url_scheme
+
 ENV_PREFIX = "FLEETCMD_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -39,6 +41,7 @@ class Settings:
     tls_cert_file: str = field(default="", metadata={"help": "PEM certificate chain for the TLS listeners"})
     tls_key_file: str = field(default="", metadata={"help": "PEM private key for the TLS listeners"})
     data_dir: Path = field(default=Path("data"), metadata={"help": "directory of the SQLite store"})
+    database_url: str = field(default="", metadata={"help": "the store, as a URL (default: sqlite:///<data_dir>/fleetcmd.db)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     default_ttl: int = field(default=30, metadata={"help": "TTL in seconds when a Send gives 0"})
     max_ttl: int = field(default=86400, metadata={"help": "largest TTL a Send may ask for"})
@@ -87,6 +90,8 @@ class Settings:
             problems.append("shutdown_timeout must be positive")
         if self.sys_interval < 0:
             problems.append("sys_interval must be >= 0")
+        if self.database_url and url_scheme(self.database_url) not in STORES:
+            problems.append(f"database_url {self.database_url!r} names no known store (schemes: {', '.join(sorted(STORES))})")
         if problems:
             raise SettingsError("; ".join(problems))
 
@@ -114,8 +119,13 @@ class Settings:
 
     @property
     def db_path(self) -> Path:
-        """Path of the SQLite database file."""
+        """Path of the SQLite database file of the default store."""
         return self.data_dir / "fleetcmd.db"
+
+    @property
+    def store_url(self) -> str:
+        """The store's URL: ``database_url``, else the SQLite file in ``data_dir``."""
+        return self.database_url or default_database_url(self.data_dir)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -136,6 +146,11 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """Return a copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def default_database_url(data_dir: Path) -> str:
+    """The store URL of the SQLite file in ``data_dir`` (``sqlite:////abs/path`` for an absolute one)."""
+    return f"sqlite:///{data_dir.as_posix()}/fleetcmd.db"
 
 
 def _parse(f: dataclasses.Field[Any], raw: str) -> Any:

@@ -14,15 +14,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from broker_hooks import emqx
 from broker_hooks.broker import Delivery
-from server.clock import now_ms
 from server.errors import FleetcmdError
-from server.lifecycle import Outcome, Status, Trigger
+from server.lifecycle import Outcome, Status
 from server.models import Execution
 from server.store import Store, TransitionResult
 
@@ -94,11 +93,22 @@ class EmqxRoute:
 _RANK = {Delivery.ACKED: 0, Delivery.SENT: 1, Delivery.FAILED: 2, Delivery.NOT_SUBSCRIBED: 3, Delivery.NOT_CONNECTED: 4}
 
 
+class DeliveryMarks(Protocol):
+    """Where the outbox records what it delivered (the control plane, which owns every state change)."""
+
+    def mark_published(self, execution_id: str, at_ms: int | None = None) -> Awaitable[TransitionResult]:
+        """Record QUEUED -> SENT."""
+
+    def mark_delivered_nowait(self, execution_id: str) -> asyncio.Future[TransitionResult]:
+        """Queue DELIVERED (the PUBACK), deferrable."""
+
+
 class Outbox:
     """Pending requests per thing, and the publishing of them."""
 
-    def __init__(self, store: Store, spawn: Spawn) -> None:
-        self._store = store
+    def __init__(self, store: Store, marks: DeliveryMarks, spawn: Spawn) -> None:
+        self._store = store  # reads only
+        self._marks = marks
         self._spawn = spawn
         self._link: DeviceLink | None = None
         # Which route reaches a thing (EMQX by default; Kaa endpoints get theirs).
@@ -178,7 +188,7 @@ class Outbox:
         for execution in await self._store.get_many(ids):
             if execution.status is Status.QUEUED:
                 try:
-                    result = await self._store.transition(execution.execution_id, Trigger.PUBLISHED, at_ms=now_ms())
+                    result = await self._marks.mark_published(execution.execution_id)
                 except FleetcmdError:
                     log.exception("could not mark %s as sent", execution.execution_id)
                     continue
@@ -269,7 +279,7 @@ class Outbox:
                 # Queued at once, so it reaches the store ahead of the device's answer that
                 # followed the PUBACK; deferrable, so that answer can share its commit.
                 # _acked finishes the publish once DELIVERED is committed.
-                acked = self._store.transition_nowait(execution.execution_id, Trigger.ACKED, at_ms=now_ms(), deferrable=True)
+                acked = self._marks.mark_delivered_nowait(execution.execution_id)
                 acked.add_done_callback(functools.partial(self._acked, execution))
             elif outcome is Delivery.SENT:
                 # A QoS 0 subscription cannot acknowledge: sent once is all MQTT offers.

@@ -32,9 +32,10 @@ from server.clock import now_ms
 from server.commands import CommandCore
 from server.delivery import DeviceLink, Message, Spawn
 from server.errors import FleetcmdError, NotFound, ThingMismatch
-from server.lifecycle import Status, Trigger
+from server.lifecycle import Status
 from server.models import DeviceReport, Execution, Reason, ThingRecord
 from server.registry import Registry
+from server.store import kaa_store
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +114,10 @@ class KaaCex:
         """:meth:`outstanding` as executions (as read, before QUEUED ones were marked SENT)."""
         check_command_type(command_type)
         self._core.registry.device_seen(thing.thing_id)
-        executions = await self._core.store.outstanding(thing.thing_id, command_type, now_ms())
+        executions = await kaa_store(self._core.store).outstanding(thing.thing_id, command_type, now_ms())
         at = now_ms()
         # Submitted together: one store commit for all of them.
-        await asyncio.gather(
-            *(
-                self._core.store.transition(e.execution_id, Trigger.PUBLISHED, at_ms=at)
-                for e in executions
-                if e.status is Status.QUEUED
-            )
-        )
+        await asyncio.gather(*(self._core.mark_published(e.execution_id, at) for e in executions if e.status is Status.QUEUED))
         return executions
 
     async def report(self, thing: ThingRecord, command_type: str, body: Any) -> list[ItemOutcome]:
@@ -151,7 +146,7 @@ class KaaCex:
         phrase = item.get("reasonPhrase", "")
         if not isinstance(phrase, str) or len(phrase) > MAX_REASON_PHRASE:
             return ItemOutcome(kaa_id, f"reasonPhrase must be a string of at most {MAX_REASON_PHRASE} characters")
-        execution_id = await self._core.store.execution_id_for_kaa(thing.thing_id, command_type, kaa_id)
+        execution_id = await kaa_store(self._core.store).execution_id_for_kaa(thing.thing_id, command_type, kaa_id)
         if execution_id is None:
             self._core.stats["dropped.unknown_execution"] += 1
             return ItemOutcome(kaa_id, f"no command {kaa_id} of type {command_type!r} for this endpoint", 404)
@@ -421,7 +416,7 @@ class KaaMqtt:
         for execution_id in execution_ids:
             if outcome is Delivery.ACKED:
                 try:
-                    await self._core.store.transition(execution_id, Trigger.ACKED, at_ms=now_ms())
+                    await self._core.mark_delivered(execution_id)
                 except FleetcmdError:
                     log.exception("could not mark %s as delivered", execution_id)
             elif outcome is not Delivery.SENT:

@@ -2,8 +2,10 @@
 
 An :class:`Op` is one queued write; a :class:`Tx` is the transaction one batch of them runs
 in. Creates and transitions are *planned* (:func:`plan_create`, :func:`plan_transition`):
-they only read through the :class:`Tx` and return what to write, which the batch writes at
-the end.
+they only read through the :class:`Tx` (the execution as this transaction sees it, the
+execution an idempotency key made, the highest Kaa id) and hand that to the pure rules of
+:mod:`server.decisions`, which return what to write; the batch writes it at the end. Nothing
+here decides what a trigger does to an execution.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import AlreadyExists, NotFound, ThingMismatch
-from server.lifecycle import Decision, Outcome, Trigger, decide
+from server import decisions
+from server.decisions import Change
+from server.lifecycle import Trigger
 from server.models import DeviceReport, Execution, NewExecution, StateChange
 from server.sqlite_schema import (
     INSERT_EVENT,
@@ -30,24 +33,6 @@ from server.sqlite_schema import (
     violations_column,
 )
 from server.store import CreateResult, ResultCheck, TransitionResult
-
-
-def _evolve(current: Execution, **changes: Any) -> Execution:
-    # A copy with some fields changed, without running __init__ over twenty fields again.
-    updated: Execution = object.__new__(Execution)
-    updated.__dict__.update(current.__dict__)
-    updated.__dict__.update(changes)
-    return updated
-
-
-@dataclass(slots=True)
-class _Change:
-    """What one lifecycle operation writes: at most one execution row and one event."""
-
-    execution: Execution | None  # the row's new state; None when only the event is recorded
-    event: StateChange | None
-    created: bool = False
-    fingerprint: str = ""
 
 
 @dataclass(slots=True)
@@ -115,14 +100,14 @@ class Tx:
             return None
         return self.rows.get(row[1]) or execution_from_row(row), row[20] or ""
 
-    def next_kaa_id(self, thing_id: str, action: str) -> int:
-        """The Kaa command id a new execution of ``thing_id``/``action`` gets."""
+    def highest_kaa_id(self, thing_id: str, action: str) -> int:
+        """The highest Kaa command id of ``thing_id``/``action`` so far (this transaction's included), 0 for none."""
         stored: int = self.conn.execute(SELECT_MAX_KAA, (thing_id, action)).fetchone()[0]
-        return max(stored, self._kaa.get((thing_id, action), 0)) + 1
+        return max(stored, self._kaa.get((thing_id, action), 0))
 
     # ---- writes ----
 
-    def apply(self, change: _Change) -> Undo:
+    def apply(self, change: Change) -> Undo:
         """Take a planned operation's change; returns what :meth:`undo` needs to forget it."""
         eid: str | None = None
         previous: Execution | None = None
@@ -230,48 +215,15 @@ def rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def plan_create(tx: Tx, new: NewExecution) -> tuple[CreateResult, _Change | None]:
-    """Plan the creation of ``new`` (or find the execution its idempotency key already made)."""
+def plan_create(tx: Tx, new: NewExecution) -> tuple[CreateResult, Change | None]:
+    """Plan the creation of ``new``: read what :mod:`server.decisions` needs, and let it decide."""
     # Planned: reads only; what it returns is written by the batch.
     if new.idempotency_key:
         existing = tx.by_idempotency_key(new.idempotency_key)
         if existing is not None:
-            execution, fingerprint = existing
-            if fingerprint != new.fingerprint:
-                raise AlreadyExists(
-                    f"idempotency_key {new.idempotency_key!r} was used for a different request "
-                    f"(execution {execution.execution_id})"
-                )
-            return CreateResult(execution, created=False, event=None), None
-    kaa_id = tx.next_kaa_id(new.thing_id, new.action) if new.kaa else None
-    execution = Execution(
-        execution_id=new.execution_id,
-        command_id=new.command_id,
-        thing_id=new.thing_id,
-        action=new.action,
-        params_json=new.params_json,
-        ttl_seconds=new.ttl_seconds,
-        status=new.status,
-        created_at_ms=new.created_at_ms,
-        updated_at_ms=new.created_at_ms,
-        expires_at_ms=new.expires_at_ms,
-        idempotency_key=new.idempotency_key,
-        thing_type=new.thing_type,
-        kaa_id=kaa_id,
-        rerun_of=new.rerun_of,
-    )
-    event = StateChange(
-        sequence=tx.next_seq,
-        execution_id=new.execution_id,
-        thing_id=new.thing_id,
-        action=new.action,
-        status=new.status,
-        previous_status=None,
-        at_ms=new.created_at_ms,
-        note="created",
-    )
-    change = _Change(execution, event, created=True, fingerprint=new.fingerprint)
-    return CreateResult(execution, created=True, event=event), change
+            return decisions.idempotent_retry(new, *existing), None
+    kaa_id = decisions.next_kaa_id(tx.highest_kaa_id(new.thing_id, new.action)) if new.kaa else None
+    return decisions.create(new, kaa_id, tx.next_seq)
 
 
 def plan_transition(
@@ -282,54 +234,9 @@ def plan_transition(
     report: DeviceReport | None,
     expect_thing: str | None,
     result_check: ResultCheck | None,
-) -> tuple[TransitionResult, _Change | None]:
-    """Plan one lifecycle trigger on an execution."""
+) -> tuple[TransitionResult, Change | None]:
+    """Plan one lifecycle trigger on an execution: its current state as this transaction sees it, decided."""
     # Planned: reads only (everything that can raise happens here); the batch writes the change.
-    current = tx.lookup(execution_id)
-    if current is None:
-        raise NotFound(f"execution {execution_id!r} not found")
-    if expect_thing is not None and expect_thing != current.thing_id:
-        raise ThingMismatch(
-            f"report for execution {execution_id} names thing {expect_thing!r}, the execution's is {current.thing_id!r}"
-        )
-    same = report is not None and (
-        report.status == current.status and report.result_json == current.result_json and report.reason == current.reason
+    return decisions.transition(
+        tx.lookup(execution_id), execution_id, trigger, at_ms, report, expect_thing, result_check, tx.next_seq
     )
-    decision: Decision = decide(current.status, trigger, report.status if report else None, same_report=same)
-    outcome = decision.outcome
-    if outcome is not Outcome.CHANGE and outcome is not Outcome.LATE:
-        return TransitionResult(current, decision, None), None
-    late = outcome is Outcome.LATE
-    result_json = report.result_json if report else None
-    reason = report.reason if report else None
-    event = StateChange(
-        sequence=tx.next_seq,
-        execution_id=current.execution_id,
-        thing_id=current.thing_id,
-        action=current.action,
-        status=report.status if (report and late) else decision.status,
-        previous_status=current.status,
-        at_ms=at_ms,
-        late=late,
-        result_json=result_json,
-        reason=reason,
-        note=decision.note,
-    )
-    if late:
-        return TransitionResult(current, decision, event), _Change(None, event)
-    new_status = decision.status
-    # A device report carries the result; other triggers keep what the device sent last.
-    if report is not None:
-        violations = tuple(result_check(current, report)) if result_check is not None else ()
-        updated = _evolve(
-            current,
-            status=new_status,
-            updated_at_ms=at_ms,
-            completed_at_ms=at_ms if new_status.final else None,
-            result_json=result_json,
-            reason=reason,
-            result_violations=violations,
-        )
-    else:
-        updated = _evolve(current, status=new_status, updated_at_ms=at_ms, completed_at_ms=at_ms if new_status.final else None)
-    return TransitionResult(updated, decision, event), _Change(updated, event)

@@ -1,4 +1,6 @@
-"""SQLite implementation of :class:`server.store.Store` (WAL, group commit).
+"""SQLite implementation of :class:`server.store.Store` (WAL, group commit), ``sqlite:///path``.
+
+It also implements :class:`server.store.RegistryStore` and :class:`server.store.KaaStore`.
 
 One writer thread owns the write connection. Callers queue operations; what is
 queued during one event-loop iteration is handed to the writer together, and
@@ -8,8 +10,8 @@ batch, which is what makes durable writes cheap under load.
 
 Creates and transitions are *planned*: they only read (the execution as this
 transaction sees it: its own earlier writes, then a cache of committed
-non-final executions, then SQLite), decide, and return the row and event to
-write; the batch writes all of them at the end with one ``executemany`` per
+non-final executions, then SQLite), let the pure rules of :mod:`server.decisions`
+decide, and return the row and event to write; the batch writes all of them at the end with one ``executemany`` per
 statement. An operation that raises has therefore changed nothing and needs no
 savepoint. Should the bulk write itself fail (a constraint only SQLite can
 check), the transaction is rolled back and the batch runs again with every
@@ -34,7 +36,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from server.errors import AlreadyExists, FailedPrecondition, FleetcmdError, NotFound, Unavailable
 from server.lifecycle import Status, Trigger
@@ -66,7 +68,7 @@ from server.sqlite_schema import (
     thing_type_from_row,
     type_definition,
 )
-from server.store import CommitListener, CreateResult, ListPage, ResultCheck, TransitionResult
+from server.store import CommitListener, CreateResult, KaaStore, ListPage, ResultCheck, ServiceStore, TransitionResult
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +123,26 @@ class SqliteStore:
         self.batches = 0  # commits so far, for metrics and benchmarks
         self.ops = 0
 
+    @classmethod
+    def from_url(cls, url: str) -> SqliteStore:
+        """The store of ``sqlite:///relative/path`` or ``sqlite:////absolute/path``, not opened yet.
+
+        Raises:
+            FleetcmdError: the URL is not an ``sqlite://`` URL with a path.
+        """
+        scheme, _, rest = url.partition("://")
+        path = rest[1:] if rest.startswith("/") else ""
+        if scheme != "sqlite" or not path or "?" in path:
+            raise FleetcmdError(f"database_url {url!r}: expected sqlite:///relative/path or sqlite:////absolute/path")
+        return cls(Path(path))
+
+    @property
+    def commits(self) -> int:
+        """See :attr:`server.store.Store.commits`."""
+        return self.batches
+
     def set_commit_listener(self, listener: CommitListener) -> None:
-        """Set the callback that receives committed events in sequence order."""
+        """See :meth:`server.store.Store.set_commit_listener`."""
         self._on_commit = listener
 
     async def __aenter__(self) -> SqliteStore:
@@ -715,3 +735,8 @@ class SqliteStore:
         return await self._read(
             lambda conn: [api_key_from_row(r) for r in conn.execute("SELECT * FROM api_keys ORDER BY created_at")]
         )
+
+
+if TYPE_CHECKING:
+    # mypy proves here that this class fulfils the contracts store_from_url promises.
+    _CONTRACTS: tuple[type[ServiceStore], type[KaaStore]] = (SqliteStore, SqliteStore)

@@ -13,6 +13,7 @@ from server.errors import AlreadyExists, NotFound, ThingMismatch
 from server.lifecycle import Outcome, Status, Trigger
 from server.models import DeviceReport, EventFilter, ListQuery, NewExecution, StateChange
 from server.sqlite_store import SqliteStore
+from server.store import TransitionResult
 
 
 def new(i: int, thing: str = "t1", key: str = "", fp: str = "", status: Status = Status.QUEUED) -> NewExecution:
@@ -177,15 +178,20 @@ async def test_a_commit_resumes_its_sends_then_its_watchers_then_the_other_callb
         watching = asyncio.create_task(watcher())
         await asyncio.sleep(0)  # the watcher waits
 
+        reports: list[asyncio.Future[TransitionResult]] = []
+
         async def send() -> None:
+            # Both writes are submitted in this one task step, before the loop hands them to the
+            # writer thread, so they share one commit whatever the thread scheduling (queued from
+            # two different steps, a busy machine let the writer commit the first one alone).
+            report = store.transition_nowait("e1", Trigger.DEVICE_REPORT, at_ms=5, report=DeviceReport(Status.SUCCEEDED))
+            report.add_done_callback(lambda _f: order.append("report callback"))
+            reports.append(report)
             await store.create(new(2))
             order.append("send")
 
-        # Submitted in one loop turn: one commit.
-        report = store.transition_nowait("e1", Trigger.DEVICE_REPORT, at_ms=5, report=DeviceReport(Status.SUCCEEDED))
-        report.add_done_callback(lambda _f: order.append("report callback"))
         await asyncio.gather(send(), watching)
-        await report
+        await reports[0]
         assert store.batches == 2
         assert order == ["listener", "send", "watcher", "report callback"]
         store.stop_writer()
