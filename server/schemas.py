@@ -46,6 +46,7 @@ from referencing.jsonschema import DRAFT202012
 from server.errors import FieldViolation
 
 MAX_SCHEMA_BYTES = 64 * 1024  # as compact JSON (UTF-8)
+MAX_SCHEMA_TEXT = 4 * MAX_SCHEMA_BYTES  # characters of a schema as written (whitespace included), before parsing
 MAX_SCHEMA_DEPTH = 32  # nested JSON objects and arrays, the root counting as 1
 MAX_PATTERN_LENGTH = 1000  # characters of one pattern
 MAX_IN_PLACE_SCHEMAS = 1000  # subschemas one value meets through $ref and in-place keywords
@@ -176,9 +177,8 @@ def _graph_problem(schema: dict[str, Any]) -> str | None:
             try:
                 _regex(pattern)
             except re2.error as exc:
-                return (
-                    f"pattern {_clip(pattern)!r} is not supported (RE2 syntax, no lookaround or backreferences: {exc}) (at {at})"
-                )
+                reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+                return f"pattern {_clip(pattern)!r} is not RE2 syntax (no lookaround, no backreferences): {reason} (at {at})"
     return _loop_problem(nodes, in_place)
 
 
