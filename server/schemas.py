@@ -19,8 +19,10 @@ it is bounded where it is put (:func:`schema_problem`) and where it runs
 - no chain of ``$ref`` and in-place keywords (``allOf``, ``not``, ...) loops back
   without descending into the value, nor expands to more than
   :data:`MAX_IN_PLACE_SCHEMAS` subschemas applied to one value;
-- ``pattern`` and ``patternProperties`` run on RE2 (linear time, no backtracking):
-  a pattern RE2 cannot compile (lookaround, backreferences) is refused;
+- ``pattern`` and ``patternProperties`` (also where ``additionalProperties`` looks at
+  them) run on RE2 (linear time, no backtracking): a pattern RE2 cannot compile
+  (lookaround, backreferences) is refused, and so is ``unevaluatedProperties`` in a
+  schema with ``patternProperties`` (jsonschema would match them with Python's ``re``);
 - ``format`` is an annotation, as Draft 2020-12 defaults to: never asserted;
 - one validation evaluates at most :data:`MAX_VALIDATION_STEPS` keywords; beyond
   that the value is refused (a violation of the field), not validated for ever.
@@ -179,6 +181,11 @@ def _graph_problem(schema: dict[str, Any]) -> str | None:
             except re2.error as exc:
                 reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
                 return f"pattern {_clip(pattern)!r} is not RE2 syntax (no lookaround, no backreferences): {reason} (at {at})"
+    keywords = {key for node, _ in nodes.values() for key in node}
+    if "unevaluatedProperties" in keywords and "patternProperties" in keywords:
+        # jsonschema matches patternProperties with Python's backtracking re when it works out
+        # which properties are unevaluated: a pattern there could run for ever on a crafted key.
+        return "unevaluatedProperties cannot be combined with patternProperties in one schema"
     return _loop_problem(nodes, in_place)
 
 
@@ -319,6 +326,28 @@ def _pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any,
                 yield from validator.descend(value, subschema, path=key, schema_path=pattern)
 
 
+_ADDITIONAL_PROPERTIES = Draft202012Validator.VALIDATORS["additionalProperties"]
+
+
+def _additional_properties(validator: Any, additional: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    """``additionalProperties`` beside ``patternProperties`` on RE2 (jsonschema's own matches them with ``re``)."""
+    patterns = schema.get("patternProperties")
+    if not patterns:
+        yield from _ADDITIONAL_PROPERTIES(validator, additional, instance, schema) or ()
+        return
+    if not validator.is_type(instance, "object"):
+        return
+    properties = schema.get("properties", {})
+    regexes = [_regex(p) for p in patterns]
+    extras = [k for k in instance if k not in properties and not any(r.search(k) for r in regexes)]
+    if validator.is_type(additional, "object"):
+        for extra in extras:
+            yield from validator.descend(instance[extra], additional, path=extra)
+    elif not additional and extras:
+        joined = ", ".join(repr(_clip(each)) for each in sorted(extras)[:10])
+        yield ValidationError(f"{joined} {'does' if len(extras) == 1 else 'do'} not match any of the regexes")
+
+
 _Validator: type[Validator] = validators.extend(  # type: ignore[no-untyped-call]
     Draft202012Validator,
     {
@@ -327,6 +356,7 @@ _Validator: type[Validator] = validators.extend(  # type: ignore[no-untyped-call
             **Draft202012Validator.VALIDATORS,
             "pattern": _pattern,
             "patternProperties": _pattern_properties,
+            "additionalProperties": _additional_properties,
         }.items()
     },
 )

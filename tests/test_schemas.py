@@ -189,14 +189,21 @@ def test_validation_step_budget() -> None:
     ]
 
 
-def test_a_pathological_pattern_does_not_backtrack() -> None:
-    # Python's re would take 2**5000 steps here; RE2 answers at once (a test timeout otherwise).
-    schema = CompiledSchema.compile(
-        {"properties": {"a": {"pattern": "^(a+)+$"}}, "patternProperties": {"^(b+)+$": {"type": "string"}}}
-    )
-    found = schema.violations({"a": "a" * 5000 + "!", "b" * 5000 + "!": 1, "bb": 2}, "params")
-    assert [v.field for v in found] == ["params.a", "params.bb"]
-    assert len(found[0].description) < 600  # the value is quoted clipped
+@pytest.mark.parametrize("additional", [False, {"type": "integer"}], ids=["false", "schema"])
+def test_a_pathological_pattern_does_not_backtrack(additional: Any) -> None:
+    # Python's re would take 2**5000 steps on these; RE2 answers at once (a test timeout otherwise),
+    # also where additionalProperties looks at patternProperties.
+    raw = {
+        "properties": {"a": {"pattern": "^(a+)+$"}},
+        "patternProperties": {"^(b+)+$": {"type": "string"}},
+        "additionalProperties": additional,
+    }
+    assert schema_problem(raw) is None
+    found = CompiledSchema.compile(raw).violations({"a": "a" * 5000 + "!", "b" * 5000 + "!": 1, "bb": 2}, "params")
+    # The long key matches no pattern: an additional property, refused by False, an integer as the schema wants.
+    assert [v.field for v in found] == (["params", "params.a", "params.bb"] if additional is False else ["params.a", "params.bb"])
+    assert all(len(v.description) < 600 for v in found)  # the values are quoted clipped
+    assert "cannot be combined" in (schema_problem({**raw, "unevaluatedProperties": False}) or "")
 
 
 @contextlib.contextmanager
