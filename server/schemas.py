@@ -24,6 +24,8 @@ it is bounded where it is put (:func:`schema_problem`) and where it runs
   (lookaround, backreferences) is refused, and so is ``unevaluatedProperties`` in a
   schema with ``patternProperties`` (jsonschema would match them with Python's ``re``);
 - ``format`` is an annotation, as Draft 2020-12 defaults to: never asserted;
+- ``enum`` and ``uniqueItems`` run in linear time (hashed canonical values) instead of
+  jsonschema's comparisons of every pair;
 - one validation evaluates at most :data:`MAX_VALIDATION_STEPS` keywords; beyond
   that the value is refused (a violation of the field), not validated for ever.
 """
@@ -326,6 +328,51 @@ def _pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any,
                 yield from validator.descend(value, subschema, path=key, schema_path=pattern)
 
 
+def _canonical(value: Any) -> Any:
+    """A hashable key equal for exactly the JSON values JSON Schema calls equal.
+
+    1 and 1.0 are equal (as in Python), true and 1 are not (tagged), objects compare
+    regardless of key order.
+    """
+    if value is True or value is False:
+        return ("\0bool", value)
+    if isinstance(value, dict):
+        return ("\0object", frozenset((k, _canonical(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("\0array", tuple(_canonical(v) for v in value))
+    return value
+
+
+# Each enum's canonical keys, by the identity of its list (kept, so the identity stays its own).
+_ENUM_KEYS: dict[int, tuple[list[Any], frozenset[Any]]] = {}
+_ENUM_KEYS_LOCK = threading.Lock()
+
+
+def _enum(validator: Any, enums: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    """``enum`` as one set lookup.
+
+    jsonschema's compares the value with every member: a long enum applied to every item
+    of a long array was quadratic.
+    """
+    cached = _ENUM_KEYS.get(id(enums))
+    if cached is None or cached[0] is not enums:
+        cached = (enums, frozenset(_canonical(e) for e in enums))
+        with _ENUM_KEYS_LOCK:
+            if len(_ENUM_KEYS) > 4096:
+                _ENUM_KEYS.clear()
+            _ENUM_KEYS[id(enums)] = cached
+    if _canonical(instance) not in cached[1]:
+        yield ValidationError(f"{_clip(repr(instance))} is not one of {_clip(repr(enums), 200)}")
+
+
+def _unique_items(validator: Any, unique: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    """``uniqueItems`` in linear time (jsonschema's compares every pair of unsortable items)."""
+    if unique and validator.is_type(instance, "array"):
+        keys = [_canonical(item) for item in instance]
+        if len(set(keys)) != len(keys):
+            yield ValidationError(f"{_clip(repr(instance))} has non-unique elements")
+
+
 _ADDITIONAL_PROPERTIES = Draft202012Validator.VALIDATORS["additionalProperties"]
 
 
@@ -357,6 +404,8 @@ _Validator: type[Validator] = validators.extend(  # type: ignore[no-untyped-call
             "pattern": _pattern,
             "patternProperties": _pattern_properties,
             "additionalProperties": _additional_properties,
+            "enum": _enum,
+            "uniqueItems": _unique_items,
         }.items()
     },
 )

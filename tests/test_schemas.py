@@ -237,3 +237,21 @@ def test_a_stored_remote_ref_never_fetches() -> None:
         found = CompiledSchema.compile({"properties": {"a": {"$ref": url}}}).violations({"a": 1}, "params")
         assert [v.field for v in found] == ["params"] and "cannot be used" in found[0].description
     assert accepted == []
+
+
+def test_enum_and_unique_items_keep_json_equality() -> None:
+    enum = CompiledSchema.compile({"enum": [1, "x", {"a": [True]}, None]})
+    assert [v for v in (1, 1.0, "x", {"a": [True]}, None) if enum.violations(v, "p")] == []
+    assert [v for v in (True, 0, False, {"a": [1]}, "y") if not enum.violations(v, "p")] == []
+    unique = CompiledSchema.compile({"uniqueItems": True})
+    assert unique.violations([1, True, {"a": 1, "b": 2}, [0], [False]], "p") == []
+    for same in ([1, 1.0], [{"a": 1, "b": 2}, {"b": 2, "a": 1}], [[1, {"c": None}], [1.0, {"c": None}]]):
+        assert [v.description.split(" has ")[1] for v in unique.violations(same, "p")] == ["non-unique elements"]
+
+
+def test_long_enum_and_unique_items_are_linear() -> None:
+    # Within the step budget, but quadratic with jsonschema's comparisons (minutes): a test timeout.
+    enum = CompiledSchema.compile({"items": {"enum": list(range(20_000))}})
+    assert enum.violations(list(range(20_000)), "params") == []
+    unique = CompiledSchema.compile({"uniqueItems": True})
+    assert unique.violations([{"a": i} for i in range(40_000)], "params") == []
