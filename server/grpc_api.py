@@ -17,7 +17,7 @@ from server.apikeys import ApiKeys
 from server.commands import CommandCore
 from server.errors import FleetcmdError, InvalidArgument
 from server.grpc_auth import AuthInterceptor
-from server.grpc_errors import internal_error, maps_errors, to_error
+from server.grpc_errors import Undecodable, checks_undecodable, guard_handler, internal_error, maps_errors, to_error, to_status
 from server.models import EventFilter, Execution
 from server.pb import commands_pb2 as pb
 from server.pb import registry_pb2 as rpb
@@ -107,9 +107,11 @@ class CommandServicer:
         answers.put_nowait(answer)
 
     # Not @maps_errors: every domain error is one item's answer, none ends the call, and each
-    # answer would pass through one more generator.
+    # answer would pass through one more generator. An undecodable item has no request_id to
+    # answer: it ends the call with INVALID_ARGUMENT.
+    @checks_undecodable
     async def SendStream(  # noqa: N802
-        self, requests: AsyncIterator[pb.SendStreamRequest], context: grpc.aio.ServicerContext[Any, Any]
+        self, requests: AsyncIterator[pb.SendStreamRequest | Undecodable], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
         """See the proto; yields serialized ``SendStreamResponse`` messages (registered without a serializer).
 
@@ -138,6 +140,8 @@ class CommandServicer:
                     except StopAsyncIteration:
                         break
                     count += 1
+                    if isinstance(item, Undecodable):
+                        raise item.error()
                     try:
                         cmd, wait = self._send_command(item.send)
                     except FleetcmdError as exc:
@@ -158,6 +162,8 @@ class CommandServicer:
             while total is None or written < total:
                 answer = await answers.get()
                 if answer is None:
+                    if isinstance(failure, FleetcmdError):
+                        await context.abort_with_status(to_status(failure))  # type: ignore[attr-defined]
                     if failure is not None:
                         raise failure
                     continue
@@ -256,8 +262,8 @@ def command_service_handlers(servicer: CommandServicer) -> dict[str, grpc.RpcMet
         # None: grpc sends the bytes the method yields as they are.
         serializer = None if method.name in servicer.PRESERIALIZED else response_type.SerializeToString
         factory = _HANDLER_FACTORIES[method.client_streaming, method.server_streaming]
-        handlers[method.name] = factory(
-            getattr(servicer, method.name), request_deserializer=request_type.FromString, response_serializer=serializer
+        handlers[method.name] = guard_handler(
+            factory(getattr(servicer, method.name), request_deserializer=request_type.FromString, response_serializer=serializer)
         )
     return handlers
 
@@ -276,11 +282,16 @@ class _GenericHandlersOnly:
         self._server = server
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        """Add the handlers to the server."""
-        self._server.add_generic_rpc_handlers(handlers)
+        """Left out: the generated function passes the same methods to :meth:`add_registered_method_handlers`."""
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: Any) -> None:
-        """Left out on purpose (see the class): the generic handlers added beside them serve these methods."""
+        """Serve these methods through a generic handler, each guarded against undecodable requests.
+
+        Not as registered methods (see the class); the generated function's own generic handler
+        is left out because its methods answer UNKNOWN to a request that cannot be decoded.
+        """
+        guarded = {name: guard_handler(handler) for name, handler in method_handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, guarded),))
 
 
 # The methods registered with gRPC's core (see _GenericHandlersOnly): the one called once per command.

@@ -17,6 +17,7 @@ from server.models import CommandDef, ThingRecord, ThingTypeRecord
 from server.pb import registry_pb2 as rpb
 from server.pb import registry_pb2_grpc as rpb_grpc
 from server.registry import Presence, Registry
+from server.schemas import MAX_SCHEMA_DEPTH, MAX_SCHEMA_TEXT
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -71,8 +72,13 @@ def _schema(text: str, field: str) -> Any:
     """A schema field's JSON text as data (None when empty), in its written key order."""
     if not text.strip():
         return None
+    if len(text) > MAX_SCHEMA_TEXT:
+        raise InvalidArgument.single(field, f"{len(text)} characters; the limit is {MAX_SCHEMA_TEXT}")
     try:
         return json.loads(text)
+    except RecursionError:
+        # Deeper than the parser goes: far past MAX_SCHEMA_DEPTH, which the registry checks after this.
+        raise InvalidArgument.single(field, f"nested deeper than {MAX_SCHEMA_DEPTH} levels") from None
     except ValueError as exc:
         raise InvalidArgument.single(field, f"not JSON: {exc}") from None
 

@@ -187,22 +187,27 @@ async def test_send_reports_every_bad_field_at_once(stub) -> None:
     assert "thing_id" in err.details()
 
 
-async def test_send_errors_are_never_unknown(stub) -> None:
-    # A battery of odd requests: each is either accepted or rejected with a meaningful code.
-    odd = [
+async def test_send_odd_requests_each_get_their_exact_outcome(stub) -> None:
+    # A battery of odd requests, each with the one outcome it must have: accepted as sent, or
+    # INVALID_ARGUMENT naming exactly the bad field (never UNKNOWN, never the other way round).
+    accepted = [
         pb.SendRequest(thing_id="é" * 128, action="act"),
-        pb.SendRequest(thing_id="t", action="a\x00b"),
-        pb.SendRequest(thing_id="t", action="act", idempotency_key="k" * 10_000),
         pb.SendRequest(thing_id="t", action="act", params=struct({"n": 1e308, "neg": -(2**60), "l": [1, 2.5]})),
         pb.SendRequest(thing_id="t", action="act", params=struct({"deep": {"a": {"b": {"c": [None, True]}}}})),
         pb.SendRequest(thing_id=" ", action=" "),
     ]
-    for request in odd:
-        try:
-            await asyncio.wait_for(stub.Send(request), 10)
-        except grpc.aio.AioRpcError as err:
-            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, err.code(), err.details())
-            assert field_violations(err)
+    for request in accepted:
+        ex = await asyncio.wait_for(stub.Send(request), 10)
+        assert (ex.thing_id, ex.action, ex.params) == (request.thing_id, request.action, request.params)
+    refused = [
+        (pb.SendRequest(thing_id="t", action="a\x00b"), "action"),
+        (pb.SendRequest(thing_id="t", action="act", idempotency_key="k" * 10_000), "idempotency_key"),
+        (pb.SendRequest(thing_id="é" * 129, action="act"), "thing_id"),
+    ]
+    for request, field in refused:
+        violations = await invalid(stub.Send(request))
+        assert set(violations) == {field}, (request, violations)
+    assert len(await list_all(stub)) == len(accepted)
 
 
 # ---- Send: defaults and round-trips -------------------------------------------------------

@@ -34,7 +34,7 @@ from tests.clients import app_channel
 from tests.conftest import make_settings
 from tests.devices import EmqxDevice
 from tests.proc import Service, run_cli
-from tests.test_schemas import DIMMING
+from tests.test_schemas import DIMMING, listener
 
 pytestmark = pytest.mark.secure
 
@@ -698,6 +698,36 @@ async def test_put_thing_type_reports_every_problem(api: Api) -> None:
     tt = rpb.ThingType(name="keep", commands={"a": rpb.CommandDefinition(params_schema=json.dumps({"type": "nonsense"}))})
     await invalid(api.types.PutThingType(rpb.PutThingTypeRequest(thing_type=tt), timeout=DEADLINE))
     assert await api.types.GetThingType(rpb.GetThingTypeRequest(name="keep"), timeout=DEADLINE) == good
+
+
+async def test_put_thing_type_with_a_remote_ref_is_refused_without_fetching(api: Api) -> None:
+    with listener() as (port, accepted):
+        remote = {"type": "object", "properties": {"v": {"$ref": f"http://127.0.0.1:{port}/v.json"}}}
+        tt = rpb.ThingType(name="fetcher", commands={"set": command(remote)})
+        found = await invalid(api.types.PutThingType(rpb.PutThingTypeRequest(thing_type=tt), timeout=DEADLINE))
+        assert [f for f, _ in found] == ["thing_type.commands['set'].params_schema"]
+        assert "only '#...' references are allowed" in found[0][1]
+    assert accepted == [], "the server connected to the schema's URL"
+    await rpc_error(api.types.GetThingType(rpb.GetThingTypeRequest(name="fetcher"), timeout=DEADLINE), grpc.StatusCode.NOT_FOUND)
+
+
+@pytest.mark.parametrize("levels", [40, 5000])
+async def test_put_thing_type_with_a_deeply_nested_schema_is_invalid_argument(api: Api, levels: int) -> None:
+    # 5,000 levels is past what the JSON parser recurses into; 40 parses, past MAX_SCHEMA_DEPTH (32).
+    text = '{"not":' * levels + "{}" + "}" * levels
+    tt = rpb.ThingType(name="deep", commands={"x": rpb.CommandDefinition(result_schema=text)})
+    found = await invalid(api.types.PutThingType(rpb.PutThingTypeRequest(thing_type=tt), timeout=DEADLINE))
+    assert [f for f, _ in found] == ["thing_type.commands['x'].result_schema"]
+    assert "nested deeper than 32 levels" in found[0][1]
+
+
+async def test_send_whose_params_cost_too_much_to_check_is_invalid_argument(api: Api) -> None:
+    item = {"type": "integer", "minimum": 0}  # two steps per item
+    await api.put_type("lister", {"set": command({"type": "object", "properties": {"l": {"items": item}}})})
+    await api.create("lister-1", "lister")
+    found = await invalid(api.send("lister-1", "set", {"l": [0] * 30_000}))  # under 64 KiB as JSON
+    assert found == [("params", "checking it against the schema takes more than 50000 steps")]
+    assert (await api.send("lister-1", "set", {"l": list(range(100))})).status == pb.QUEUED
 
 
 # ---- Send checks -----------------------------------------------------------------------------
