@@ -1,0 +1,150 @@
+r"""The one strict, bounded JSON codec every edge uses (device reports, Kaa, REST, gRPC params, reads).
+
+A value is accepted only when JSON, a protobuf ``Struct``/``Value`` and SQLite can all hold it
+exactly, so nothing accepted can later make a read or a stream fail:
+
+* strict JSON: no ``NaN``, ``Infinity`` or ``-Infinity``, no number that overflows to infinity (``1e400``);
+* integers within ±2**53 (a ``Struct`` number is a double: beyond that it would be rounded silently);
+* valid Unicode: UTF-8 without invalid bytes, no lone surrogate (``"\ud800"``) in a string or a key;
+* at most :data:`MAX_DEPTH` nested arrays/objects.
+
+The hot path parses once with the C decoder and walks the value only when the text could hold
+something to refuse (many brackets, a long digit run, a three-digit exponent, an escape, ``NaN``):
+an ordinary small report costs a few C-speed scans of its text, no Python walk.
+
+Problems are :class:`JsonProblem` with a short machine ``reason`` (a counter key) and, where known,
+the ``path`` of the offending value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+# Each JSON level costs protobuf two levels (Struct + Value, or ListValue + Value), and the messages
+# carrying a value add a few more (EventBatch > ExecutionEvent > Value; Execution > StateChange >
+# Value; a SendStream response around an Execution): protobuf refuses to decode a message nested
+# deeper than 100 levels, which an Execution's history entry reaches at 40 JSON levels. 32 leaves
+# room for one more envelope and is far beyond any real device result or command parameter.
+MAX_DEPTH = 32
+# The largest integer a double (protobuf Struct's only number type) represents exactly, and what
+# JavaScript clients read safely: 2**53 is exact, 2**53 + 1 is not.
+MAX_SAFE_INTEGER = 2**53
+
+TOO_DEEP = "too_deep"
+NUMBER_OUT_OF_RANGE = "number_out_of_range"
+NOT_FINITE = "not_finite"
+INVALID_UNICODE = "invalid_unicode"
+INVALID_JSON = "invalid_json"
+NOT_JSON = "not_json"  # a parsed value holding something JSON has no type for (an unset Value, bytes)
+
+# Text that may hold something the walk refuses: a 16-digit run (every integer beyond 2**53 has 16
+# digits or more; a float overflowing to infinity has 309 or a three-digit exponent), a constant, or
+# a backslash-u escape (the only way strict UTF-8 text can carry a lone surrogate). Text without any
+# of these, and with no more brackets than the depth allowed, cannot hold a refused value.
+_SUSPECT = re.compile(r"\d{16}|[eE][+-]?\d{3}|NaN|Infinity|\\u")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class JsonProblem(ValueError):
+    """A JSON value the edge refuses; ``reason`` is a short counter key, ``path`` where it is."""
+
+    def __init__(self, reason: str, detail: str, path: tuple[str | int, ...] = ()) -> None:
+        """Describe the problem (``path``: keys and indexes from the checked value's root)."""
+        self.reason = reason
+        self.detail = detail
+        self.path = path
+        super().__init__(f"{where(path)}: {detail}" if path else detail)
+
+    def field(self, root: str) -> str:
+        """The offending value's field path below ``root`` (``params.a[2]``)."""
+        return where(self.path, root)
+
+
+def where(path: tuple[str | int, ...], root: str = "") -> str:
+    """A path as ``root.key[3].other`` (``$`` for the root of an unnamed value)."""
+    out = root or "$"
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def _decode(data: bytes | bytearray | str) -> str:
+    if isinstance(data, str):
+        return data
+    try:
+        # Strict UTF-8 (json.loads(bytes) would let encoded surrogates through with "surrogatepass").
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonProblem(INVALID_UNICODE, f"not UTF-8: {exc.reason} at byte {exc.start}") from None
+
+
+def loads(data: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse JSON text strictly and check the value (see the module docstring).
+
+    Args:
+        data: The text (bytes must be UTF-8).
+        max_depth: Nested arrays/objects allowed; a value wrapped in an envelope gets the envelope's levels on top.
+
+    Raises:
+        JsonProblem: not strict JSON, or a value the rules refuse.
+    """
+    text = _decode(data)
+    try:
+        # NaN and Infinity parse as floats here, so the walk below (the regex sees them) names their path.
+        value = json.loads(text)
+    except RecursionError:
+        raise JsonProblem(TOO_DEEP, f"nested deeper than {max_depth} levels") from None
+    except json.JSONDecodeError as exc:
+        raise JsonProblem(INVALID_JSON, str(exc)) from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise JsonProblem(NUMBER_OUT_OF_RANGE, str(exc)) from None
+    if text.count("[") + text.count("{") > max_depth or _SUSPECT.search(text):
+        check(value, max_depth)
+    return value
+
+
+def check(value: Any, max_depth: int = MAX_DEPTH) -> None:
+    """Check an already-parsed value (a REST body's field, a Struct's dict) by the same rules.
+
+    Raises:
+        JsonProblem: the first problem found, with its path.
+    """
+    _walk(value, max_depth, ())
+
+
+def _walk(value: Any, budget: int, path: tuple[str | int, ...]) -> None:
+    # Recursion is bounded by max_depth (the budget), so it can never hit Python's limit.
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise JsonProblem(INVALID_UNICODE, "a string holds a lone surrogate (not valid Unicode)", path)
+    elif value is None or isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+            raise JsonProblem(NUMBER_OUT_OF_RANGE, f"an integer of {value.bit_length()} bits is beyond ±2**53", path)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise JsonProblem(NOT_FINITE, f"{value} is not a finite number", path)
+    elif isinstance(value, (dict, list)):
+        if budget <= 0:
+            raise JsonProblem(TOO_DEEP, "nested deeper than the limit", path)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise JsonProblem(NOT_JSON, f"key {key!r} is not a string", path)
+                if _SURROGATE.search(key):
+                    raise JsonProblem(INVALID_UNICODE, "a key holds a lone surrogate (not valid Unicode)", path)
+                _walk(item, budget - 1, (*path, key))
+        else:
+            for index, item in enumerate(value):
+                _walk(item, budget - 1, (*path, index))
+    else:
+        raise JsonProblem(NOT_JSON, f"a {type(value).__name__} is not a JSON value", path)
+
+
+def dumps(value: Any) -> str:
+    """The canonical text of a checked value (compact, UTF-8 characters as they are)."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
