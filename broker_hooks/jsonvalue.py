@@ -8,9 +8,9 @@ exactly, so nothing accepted can later make a read or a stream fail:
 * valid Unicode: UTF-8 without invalid bytes, no lone surrogate (``"\ud800"``) in a string or a key;
 * at most :data:`MAX_DEPTH` nested arrays/objects.
 
-The hot path parses once with the C decoder and walks the value only when the text could hold
-something to refuse (many brackets, a long digit run, a three-digit exponent, an escape, ``NaN``):
-an ordinary small report costs a few C-speed scans of its text, no Python walk.
+The hot path parses once with the C decoder (numbers checked as they are parsed) and walks the
+value only when the text could hold something else to refuse (more brackets than the depth
+allowed, a backslash-u escape, ``NaN``): an ordinary report costs a few C-speed scans, no walk.
 
 Problems are :class:`JsonProblem` with a short machine ``reason`` (a counter key) and, where known,
 the ``path`` of the offending value.
@@ -40,11 +40,6 @@ INVALID_UNICODE = "invalid_unicode"
 INVALID_JSON = "invalid_json"
 NOT_JSON = "not_json"  # a parsed value holding something JSON has no type for (an unset Value, bytes)
 
-# Text that may hold something the walk refuses: a 16-digit run (every integer beyond 2**53 has 16
-# digits or more; a float overflowing to infinity has 309 or a three-digit exponent), a constant, or
-# a backslash-u escape (the only way strict UTF-8 text can carry a lone surrogate). Text without any
-# of these, and with no more brackets than the depth allowed, cannot hold a refused value.
-_SUSPECT = re.compile(r"\d{16}|[eE][+-]?\d{3}|NaN|Infinity|\\u")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -81,6 +76,34 @@ def _decode(data: bytes | bytearray | str) -> str:
         raise JsonProblem(INVALID_UNICODE, f"not UTF-8: {exc.reason} at byte {exc.start}") from None
 
 
+class _Refused(Exception):
+    """Raised by the number hooks of the strict decoder: parse again to find the value's path."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: overflows to infinity
+        raise _Refused
+    return value
+
+
+def _safe_int(text: str) -> int:
+    # Fast path: fewer than 16 characters is below 10**15 (with a sign), far inside ±2**53.
+    if len(text) < 16:
+        return int(text)
+    if len(text) > 17:  # 2**53 has 16 digits, so 17 characters with a minus sign
+        raise _Refused
+    value = int(text)
+    if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        raise _Refused
+    return value
+
+
+# Built once: json.loads with hooks would build a decoder per call. A number hook costs a Python
+# call per number, cheaper on ordinary reports than any scan of the whole text for digit runs.
+_STRICT = json.JSONDecoder(parse_float=_finite_float, parse_int=_safe_int)
+
+
 def loads(data: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> Any:
     """Parse JSON text strictly and check the value (see the module docstring).
 
@@ -93,17 +116,31 @@ def loads(data: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> Any:
     """
     text = _decode(data)
     try:
-        # NaN and Infinity parse as floats here, so the walk below (the regex sees them) names their path.
-        value = json.loads(text)
+        value = _STRICT.decode(text)
+    except _Refused:
+        # Garbage only: parse again as Python would, for the walk to name the offending value.
+        value = _parse(text, max_depth)
+        check(value, max_depth)
+        raise JsonProblem(NUMBER_OUT_OF_RANGE, "a number is out of range") from None  # pragma: no cover - check raised
     except RecursionError:
         raise JsonProblem(TOO_DEEP, f"nested deeper than {max_depth} levels") from None
     except json.JSONDecodeError as exc:
         raise JsonProblem(INVALID_JSON, str(exc)) from None
-    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
-        raise JsonProblem(NUMBER_OUT_OF_RANGE, str(exc)) from None
-    if text.count("[") + text.count("{") > max_depth or _SUSPECT.search(text):
+    # Depth cannot exceed the number of brackets; a lone surrogate in strict UTF-8 text can only come
+    # from a backslash-u escape; NaN and Infinity parse as floats: the walk names where they are.
+    # Ordinary text costs these C-speed scans and no walk.
+    if text.count("[") + text.count("{") > max_depth or "\\u" in text or "NaN" in text or "Infinity" in text:
         check(value, max_depth)
     return value
+
+
+def _parse(text: str, max_depth: int) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise JsonProblem(TOO_DEEP, f"nested deeper than {max_depth} levels") from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise JsonProblem(NUMBER_OUT_OF_RANGE, str(exc)) from None
 
 
 def check(value: Any, max_depth: int = MAX_DEPTH) -> None:

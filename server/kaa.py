@@ -19,7 +19,6 @@ sent (and as delivered once the answer is PUBACKed).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from broker_hooks.broker import Delivery
 from broker_hooks.rules import Inbound, LifecycleAction
 from server.clock import now_ms
 from server.commands import CommandCore
+from server.convert import stored_json
 from server.delivery import DeviceLink, Message, Spawn
 from server.errors import FleetcmdError, NotFound, ThingMismatch
 from server.lifecycle import Status, Trigger
@@ -115,7 +115,7 @@ class KaaCex:
         Handing a command to the device (in this answer) makes a QUEUED one SENT.
         """
         return [
-            {"id": e.kaa_id, "payload": json.loads(e.params_json) if e.params_json else {}}
+            {"id": e.kaa_id, "payload": stored_json(e.params_json) if e.params_json else {}}
             for e in await self.outstanding_executions(thing, command_type)
         ]
 
