@@ -26,8 +26,11 @@ from broker_hooks import jsonvalue
 from broker_hooks.jsonvalue import MAX_DEPTH, MAX_SAFE_INTEGER, JsonProblem
 from server import convert
 from server.app import FleetcmdApp
+from server.config import Settings
+from server.errors import InvalidArgument
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
+from server.validation import validate_send
 from tests.clients import admin_key, app_channel
 from tests.devices import EmqxDevice, wait_for
 from tests.proc import run_cli
@@ -131,6 +134,30 @@ def test_codec_depth_allowance_and_parsed_values() -> None:
             jsonvalue.check(bad)
         assert (caught.value.reason, caught.value.path) == (reason, path), bad
     assert jsonvalue.where(("a", 1, "b"), "params") == "params.a[1].b"
+
+
+def test_struct_to_dict_refuses_what_json_cannot_hold() -> None:
+    assert convert.struct_to_dict(struct({"n": [2.0, 2.5, 1e300], "d": deep(MAX_DEPTH - 1)})) == {
+        "n": [2, 2.5, 1e300],
+        "d": deep(MAX_DEPTH - 1),
+    }
+    for number in (math.nan, math.inf, -math.inf):
+        st = struct({"a": {"n": 1}})
+        st.fields["a"].struct_value.fields["n"].number_value = number
+        with pytest.raises(InvalidArgument) as caught:
+            convert.struct_to_dict(st)
+        assert caught.value.violations[0].field == "params"
+        assert caught.value.violations[0].description.startswith("params.a.n is refused (not_finite)")
+    with pytest.raises(InvalidArgument):
+        convert.struct_to_dict(struct({"d": deep(MAX_DEPTH)}))
+
+
+def test_validate_send_refuses_non_finite_params_from_any_caller(settings: Settings) -> None:
+    """A last net behind the surfaces' parsers: the canonical text has no NaN or Infinity."""
+    validate_send(settings, thing_id="t", action="a", params={"n": 1e308}, ttl_seconds=0, idempotency_key="")
+    with pytest.raises(InvalidArgument) as caught:
+        validate_send(settings, thing_id="t", action="a", params={"n": math.inf}, ttl_seconds=0, idempotency_key="")
+    assert [v.field for v in caught.value.violations] == ["params"]
 
 
 def test_protobuf_carries_the_deepest_accepted_value_in_every_message() -> None:
@@ -283,6 +310,8 @@ async def test_kaa_mqtt_results_at_the_bounds(
             ("[" + item(payload='"\\udfff"') + "]", "invalid_unicode"),
             ("[" + item(payload="[" * 100_000 + "]" * 100_000) + "]", "too_deep"),
             ("[" + item(payload=json.dumps(deep(MAX_DEPTH + 1))) + "]", "too_deep"),
+            # Not only the payload: the whole body is bounded (an array, an item, then the value).
+            ('[{"id": 1, "statusCode": 200, "x": ' + json.dumps(deep(MAX_DEPTH + 1)) + "}]", "too_deep"),
         ]
         for body, reason in refused_bodies:
             before = app.core.stats[f"dropped.{reason}"]
