@@ -126,12 +126,24 @@ def loads(data: bytes | bytearray | str, max_depth: int = MAX_DEPTH) -> Any:
         raise JsonProblem(TOO_DEEP, f"nested deeper than {max_depth} levels") from None
     except json.JSONDecodeError as exc:
         raise JsonProblem(INVALID_JSON, str(exc)) from None
-    # Depth cannot exceed the number of brackets; a lone surrogate in strict UTF-8 text can only come
-    # from a backslash-u escape; NaN and Infinity parse as floats: the walk names where they are.
-    # Ordinary text costs these C-speed scans and no walk.
-    if text.count("[") + text.count("{") > max_depth or "\\u" in text or "NaN" in text or "Infinity" in text:
+    # A lone surrogate in strict UTF-8 text can only come from a backslash-u escape; NaN and Infinity
+    # parse as floats: the full walk names where they are. Depth cannot exceed the number of
+    # brackets, and past that a walk of the containers alone tells. Ordinary text costs these
+    # C-speed scans and no walk.
+    if "\\u" in text or "NaN" in text or "Infinity" in text:
         check(value, max_depth)
+    elif text.count("[") + text.count("{") > max_depth and isinstance(value, (dict, list)) and _too_deep(value, max_depth):
+        check(value, max_depth)  # for the path
     return value
+
+
+def _too_deep(value: Any, budget: int) -> bool:
+    if budget <= 0:
+        return True
+    for child in value.values() if isinstance(value, dict) else value:
+        if isinstance(child, (dict, list)) and _too_deep(child, budget - 1):
+            return True
+    return False
 
 
 def _parse(text: str, max_depth: int) -> Any:

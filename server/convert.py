@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -119,7 +120,7 @@ def _plain_value(value: struct_pb2.Value, budget: int, path: tuple[str | int, ..
         return [_plain_value(v, budget - 1, (*path, i)) for i, v in enumerate(value.list_value.values)]
     if kind == "number_value":
         number = value.number_value
-        if number != number or number in (float("inf"), float("-inf")):
+        if not math.isfinite(number):
             raise jsonvalue.JsonProblem(jsonvalue.NOT_FINITE, f"{number} is not a finite number", path)
         # Struct stores every number as a double; integral values become ints again.
         return int(number) if number.is_integer() and abs(number) <= _MAX_SAFE_INTEGER else number

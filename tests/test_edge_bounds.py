@@ -94,6 +94,9 @@ assert depth(WORST) == MAX_DEPTH
         ('"\\u00e9"', '["x", "\\ude00y"]', jsonvalue.INVALID_UNICODE),
         (json.dumps(deep(MAX_DEPTH)), json.dumps(deep(MAX_DEPTH + 1)), jsonvalue.TOO_DEEP),
         ("[" * MAX_DEPTH + "]" * MAX_DEPTH, "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), jsonvalue.TOO_DEEP),
+        # More brackets than levels: the depth is measured, not guessed from the count.
+        (json.dumps([deep(MAX_DEPTH - 1), [[]], {"a": {}}]), json.dumps([[], deep(MAX_DEPTH)]), jsonvalue.TOO_DEEP),
+        ('"' + "[" * 40 + '"', '[{"a": "' + "{" * 40 + '"}, ' + json.dumps(deep(MAX_DEPTH)) + "]", jsonvalue.TOO_DEEP),
         ('"' + "[" * 1000 + '"', "[" * 100_000 + "]" * 100_000, jsonvalue.TOO_DEEP),  # RecursionError is "too deep"
         ("{}", "{", jsonvalue.INVALID_JSON),
     ],
