@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from broker_hooks import jsonvalue
 from broker_hooks.rules import DecodeError, Dialect, LifecycleAction, Rule, TopicPattern
 from server.lifecycle import DEVICE_REPORTABLE, Status
 from server.models import DeviceReport, Reason
@@ -65,12 +66,14 @@ def decode_response(captured: Mapping[str, str], payload: bytes) -> ReportMessag
     """Decode a device response.
 
     Raises:
-        DecodeError: invalid JSON, not an object, unknown status or bad statusReason.
+        DecodeError: not strict, bounded JSON (the codec's reason: ``too_deep``, ``number_out_of_range``,
+            ``not_finite``, ``invalid_unicode``, ``invalid_json``), not an object, unknown status or bad statusReason.
     """
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DecodeError("invalid_json", str(exc)) from None
+        # One strict parse checks the whole body, statusReason strings included; "result" is one level down.
+        body = jsonvalue.loads(payload, jsonvalue.MAX_DEPTH + 1)
+    except jsonvalue.JsonProblem as exc:
+        raise DecodeError(exc.reason, str(exc)) from None
     if not isinstance(body, dict):
         raise DecodeError("not_an_object", f"payload is a JSON {type(body).__name__}")
     raw_status = body.get("status")
@@ -85,7 +88,7 @@ def decode_response(captured: Mapping[str, str], payload: bytes) -> ReportMessag
         reason = Reason(_text(raw_reason, "reasonCode"), _text(raw_reason, "reasonDescription"))
     result_json = None
     if "result" in body:
-        result_json = json.dumps(body["result"], separators=(",", ":"), ensure_ascii=False)
+        result_json = jsonvalue.dumps(body["result"])
     return ReportMessage(
         thing_id=captured["thing"],
         execution_id=captured["execution"],

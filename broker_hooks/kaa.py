@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from broker_hooks import jsonvalue
 from broker_hooks.rules import DecodeError, Dialect, LifecycleAction, Rule, TopicPattern
 
 COMMAND = TopicPattern("kp1/{av}/cex/{token}/command/{type}")
@@ -41,7 +42,8 @@ class KaaRequest:
     """A decoded KP1 CEX publish.
 
     ``problem`` is set (and ``body`` is None) when the payload is unusable; the control plane answers
-    it with a 400 error when there is a request id.
+    it with a 400 error when there is a request id, and counts it as ``dropped.{reason}`` when the
+    strict JSON codec refused it (``reason`` is one of :mod:`broker_hooks.jsonvalue`'s).
     """
 
     kind: str  # "command" or "result"
@@ -51,6 +53,7 @@ class KaaRequest:
     request_id: int | None
     body: Any
     problem: str | None = None
+    reason: str | None = None
 
     @property
     def observe(self) -> bool | None:
@@ -100,13 +103,15 @@ def _decoder(kind: str) -> Any:
                 raise DecodeError("kaa_not_a_request", f"{captured['rid']!r} is not a request id")
         body: Any = None
         problem: str | None = None
+        reason: str | None = None
         if kind == COMMAND_KIND and not payload.strip():
             body = {}  # "the object may be empty": an empty payload is read as {}
         else:
             try:
-                body = json.loads(payload)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                problem = f"invalid JSON: {exc}"
+                # A result array holds objects whose "payload" is two levels down (checked again per item).
+                body = jsonvalue.loads(payload, jsonvalue.MAX_DEPTH + 2)
+            except jsonvalue.JsonProblem as exc:
+                problem, reason = f"{exc.reason}: {exc}", exc.reason
         if problem is None and kind == COMMAND_KIND:
             if not isinstance(body, dict):
                 problem = "a command request is a JSON object"
@@ -114,7 +119,7 @@ def _decoder(kind: str) -> Any:
                 problem = "observe must be true or false"
         if problem is not None:
             body = None
-        return KaaRequest(kind, captured["av"], captured["token"], captured["type"], rid, body, problem)
+        return KaaRequest(kind, captured["av"], captured["token"], captured["type"], rid, body, problem, reason)
 
     return decode
 

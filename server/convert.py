@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from broker_hooks import jsonvalue
 from server import pagination
 from server.errors import InvalidArgument
 from server.lifecycle import Status
 from server.models import Execution, Reason, StateChange
 from server.pb import commands_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 
 def timestamp(ms: int | None) -> timestamp_pb2.Timestamp | None:
@@ -41,19 +45,27 @@ def _fill_value(value: struct_pb2.Value, data: Any) -> struct_pb2.Value:
     return value
 
 
+# The key of the one field of a Struct standing for stored params the rules now refuse.
+UNREADABLE_KEY = "$unrepresentable_json"
+
+
 def _value(json_text: str | None) -> struct_pb2.Value | None:
     """Stored JSON text (any JSON value) as a protobuf Value (None stays unset)."""
     if json_text is None:
         return None
-    return _fill_value(struct_pb2.Value(), json.loads(json_text))
+    return _fill_value(struct_pb2.Value(), jsonvalue.stored(json_text))
 
 
 def _struct(json_text: str | None) -> struct_pb2.Struct | None:
-    """Stored JSON object text as a protobuf Struct (None stays unset)."""
+    """Stored JSON object text as a protobuf Struct (None stays unset); see :func:`broker_hooks.jsonvalue.stored`.
+
+    Stored params the rules refuse come as ``{"$unrepresentable_json": text}``: a Struct holds no bare string.
+    """
     if json_text is None:
         return None
+    data = jsonvalue.stored(json_text)
     st = struct_pb2.Struct()
-    st.update(json.loads(json_text))
+    st.update(data if isinstance(data, dict) else {UNREADABLE_KEY: json_text})
     return st
 
 
@@ -76,21 +88,49 @@ def _integral(value: Any) -> Any:
     return value
 
 
-def struct_to_dict(st: struct_pb2.Struct) -> dict[str, Any]:
-    """A protobuf Struct as a plain dict.
+def _plain_value(value: struct_pb2.Value, budget: int, path: tuple[str | int, ...]) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "struct_value":
+        return _plain_struct(value.struct_value, budget, path)
+    if kind == "list_value":
+        if budget <= 0:
+            raise jsonvalue.JsonProblem(jsonvalue.TOO_DEEP, f"nested deeper than {jsonvalue.MAX_DEPTH} levels", path)
+        return [_plain_value(v, budget - 1, (*path, i)) for i, v in enumerate(value.list_value.values)]
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise jsonvalue.JsonProblem(jsonvalue.NOT_FINITE, f"{number} is not a finite number", path)
+        # Struct stores every number as a double; integral values become ints again.
+        return int(number) if number.is_integer() and abs(number) <= _MAX_SAFE_INTEGER else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "null_value":
+        return None
+    raise jsonvalue.JsonProblem(jsonvalue.NOT_JSON, "a Value with no kind set is not a JSON value", path)
+
+
+def _plain_struct(st: struct_pb2.Struct, budget: int, path: tuple[str | int, ...]) -> dict[str, Any]:
+    if budget <= 0:
+        raise jsonvalue.JsonProblem(jsonvalue.TOO_DEEP, f"nested deeper than {jsonvalue.MAX_DEPTH} levels", path)
+    return {k: _plain_value(v, budget - 1, (*path, k)) for k, v in st.fields.items()}
+
+
+def struct_to_dict(st: struct_pb2.Struct, field: str = "params") -> dict[str, Any]:
+    """A protobuf Struct as a plain dict, by the rules of :mod:`broker_hooks.jsonvalue`.
 
     Struct stores every number as a double; integral values become ints again so
     a device sees ``{"value": 24}``, as the operator wrote it, not ``24.0``.
 
     Raises:
-        InvalidArgument: the Struct holds something JSON cannot (NaN, Infinity, an unset Value).
+        InvalidArgument: naming ``field`` (the path in the description): the Struct holds something JSON cannot
+            (NaN, Infinity, a Value with no kind set) or is nested deeper than ``MAX_DEPTH``.
     """
     try:
-        plain = json_format.MessageToDict(st)
-    except (ValueError, json_format.Error) as exc:
-        raise InvalidArgument.single("params", f"params is not valid JSON: {exc}") from None
-    result: dict[str, Any] = _integral(plain)
-    return result
+        return _plain_struct(st, jsonvalue.MAX_DEPTH, ())
+    except jsonvalue.JsonProblem as exc:
+        raise InvalidArgument.single(field, f"{exc.field(field)} is refused ({exc.reason}): {exc.detail}") from None
 
 
 def _status(status: Status | None) -> int:

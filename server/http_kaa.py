@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from broker_hooks import jsonvalue
 from server.errors import FleetcmdError
 from server.http_rest import http_status, parse_json
 from server.kaa import MAX_ERROR_PHRASE, KaaCex, KaaError
@@ -41,16 +42,18 @@ def error_response(exc: BaseException) -> web.Response:
     return web.json_response({"statusCode": status, "reasonPhrase": phrase}, status=status)
 
 
-async def _body(request: web.Request, limit: int | None = None) -> Any:
+async def _body(cex: KaaCex, request: web.Request, limit: int | None = None) -> Any:
     raw = await request.read()
     if limit is not None and len(raw) > limit:
         raise KaaError(413, f"the request body is {len(raw)} bytes; the limit is {limit}")
     if not raw.strip():
         return None
     try:
-        return parse_json(raw)
-    except ValueError as exc:
-        raise KaaError(400, f"the request body is not valid JSON: {exc}") from None
+        # An array of result objects: each item's "payload" is two levels down (bounded again per item).
+        return parse_json(raw, jsonvalue.MAX_DEPTH + 2)
+    except jsonvalue.JsonProblem as exc:
+        cex.refused(exc.reason)
+        raise KaaError(400, f"the request body is refused ({exc.reason}): {exc}"[:MAX_ERROR_PHRASE]) from None
 
 
 class KaaHttp:
@@ -70,7 +73,7 @@ class KaaHttp:
     async def command(self, request: web.Request) -> web.Response:
         """Poll: every outstanding command of the type."""
         thing = self._cex.endpoint(request.match_info["appVersion"], request.match_info["token"])
-        body = await _body(request)
+        body = await _body(self._cex, request)
         if body is None:
             body = {}  # curl without --data: treat as {}
         if not isinstance(body, dict):
@@ -83,7 +86,7 @@ class KaaHttp:
     async def result(self, request: web.Request) -> web.Response:
         """Report results; 400 naming every bad item (the good ones are applied)."""
         thing = self._cex.endpoint(request.match_info["appVersion"], request.match_info["token"])
-        body = await _body(request, self._max_result_bytes)
+        body = await _body(self._cex, request, self._max_result_bytes)
         outcomes = await self._cex.report(thing, request.match_info["commandType"], body)
         bad = [
             f"item {index}" + (f" (id {outcome.id})" if outcome.id is not None else "") + f": {outcome.error}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from broker_hooks import jsonvalue
 from server import pagination
 from server.apikeys import ApiKeys, Principal
 from server.authz import Operation, required_role
@@ -169,7 +169,10 @@ def rfc3339(ms: int | None) -> str | None:
 
 
 def _json(text: str | None) -> Any:
-    return json.loads(text) if text is not None else None
+    """Stored JSON text as a value; what a rule refuses (a row of an older version) as its text."""
+    if text is None:
+        return None
+    return jsonvalue.stored(text)
 
 
 def _reason(reason: Reason | None) -> dict[str, str] | None:
@@ -223,27 +226,25 @@ def execution_json(e: Execution, *, detail: bool = False) -> dict[str, Any]:
 # ---- request parsing ----------------------------------------------------------------------
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+def parse_json(raw: bytes, max_depth: int = jsonvalue.MAX_DEPTH + 1) -> Any:
+    """Strict, bounded JSON (see :mod:`broker_hooks.jsonvalue`).
 
-
-def parse_json(raw: bytes) -> Any:
-    """Strict JSON (no NaN or Infinity).
+    Args:
+        raw: The body.
+        max_depth: Levels allowed: by default a :data:`~broker_hooks.jsonvalue.MAX_DEPTH` value inside the body object.
 
     Raises:
-        ValueError: not JSON (also for nesting too deep to parse).
+        jsonvalue.JsonProblem: (a ValueError) not strict JSON, too deep, a number out of range, invalid Unicode.
     """
-    try:
-        return json.loads(raw, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
+    return jsonvalue.loads(raw, max_depth)
 
 
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON; an empty body is None.
 
     Raises:
-        InvalidArgument: the body is not JSON.
+        InvalidArgument: the body is not strict, bounded JSON; the field named is the body's member
+            holding the problem (``params``, its path ``params.a[2]`` in the description) when known, else ``body``.
         web.HTTPRequestEntityTooLarge: above the application's ``client_max_size``.
     """
     raw = await request.read()
@@ -251,8 +252,11 @@ async def read_json(request: web.Request) -> Any:
         return None
     try:
         return parse_json(raw)
-    except ValueError as exc:
-        raise InvalidArgument.single("body", f"the body is not valid JSON: {exc}") from None
+    except jsonvalue.JsonProblem as exc:
+        if exc.path:
+            where = jsonvalue.where(exc.path[1:], str(exc.path[0]))
+            raise InvalidArgument.single(str(exc.path[0]), f"{where} is refused ({exc.reason}): {exc.detail}") from None
+        raise InvalidArgument.single("body", f"the body is not valid JSON ({exc.reason}): {exc.detail}") from None
 
 
 def _integer(value: Any) -> int | None:

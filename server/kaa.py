@@ -19,14 +19,15 @@ sent (and as delivered once the answer is PUBACKed).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker_hooks import jsonvalue
 from broker_hooks import kaa as kaa_topics
 from broker_hooks.broker import Delivery
+from broker_hooks.jsonvalue import stored as stored_json
 from broker_hooks.rules import Inbound, LifecycleAction
 from server.clock import now_ms
 from server.commands import CommandCore
@@ -40,6 +41,11 @@ from server.store import kaa_store
 log = logging.getLogger(__name__)
 
 MAX_REASON_PHRASE = 1024
+# Kaa ids are issued per endpoint and command type from 1 upward; the store keeps them as SQLite
+# integers and devices echo them as JSON numbers: beyond 2**53 no device can name one exactly.
+MAX_KAA_ID = jsonvalue.MAX_SAFE_INTEGER
+# HTTP-like status codes: 100-599 is what the dialect means (2xx succeeded, 4xx rejected, else failed).
+MIN_STATUS_CODE, MAX_STATUS_CODE = 100, 599
 
 
 class KaaError(FleetcmdError):
@@ -100,13 +106,17 @@ class KaaCex:
             raise KaaError(401, "unknown endpoint token for this application version")
         return thing
 
+    def refused(self, reason: str) -> None:
+        """Count a request body the strict JSON codec refused (``dropped.{reason}``, as over MQTT)."""
+        self._core.stats[f"dropped.{reason}"] += 1
+
     async def outstanding(self, thing: ThingRecord, command_type: str) -> list[dict[str, Any]]:
         """Every outstanding command of this type, ``[{"id", "payload"}]``, oldest first.
 
         Handing a command to the device (in this answer) makes a QUEUED one SENT.
         """
         return [
-            {"id": e.kaa_id, "payload": json.loads(e.params_json) if e.params_json else {}}
+            {"id": e.kaa_id, "payload": stored_json(e.params_json) if e.params_json else {}}
             for e in await self.outstanding_executions(thing, command_type)
         ]
 
@@ -139,10 +149,10 @@ class KaaCex:
         if not isinstance(item, dict):
             return ItemOutcome(None, "item is not an object")
         kaa_id, code = item.get("id"), item.get("statusCode")
-        if type(kaa_id) is not int or kaa_id < 1:
-            return ItemOutcome(kaa_id, "id must be a positive integer")
-        if type(code) is not int:
-            return ItemOutcome(kaa_id, "statusCode must be an integer")
+        if type(kaa_id) is not int or not 1 <= kaa_id <= MAX_KAA_ID:
+            return ItemOutcome(kaa_id, f"id must be an integer from 1 to {MAX_KAA_ID}")
+        if type(code) is not int or not MIN_STATUS_CODE <= code <= MAX_STATUS_CODE:
+            return ItemOutcome(kaa_id, f"statusCode must be an integer from {MIN_STATUS_CODE} to {MAX_STATUS_CODE}")
         phrase = item.get("reasonPhrase", "")
         if not isinstance(phrase, str) or len(phrase) > MAX_REASON_PHRASE:
             return ItemOutcome(kaa_id, f"reasonPhrase must be a string of at most {MAX_REASON_PHRASE} characters")
@@ -150,7 +160,17 @@ class KaaCex:
         if execution_id is None:
             self._core.stats["dropped.unknown_execution"] += 1
             return ItemOutcome(kaa_id, f"no command {kaa_id} of type {command_type!r} for this endpoint", 404)
-        payload = json.dumps(item["payload"], separators=(",", ":"), ensure_ascii=False) if "payload" in item else None
+        payload = None
+        if "payload" in item:
+            try:
+                # The body came through the codec (strict, in range) with room for its envelope: the
+                # payload itself is bounded here, once more only when it is a container.
+                if isinstance(item["payload"], (dict, list)):
+                    jsonvalue.check(item["payload"])
+            except jsonvalue.JsonProblem as exc:
+                self.refused(exc.reason)
+                return ItemOutcome(kaa_id, f"{exc.reason}: {exc.field('payload')}: {exc.detail}")
+            payload = jsonvalue.dumps(item["payload"])
         report = DeviceReport(status_for(code), payload, Reason(str(code), phrase))
         try:
             await self._core.report(execution_id, report, thing_id=thing.thing_id)
@@ -335,7 +355,9 @@ class KaaMqtt:
 
     async def _command(self, inbound: Inbound, request: kaa_topics.KaaRequest, thing: ThingRecord) -> None:
         if request.problem is not None:
-            self._error(inbound, request, KaaError(400, request.problem))
+            if request.reason is not None:
+                self.cex.refused(request.reason)
+            self._error(inbound, request, KaaError(400, request.problem[:MAX_ERROR_PHRASE]))
             return
         try:
             check_command_type(request.command_type)
@@ -376,7 +398,9 @@ class KaaMqtt:
 
     async def _result(self, inbound: Inbound, request: kaa_topics.KaaRequest, thing: ThingRecord) -> None:
         if request.problem is not None:
-            self._error(inbound, request, KaaError(400, request.problem))
+            if request.reason is not None:
+                self.cex.refused(request.reason)
+            self._error(inbound, request, KaaError(400, request.problem[:MAX_ERROR_PHRASE]))
             return
         try:
             outcomes = await self.cex.report(thing, request.command_type, request.body)

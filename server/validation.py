@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from broker_hooks import jsonvalue
 from broker_hooks.topics import level_problem
 from server.config import Settings
 from server.errors import FieldViolation, InvalidArgument
@@ -82,8 +83,14 @@ def validate_send(
     elif "\x00" in action:
         violations.append(FieldViolation("action", "action must not contain NUL"))
     if params is not None:
-        params_json = json.dumps(params, separators=(",", ":"), ensure_ascii=False)
-        size = len(params_json.encode())
+        try:
+            # Each surface parsed params by the JSON rules once (REST: jsonvalue.loads of the body;
+            # gRPC: convert.struct_to_dict), so no second walk here; the canonical text still
+            # refuses NaN and Infinity (allow_nan=False) should a caller skip that.
+            size = len(jsonvalue.dumps(params).encode())
+        except ValueError as exc:
+            violations.append(FieldViolation("params", f"params is refused ({jsonvalue.NOT_FINITE}): {exc}"))
+            size = 0
         if size > settings.max_params_bytes:
             violations.append(
                 FieldViolation("params", f"params is {size} bytes as JSON; the limit is {settings.max_params_bytes}")

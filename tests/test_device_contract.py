@@ -546,7 +546,7 @@ async def test_malformed_responses_are_dropped_and_counted(app: FleetcmdApp, stu
             (dev.response_topic(uuid.uuid4().hex), ok),  # unknown execution id
             (dev.response_topic("not-an-id"), ok),  # unknown (malformed) execution id
             (good_topic, b"{not json"),
-            (good_topic, b"\xff\xfe\x00"),  # not UTF-8
+            (good_topic, b"\xff\xfe\x00"),  # not UTF-8: counted as invalid_unicode
             (good_topic, b"[1, 2, 3]"),
             (good_topic, b'"SUCCEEDED"'),
             (good_topic, b"null"),
@@ -570,7 +570,8 @@ async def test_malformed_responses_are_dropped_and_counted(app: FleetcmdApp, stu
         assert app.broker.stats["dropped.acl"] == 1
         assert app.core.stats["dropped.thing_mismatch"] == 1
         assert app.core.stats["dropped.unknown_execution"] == 2
-        assert app.broker.stats["dropped.invalid_json"] == 2
+        assert app.broker.stats["dropped.invalid_json"] == 1
+        assert app.broker.stats["dropped.invalid_unicode"] == 1
         assert app.broker.stats["dropped.not_an_object"] == 3
         assert app.broker.stats["dropped.unknown_status"] == 3
         assert app.core.stats["reports.change"] == 1

@@ -70,7 +70,7 @@ def test_decode_full_response() -> None:
     ("payload", "reason"),
     [
         (b"not json", "invalid_json"),
-        (b"\xff\xfe", "invalid_json"),
+        (b"\xff\xfe", "invalid_unicode"),  # not UTF-8
         (b"[1]", "not_an_object"),
         (b'{"status":"DONE"}', "unknown_status"),
         (b'{"status":"TIMED_OUT"}', "unknown_status"),
