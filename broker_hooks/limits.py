@@ -1,0 +1,194 @@
+"""What the MQTT listener refuses before a connection costs anything: the first packet, packet sizes, closing.
+
+The internet sends a broker health checks that connect and close, scanners that connect and
+say nothing, and garbage. amqtt 0.12.1 reads the first packet with no deadline, as a CONNECT
+whatever its type (a PUBLISH first waits for bytes that never come), buffers a packet whole
+whatever its declared length, and leaves the socket of a connection it gave up on to the
+garbage collector. Here:
+
+* :func:`read_connect` reads the first packet's fixed header itself: not a CONNECT with flags 0
+  [MQTT-3.1.0-1] [MQTT-2.2.2-2], a malformed remaining length or one above the packet limit
+  raises :class:`FirstPacketError` before the body is read; the body is then read whole and
+  decoded from memory, so a truncated or padded CONNECT is refused too;
+* :class:`BoundedStreamReader` / :class:`BoundedWebSocketsReader` refuse a read larger than the
+  packet limit, for the connections amqtt's own reader loop serves (WebSocket, or a plugin that
+  listens to packet events): a PUBLISH's payload is one read of its whole length;
+* :func:`close_now` releases a connection's descriptor at once (no drain, no close handshake);
+* :class:`RefusalLog` logs a kind of refusal at most once per interval, with the count since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from amqtt.adapters import (
+    BufferReader,
+    ReaderAdapter,
+    StreamReaderAdapter,
+    StreamWriterAdapter,
+    WebSocketsReader,
+    WebSocketsWriter,
+    WriterAdapter,
+)
+from amqtt.errors import MQTTError
+from amqtt.mqtt.connect import ConnectPacket
+from amqtt.mqtt.packet import CONNECT, MQTTFixedHeader
+
+log = logging.getLogger(__name__)
+
+# The largest remaining length an MQTT fixed header can encode (four length bytes).
+MQTT_MAX_PACKET = 268_435_455
+# A fixed header is one type byte and one to four length bytes.
+MAX_FIXED_HEADER = 5
+# Seconds between two log lines about the same kind of refusal.
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+class FirstPacketError(MQTTError):
+    """The first packet of a connection is not a CONNECT the broker reads; it is closed without a CONNACK.
+
+    Attributes:
+        reason: Named reason, counted in the broker's stats as ``closed.<reason>``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+class PacketTooLarge(ConnectionError):
+    """A packet declared a length above the limit: the connection cannot be resynchronised and ends."""
+
+
+async def _read(reader: ReaderAdapter, n: int) -> bytes:
+    try:
+        data: bytes = await reader.read(n)
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        raise FirstPacketError("no_connect", f"connection ended before a complete CONNECT ({exc!r})") from None
+    if len(data) < n:
+        raise FirstPacketError("no_connect", "connection ended before a complete CONNECT")
+    return data
+
+
+async def read_connect(reader: ReaderAdapter, max_packet_bytes: int) -> ConnectPacket:
+    """Read the first packet of a connection, which must be a CONNECT of at most ``max_packet_bytes`` after its fixed header.
+
+    Raises:
+        FirstPacketError: not a CONNECT (``not_connect``), a malformed one (``malformed``), one
+            declaring more than ``max_packet_bytes`` (``oversized``, the body is not read), or the
+            connection ended first (``no_connect``).
+    """
+    first = (await _read(reader, 1))[0]
+    if first != CONNECT << 4:
+        raise FirstPacketError(
+            "not_connect", f"[MQTT-3.1.0-1] first packet is of type {first >> 4} (flags {first & 0x0F:#x}), not CONNECT"
+        )
+    length = 0
+    for shift in (0, 7, 14, 21):
+        byte = (await _read(reader, 1))[0]
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+    else:
+        raise FirstPacketError("malformed", "CONNECT: remaining length longer than four bytes")
+    if length > max_packet_bytes:
+        raise FirstPacketError("oversized", f"CONNECT declares {length} bytes (limit {max_packet_bytes})")
+    body = await _read(reader, length)
+    buffer = BufferReader(body)
+    try:
+        connect = await ConnectPacket.from_stream(buffer, fixed_header=MQTTFixedHeader(CONNECT, 0, length))
+    except Exception as exc:  # noqa: BLE001 - whatever amqtt's decoder makes of garbage, it is a malformed CONNECT
+        raise FirstPacketError("malformed", f"malformed CONNECT: {exc!r}") from None
+    if buffer._stream.tell() != length:
+        raise FirstPacketError("malformed", f"CONNECT: {length - buffer._stream.tell()} bytes after its payload")
+    return connect
+
+
+class BoundedStreamReader(StreamReaderAdapter):
+    """amqtt's TCP reader adapter, refusing a read above the packet limit (amqtt's reader loop reads a payload at once)."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_packet_bytes: int) -> None:
+        super().__init__(reader)
+        self.max_packet_bytes = max_packet_bytes
+
+    async def read(self, n: int = -1) -> bytes:
+        """Read as amqtt does.
+
+        Raises:
+            PacketTooLarge: ``n`` is above the packet limit, or unbounded.
+        """
+        if n < 0 or n > self.max_packet_bytes:
+            raise PacketTooLarge(f"read of {n} bytes refused (packet limit {self.max_packet_bytes})")
+        data: bytes = await super().read(n)
+        return data
+
+
+class BoundedWebSocketsReader(WebSocketsReader):
+    """amqtt's WebSocket reader adapter, refusing a read above the packet limit."""
+
+    def __init__(self, reader: WebSocketsReader, max_packet_bytes: int) -> None:
+        super().__init__(reader._protocol)
+        self._stream = reader._stream
+        self.max_packet_bytes = max_packet_bytes
+
+    async def read(self, n: int = -1) -> bytes:
+        """Read as amqtt does.
+
+        Raises:
+            PacketTooLarge: ``n`` is above the packet limit, or unbounded.
+        """
+        if n < 0 or n > self.max_packet_bytes:
+            raise PacketTooLarge(f"read of {n} bytes refused (packet limit {self.max_packet_bytes})")
+        data: bytes = await super().read(n)
+        return data
+
+
+def bounded(reader: ReaderAdapter, max_packet_bytes: int) -> ReaderAdapter:
+    """``reader`` with reads above ``max_packet_bytes`` refused (the TCP and WebSocket adapters; others as they are)."""
+    if type(reader) is StreamReaderAdapter:
+        return BoundedStreamReader(reader._reader, max_packet_bytes)
+    if type(reader) is WebSocketsReader:
+        return BoundedWebSocketsReader(reader, max_packet_bytes)
+    return reader
+
+
+def close_now(writer: WriterAdapter) -> None:
+    """Release the connection's socket at once: no drain (a peer that does not read would hold it), no handshake.
+
+    Does nothing to a connection already closed.
+    """
+    transport: asyncio.BaseTransport | None = None
+    if isinstance(writer, WebSocketsWriter):
+        transport = getattr(writer._protocol, "transport", None)
+    elif isinstance(writer, StreamWriterAdapter):
+        transport = writer._writer.transport
+        writer.is_closed = True  # amqtt's later close() must not wait to drain into an aborted socket
+    if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+        transport.abort()
+    elif isinstance(transport, asyncio.BaseTransport) and not transport.is_closing():
+        transport.close()
+
+
+class RefusalLog:
+    """Log a kind of refusal at most once per :data:`REFUSAL_LOG_INTERVAL`, with how many happened since the last line."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self._interval = interval
+        self._last: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def warning(self, reason: str, message: str, *args: object) -> None:
+        """Log ``message % args`` for ``reason`` if its last line is older than the interval, else count it."""
+        now = time.monotonic()
+        last = self._last.get(reason)
+        if last is not None and now - last < self._interval:
+            self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        skipped = self._unlogged.pop(reason, 0)
+        if skipped:
+            log.warning(message + " (%d more like it in the last %.0fs)", *args, skipped, now - (last or now))
+        else:
+            log.warning(message, *args)
