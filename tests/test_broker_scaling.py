@@ -31,8 +31,11 @@ COPIED = {
     "_handle_client_session": "8b1b52a0",
     "_client_message_loop": "916c4647",
     "_initialize_client_session": "5dd89158",
-    # FleetBroker's TCP listener: the same start_server call with a backlog.
+    # FleetBroker's listeners: the same start_server call with a backlog, websockets.serve with a max_size.
     "_create_server_instance": "3925f482",
+    # FleetBroker wraps it (connection caps, bounded reader, socket released at the end) and relies on
+    # it calling _initialize_client_session then _handle_client_session, releasing its server slot.
+    "_client_connected": "432b724b",
 }
 
 
