@@ -453,7 +453,7 @@ async def test_connect_close_storms_and_half_open_connections_leave_descriptors_
             await round_trip(stub, "innocent")
 
             # 1,000 half-open connections (connect, then say nothing), 250 at a time, closed by the deadline.
-            for batch in range(4):
+            for _ in range(4):
                 held = [await open_raw(port) for _ in range(250)]
                 try:
                     await round_trip(stub, "innocent")
