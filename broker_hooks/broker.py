@@ -55,7 +55,7 @@ from typing import Any, Protocol
 import websockets
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import ApplicationMessage, Session
@@ -207,15 +207,29 @@ class FleetBroker(IndexedBroker):
     # ---- connections ----------------------------------------------------------------------
 
     async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
-        """Amqtt's connection handling, within the connection caps, and the socket released whatever ends it.
+        """Amqtt's ``_client_connected`` (0.12.1) within the connection caps, releasing the socket whatever ends it.
 
         amqtt leaves the socket of a connection it gave up on (no CONNECT, a refused one, an
-        error) open until the garbage collector finds it; a health check that connects and
-        closes would use up the process's descriptors. Reads above the packet limit are refused
-        on the paths where amqtt's own reader loop reads (:func:`broker_hooks.limits.bounded`).
+        error) open until the garbage collector finds it, so a health check that connects and
+        closes used up the process's descriptors; and it logs every connection (INFO) and every
+        failed CONNECT (WARNING), a line per packet of a storm. Here a connection that ends
+        before its session is counted and logged at most once per 10 s per reason
+        (:meth:`_session_from_connect`). Reads above the packet limit are refused where amqtt's
+        own reader loop reads (:func:`broker_hooks.limits.bounded`).
+
+        Raises:
+            BrokerError: ``listener_name`` is not a started listener.
         """
+        server = self._servers.get(listener_name)
+        if not server:
+            msg = f"Invalid listener name '{listener_name}'"
+            raise BrokerError(msg)
         peer = writer.get_peer_info()
-        address = peer[0] if peer else ""
+        if peer is None:
+            log.warning("remote address of a new connection could not be retrieved: closing it")
+            close_now(writer)
+            return
+        address, port = peer
         refusal = self._over_cap(address)
         if refusal is not None:
             self.stats[f"refused.{refusal}"] += 1
@@ -234,9 +248,23 @@ class FleetBroker(IndexedBroker):
         self.open_connections += 1
         if self._max_per_address:
             self._per_address[address] = self._per_address.get(address, 0) + 1
+        acquired = False
         try:
-            await super()._client_connected(listener_name, bounded(reader, self.max_packet_bytes), writer)
+            await server.acquire_connection()  # amqtt's per-listener max_connections: 0 (off) in fleetcmd
+            acquired = True
+            log.debug("connection from %s:%s on listener %r", address, port, listener_name)
+            reader = bounded(reader, self.max_packet_bytes)
+            try:
+                handler, client_session = await self._initialize_client_session(reader, writer, address, port)
+            except (AMQTTError, MQTTError, NoDataError):
+                return  # counted and logged in _session_from_connect
+            try:
+                await self._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+            except (AMQTTError, MQTTError, NoDataError) as exc:
+                log.warning("error while handling the session of %s: %s", client_session.client_id, exc)
         finally:
+            if acquired:
+                server.release_connection()
             self.open_connections -= 1
             if self._max_per_address:
                 left = self._per_address.pop(address, 1) - 1
@@ -298,18 +326,18 @@ class FleetBroker(IndexedBroker):
                     reader, writer, self.plugins_manager, max_packet_bytes=self.max_packet_bytes
                 )
         except FirstPacketError as exc:
-            self._connect_refused(exc.reason, remote_address, remote_port, str(exc), writer)
+            self._connect_refused(exc.reason, remote_address, remote_port, str(exc))
             raise AMQTTError(exc) from None
         except TimeoutError:
             detail = f"no CONNECT within {self.connect_timeout}s"
-            self._connect_refused("connect_timeout", remote_address, remote_port, detail, writer)
+            self._connect_refused("connect_timeout", remote_address, remote_port, detail)
             raise AMQTTError(detail) from None
         except MQTTError as exc:
             # Refused by amqtt's checks (CONNACK sent) or malformed.
-            self._connect_refused("invalid_connect", remote_address, remote_port, str(exc), writer)
+            self._connect_refused("invalid_connect", remote_address, remote_port, str(exc))
             raise MQTTError(exc) from exc
         except (AMQTTError, NoDataError, ConnectionError) as exc:
-            self._connect_refused("no_connect", remote_address, remote_port, repr(exc), writer)
+            self._connect_refused("no_connect", remote_address, remote_port, repr(exc))
             raise AMQTTError(exc) from exc
 
         if not await self._authenticate(incoming, ListenerConfig()):
@@ -346,11 +374,10 @@ class FleetBroker(IndexedBroker):
             client_session.keep_alive += delay
         return handler, client_session
 
-    def _connect_refused(self, reason: str, address: str, port: int, detail: str, writer: WriterAdapter) -> None:
-        """A connection ends without a session: counted, logged (rate-limited), its socket released now."""
+    def _connect_refused(self, reason: str, address: str, port: int, detail: str) -> None:
+        """A connection ends without a session: counted and logged (rate-limited); ``_client_connected`` releases its socket."""
         self.stats[f"closed.{reason}"] += 1
         self._refusal_log.warning(reason, "MQTT connection from %s:%s closed before CONNECT: %s", address, port, detail)
-        close_now(writer)
 
     def _session_refused(self, handler: BrokerProtocolHandler) -> bool:
         if handler in self._refused:

@@ -33,8 +33,8 @@ COPIED = {
     "_initialize_client_session": "5dd89158",
     # FleetBroker's listeners: the same start_server call with a backlog, websockets.serve with a max_size.
     "_create_server_instance": "3925f482",
-    # FleetBroker wraps it (connection caps, bounded reader, socket released at the end) and relies on
-    # it calling _initialize_client_session then _handle_client_session, releasing its server slot.
+    # FleetBroker's copy adds the connection caps, the bounded reader, rate-limited logging and the
+    # socket released at the end.
     "_client_connected": "432b724b",
 }
 

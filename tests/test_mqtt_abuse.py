@@ -153,7 +153,7 @@ async def svc(tmp_path: Path) -> AsyncIterator[FleetcmdApp]:
 
 
 def port_of(app: FleetcmdApp) -> int:
-    assert app.ports is not None
+    assert app.ports is not None and app.ports.mqtt is not None
     return app.ports.mqtt
 
 
@@ -310,7 +310,7 @@ async def test_a_publish_declaring_200_mb_is_closed_without_its_body_being_read(
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
-        (publish(b"a/b", b"x", flags=0x06), "malformed"),  # QoS 3 [MQTT-3.3.1-4]
+        (publish(b"a/b", b"\x00\x01payload", flags=0x06), "malformed"),  # QoS 3 [MQTT-3.3.1-4]
         (publish(b"a/#", b"x"), "malformed"),  # wildcard topic name [MQTT-3.3.2-2]
         (publish(b"a/+/c", b"x", flags=0x02), "malformed"),
         (packet(0x30, b"\x00\x64abc"), "malformed"),  # topic length 100, 3 bytes
