@@ -10,9 +10,9 @@ garbage collector. Here:
   [MQTT-3.1.0-1] [MQTT-2.2.2-2], a malformed remaining length or one above the packet limit
   raises :class:`FirstPacketError` before the body is read; the body is then read whole and
   decoded from memory, so a truncated or padded CONNECT is refused too;
-* :class:`BoundedStreamReader` / :class:`BoundedWebSocketsReader` refuse a read larger than the
-  packet limit, for the connections amqtt's own reader loop serves (WebSocket, or a plugin that
-  listens to packet events): a PUBLISH's payload is one read of its whole length;
+* :class:`BoundedStreamReader` / :class:`BoundedWebSocketsReader` follow the packet framing of
+  what amqtt's own reader loop reads (WebSocket, or a plugin that listens to packet events) and
+  refuse a packet from its fixed header, before its body is read;
 * :func:`close_now` releases a connection's descriptor at once (no drain, no close handshake);
 * :class:`RefusalLog` logs a kind of refusal at most once per interval, with the count since.
 """
@@ -59,12 +59,22 @@ class FirstPacketError(MQTTError):
 
 
 class PacketTooLarge(ConnectionError):
-    """A packet declared a length above the limit: the connection cannot be resynchronised and ends."""
+    """A packet declared a length above the limit (or an invalid one): the connection cannot be resynchronised and ends.
+
+    Attributes:
+        reason: ``oversized``, or ``malformed`` for a remaining length of more than four bytes.
+    """
+
+    def __init__(self, detail: str, reason: str = "oversized") -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 async def _read(reader: ReaderAdapter, n: int) -> bytes:
     try:
         data: bytes = await reader.read(n)
+    except PacketTooLarge as exc:  # a bounded reader saw the fixed header first
+        raise FirstPacketError(exc.reason, f"CONNECT: {exc}") from None
     except (asyncio.IncompleteReadError, ConnectionError) as exc:
         raise FirstPacketError("no_connect", f"connection ended before a complete CONNECT ({exc!r})") from None
     if len(data) < n:
@@ -106,42 +116,91 @@ async def read_connect(reader: ReaderAdapter, max_packet_bytes: int) -> ConnectP
     return connect
 
 
-class BoundedStreamReader(StreamReaderAdapter):
-    """amqtt's TCP reader adapter, refusing a read above the packet limit (amqtt's reader loop reads a payload at once)."""
+class _Framing:
+    """Follows the MQTT framing of the bytes a reader hands out, and refuses a packet whose fixed header declares too much.
+
+    amqtt's reader loop decodes a packet field by field from the adapter, so the adapter sees
+    every fixed header go by: once its remaining length is complete, and before any of the
+    body is read, a length above the limit raises :class:`PacketTooLarge`, which ends amqtt's
+    reader loop (and so the connection).
+    """
+
+    _TYPE, _LENGTH, _BODY = 0, 1, 2
+
+    def __init__(self, max_packet_bytes: int) -> None:
+        self.max_packet_bytes = max_packet_bytes
+        self._state = self._TYPE
+        self._length = 0
+        self._shift = 0
+        self._left = 0
+
+    def _track(self, data: bytes) -> None:
+        at, end = 0, len(data)
+        while at < end:
+            if self._state == self._BODY:
+                step = min(self._left, end - at)
+                self._left -= step
+                at += step
+                if not self._left:
+                    self._state = self._TYPE
+                continue
+            byte = data[at]
+            at += 1
+            if self._state == self._TYPE:
+                self._state, self._length, self._shift = self._LENGTH, 0, 0
+                continue
+            self._length |= (byte & 0x7F) << self._shift
+            self._shift += 7
+            if byte & 0x80:
+                if self._shift > 21:
+                    raise PacketTooLarge("remaining length longer than four bytes", "malformed")
+                continue
+            if self._length > self.max_packet_bytes:
+                raise PacketTooLarge(f"packet declares {self._length} bytes (limit {self.max_packet_bytes})")
+            self._left = self._length
+            self._state = self._BODY if self._left else self._TYPE
+
+    def _check(self, n: int) -> None:
+        if n < 0 or n > self.max_packet_bytes + MAX_FIXED_HEADER:
+            raise PacketTooLarge(f"read of {n} bytes refused (packet limit {self.max_packet_bytes})")
+
+
+class BoundedStreamReader(StreamReaderAdapter, _Framing):
+    """amqtt's TCP reader adapter, refusing a packet above the limit from its fixed header (see :class:`_Framing`)."""
 
     def __init__(self, reader: asyncio.StreamReader, max_packet_bytes: int) -> None:
-        super().__init__(reader)
-        self.max_packet_bytes = max_packet_bytes
+        StreamReaderAdapter.__init__(self, reader)
+        _Framing.__init__(self, max_packet_bytes)
 
     async def read(self, n: int = -1) -> bytes:
         """Read as amqtt does.
 
         Raises:
-            PacketTooLarge: ``n`` is above the packet limit, or unbounded.
+            PacketTooLarge: the packet being read declares more than the limit, or ``n`` is unbounded.
         """
-        if n < 0 or n > self.max_packet_bytes:
-            raise PacketTooLarge(f"read of {n} bytes refused (packet limit {self.max_packet_bytes})")
+        self._check(n)
         data: bytes = await super().read(n)
+        self._track(data)
         return data
 
 
-class BoundedWebSocketsReader(WebSocketsReader):
-    """amqtt's WebSocket reader adapter, refusing a read above the packet limit."""
+class BoundedWebSocketsReader(WebSocketsReader, _Framing):
+    """amqtt's WebSocket reader adapter, refusing a packet above the limit from its fixed header (see :class:`_Framing`)."""
 
     def __init__(self, reader: WebSocketsReader, max_packet_bytes: int) -> None:
-        super().__init__(reader._protocol)
+        WebSocketsReader.__init__(self, reader._protocol)
+        _Framing.__init__(self, max_packet_bytes)
         self._stream = reader._stream
-        self.max_packet_bytes = max_packet_bytes
 
     async def read(self, n: int = -1) -> bytes:
         """Read as amqtt does.
 
         Raises:
-            PacketTooLarge: ``n`` is above the packet limit, or unbounded.
+            PacketTooLarge: the packet being read declares more than the limit, or ``n`` is unbounded.
         """
-        if n < 0 or n > self.max_packet_bytes:
-            raise PacketTooLarge(f"read of {n} bytes refused (packet limit {self.max_packet_bytes})")
+        self._check(n)
         data: bytes = await super().read(n)
+        self._track(data)
         return data
 
 

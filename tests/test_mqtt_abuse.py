@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import websockets
 
 from broker_hooks.broker import FleetBroker
 from server.app import FleetcmdApp
@@ -467,3 +468,67 @@ async def test_connect_close_storms_and_half_open_connections_leave_descriptors_
             assert rss_bytes() - rss < 16 * 1024 * 1024
             assert broker.stats["closed.connect_timeout"] == 1000
             assert broker.stats["closed.no_connect"] >= 900  # a few may reach the broker only after the close
+
+
+# ---- WebSocket: the same deadline, first packet and sizes ----------------------------------------
+
+
+async def ws_closed_by_server(ws: Any, timeout: float) -> bool:
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                await ws.recv()
+    except TimeoutError:
+        return False
+    except websockets.ConnectionClosed:
+        return True
+
+
+@contextlib.asynccontextmanager
+async def ws_client(app: FleetcmdApp) -> AsyncIterator[Any]:
+    assert app.ports is not None
+    async with websockets.connect(f"ws://{HOST}:{app.ports.ws}/", subprotocols=[websockets.Subprotocol("mqtt")]) as ws:
+        yield ws
+
+
+async def test_websocket_connections_get_the_deadline_first_packet_and_size_rules(tmp_path: Path) -> None:
+    async with service(tmp_path, ws_port=0) as app:
+        stats = broker_of(app).stats
+        async with ws_client(app) as ws:
+            assert not await ws_closed_by_server(ws, CONNECT_TIMEOUT * 0.6)
+            assert await ws_closed_by_server(ws, CONNECT_TIMEOUT + 2), "silent WebSocket left open"
+        assert stats["closed.connect_timeout"] == 1
+        async with ws_client(app) as ws:
+            await ws.send(b"\xc0\x00")  # PINGREQ first
+            assert await ws_closed_by_server(ws, AT_ONCE)
+        assert stats["closed.not_connect"] == 1
+        async with ws_client(app) as ws:
+            await ws.send(b"\x10" + remaining_length(MAX_PACKET + 1))
+            assert await ws_closed_by_server(ws, AT_ONCE)
+        assert stats["closed.oversized"] == 1
+        # After the CONNECT (amqtt's reader serves WebSocket): a PUBLISH at the limit passes, one byte more ends it.
+        for length, survives in ((MAX_PACKET, True), (MAX_PACKET + 1, False)):
+            async with ws_client(app) as ws:
+                await ws.send(connect(f"ws-{length}"))
+                assert await asyncio.wait_for(ws.recv(), 2) == b"\x20\x02\x00\x00"
+                data = publish_of_length(length)
+                for at in range(0, len(data), 1000):  # in several messages: the packet limit, not the message size
+                    await ws.send(data[at : at + 1000])
+                await ws.send(b"\xc0\x00")
+                if survives:
+                    assert await asyncio.wait_for(ws.recv(), 2) == b"\xd0\x00"
+                else:
+                    assert await ws_closed_by_server(ws, AT_ONCE)
+        # One WebSocket message above the packet limit and its fixed header is refused by websockets
+        # before amqtt sees it, even when the packets in it are each small enough.
+        for size, survives in ((MAX_PACKET + 5, True), (MAX_PACKET + 6, False)):
+            async with ws_client(app) as ws:
+                await ws.send(connect(f"ws-message-{size}"))
+                assert await asyncio.wait_for(ws.recv(), 2) == b"\x20\x02\x00\x00"
+                first = publish_of_length(1000)
+                await ws.send(first + publish_of_length(size - len(first) - 3))
+                if survives:
+                    await ws.send(b"\xc0\x00")
+                    assert await asyncio.wait_for(ws.recv(), 2) == b"\xd0\x00"
+                else:
+                    assert await ws_closed_by_server(ws, AT_ONCE)
