@@ -23,6 +23,7 @@ import websockets
 
 from broker_hooks.broker import FleetBroker
 from server.app import FleetcmdApp
+from server.config import MQTT_MAX_PACKET, Settings, SettingsError
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests.clients import app_channel
@@ -532,3 +533,38 @@ async def test_websocket_connections_get_the_deadline_first_packet_and_size_rule
                     assert await asyncio.wait_for(ws.recv(), 2) == b"\xd0\x00"
                 else:
                     assert await ws_closed_by_server(ws, AT_ONCE)
+
+
+# ---- settings -----------------------------------------------------------------------------------
+
+
+def test_the_listener_settings_and_their_bounds(tmp_path: Path) -> None:
+    base = make_settings(tmp_path / "data", max_response_bytes=1024)
+    assert base.mqtt_connect_timeout == 10
+    assert base.mqtt_max_connections == 100_000
+    assert base.mqtt_max_connections_per_address == 0
+    assert base.mqtt_packet_limit == 1024 + 64 * 1024  # auto: a largest response, its topic and headers
+    assert base.replace(max_response_bytes=MQTT_MAX_PACKET).mqtt_packet_limit == MQTT_MAX_PACKET
+    # Never below the response limit, never above what a fixed header can declare.
+    assert base.replace(mqtt_max_packet_bytes=1024).mqtt_packet_limit == 1024
+    with pytest.raises(SettingsError, match="mqtt_max_packet_bytes"):
+        base.replace(mqtt_max_packet_bytes=1023)
+    assert base.replace(mqtt_max_packet_bytes=MQTT_MAX_PACKET).mqtt_packet_limit == MQTT_MAX_PACKET
+    with pytest.raises(SettingsError, match="mqtt_max_packet_bytes"):
+        base.replace(mqtt_max_packet_bytes=MQTT_MAX_PACKET + 1)
+    for name, bad in (("mqtt_connect_timeout", 0), ("mqtt_max_connections", 0), ("mqtt_max_connections_per_address", -1)):
+        with pytest.raises(SettingsError, match=name):
+            base.replace(**{name: bad})
+    env = {
+        "FLEETCMD_MQTT_CONNECT_TIMEOUT": "2.5",
+        "FLEETCMD_MQTT_MAX_PACKET_BYTES": "300000",
+        "FLEETCMD_MQTT_MAX_CONNECTIONS": "7",
+        "FLEETCMD_MQTT_MAX_CONNECTIONS_PER_ADDRESS": "3",
+    }
+    s = Settings.from_env(env)
+    assert (s.mqtt_connect_timeout, s.mqtt_packet_limit, s.mqtt_max_connections, s.mqtt_max_connections_per_address) == (
+        2.5,
+        300000,
+        7,
+        3,
+    )
