@@ -253,7 +253,7 @@ class FleetBroker(IndexedBroker):
             await server.acquire_connection()  # amqtt's per-listener max_connections: 0 (off) in fleetcmd
             acquired = True
             log.debug("connection from %s:%s on listener %r", address, port, listener_name)
-            reader = bounded(reader, self.max_packet_bytes)
+            reader = bounded(reader, self.max_packet_bytes, self)
             try:
                 handler, client_session = await self._initialize_client_session(reader, writer, address, port)
             except (AMQTTError, MQTTError, NoDataError):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import NoReturn, Protocol
 
 from amqtt.adapters import (
     BufferReader,
@@ -44,6 +45,13 @@ MQTT_MAX_PACKET = 268_435_455
 MAX_FIXED_HEADER = 5
 # Seconds between two log lines about the same kind of refusal.
 REFUSAL_LOG_INTERVAL = 10.0
+
+
+class ViolationSink(Protocol):
+    """Who counts the connections closed for a packet (the broker)."""
+
+    def protocol_violation(self, client_id: str | None, reason: str, detail: str) -> None:
+        """A connection is being closed for a malformed or oversized packet (``reason``)."""
 
 
 class FirstPacketError(MQTTError):
@@ -127,8 +135,11 @@ class _Framing:
 
     _TYPE, _LENGTH, _BODY = 0, 1, 2
 
-    def __init__(self, max_packet_bytes: int) -> None:
+    def __init__(self, max_packet_bytes: int, sink: ViolationSink | None) -> None:
         self.max_packet_bytes = max_packet_bytes
+        # Told of a refusal after the CONNECT (the CONNECT's own is counted by read_connect's caller).
+        self._sink = sink
+        self._after_connect = False
         self._state = self._TYPE
         self._length = 0
         self._shift = 0
@@ -143,6 +154,7 @@ class _Framing:
                 at += step
                 if not self._left:
                     self._state = self._TYPE
+                    self._after_connect = True
                 continue
             byte = data[at]
             at += 1
@@ -153,12 +165,21 @@ class _Framing:
             self._shift += 7
             if byte & 0x80:
                 if self._shift > 21:
-                    raise PacketTooLarge("remaining length longer than four bytes", "malformed")
+                    self._refuse(PacketTooLarge("remaining length longer than four bytes", "malformed"))
                 continue
             if self._length > self.max_packet_bytes:
-                raise PacketTooLarge(f"packet declares {self._length} bytes (limit {self.max_packet_bytes})")
+                self._refuse(PacketTooLarge(f"packet declares {self._length} bytes (limit {self.max_packet_bytes})"))
             self._left = self._length
-            self._state = self._BODY if self._left else self._TYPE
+            if self._left:
+                self._state = self._BODY
+            else:
+                self._state = self._TYPE
+                self._after_connect = True
+
+    def _refuse(self, exc: PacketTooLarge) -> NoReturn:
+        if self._after_connect and self._sink is not None:
+            self._sink.protocol_violation(None, "oversized_packet" if exc.reason == "oversized" else exc.reason, str(exc))
+        raise exc
 
     def _check(self, n: int) -> None:
         if n < 0 or n > self.max_packet_bytes + MAX_FIXED_HEADER:
@@ -168,9 +189,9 @@ class _Framing:
 class BoundedStreamReader(StreamReaderAdapter, _Framing):
     """amqtt's TCP reader adapter, refusing a packet above the limit from its fixed header (see :class:`_Framing`)."""
 
-    def __init__(self, reader: asyncio.StreamReader, max_packet_bytes: int) -> None:
+    def __init__(self, reader: asyncio.StreamReader, max_packet_bytes: int, sink: ViolationSink | None = None) -> None:
         StreamReaderAdapter.__init__(self, reader)
-        _Framing.__init__(self, max_packet_bytes)
+        _Framing.__init__(self, max_packet_bytes, sink)
 
     async def read(self, n: int = -1) -> bytes:
         """Read as amqtt does.
@@ -187,9 +208,9 @@ class BoundedStreamReader(StreamReaderAdapter, _Framing):
 class BoundedWebSocketsReader(WebSocketsReader, _Framing):
     """amqtt's WebSocket reader adapter, refusing a packet above the limit from its fixed header (see :class:`_Framing`)."""
 
-    def __init__(self, reader: WebSocketsReader, max_packet_bytes: int) -> None:
+    def __init__(self, reader: WebSocketsReader, max_packet_bytes: int, sink: ViolationSink | None = None) -> None:
         WebSocketsReader.__init__(self, reader._protocol)
-        _Framing.__init__(self, max_packet_bytes)
+        _Framing.__init__(self, max_packet_bytes, sink)
         self._stream = reader._stream
 
     async def read(self, n: int = -1) -> bytes:
@@ -204,12 +225,15 @@ class BoundedWebSocketsReader(WebSocketsReader, _Framing):
         return data
 
 
-def bounded(reader: ReaderAdapter, max_packet_bytes: int) -> ReaderAdapter:
-    """``reader`` with reads above ``max_packet_bytes`` refused (the TCP and WebSocket adapters; others as they are)."""
+def bounded(reader: ReaderAdapter, max_packet_bytes: int, sink: ViolationSink | None = None) -> ReaderAdapter:
+    """``reader`` refusing packets above ``max_packet_bytes`` (the TCP and WebSocket adapters; others as they are).
+
+    ``sink`` hears of the refusals after the CONNECT (amqtt's reader loop that meets them neither counts nor says why).
+    """
     if type(reader) is StreamReaderAdapter:
-        return BoundedStreamReader(reader._reader, max_packet_bytes)
+        return BoundedStreamReader(reader._reader, max_packet_bytes, sink)
     if type(reader) is WebSocketsReader:
-        return BoundedWebSocketsReader(reader, max_packet_bytes)
+        return BoundedWebSocketsReader(reader, max_packet_bytes, sink)
     return reader
 
 

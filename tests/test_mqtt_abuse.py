@@ -520,6 +520,7 @@ async def test_websocket_connections_get_the_deadline_first_packet_and_size_rule
                     assert await asyncio.wait_for(ws.recv(), 2) == b"\xd0\x00"
                 else:
                     assert await ws_closed_by_server(ws, AT_ONCE)
+        assert stats["closed.oversized_packet"] == 1
         # One WebSocket message above the packet limit and its fixed header is refused by websockets
         # before amqtt sees it, even when the packets in it are each small enough.
         for size, survives in ((MAX_PACKET + 5, True), (MAX_PACKET + 6, False)):
