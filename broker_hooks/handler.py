@@ -319,9 +319,21 @@ class FastProtocolHandler(FleetProtocolHandler):
                 elif packet_type == PINGREQ:
                     self._write(_PINGRESP)
                 else:
-                    packet = await packet_class(MQTTFixedHeader(packet_type, flags, length)).from_stream(
-                        BufferReader(body), fixed_header=MQTTFixedHeader(packet_type, flags, length)
-                    )
+                    if packet_type in (SUBSCRIBE, UNSUBSCRIBE) and length <= 2:
+                        raise ProtocolViolation("malformed", "[MQTT-3.8.3-3] [MQTT-3.10.3-2] no topic filter")
+                    buffer = BufferReader(body)
+                    try:
+                        packet = await packet_class(MQTTFixedHeader(packet_type, flags, length)).from_stream(
+                            buffer, fixed_header=MQTTFixedHeader(packet_type, flags, length)
+                        )
+                    except Exception as exc:  # noqa: BLE001 - amqtt's decoders raise NoDataError, struct.error... on a short body
+                        raise ProtocolViolation("malformed", f"undecodable packet of type {packet_type}: {exc!r}") from None
+                    if buffer._stream.tell() != length or (
+                        # amqtt's SUBSCRIBE and UNSUBSCRIBE decoders stop quietly at a filter that runs past
+                        # the end, keeping what they have: what they made of it must encode to the same bytes.
+                        packet_type in (SUBSCRIBE, UNSUBSCRIBE) and packet.to_bytes()[-length:] != body
+                    ):
+                        raise ProtocolViolation("malformed", f"packet of type {packet_type} does not decode to its length")
                     if packet_type == DISCONNECT:
                         await self.handle_disconnect(packet)
                     elif packet_type == CONNECT:

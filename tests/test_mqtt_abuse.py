@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,8 +21,10 @@ from typing import Any
 
 import pytest
 import websockets
+from amqtt.adapters import BufferReader
 
 from broker_hooks.broker import FleetBroker
+from broker_hooks.limits import FirstPacketError, read_connect
 from server.app import FleetcmdApp
 from server.config import MQTT_MAX_PACKET, Settings, SettingsError
 from server.pb import commands_pb2 as pb
@@ -324,6 +327,11 @@ async def test_a_publish_declaring_200_mb_is_closed_without_its_body_being_read(
         (b"\xf0\x00", "malformed"),  # reserved type 15
         (packet(0x80, b"\x00\x01" + string("a/b") + b"\x01"), "malformed"),  # SUBSCRIBE flags 0 [MQTT-3.8.1-1]
         (b"\xc1\x00", "malformed"),  # PINGREQ with a flag
+        (packet(0x82, b"\x00\x01\x00\x05ab"), "malformed"),  # SUBSCRIBE: topic filter length past the end
+        (packet(0xA2, b"\x00\x01\x00\x09a"), "malformed"),  # UNSUBSCRIBE: the same
+        (b"\x40\x01\x00", "malformed"),  # PUBACK without a whole packet id
+        (b"\x82\x02\x00\x01", "malformed"),  # SUBSCRIBE without a filter [MQTT-3.8.3-3]
+        (b"\xe0\x01\x00", "malformed"),  # DISCONNECT with a body
         (b"\x30\xff\xff\xff\xff\x01", "malformed"),  # remaining length of five bytes
     ],
     ids=[
@@ -339,6 +347,11 @@ async def test_a_publish_declaring_200_mb_is_closed_without_its_body_being_read(
         "reserved-15",
         "subscribe-flags",
         "pingreq-flags",
+        "subscribe-truncated",
+        "unsubscribe-truncated",
+        "puback-truncated",
+        "subscribe-empty",
+        "disconnect-body",
         "remaining-length",
     ],
 )
@@ -569,3 +582,69 @@ def test_the_listener_settings_and_their_bounds(tmp_path: Path) -> None:
         7,
         3,
     )
+
+
+# ---- the first-packet decoder against garbage (seeded, so a failure replays) ---------------------
+
+
+async def test_read_connect_returns_a_connect_or_refuses_with_a_named_reason_whatever_the_bytes() -> None:
+    rng = random.Random(13)
+    valid = connect("fuzz-client")
+    inputs: list[bytes] = [b"", valid, valid + b"\xc0\x00"]
+    for _ in range(1500):
+        inputs.append(rng.randbytes(rng.randrange(0, 64)))
+        mutated = bytearray(valid)
+        for _ in range(rng.randrange(1, 4)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        inputs.append(bytes(mutated[: rng.randrange(len(mutated) + 1)]))
+    reasons: set[str] = set()
+    accepted = 0
+    for data in inputs:
+        try:
+            packet_ = await read_connect(BufferReader(data), 64)
+        except FirstPacketError as exc:
+            assert exc.reason in {"not_connect", "malformed", "oversized", "no_connect"}, (data, exc)
+            reasons.add(exc.reason)
+        else:
+            accepted += 1
+            assert packet_.fixed_header is not None and packet_.fixed_header.packet_type == 1
+    assert reasons == {"not_connect", "malformed", "oversized", "no_connect"}
+    assert accepted >= 2
+
+
+async def test_garbage_after_the_connect_never_reaches_an_unhandled_path(
+    svc: FleetcmdApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Seeded garbage and mutated valid packets after an accepted CONNECT: the connection may stay or
+    # close, but nothing may end in a traceback or amqtt's "unhandled exception" path.
+    rng = random.Random(9)
+    valid = [publish(b"a/b", b"x"), publish(b"a/b", b"\x00\x05x", flags=0x02), b"\xc0\x00", b"\xe0\x00"]
+    valid.append(packet(0x82, b"\x00\x07" + string("f/#") + b"\x01"))
+    blobs = []
+    for _ in range(150):
+        if rng.random() < 0.5:
+            blobs.append(rng.randbytes(rng.randrange(1, 48)))
+        else:
+            mutated = bytearray(rng.choice(valid))
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            blobs.append(bytes(mutated))
+    port = port_of(svc)
+
+    async def one(i: int, blob: bytes) -> None:
+        reader, writer = await connected(port, f"garbage-{i}")
+        try:
+            writer.write(blob)
+            await closed_by_server(reader, 0.3)
+        finally:
+            close(writer)
+
+    with caplog.at_level(logging.WARNING):
+        for start in range(0, len(blobs), 50):
+            await asyncio.gather(*(one(start + i, b) for i, b in enumerate(blobs[start : start + 50])))
+    bad = [r for r in caplog.records if r.exc_info or "unhandled exception" in r.getMessage().lower()]
+    assert not bad, [r.getMessage() for r in bad]
+    reader, writer = await connected(port, "after-garbage")
+    try:
+        assert await still_open(reader, writer)
+    finally:
+        close(writer)
