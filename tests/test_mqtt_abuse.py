@@ -332,6 +332,7 @@ async def test_a_publish_declaring_200_mb_is_closed_without_its_body_being_read(
         (b"\x40\x01\x00", "malformed"),  # PUBACK without a whole packet id
         (b"\x82\x02\x00\x01", "malformed"),  # SUBSCRIBE without a filter [MQTT-3.8.3-3]
         (b"\xe0\x01\x00", "malformed"),  # DISCONNECT with a body
+        (b"\x62\x01\x00", "malformed"),  # PUBREL without a whole packet id (amqtt's decoder raises NoDataError)
         (b"\x30\xff\xff\xff\xff\x01", "malformed"),  # remaining length of five bytes
     ],
     ids=[
@@ -352,6 +353,7 @@ async def test_a_publish_declaring_200_mb_is_closed_without_its_body_being_read(
         "puback-truncated",
         "subscribe-empty",
         "disconnect-body",
+        "pubrel-truncated",
         "remaining-length",
     ],
 )
