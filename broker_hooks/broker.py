@@ -260,8 +260,9 @@ class FleetBroker(IndexedBroker):
                 return  # counted and logged in _session_from_connect
             try:
                 await self._handle_client_session(reader, writer, client_session, handler, server, listener_name)
-            except (AMQTTError, MQTTError, NoDataError) as exc:
-                log.warning("error while handling the session of %s: %s", client_session.client_id, exc)
+            except (AMQTTError, MQTTError, NoDataError, ConnectionError) as exc:
+                # A peer gone while its CONNACK is written, too: expected, no traceback.
+                log.warning("error while handling the session of %s: %r", client_session.client_id, exc)
         finally:
             if acquired:
                 server.release_connection()
