@@ -28,6 +28,12 @@ What it changes (see ``shared/notes/amqtt-0.12.1.md`` for the defects):
 * Connections get a ``handler.FastProtocolHandler``, whose reader hands a
   PUBLISH to the broker directly (``publish_inline``); publishes that may end
   the connection still take the message loop.
+* The listener survives the internet (``limits``): a connection has ``connect_timeout``
+  seconds to send its CONNECT, which must be its first packet; a packet declaring more than
+  ``max_packet_bytes`` ends its connection before its body is read; connections are capped
+  overall and per source address; whatever ends a connection, refused or abandoned, its socket
+  is released at once. Each refusal is counted (``closed.<reason>``, ``refused.<cap>``) and
+  logged at most once per 10 s per kind.
 * ``stop`` is bounded: on Python 3.11 ``shutdown()`` can hang when an ack
   races the reader cancellation, so client writers are closed first and the
   whole shutdown has a deadline.
@@ -46,8 +52,10 @@ import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import websockets
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.contexts import Action, BrokerConfig, ListenerConfig, ListenerType
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.errors import AMQTTError, BrokerError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import ApplicationMessage, Session
@@ -55,6 +63,7 @@ from amqtt.utils import gen_client_id
 
 from broker_hooks.handler import FastProtocolHandler, in_background
 from broker_hooks.indexed import SUBACK_FAILURE, IndexedBroker
+from broker_hooks.limits import MAX_FIXED_HEADER, MQTT_MAX_PACKET, FirstPacketError, RefusalLog, bounded, close_now
 from broker_hooks.rules import DecodeError, Inbound, RuleSet
 
 log = logging.getLogger(__name__)
@@ -63,6 +72,10 @@ KEEPALIVE_FACTOR = 1.5
 # asyncio's default listen backlog is 100: a fleet reconnecting at once (a broker restart) overflows
 # it, and the kernel drops SYNs that clients retry only after a second. Linux caps it at somaxconn.
 DEFAULT_BACKLOG = 4096
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_MAX_CONNECTIONS = 100_000
+# Room in a packet for the topic, packet id and headers around a largest device response.
+PACKET_OVERHEAD = 64 * 1024
 
 
 class DeviceSink(Protocol):
@@ -112,9 +125,23 @@ class FleetBroker(IndexedBroker):
         dollar_prefixes: Sequence[str],
         max_payload_bytes: int,
         listen_backlog: int = DEFAULT_BACKLOG,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        max_packet_bytes: int | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_address: int = 0,
     ) -> None:
         super().__init__(config)
         self._backlog = listen_backlog
+        self.connect_timeout = connect_timeout
+        # Bytes after a packet's fixed header; never below a largest device response.
+        self.max_packet_bytes = (
+            min(max_payload_bytes + PACKET_OVERHEAD, MQTT_MAX_PACKET) if max_packet_bytes is None else max_packet_bytes
+        )
+        self._max_connections = max_connections
+        self._max_per_address = max_connections_per_address  # 0: no cap
+        self.open_connections = 0
+        self._per_address: dict[str, int] = {}
+        self._refusal_log = RefusalLog()
         self._rules = rules
         self._sink = sink
         self._dollar_prefixes = tuple(dollar_prefixes)
@@ -151,7 +178,21 @@ class FleetBroker(IndexedBroker):
         port: int,
         ssl_context: ssl.SSLContext | None,
     ) -> Any:
-        """Amqtt's TCP listener (0.12.1) with a listen backlog sized for a fleet; WebSocket as amqtt."""
+        """Amqtt's listeners (0.12.1): TCP with a listen backlog sized for a fleet, WebSocket with a message size limit.
+
+        A WebSocket message holds one MQTT packet (or a few small ones): bounding it by the packet
+        limit keeps websockets from buffering a large message before amqtt sees any of it
+        (websockets' own default is 1 MiB).
+        """
+        if listener_type == ListenerType.WS:
+            return await websockets.serve(
+                functools.partial(self.ws_connected, listener_name=listener_name),
+                address,
+                port,
+                ssl=ssl_context,
+                subprotocols=[websockets.Subprotocol("mqtt")],
+                max_size=self.max_packet_bytes + MAX_FIXED_HEADER,
+            )
         if listener_type != ListenerType.TCP:
             return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
         return await asyncio.start_server(
@@ -164,6 +205,86 @@ class FleetBroker(IndexedBroker):
         )
 
     # ---- connections ----------------------------------------------------------------------
+
+    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+        """Amqtt's ``_client_connected`` (0.12.1) within the connection caps, releasing the socket whatever ends it.
+
+        amqtt leaves the socket of a connection it gave up on (no CONNECT, a refused one, an
+        error) open until the garbage collector finds it, so a health check that connects and
+        closes used up the process's descriptors; and it logs every connection (INFO) and every
+        failed CONNECT (WARNING), a line per packet of a storm. Here a connection that ends
+        before its session is counted and logged at most once per 10 s per reason
+        (:meth:`_session_from_connect`). Reads above the packet limit are refused where amqtt's
+        own reader loop reads (:func:`broker_hooks.limits.bounded`).
+
+        Raises:
+            BrokerError: ``listener_name`` is not a started listener.
+        """
+        server = self._servers.get(listener_name)
+        if not server:
+            msg = f"Invalid listener name '{listener_name}'"
+            raise BrokerError(msg)
+        peer = writer.get_peer_info()
+        if peer is None:
+            log.warning("remote address of a new connection could not be retrieved: closing it")
+            close_now(writer)
+            return
+        address, port = peer
+        refusal = self._over_cap(address)
+        if refusal is not None:
+            self.stats[f"refused.{refusal}"] += 1
+            self._refusal_log.warning(
+                refusal,
+                "MQTT connection from %s refused: %s reached (%d open; mqtt_max_connections=%d, "
+                "mqtt_max_connections_per_address=%d)",
+                address,
+                refusal,
+                self.open_connections,
+                self._max_connections,
+                self._max_per_address,
+            )
+            close_now(writer)
+            return
+        self.open_connections += 1
+        if self._max_per_address:
+            self._per_address[address] = self._per_address.get(address, 0) + 1
+        acquired = False
+        try:
+            await server.acquire_connection()  # amqtt's per-listener max_connections: 0 (off) in fleetcmd
+            acquired = True
+            log.debug("connection from %s:%s on listener %r", address, port, listener_name)
+            reader = bounded(reader, self.max_packet_bytes, self)
+            try:
+                handler, client_session = await self._initialize_client_session(reader, writer, address, port)
+            except (AMQTTError, MQTTError, NoDataError):
+                return  # counted and logged in _session_from_connect
+            try:
+                await self._handle_client_session(reader, writer, client_session, handler, server, listener_name)
+            except (AMQTTError, MQTTError, NoDataError, ConnectionError) as exc:
+                # A peer gone while its CONNACK is written, too: expected, no traceback.
+                log.warning("error while handling the session of %s: %r", client_session.client_id, exc)
+        finally:
+            if acquired:
+                server.release_connection()
+            self.open_connections -= 1
+            if self._max_per_address:
+                left = self._per_address.pop(address, 1) - 1
+                if left > 0:
+                    self._per_address[address] = left
+            close_now(writer)
+
+    def _over_cap(self, address: str) -> str | None:
+        """The cap a new connection from ``address`` would exceed, if any."""
+        if self.open_connections >= self._max_connections:
+            return "max_connections"
+        if self._max_per_address and self._per_address.get(address, 0) >= self._max_per_address:
+            return "max_connections_per_address"
+        return None
+
+    def protocol_violation(self, client_id: str | None, reason: str, detail: str) -> None:
+        """A connection is being closed for a malformed or oversized packet: count and log it (rate-limited)."""
+        self.stats[f"closed.{reason}"] += 1
+        self._refusal_log.warning(reason, "client %s: %s: closing the connection [MQTT-4.8.0-1]", client_id, detail)
 
     async def _initialize_client_session(
         self, reader: Any, writer: Any, remote_address: str, remote_port: int
@@ -200,17 +321,24 @@ class FleetBroker(IndexedBroker):
         """
         try:
             # A FleetSession (no transitions.Machine, light queues) and its handler (session.FleetProtocolHandler
-            # with handler.FastProtocolHandler's packet path).
-            handler, incoming = await FastProtocolHandler.init_from_connect(reader, writer, self.plugins_manager)
-        except AMQTTError as exc:
-            log.warning("[MQTT-3.1.0-1] %s:%s: can't read first packet as CONNECT: %s", remote_address, remote_port, exc)
-            raise AMQTTError(exc) from exc
+            # with handler.FastProtocolHandler's packet path), from a CONNECT that has to come first and in time.
+            async with asyncio.timeout(self.connect_timeout):
+                handler, incoming = await FastProtocolHandler.init_from_connect(
+                    reader, writer, self.plugins_manager, max_packet_bytes=self.max_packet_bytes
+                )
+        except FirstPacketError as exc:
+            self._connect_refused(exc.reason, remote_address, remote_port, str(exc))
+            raise AMQTTError(exc) from None
+        except TimeoutError:
+            detail = f"no CONNECT within {self.connect_timeout}s"
+            self._connect_refused("connect_timeout", remote_address, remote_port, detail)
+            raise AMQTTError(detail) from None
         except MQTTError as exc:
-            log.warning("invalid connection from %s:%s", remote_address, remote_port)
-            await writer.close()
+            # Refused by amqtt's checks (CONNACK sent) or malformed.
+            self._connect_refused("invalid_connect", remote_address, remote_port, str(exc))
             raise MQTTError(exc) from exc
-        except NoDataError as exc:
-            log.info("no data from %s:%s: %s", remote_address, remote_port, exc)
+        except (AMQTTError, NoDataError, ConnectionError) as exc:
+            self._connect_refused("no_connect", remote_address, remote_port, repr(exc))
             raise AMQTTError(exc) from exc
 
         if not await self._authenticate(incoming, ListenerConfig()):
@@ -246,6 +374,11 @@ class FleetBroker(IndexedBroker):
         if client_session.keep_alive > 0 and isinstance(delay, int):
             client_session.keep_alive += delay
         return handler, client_session
+
+    def _connect_refused(self, reason: str, address: str, port: int, detail: str) -> None:
+        """A connection ends without a session: counted and logged (rate-limited); ``_client_connected`` releases its socket."""
+        self.stats[f"closed.{reason}"] += 1
+        self._refusal_log.warning(reason, "MQTT connection from %s:%s closed before CONNECT: %s", address, port, detail)
 
     def _session_refused(self, handler: BrokerProtocolHandler) -> bool:
         if handler in self._refused:

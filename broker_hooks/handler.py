@@ -49,7 +49,7 @@ from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, Str
 from amqtt.errors import MQTTError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_class
-from amqtt.mqtt.constants import QOS_0, QOS_1
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.packet import (
     CONNACK,
     CONNECT,
@@ -73,6 +73,7 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 from amqtt.session import ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
+from broker_hooks.limits import MQTT_MAX_PACKET
 from broker_hooks.session import FleetProtocolHandler
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,27 @@ class BrokerHooks(Protocol):
     def keepalive_expired(self, client_session: Session, handler: FastProtocolHandler) -> None:
         """The client was silent for longer than its keep-alive allows."""
         ...
+
+    @property
+    def max_packet_bytes(self) -> int:
+        """The largest remaining length a packet may declare; a larger one ends the connection unread."""
+        ...
+
+    def protocol_violation(self, client_id: str | None, reason: str, detail: str) -> None:
+        """The connection is being closed for a malformed or oversized packet (``reason``)."""
+        ...
+
+
+class ProtocolViolation(Exception):
+    """A packet breaks MQTT in a way that ends the connection [MQTT-4.8.0-1]; ``reason`` is counted."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+# [MQTT-2.2.2-1] [MQTT-2.2.2-2]: the fixed-header flags every packet type but PUBLISH must carry.
+_REQUIRED_FLAGS = {SUBSCRIBE: 0x2, UNSUBSCRIBE: 0x2, PUBREL: 0x2}
 
 
 # States of a QoS 1 PUBLISH waiting for its PUBACK (see _PendingAck).
@@ -255,6 +277,7 @@ class FastProtocolHandler(FleetProtocolHandler):
             await super()._reader_loop()
             return
         readexactly = reader._reader.readexactly
+        max_packet = self.broker.max_packet_bytes if self.broker is not None else MQTT_MAX_PACKET
         # Rarely non-empty (QoS 2, SUBSCRIBE...): a list is smaller than a set. A task leaves it when
         # done, not at the next packet: an idle device would keep its SUBSCRIBE's task (~550 B) forever.
         running_tasks: list[asyncio.Task[None]] = []
@@ -272,11 +295,20 @@ class FastProtocolHandler(FleetProtocolHandler):
                 length = header[1]
                 if length & 0x80:
                     length = await self._read_length(readexactly, length)
+                packet_type = header[0] >> 4
+                flags = header[0] & 0x0F
+                # Checked from the fixed header, before a byte of the body is read or buffered.
+                if length > max_packet:
+                    raise ProtocolViolation(
+                        "oversized_packet", f"packet of type {packet_type} declares {length} bytes (limit {max_packet})"
+                    )
+                if packet_type in (RESERVED_0, RESERVED_15):
+                    raise ProtocolViolation("malformed", f"reserved packet type {packet_type}")
+                if packet_type != PUBLISH and flags != _REQUIRED_FLAGS.get(packet_type, 0):
+                    raise ProtocolViolation("malformed", f"packet of type {packet_type} with flags {flags:#x}")
                 body = await readexactly(length) if length else b""
                 if keepalive > 0:
                     self._last_read = self._loop.time()
-                packet_type = header[0] >> 4
-                flags = header[0] & 0x0F
                 if packet_type == PUBLISH:
                     pending = await self._handle_publish_bytes(flags, body)
                     if pending is not None:
@@ -286,21 +318,34 @@ class FastProtocolHandler(FleetProtocolHandler):
                     self._handle_puback_bytes(body)
                 elif packet_type == PINGREQ:
                     self._write(_PINGRESP)
-                elif packet_type in (RESERVED_0, RESERVED_15):
-                    log.warning("%s sent a reserved packet type, which is forbidden: closing", self.session.client_id)
-                    await self.handle_connection_closed()
                 else:
-                    packet = await packet_class(MQTTFixedHeader(packet_type, flags, length)).from_stream(
-                        BufferReader(body), fixed_header=MQTTFixedHeader(packet_type, flags, length)
-                    )
+                    if packet_type in (SUBSCRIBE, UNSUBSCRIBE) and length <= 2:
+                        raise ProtocolViolation("malformed", "[MQTT-3.8.3-3] [MQTT-3.10.3-2] no topic filter")
+                    buffer = BufferReader(body)
+                    try:
+                        packet = await packet_class(MQTTFixedHeader(packet_type, flags, length)).from_stream(
+                            buffer, fixed_header=MQTTFixedHeader(packet_type, flags, length)
+                        )
+                    except Exception as exc:  # noqa: BLE001 - amqtt's decoders raise NoDataError, struct.error... on a short body
+                        raise ProtocolViolation("malformed", f"undecodable packet of type {packet_type}: {exc!r}") from None
+                    if buffer._stream.tell() != length or (
+                        # amqtt's SUBSCRIBE and UNSUBSCRIBE decoders stop quietly at a filter that runs past
+                        # the end, keeping what they have: what they made of it must encode to the same bytes.
+                        packet_type in (SUBSCRIBE, UNSUBSCRIBE) and packet.to_bytes()[-length:] != body
+                    ):
+                        raise ProtocolViolation("malformed", f"packet of type {packet_type} does not decode to its length")
                     if packet_type == DISCONNECT:
                         await self.handle_disconnect(packet)
                     elif packet_type == CONNECT:
                         await self.handle_connect(packet)
                     else:
                         _track(running_tasks, asyncio.create_task(getattr(self, _UPSTREAM[packet_type])(packet)))
-            except MQTTError:
-                log.debug("message discarded")
+            except (ProtocolViolation, MQTTError) as exc:
+                # A malformed packet: the stream cannot be trusted further [MQTT-4.8.0-1].
+                if self.broker is not None:
+                    reason = exc.reason if isinstance(exc, ProtocolViolation) else "malformed"
+                    self.broker.protocol_violation(self.session.client_id, reason, str(exc))
+                break
             except asyncio.CancelledError:
                 break
             except (asyncio.IncompleteReadError, ConnectionError):
@@ -328,8 +373,8 @@ class FastProtocolHandler(FleetProtocolHandler):
                 return value
             multiplier *= 0x80
             if multiplier > 0x80**3:
-                # Malformed: the stream cannot be resynchronised, so the connection ends (an exception the loop ends on).
-                raise ConnectionError("invalid remaining length")
+                # Malformed: the stream cannot be resynchronised, so the connection ends.
+                raise ProtocolViolation("malformed", "remaining length longer than four bytes")
 
     def handle_read_timeout(self) -> None:
         """The client was silent for longer than its keep-alive allows: the broker's call (amqtt's only logs it)."""
@@ -354,20 +399,24 @@ class FastProtocolHandler(FleetProtocolHandler):
     async def _handle_publish_bytes(self, flags: int, body: bytes) -> asyncio.Task[None] | None:
         """Decode a PUBLISH; QoS 0/1 are handled here, QoS 2 by amqtt's flow in the returned task."""
         qos = (flags >> 1) & 0x03
+        if qos > QOS_2:
+            raise ProtocolViolation("malformed", "[MQTT-3.3.1-4] PUBLISH with QoS 3")
         end = 2 + int.from_bytes(body[:2], "big")
-        if len(body) < end + (2 if qos else 0):
-            raise MQTTError("truncated PUBLISH")
+        if len(body) < 2 or len(body) < end + (2 if qos else 0):
+            raise ProtocolViolation("malformed", "truncated PUBLISH")
         raw_topic = body[2:end]
         try:
             topic = raw_topic.decode("utf-8")
         except UnicodeDecodeError:
-            topic = str(raw_topic)  # what amqtt's decode_string makes of it
+            raise ProtocolViolation("malformed", "[MQTT-1.5.3-1] PUBLISH topic is not UTF-8") from None
+        if "\x00" in topic:
+            raise ProtocolViolation("malformed", "[MQTT-1.5.3-2] PUBLISH topic holds U+0000")
         packet_id: int | None = None
         if qos:
             packet_id = int.from_bytes(body[end : end + 2], "big")
             end += 2
         data = body[end:]
-        # amqtt's packet object (its variable header refuses wildcard topic names with MQTTError, as upstream).
+        # amqtt's packet object (its variable header refuses wildcard topic names with MQTTError, which ends the connection).
         variable = PublishVariableHeader(topic, packet_id)
         packet = PublishPacket(MQTTFixedHeader(PUBLISH, flags, len(body)), variable, PublishPayload(data))
         if qos == QOS_0:

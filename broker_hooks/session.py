@@ -35,7 +35,6 @@ from amqtt.mqtt.connack import (
     UNACCEPTABLE_PROTOCOL_VERSION,
     ConnackPacket,
 )
-from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import (
     _MQTT_PROTOCOL_LEVEL_SUPPORTED,
@@ -47,6 +46,8 @@ from amqtt.plugins.manager import PluginManager
 from amqtt.session import ApplicationMessage, Session
 from amqtt.utils import format_client_message
 from transitions import MachineError
+
+from broker_hooks.limits import MQTT_MAX_PACKET, read_connect
 
 _T = TypeVar("_T")
 
@@ -357,17 +358,23 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         writer: WriterAdapter,
         plugins_manager: PluginManager[Any],
         loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        max_packet_bytes: int = MQTT_MAX_PACKET,
     ) -> tuple[FleetProtocolHandler, FleetSession]:
         """Amqtt's ``BrokerProtocolHandler.init_from_connect`` (0.12.1), creating a :class:`FleetSession`.
 
         Reads and validates the CONNECT; refusals that amqtt answers itself (protocol level,
         malformed credentials, persistent session without a client id) get their CONNACK and
         raise ``MQTTError`` as upstream. ``tests/test_broker_scaling.py`` pins the upstream source.
+        Unlike upstream, which decodes whatever comes first as a CONNECT (a PUBLISH first then
+        waits for bytes that never come), the first packet must be a CONNECT of at most
+        ``max_packet_bytes`` (:func:`broker_hooks.limits.read_connect`).
 
         Raises:
-            MQTTError: the CONNECT is malformed or refused.
+            FirstPacketError: the first packet is not a CONNECT, is malformed or too large, or never came whole.
+            MQTTError: the CONNECT is refused.
         """
-        connect = await ConnectPacket.from_stream(reader)
+        connect = await read_connect(reader, max_packet_bytes)
         await plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=connect)
 
         if connect.variable_header is None:

@@ -156,6 +156,10 @@ class FleetcmdApp:
             dollar_prefixes=[p for d in dialects for p in d.dollar_prefixes],
             max_payload_bytes=s.max_response_bytes,
             listen_backlog=s.mqtt_backlog,
+            connect_timeout=s.mqtt_connect_timeout,
+            max_packet_bytes=s.mqtt_packet_limit,
+            max_connections=s.mqtt_max_connections,
+            max_connections_per_address=s.mqtt_max_connections_per_address,
         )
         core.outbox.attach(broker)
         core.routes["emqx"] = EmqxRoute(broker)

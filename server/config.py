@@ -13,6 +13,8 @@ from server.store import STORES, url_scheme
 
 ENV_PREFIX = "FLEETCMD_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# The largest remaining length an MQTT fixed header can encode (four length bytes).
+MQTT_MAX_PACKET = 268_435_455
 
 
 class SettingsError(ValueError):
@@ -51,6 +53,17 @@ class Settings:
     stream_buffer: int = field(default=1000, metadata={"help": "events buffered per Stream before it is ended"})
     ingest_queue: int = field(default=10_000, metadata={"help": "device reports waiting to be processed"})
     mqtt_backlog: int = field(default=4096, metadata={"help": "listen backlog of the MQTT listeners (connects not yet accepted)"})
+    mqtt_connect_timeout: float = field(
+        default=10.0, metadata={"help": "seconds a new MQTT connection has to send its CONNECT before it is closed"}
+    )
+    mqtt_max_packet_bytes: int = field(
+        default=0,
+        metadata={"help": "largest MQTT packet, checked before its body is read (0 = max_response_bytes + 64 KiB)"},
+    )
+    mqtt_max_connections: int = field(default=100_000, metadata={"help": "MQTT connections open at once, all listeners"})
+    mqtt_max_connections_per_address: int = field(
+        default=0, metadata={"help": "MQTT connections open at once from one IP address (0 = no cap: NAT)"}
+    )
     shutdown_timeout: float = field(default=8.0, metadata={"help": "seconds a graceful stop may take"})
     sys_interval: int = field(default=0, metadata={"help": "$SYS broadcast interval in seconds (0 = off)"})
     # uvloop when installed (it is a dependency on Linux and macOS): alternating three times in one
@@ -86,6 +99,14 @@ class Settings:
                 problems.append(f"{name} must be positive")
         if not 1 <= self.mqtt_backlog <= 65535:
             problems.append("mqtt_backlog must be 1..65535")
+        if self.mqtt_connect_timeout <= 0:
+            problems.append("mqtt_connect_timeout must be positive")
+        if self.mqtt_max_packet_bytes != 0 and not self.max_response_bytes <= self.mqtt_max_packet_bytes <= MQTT_MAX_PACKET:
+            problems.append(f"mqtt_max_packet_bytes must be 0 (auto) or max_response_bytes..{MQTT_MAX_PACKET}")
+        if self.mqtt_max_connections < 1:
+            problems.append("mqtt_max_connections must be positive")
+        if self.mqtt_max_connections_per_address < 0:
+            problems.append("mqtt_max_connections_per_address must be >= 0 (0 = no cap)")
         if self.shutdown_timeout <= 0:
             problems.append("shutdown_timeout must be positive")
         if self.sys_interval < 0:
@@ -111,6 +132,13 @@ class Settings:
             elif not Path(path).is_file() or not os.access(path, os.R_OK):
                 problems.append(f"{name} {path!r} is not a readable file")
         return problems
+
+    @property
+    def mqtt_packet_limit(self) -> int:
+        """The largest MQTT packet admitted: ``mqtt_max_packet_bytes``, or room for a largest response and its topic."""
+        if self.mqtt_max_packet_bytes:
+            return self.mqtt_max_packet_bytes
+        return min(self.max_response_bytes + 64 * 1024, MQTT_MAX_PACKET)
 
     @property
     def tls_enabled(self) -> bool:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from amqtt.adapters import StreamReaderAdapter, WebSocketsReader
 from amqtt.broker import Broker
-from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.packet import MQTTFixedHeader, MQTTPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.mqtt.publish import PublishPayload, PublishVariableHeader
@@ -31,8 +32,11 @@ COPIED = {
     "_handle_client_session": "8b1b52a0",
     "_client_message_loop": "916c4647",
     "_initialize_client_session": "5dd89158",
-    # FleetBroker's TCP listener: the same start_server call with a backlog.
+    # FleetBroker's listeners: the same start_server call with a backlog, websockets.serve with a max_size.
     "_create_server_instance": "3925f482",
+    # FleetBroker's copy adds the connection caps, the bounded reader, rate-limited logging and the
+    # socket released at the end.
+    "_client_connected": "432b724b",
 }
 
 
@@ -88,6 +92,17 @@ FAST_PATH_COPIES = {
     "PublishVariableHeader.from_stream": (PublishVariableHeader.from_stream, "469ec610"),
     "PublishPayload.from_stream": (PublishPayload.from_stream, "54b078cb"),
     "PluginManager.fire_event": (PluginManager.fire_event, "31212e4f"),
+}
+
+
+# amqtt code broker_hooks/limits.py relies on or replaces: read_connect decodes the first packet's fixed
+# header itself (MQTTPacket.from_stream did) and then the CONNECT from memory; the bounded readers
+# subclass amqtt's TCP and WebSocket adapters (their read, and the WebSocket one's buffer).
+FAST_PATH_COPIES |= {
+    "MQTTPacket.from_stream": (MQTTPacket.from_stream, "b9b086f8"),
+    "StreamReaderAdapter.read": (StreamReaderAdapter.read, "e4455345"),
+    "WebSocketsReader.__init__": (WebSocketsReader.__init__, "90c0412c"),
+    "WebSocketsReader.read": (WebSocketsReader.read, "7e5322a8"),
 }
 
 
