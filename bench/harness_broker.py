@@ -27,7 +27,7 @@ from broker_hooks import emqx
 from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
 from broker_hooks.rules import Inbound, RuleSet
-from server.cli import run_loop
+from server.cli.main import run_loop
 
 
 class NullSink:

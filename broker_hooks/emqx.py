@@ -15,8 +15,8 @@ from typing import Any
 
 from broker_hooks import jsonvalue
 from broker_hooks.rules import DecodeError, Dialect, LifecycleAction, Rule, TopicPattern
-from server.lifecycle import DEVICE_REPORTABLE, Status
-from server.models import DeviceReport, Reason
+from server.core.lifecycle import DEVICE_REPORTABLE, Status
+from server.core.models import DeviceReport, Reason
 
 DOLLAR_PREFIX = "$emqx/commands/"
 REQUEST = TopicPattern("$emqx/commands/things/{thing}/executions/{execution}/request")

@@ -24,15 +24,15 @@ from broker_hooks.acl import TopicAcl
 from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
 from broker_hooks.rules import RuleSet
-from server.apikeys import ApiKeys
-from server.commands import CommandCore
+from server.api.grpc_api import GrpcServer
+from server.api.http_app import HttpServer, server_ssl_context
+from server.api.metrics import Kind, Sample, counters
 from server.config import Settings
-from server.delivery import EmqxRoute
-from server.grpc_api import GrpcServer
-from server.http_app import HttpServer, server_ssl_context
-from server.kaa import KaaMqtt
-from server.metrics import Kind, Sample, counters
-from server.registry import Registry
+from server.core.apikeys import ApiKeys
+from server.core.commands import CommandCore
+from server.core.delivery import EmqxRoute
+from server.core.registry import Registry
+from server.dialects.kaa.cex import KaaMqtt
 from server.store import ServiceStore, store_from_url
 
 log = logging.getLogger("fleetcmd")

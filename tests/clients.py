@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 
-from server.apikeys import ADMIN_KEY_FILE
 from server.app import FleetcmdApp
+from server.core.apikeys import ADMIN_KEY_FILE
 
 
 def admin_key(data_dir: Path) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from server.app import FleetcmdApp
-from server.cli import configure_logging
+from server.cli.main import configure_logging
 from server.config import Settings
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests import proc

@@ -22,8 +22,8 @@ from google.protobuf import descriptor, message, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from server.apikeys import ADMIN_KEY_FILE, Role
 from server.app import FleetcmdApp
+from server.core.apikeys import ADMIN_KEY_FILE, Role
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import registry_pb2 as rpb

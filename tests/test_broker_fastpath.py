@@ -398,7 +398,7 @@ async def test_a_report_is_pubacked_only_once_it_is_stored_and_pubacks_keep_thei
 
 @pytest.mark.parametrize("transport", ["tcp", "websockets"])
 async def test_a_report_the_store_could_not_write_is_not_pubacked(broker: FleetBroker, transport: str) -> None:
-    from server.errors import Unavailable
+    from server.core.errors import Unavailable
 
     sink = _sink(broker)
     sink.hold = True

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from server.cli import GC_THRESHOLD, tune_gc
+from server.cli.main import GC_THRESHOLD, tune_gc
 from tests.devices import EmqxDevice
 from tests.proc import PYTHON_M, Service, clean_env, console_script, run_cli
 

@@ -30,9 +30,9 @@ from broker_hooks.config import broker_config
 from broker_hooks.rules import Dialect, TopicPattern
 from server.app import FleetcmdApp
 from server.config import Settings, SettingsError
-from server.lifecycle import Status
-from server.models import Execution
-from server.validation import SendCommand
+from server.core.lifecycle import Status
+from server.core.models import Execution
+from server.core.validation import SendCommand
 from tests.certs import TlsFiles, self_signed
 from tests.conftest import make_settings
 from tests.devices import EmqxDevice, wait_for

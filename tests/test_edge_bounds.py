@@ -24,13 +24,13 @@ from google.protobuf import struct_pb2
 
 from broker_hooks import jsonvalue
 from broker_hooks.jsonvalue import MAX_DEPTH, MAX_SAFE_INTEGER, JsonProblem
-from server import convert
+from server.api import convert
 from server.app import FleetcmdApp
 from server.config import Settings
-from server.errors import InvalidArgument
+from server.core.errors import InvalidArgument
+from server.core.validation import validate_send
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
-from server.validation import validate_send
 from tests.clients import admin_key, app_channel
 from tests.devices import EmqxDevice, wait_for
 from tests.proc import run_cli

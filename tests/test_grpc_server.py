@@ -8,12 +8,12 @@ from typing import Any
 import grpc
 import pytest
 
-from server import grpc_api
-from server.apikeys import ApiKeys
-from server.commands import CommandCore
+from server.api import grpc_api
 from server.config import Settings
-from server.registry import Registry
-from server.sqlite_store import SqliteStore
+from server.core.apikeys import ApiKeys
+from server.core.commands import CommandCore
+from server.core.registry import Registry
+from server.store.sqlite import SqliteStore
 
 
 class Recording:

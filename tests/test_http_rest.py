@@ -15,9 +15,9 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
-from server.apikeys import Role
+from server.api.openapi import document
 from server.app import FleetcmdApp
-from server.openapi import document
+from server.core.apikeys import Role
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests.certs import self_signed

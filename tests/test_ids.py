@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from server.ids import new_execution_ids, time_ordered_id
+from server.core.ids import new_execution_ids, time_ordered_id
 
 
 def test_an_execution_id_is_a_uuid7_with_its_time_and_a_command_id_is_random_hex() -> None:

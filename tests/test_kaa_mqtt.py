@@ -31,11 +31,11 @@ from broker_hooks import emqx, kaa
 from broker_hooks.acl import TopicAcl
 from broker_hooks.rules import DecodeError, LifecycleAction, RuleSet
 from server.app import FleetcmdApp
-from server.lifecycle import Status
-from server.models import Execution
+from server.core.lifecycle import Status
+from server.core.models import Execution
+from server.core.validation import SendCommand
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
-from server.validation import SendCommand
 from tests.clients import app_channel
 from tests.devices import EmqxDevice, Received, wait_for
 

@@ -1,6 +1,6 @@
 """Import rules between the parts of the service (issue 14, item 3).
 
-The HTTP surface (every ``server/http_*.py`` and ``server/openapi.py``) stands on the
+The HTTP surface (every ``server/api/http_*.py``, ``server/api/openapi.py`` and the Kaa HTTP routes) stands on the
 application layer, not on the gRPC surface: it imports neither ``grpc`` (nor any
 ``grpc_*`` package), nor protobuf, nor the generated ``server.pb`` code, nor the
 gRPC surface's own modules. Imports are read with :mod:`ast`, so a comment or a
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 SERVER = Path(__file__).resolve().parent.parent / "server"
-HTTP_SURFACE = sorted([*SERVER.glob("http_*.py"), SERVER / "openapi.py"])
+HTTP_SURFACE = sorted([*(SERVER / "api").glob("http_*.py"), SERVER / "api" / "openapi.py", SERVER / "dialects" / "kaa" / "http.py"])
 
 # Modules the HTTP surface must not import (a name matches itself and everything under it).
-FORBIDDEN = ("grpc", "google.protobuf", "google.rpc", "server.pb", "server.convert", "server.registry_api")
-FORBIDDEN_PREFIXES = ("grpc_", "server.grpc_")  # grpc_status, grpc_health, ...; server.grpc_api, grpc_errors, grpc_auth
+FORBIDDEN = ("grpc", "google.protobuf", "google.rpc", "server.pb", "server.api.convert", "server.api.registry_api")
+FORBIDDEN_PREFIXES = ("grpc_", "server.api.grpc_")  # grpc_status, grpc_health, ...; server.api.grpc_api, grpc_errors, grpc_auth
 
 
 def imported_modules(source: str) -> list[tuple[int, str]]:
@@ -49,11 +49,11 @@ def violations(source: str) -> list[str]:
 
 
 def test_the_http_surface_is_every_http_module_and_openapi() -> None:
-    names = {path.name for path in HTTP_SURFACE}
-    assert {"http_app.py", "http_rest.py", "http_kaa.py", "openapi.py"} <= names
+    names = {path.relative_to(SERVER).as_posix() for path in HTTP_SURFACE}
+    assert {"api/http_app.py", "api/http_rest.py", "dialects/kaa/http.py", "api/openapi.py"} <= names
 
 
-@pytest.mark.parametrize("path", HTTP_SURFACE, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", HTTP_SURFACE, ids=lambda p: p.relative_to(SERVER).as_posix())
 def test_the_http_surface_imports_no_grpc_and_no_protobuf(path: Path) -> None:
     assert violations(path.read_text()) == [], f"{path.name} leans on the gRPC surface"
 
@@ -70,9 +70,9 @@ def test_the_http_surface_imports_no_grpc_and_no_protobuf(path: Path) -> None:
         "from google.rpc import code_pb2",
         "from server.pb import commands_pb2 as pb",
         "from server import pb",
-        "from server import convert",
-        "from server.grpc_errors import grpc_code",
-        "from server import grpc_auth",
+        "from server.api import convert",
+        "from server.api.grpc_errors import grpc_code",
+        "from server.api import grpc_auth",
         "def f():\n    import grpc\n",
     ],
 )
@@ -83,10 +83,10 @@ def test_the_rule_catches_each_form_of_a_forbidden_import(source: str) -> None:
 @pytest.mark.parametrize(
     "source",
     [
-        "from server import pagination\nfrom server.authz import Operation",
+        "from server import pagination\nfrom server.core.authz import Operation",
         "import aiohttp\nfrom aiohttp import web",
         "text = 'import grpc'  # import grpc",
-        "from server.errors import FleetcmdError",
+        "from server.core.errors import FleetcmdError",
         "import json",
     ],
 )

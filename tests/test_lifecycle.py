@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.lifecycle import DEVICE_REPORTABLE, Outcome, Status, Trigger, decide, initial_status
+from server.core.lifecycle import DEVICE_REPORTABLE, Outcome, Status, Trigger, decide, initial_status
 
 ACTIVE = [s for s in Status if not s.final]
 FINAL = [s for s in Status if s.final]

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from server.api.metrics import Kind, Sample, counters, metric_name, render
 from server.app import FleetcmdApp
-from server.metrics import Kind, Sample, counters, metric_name, render
-from server.validation import SendCommand
+from server.core.validation import SendCommand
 from tests.clients import admin_key
 from tests.devices import EmqxDevice, wait_for
 

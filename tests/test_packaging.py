@@ -204,9 +204,14 @@ def test_image_contents_build_into_a_working_wheel(docker: list[tuple[str, str]]
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    for needed in ("server/pb/commands_pb2.py", "server/pb/commands_pb2_grpc.py", "server/cli.py", "broker_hooks/__init__.py"):
+    for needed in (
+        "server/pb/commands_pb2.py",
+        "server/pb/commands_pb2_grpc.py",
+        "server/cli/main.py",
+        "broker_hooks/__init__.py",
+    ):
         assert needed in names, needed
-    assert "fleetcmd = server.cli:main" in entry_points
+    assert "fleetcmd = server.cli.main:main" in entry_points
 
 
 def healthcheck_argv(docker: list[tuple[str, str]]) -> list[str]:

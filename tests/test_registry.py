@@ -24,12 +24,12 @@ from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
 
 from server.app import FleetcmdApp
-from server.models import CommandDef
+from server.core.models import CommandDef
+from server.core.schemas import CompiledSchema
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import registry_pb2 as rpb
 from server.pb import registry_pb2_grpc as rpb_grpc
-from server.schemas import CompiledSchema
 from tests.clients import app_channel
 from tests.conftest import make_settings
 from tests.devices import EmqxDevice
@@ -950,8 +950,8 @@ async def test_execution_records_thing_type_at_creation(api: Api) -> None:
 
 async def test_presence_changes_are_written_by_one_writer_latest_per_thing(tmp_path: Path) -> None:
     """A fleet connecting at once: one writer task, a few store writes, each thing's last change kept."""
-    from server.registry import Registry
-    from server.sqlite_store import SqliteStore
+    from server.core.registry import Registry
+    from server.store.sqlite import SqliteStore
 
     async with SqliteStore(tmp_path / "f.db") as store:
         writer = asyncio.create_task(store.run_writer())

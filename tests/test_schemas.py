@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from server.errors import FieldViolation
-from server.schemas import CompiledSchema, fill, schema_problem
+from server.core.errors import FieldViolation
+from server.core.schemas import CompiledSchema, fill, schema_problem
 
 DIMMING = {
     "type": "object",

@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 import pytest
 
-from server import grpc_api
-from server.apikeys import Role
+from server.api import grpc_api
 from server.app import FleetcmdApp
+from server.core.apikeys import Role
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import registry_pb2 as rpb
@@ -264,7 +264,7 @@ async def test_a_canceled_call_cancels_its_unanswered_items(
 
 
 async def test_responses_are_framed_as_the_message_would_serialize(app: FleetcmdApp, stub: pb_grpc.CommandServiceStub) -> None:
-    from server import convert
+    from server.api import convert
 
     assert app.core is not None
     sent = await stub.Send(pb.SendRequest(thing_id="t1", action="on"), timeout=DEADLINE)

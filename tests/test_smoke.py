@@ -6,7 +6,7 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 
 from server.app import FleetcmdApp
-from server.cli import configure_logging
+from server.cli.main import configure_logging
 from server.pb import commands_pb2 as pb
 from tests.devices import EmqxDevice
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import AlreadyExists, NotFound, ThingMismatch
-from server.lifecycle import Outcome, Status, Trigger
-from server.models import DeviceReport, EventFilter, ListQuery, NewExecution, StateChange
-from server.sqlite_store import SqliteStore
+from server.core.errors import AlreadyExists, NotFound, ThingMismatch
+from server.core.lifecycle import Outcome, Status, Trigger
+from server.core.models import DeviceReport, EventFilter, ListQuery, NewExecution, StateChange
 from server.store import TransitionResult
+from server.store.sqlite import SqliteStore
 
 
 def new(i: int, thing: str = "t1", key: str = "", fp: str = "", status: Status = Status.QUEUED) -> NewExecution:

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from server import admin_cli
 from server.app import FleetcmdApp
+from server.cli import admin as admin_cli
 from server.config import Settings, SettingsError
-from server.errors import AlreadyExists, FleetcmdError, NotFound, ThingMismatch, Unavailable
-from server.lifecycle import Outcome, Status, Trigger
-from server.models import DeviceReport, EventFilter, ListQuery, NewExecution, StateChange
+from server.core.errors import AlreadyExists, FleetcmdError, NotFound, ThingMismatch, Unavailable
+from server.core.lifecycle import Outcome, Status, Trigger
+from server.core.models import DeviceReport, EventFilter, ListQuery, NewExecution, StateChange
+from server.core.validation import SendCommand
 from server.store import STORES, ServiceStore, TransitionResult, kaa_store, store_from_url
-from server.validation import SendCommand
 from tests.conftest import make_settings
 
 # Implementation -> a fresh, empty store's URL for one test (given the test's own directory).

@@ -1,4 +1,4 @@
-"""The pure rules of a state change (server.decisions), without any store."""
+"""The pure rules of a state change (server.core.decisions), without any store."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from server import decisions
-from server.errors import AlreadyExists, NotFound, ThingMismatch
-from server.lifecycle import Outcome, Status, Trigger
-from server.models import DeviceReport, Execution, NewExecution, Reason
+from server.core import decisions
+from server.core.errors import AlreadyExists, NotFound, ThingMismatch
+from server.core.lifecycle import Outcome, Status, Trigger
+from server.core.models import DeviceReport, Execution, NewExecution, Reason
 
 
 def new(*, key: str = "", fp: str = "", status: Status = Status.QUEUED) -> NewExecution:

@@ -13,15 +13,15 @@ import pytest
 from broker_hooks import emqx
 from broker_hooks.broker import Delivery
 from broker_hooks.rules import Inbound, LifecycleAction
-from server.commands import CommandCore
 from server.config import Settings
-from server.delivery import EmqxRoute
-from server.errors import AlreadyExists, NotFound, Unavailable
-from server.lifecycle import Outcome, Status, Trigger
-from server.models import DeviceReport, Execution, NewExecution, StateChange, ThingRecord
-from server.registry import Registry
-from server.sqlite_store import SqliteStore
-from server.validation import SendCommand
+from server.core.commands import CommandCore
+from server.core.delivery import EmqxRoute
+from server.core.errors import AlreadyExists, NotFound, Unavailable
+from server.core.lifecycle import Outcome, Status, Trigger
+from server.core.models import DeviceReport, Execution, NewExecution, StateChange, ThingRecord
+from server.core.registry import Registry
+from server.core.validation import SendCommand
+from server.store.sqlite import SqliteStore
 
 
 def new(i: int | str, *, key: str = "", fp: str = "", status: Status = Status.SENT, kaa: bool = False) -> NewExecution:

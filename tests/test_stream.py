@@ -18,8 +18,8 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-from server import commands
 from server.app import FleetcmdApp
+from server.core import commands
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests.clients import app_channel

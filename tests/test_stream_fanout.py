@@ -15,11 +15,12 @@ from typing import Any
 import grpc
 import pytest
 
-from server import commands, convert
+from server.api import convert
 from server.app import FleetcmdApp
-from server.events import EventBus
-from server.lifecycle import Status
-from server.models import EventFilter, Reason, StateChange
+from server.core import commands
+from server.core.events import EventBus
+from server.core.lifecycle import Status
+from server.core.models import EventFilter, Reason, StateChange
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests.clients import app_channel

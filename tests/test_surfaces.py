@@ -1,8 +1,8 @@
 """The two operator surfaces share one core (issue 14, item 3).
 
-Roles are decided per operation in ``server.authz``, whichever surface a call comes
+Roles are decided per operation in ``server.core.authz``, whichever surface a call comes
 through; each surface maps every domain error in its own table; page tokens are one
-codec (``server.pagination``), so a token one surface issued is good on the other.
+codec (``server.api.pagination``), so a token one surface issued is good on the other.
 Real gRPC and HTTP calls on 127.0.0.1 (port 0) where a surface is involved.
 """
 
@@ -17,11 +17,13 @@ import aiohttp
 import pytest
 
 import server
-from server import grpc_errors, http_rest, pagination
-from server.apikeys import Role
+from server.api import grpc_errors, http_rest, pagination
+from server.api.grpc_auth import METHOD_OPERATION
+from server.api.http_app import METRICS_PATH, OPENAPI_PATH
 from server.app import FleetcmdApp
-from server.authz import REQUIRED_ROLE, Operation, required_role
-from server.errors import (
+from server.core.apikeys import Role
+from server.core.authz import REQUIRED_ROLE, Operation, required_role
+from server.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     FleetcmdError,
@@ -31,9 +33,7 @@ from server.errors import (
     ThingMismatch,
     Unavailable,
 )
-from server.grpc_auth import METHOD_OPERATION
-from server.http_app import METRICS_PATH, OPENAPI_PATH
-from server.kaa import KaaError
+from server.dialects.kaa.cex import KaaError
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import registry_pb2 as rpb
@@ -122,7 +122,7 @@ async def test_every_rest_route_checks_its_role_before_anything_else(app: Fleetc
 # ---- domain errors --------------------------------------------------------------------------
 
 # Errors of the KP1 device protocol: they carry their own HTTP-like status, are answered to
-# devices by server.http_kaa and the Kaa MQTT replies, and never reach an operator surface.
+# devices by server.dialects.kaa.http and the Kaa MQTT replies, and never reach an operator surface.
 DEVICE_ERRORS: set[type[FleetcmdError]] = {KaaError}
 
 
@@ -153,7 +153,7 @@ def test_both_surfaces_map_every_domain_error() -> None:
     errors = domain_errors()
     assert {InvalidArgument, NotFound, ThingMismatch, KaaError} <= errors
     unmapped = sorted(k.__qualname__ for k in errors - DEVICE_ERRORS if not (http_maps(k) and grpc_maps(k)))
-    assert unmapped == [], "map these in server/http_rest.py HTTP_STATUS and server/grpc_errors.py"
+    assert unmapped == [], "map these in server/api/http_rest.py HTTP_STATUS and server/api/grpc_errors.py"
 
 
 def test_a_new_domain_error_is_unmapped_until_both_tables_list_it() -> None:
@@ -193,7 +193,7 @@ def test_each_surface_names_a_domain_error_alike(error: FleetcmdError, status: i
 @pytest.mark.parametrize(
     ("filters", "token"),
     [
-        # Issued by the code before server.pagination existed: tokens clients hold stay good.
+        # Issued by the code before server.api.pagination existed: tokens clients hold stay good.
         (pagination.ListFilters(), "eyJiIjogNDIsICJmIjogImE1NGI1MmQ1MDY1NGM0NjUifQ"),
         (pagination.ListFilters("t-1", "open", (9, 1, 9)), "eyJiIjogNDIsICJmIjogIjQ1YzVmYjAwNzA5ODBiODcifQ"),
         (pagination.ListFilters("t-2", "", (5,), 1767225600123, -1), "eyJiIjogNDIsICJmIjogIjdjZTE2YWNmYTBjZTQwNjcifQ"),

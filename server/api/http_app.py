@@ -1,0 +1,146 @@
+"""The HTTP server: one aiohttp application in the service's event loop.
+
+It serves the REST API for operators (``/api/v1/...``, :mod:`server.api.http_rest`),
+its OpenAPI document (``/api/v1/openapi.json``, no key needed) and Kaa KP1
+polling for devices (``/kp1/...``, :mod:`server.dialects.kaa.http`). Every failure is
+answered with JSON: KP1's ``{"statusCode", "reasonPhrase"}`` under ``/kp1/``,
+``{"code", "message", "details"}`` everywhere else. Request bodies are bounded
+(:func:`body_limit`; larger ones get 413).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from server import __version__
+from server.api import http_rest, metrics, openapi
+from server.core.apikeys import ApiKeys
+from server.core.authz import Operation, required_role
+from server.core.commands import CommandCore
+from server.core.errors import FleetcmdError
+from server.dialects.kaa import http as http_kaa
+from server.dialects.kaa.cex import KaaCex
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1024 * 1024
+OPENAPI_PATH = "/api/v1/openapi.json"
+METRICS_PATH = "/metrics"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def body_limit(max_params_bytes: int) -> int:
+    """Largest request body: 1 MiB, or more when params may be larger (JSON escaping can double them)."""
+    return max(MAX_BODY_BYTES, 2 * max_params_bytes + 64 * 1024)
+
+
+def _render(request: web.Request, exc: BaseException) -> web.Response:
+    if request.path.startswith("/kp1/"):
+        return http_kaa.error_response(exc)
+    return http_rest.error_response(exc)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every failure (domain error, refusal, aiohttp's 404/405/413, a bug) into a JSON answer."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _render(request, exc)
+    except (FleetcmdError, http_rest.HttpError) as exc:
+        log.debug("%s %s refused: %s", request.method, request.path, exc)
+        return _render(request, exc)
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return _render(request, exc)
+
+
+def build_app(core: CommandCore, keys: ApiKeys, cex: KaaCex, collect: metrics.Collector | None = None) -> web.Application:
+    """The aiohttp application with every route (``/metrics`` only when ``collect`` is given)."""
+    app = web.Application(client_max_size=body_limit(core.settings.max_params_bytes), middlewares=[errors_as_json])
+    document = openapi.document(__version__)
+
+    async def get_openapi(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app.router.add_get(OPENAPI_PATH, get_openapi)
+    if collect is not None:
+        app.router.add_get(METRICS_PATH, _metrics_handler(keys, collect))
+    rest = http_rest.RestApi(core, keys)
+    app.router.add_routes(rest.routes())
+    app.on_shutdown.append(rest.on_shutdown)
+    app.router.add_routes(http_kaa.KaaHttp(cex, core.settings.max_response_bytes).routes())
+    return app
+
+
+def _metrics_handler(keys: ApiKeys, collect: metrics.Collector) -> Handler:
+    async def get_metrics(request: web.Request) -> web.Response:
+        # Counters say how the fleet behaves (client counts, refusals): any API key may read them;
+        # a key too weak for them (none today) is answered as no key at all.
+        token = http_rest.bearer_token(request)
+        principal = await keys.authenticate(token) if token else None
+        if principal is None or principal.role < required_role(Operation.READ_METRICS):
+            raise http_rest.HttpError(
+                401,
+                "UNAUTHENTICATED",
+                "a valid API key is required (Authorization: Bearer ...)",
+                {"WWW-Authenticate": 'Bearer realm="fleetcmd"'},
+            )
+        return web.Response(body=metrics.render(collect()).encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    return get_metrics
+
+
+def server_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A TLS server context from PEM files (blocking: reads the files)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+class HttpServer:
+    """Start and stop the HTTP listener."""
+
+    def __init__(
+        self,
+        core: CommandCore,
+        keys: ApiKeys,
+        cex: KaaCex,
+        *,
+        metrics: metrics.Collector | None = None,
+        shutdown_timeout: float = 2.0,
+    ) -> None:
+        self.app = build_app(core, keys, cex, metrics)
+        self._shutdown_timeout = shutdown_timeout
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, bind: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen and serve; returns the bound port (also when ``port`` is 0)."""
+        access_log = log if log.isEnabledFor(logging.DEBUG) else None
+        runner = web.AppRunner(self.app, access_log=access_log, shutdown_timeout=self._shutdown_timeout)
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, bind, port, ssl_context=ssl_context, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await self.stop()
+            raise
+        addresses: list[Any] = runner.addresses
+        if not addresses:  # pragma: no cover - a started TCPSite has a socket
+            raise OSError(f"cannot bind HTTP to {bind}:{port}")
+        return int(addresses[0][1])
+
+    async def stop(self) -> None:
+        """Stop listening; requests in flight (waiting Sends) get ``shutdown_timeout`` seconds, then are cancelled."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

@@ -1,0 +1,444 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at ``/api/v1/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.core.lifecycle import Status
+from server.core.validation import MAX_ACTION_LENGTH, MAX_IDEMPOTENCY_KEY_LENGTH, MAX_WAIT_SECONDS
+
+ERROR_CODES = [
+    "INVALID_ARGUMENT",
+    "UNAUTHENTICATED",
+    "PERMISSION_DENIED",
+    "NOT_FOUND",
+    "METHOD_NOT_ALLOWED",
+    "ALREADY_EXISTS",
+    "FAILED_PRECONDITION",
+    "PAYLOAD_TOO_LARGE",
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "INTERNAL",
+]
+
+_TIME = {
+    "type": "string",
+    "format": "date-time",
+    "description": "RFC 3339, UTC, millisecond precision, e.g. 2026-01-02T03:04:05.678Z",
+}
+_NULLABLE_TIME = {**_TIME, "type": ["string", "null"]}
+_ANY_JSON = {"description": "Any JSON value."}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": _json(_ref("Error"))}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _responses(*names: str) -> dict[str, Any]:
+    return {status: {"$ref": f"#/components/responses/{name}"} for status, name in (n.split(":") for n in names)}
+
+
+_AUTH_ERRORS = ("400:BadRequest", "401:Unauthorized", "403:Forbidden", "413:PayloadTooLarge", "503:Unavailable")
+
+_EXECUTION_ID = {
+    "name": "executionId",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+}
+_WAIT_QUERY = {
+    "name": "waitSeconds",
+    "in": "query",
+    "required": False,
+    "description": "As waitSeconds in the body (the body wins when both are given).",
+    "schema": {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_SECONDS},
+}
+
+_SENT_OR_ACCEPTED = {
+    "200": {"description": "The execution, final (within waitSeconds).", "content": _json(_ref("Execution"))},
+    "202": {
+        "description": "The execution, not final yet; follow Location.",
+        "headers": {"Location": {"description": "/api/v1/commands/{executionId}", "schema": {"type": "string"}}},
+        "content": _json(_ref("Execution")),
+    },
+}
+
+
+def _schemas() -> dict[str, Any]:
+    status_reason = {
+        "type": ["object", "null"],
+        "description": 'Why the device reported its status (Kaa: reasonCode is the statusCode, e.g. "200").',
+        "properties": {"reasonCode": {"type": "string"}, "reasonDescription": {"type": "string"}},
+        "required": ["reasonCode", "reasonDescription"],
+    }
+    return {
+        "ExecutionStatus": {
+            "type": "string",
+            "enum": [s.name for s in Status],
+            "description": "QUEUED (device not reachable yet), SENT, DELIVERED (PUBACKed), IN_PROGRESS; final: "
+            "SUCCEEDED, FAILED, REJECTED, TIMED_OUT, CANCELED.",
+        },
+        "StatusReason": status_reason,
+        "StateChange": {
+            "type": "object",
+            "properties": {
+                "sequence": {"type": "integer", "description": "Position in the global event log."},
+                "status": _ref("ExecutionStatus"),
+                "previousStatus": {"anyOf": [_ref("ExecutionStatus"), {"type": "null"}]},
+                "at": _TIME,
+                "late": {"type": "boolean", "description": "Reported after the execution was final; kept, status unchanged."},
+                "result": _ANY_JSON,
+                "statusReason": _ref("StatusReason"),
+                "note": {"type": "string"},
+            },
+            "required": ["sequence", "status", "previousStatus", "at", "late", "result", "statusReason", "note"],
+        },
+        "Execution": {
+            "type": "object",
+            "properties": {
+                "executionId": {"type": "string"},
+                "commandId": {"type": "string"},
+                "thingId": {"type": "string"},
+                "action": {"type": "string"},
+                "params": {"type": ["object", "null"]},
+                "ttl": {"type": "integer", "description": "Seconds the device has to answer."},
+                "status": _ref("ExecutionStatus"),
+                "result": {**_ANY_JSON, "description": "What the device sent with its final (or latest) status."},
+                "statusReason": _ref("StatusReason"),
+                "createdAt": _TIME,
+                "updatedAt": _TIME,
+                "completedAt": _NULLABLE_TIME,
+                "expiresAt": _TIME,
+                "idempotencyKey": {"type": ["string", "null"]},
+                "thingType": {"type": ["string", "null"]},
+                "resultViolations": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "Where the result violates the action's result schema (stored anyway).",
+                },
+                "rerunOf": {"type": ["string", "null"], "description": "The execution this one re-runs."},
+                "kaaCommandId": {
+                    "type": ["integer", "null"],
+                    "description": "Kaa endpoints: the integer command id the device sees.",
+                },
+                "reruns": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "Re-runs of this execution, oldest first (GET of one execution only).",
+                },
+                "history": {
+                    "type": "array",
+                    "items": _ref("StateChange"),
+                    "description": "State changes, oldest first (GET of one execution only).",
+                },
+            },
+            "required": [
+                "executionId",
+                "commandId",
+                "thingId",
+                "action",
+                "params",
+                "ttl",
+                "status",
+                "result",
+                "statusReason",
+                "createdAt",
+                "updatedAt",
+                "completedAt",
+                "expiresAt",
+                "idempotencyKey",
+                "thingType",
+                "resultViolations",
+                "rerunOf",
+                "kaaCommandId",
+            ],
+        },
+        "SendRequest": {
+            "type": "object",
+            "properties": {
+                "thingId": {"type": "string", "minLength": 1, "maxLength": 128, "description": "One MQTT topic level."},
+                "action": {"type": "string", "minLength": 1, "maxLength": MAX_ACTION_LENGTH},
+                "params": {"type": ["object", "null"], "description": "At most 64 KiB as JSON (max_params_bytes)."},
+                "ttl": {"type": "integer", "minimum": 0, "description": "Seconds; 0 or absent = the default (max_ttl at most)."},
+                "idempotencyKey": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
+                "waitSeconds": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": MAX_WAIT_SECONDS,
+                    "description": "Answer as soon as the execution is final, or after this many seconds as it is then.",
+                },
+            },
+            "required": ["thingId", "action"],
+        },
+        "RerunRequest": {
+            "type": "object",
+            "properties": {"waitSeconds": {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_SECONDS}},
+        },
+        "ListResponse": {
+            "type": "object",
+            "properties": {
+                "executions": {"type": "array", "items": _ref("Execution")},
+                "nextPageToken": {"type": "string", "description": "Empty on the last page."},
+            },
+            "required": ["executions", "nextPageToken"],
+        },
+        "FieldViolation": {
+            "type": "object",
+            "properties": {"field": {"type": "string"}, "description": {"type": "string"}},
+            "required": ["field", "description"],
+        },
+        "Error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "string", "enum": ERROR_CODES},
+                "message": {"type": "string"},
+                "details": {"type": "array", "items": _ref("FieldViolation"), "description": "One per bad field (400)."},
+            },
+            "required": ["code", "message", "details"],
+        },
+        "KaaPollRequest": {
+            "type": "object",
+            "properties": {"observe": {"type": "boolean", "description": "Accepted and ignored over HTTP."}},
+        },
+        "KaaCommand": {
+            "type": "object",
+            "properties": {"id": {"type": "integer", "minimum": 1}, "payload": _ANY_JSON},
+            "required": ["id", "payload"],
+        },
+        "KaaResult": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "integer", "minimum": 1},
+                "statusCode": {"type": "integer", "description": "2xx SUCCEEDED, 4xx REJECTED, else FAILED."},
+                "reasonPhrase": {"type": "string", "maxLength": 1024},
+                "payload": _ANY_JSON,
+            },
+            "required": ["id", "statusCode"],
+        },
+        "KaaError": {
+            "type": "object",
+            "properties": {"statusCode": {"type": "integer"}, "reasonPhrase": {"type": "string"}},
+            "required": ["statusCode", "reasonPhrase"],
+        },
+    }
+
+
+def _responses_component() -> dict[str, Any]:
+    return {
+        "BadRequest": _error("Invalid request: details names each bad field (code INVALID_ARGUMENT)."),
+        "Unauthorized": _error(
+            "No valid API key (code UNAUTHENTICATED).",
+            {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        ),
+        "Forbidden": _error("The key's role is too weak (code PERMISSION_DENIED)."),
+        "NotFound": _error("No such execution or thing (code NOT_FOUND)."),
+        "Conflict": _error(
+            "ALREADY_EXISTS: the idempotency key belongs to another request; FAILED_PRECONDITION: the execution is already final."
+        ),
+        "PayloadTooLarge": _error("The body is larger than the server accepts (1 MiB by default; code PAYLOAD_TOO_LARGE)."),
+        "TooManyRequests": _error(
+            "Too many active executions (code RESOURCE_EXHAUSTED).",
+            {"Retry-After": {"schema": {"type": "integer"}}},
+        ),
+        "Unavailable": _error("The service is stopping (code UNAVAILABLE)."),
+        "KaaError": {"description": "KP1 error.", "content": _json(_ref("KaaError"))},
+    }
+
+
+def _kaa_path(kind: str) -> dict[str, Any]:
+    params = [
+        {"name": "appVersion", "in": "path", "required": True, "schema": {"type": "string"}},
+        {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Endpoint token."},
+        {"name": "commandType", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[A-Za-z0-9]+$"}},
+    ]
+    kaa_errors = {
+        "400": {"$ref": "#/components/responses/KaaError"},
+        "401": {"$ref": "#/components/responses/KaaError"},
+        "413": {"$ref": "#/components/responses/KaaError"},
+    }
+    if kind == "command":
+        return {
+            "post": {
+                "tags": ["kaa"],
+                "operationId": "kaaPollCommands",
+                "summary": "Kaa KP1: every outstanding command of the type (handing one out makes it SENT)",
+                "security": [],
+                "parameters": params,
+                "requestBody": {"required": False, "content": _json(_ref("KaaPollRequest"))},
+                "responses": {
+                    "200": {
+                        "description": "Outstanding commands, oldest first.",
+                        "content": _json({"type": "array", "items": _ref("KaaCommand")}),
+                    },
+                    **kaa_errors,
+                },
+            }
+        }
+    return {
+        "post": {
+            "tags": ["kaa"],
+            "operationId": "kaaReportResults",
+            "summary": "Kaa KP1: report results (an array, or a single object)",
+            "description": "400 names every refused item (404 when all of them name unknown commands); the valid "
+            "items of the same request are applied. An empty array is a no-op.",
+            "security": [],
+            "parameters": params,
+            "requestBody": {
+                "required": True,
+                "content": _json({"oneOf": [{"type": "array", "items": _ref("KaaResult")}, _ref("KaaResult")]}),
+            },
+            "responses": {
+                "200": {"description": "Every result was applied.", "content": _json({"type": "object"})},
+                "404": {"$ref": "#/components/responses/KaaError"},
+                **kaa_errors,
+            },
+        }
+    }
+
+
+def document(version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "fleetcmd HTTP API",
+            "version": version,
+            "description": "EMQX-style command REST API (camelCase JSON, RFC 3339 UTC times with milliseconds) "
+            "and Kaa KP1 HTTP polling. REST calls need an API key (Authorization: Bearer fck_...) with the same "
+            "roles as gRPC: viewer reads, operator also sends, cancels and re-runs.",
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearerAuth": []}],
+        "tags": [{"name": "commands"}, {"name": "kaa"}, {"name": "meta"}],
+        "paths": {
+            "/api/v1/commands": {
+                "post": {
+                    "tags": ["commands"],
+                    "operationId": "sendCommand",
+                    "summary": "Send a command to a thing (operator)",
+                    "parameters": [_WAIT_QUERY],
+                    "requestBody": {"required": True, "content": _json(_ref("SendRequest"))},
+                    "responses": {
+                        **_SENT_OR_ACCEPTED,
+                        **_responses(*_AUTH_ERRORS, "404:NotFound", "409:Conflict", "429:TooManyRequests"),
+                    },
+                },
+                "get": {
+                    "tags": ["commands"],
+                    "operationId": "listCommands",
+                    "summary": "List executions, newest first (viewer)",
+                    "parameters": [
+                        {"name": "thingId", "in": "query", "schema": {"type": "string"}},
+                        {"name": "action", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "status",
+                            "in": "query",
+                            "description": "Repeatable, or comma-separated (status=SENT,QUEUED).",
+                            "schema": {"type": "array", "items": _ref("ExecutionStatus")},
+                            "style": "form",
+                            "explode": True,
+                        },
+                        {"name": "createdAfter", "in": "query", "description": "Inclusive.", "schema": _TIME},
+                        {"name": "createdBefore", "in": "query", "description": "Exclusive.", "schema": _TIME},
+                        {
+                            "name": "pageSize",
+                            "in": "query",
+                            "description": "Default 50.",
+                            "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+                        },
+                        {
+                            "name": "pageToken",
+                            "in": "query",
+                            "description": "nextPageToken of the previous page (with the same filters).",
+                            "schema": {"type": "string"},
+                        },
+                    ],
+                    "responses": {
+                        "200": {"description": "A page of executions.", "content": _json(_ref("ListResponse"))},
+                        **_responses("400:BadRequest", "401:Unauthorized", "403:Forbidden", "503:Unavailable"),
+                    },
+                },
+            },
+            "/api/v1/commands/{executionId}": {
+                "get": {
+                    "tags": ["commands"],
+                    "operationId": "getCommand",
+                    "summary": "One execution with its history and re-runs (viewer)",
+                    "parameters": [_EXECUTION_ID],
+                    "responses": {
+                        "200": {"description": "The execution.", "content": _json(_ref("Execution"))},
+                        **_responses("400:BadRequest", "401:Unauthorized", "403:Forbidden", "404:NotFound", "503:Unavailable"),
+                    },
+                }
+            },
+            "/api/v1/commands/{executionId}/cancel": {
+                "post": {
+                    "tags": ["commands"],
+                    "operationId": "cancelCommand",
+                    "summary": "Cancel a non-final execution (operator)",
+                    "parameters": [_EXECUTION_ID],
+                    "responses": {
+                        "200": {"description": "The canceled execution.", "content": _json(_ref("Execution"))},
+                        **_responses(*_AUTH_ERRORS, "404:NotFound", "409:Conflict"),
+                    },
+                }
+            },
+            "/api/v1/commands/{executionId}/rerun": {
+                "post": {
+                    "tags": ["commands"],
+                    "operationId": "rerunCommand",
+                    "summary": "A new execution with the same thing, action, params and TTL, linked to the original (operator)",
+                    "parameters": [_EXECUTION_ID, _WAIT_QUERY],
+                    "requestBody": {"required": False, "content": _json(_ref("RerunRequest"))},
+                    "responses": {
+                        **_SENT_OR_ACCEPTED,
+                        **_responses(*_AUTH_ERRORS, "404:NotFound", "429:TooManyRequests"),
+                    },
+                }
+            },
+            "/api/v1/openapi.json": {
+                "get": {
+                    "tags": ["meta"],
+                    "operationId": "getOpenApi",
+                    "summary": "This document (no key needed)",
+                    "security": [],
+                    "responses": {"200": {"description": "OpenAPI 3.1.", "content": _json({"type": "object"})}},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "tags": ["meta"],
+                    "operationId": "getMetrics",
+                    "summary": "Service counters in the Prometheus text format (any API key)",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition 0.0.4.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **_responses("401:Unauthorized"),
+                    },
+                }
+            },
+            "/kp1/{appVersion}/cex/{token}/command/{commandType}": _kaa_path("command"),
+            "/kp1/{appVersion}/cex/{token}/result/{commandType}": _kaa_path("result"),
+        },
+        "components": {
+            "schemas": _schemas(),
+            "responses": _responses_component(),
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "A fleetcmd API key (fck_...)."}
+            },
+        },
+    }

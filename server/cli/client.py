@@ -1,0 +1,94 @@
+"""Client-side helpers of the CLI: finding the API key and opening an authenticated channel."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from server.config import ENV_PREFIX
+from server.core.apikeys import ADMIN_KEY_FILE
+
+
+class MissingApiKey(Exception):
+    """No API key was given and no admin key file was found."""
+
+
+def add_client_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every client command shares."""
+    parser.add_argument("--server", default="127.0.0.1:50051", help="gRPC address (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--timeout", type=float, default=10.0, help="RPC deadline in seconds")
+    parser.add_argument(
+        "--api-key",
+        help=f"API key (default: ${ENV_PREFIX}API_KEY, else the admin key file in the data directory)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help=f"data directory holding {ADMIN_KEY_FILE} (default: ${ENV_PREFIX}DATA_DIR, else ./data)",
+    )
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    """The data directory a command refers to."""
+    given: Path | None = getattr(args, "data_dir", None)
+    return given or Path(os.environ.get(f"{ENV_PREFIX}DATA_DIR") or "data")
+
+
+def api_key(args: argparse.Namespace) -> str:
+    """The key to present: ``--api-key``, ``$FLEETCMD_API_KEY`` or the admin key file.
+
+    Raises:
+        MissingApiKey: none of them is there.
+    """
+    key: str | None = args.api_key or os.environ.get(f"{ENV_PREFIX}API_KEY")
+    if key:
+        return key
+    path = data_dir(args) / ADMIN_KEY_FILE
+    try:
+        return path.read_text().strip()
+    except OSError:
+        raise MissingApiKey(
+            f"no API key: pass --api-key, set {ENV_PREFIX}API_KEY, or point --data-dir at the service's data "
+            f"directory ({path} is not readable)"
+        ) from None
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    """Adds ``authorization: Bearer <key>`` to every call."""
+
+    def __init__(self, key: str) -> None:
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _details(self, details: Any) -> Any:
+        return _Details(details.method, details.timeout, [*(details.metadata or ()), self._header], details.credentials)
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, method: str, timeout: float | None, metadata: Any, credentials: Any) -> None:
+        self.method = method
+        self.timeout = timeout
+        self.metadata = metadata
+        self.credentials = credentials
+        self.wait_for_ready = None
+        self.compression = None
+
+
+@contextlib.contextmanager
+def channel(args: argparse.Namespace) -> Iterator[grpc.Channel]:
+    """An authenticated channel to ``args.server``."""
+    key = api_key(args)
+    with grpc.insecure_channel(args.server) as raw:
+        yield grpc.intercept_channel(raw, _Bearer(key))

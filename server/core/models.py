@@ -1,0 +1,207 @@
+"""Plain data records shared by the store, the lifecycle service and the API surfaces.
+
+JSON payloads (params, results) are kept as JSON text: they are written to
+SQLite and to protobuf ``Struct``/``Value`` as they are, so the hot path never
+parses them twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.core.lifecycle import Status
+
+
+@dataclass(frozen=True)
+class Reason:
+    """A device's ``statusReason``."""
+
+    code: str
+    description: str
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """One entry of the durable event log (one state change or one late report)."""
+
+    sequence: int
+    execution_id: str
+    thing_id: str
+    action: str
+    status: Status
+    previous_status: Status | None
+    at_ms: int
+    late: bool = False
+    result_json: str | None = None
+    reason: Reason | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Execution:
+    """An execution as stored, optionally with its history."""
+
+    execution_id: str
+    command_id: str
+    thing_id: str
+    action: str
+    params_json: str | None
+    ttl_seconds: int
+    status: Status
+    created_at_ms: int
+    updated_at_ms: int
+    expires_at_ms: int
+    completed_at_ms: int | None = None
+    result_json: str | None = None
+    reason: Reason | None = None
+    idempotency_key: str = ""
+    thing_type: str = ""
+    # Violations of the action's result schema by the device's result (stored anyway).
+    result_violations: tuple[str, ...] = ()
+    # Kaa endpoints: the integer id the device sees (per thing and command type).
+    kaa_id: int | None = None
+    rerun_of: str = ""
+    reruns: tuple[str, ...] = field(default=(), compare=False)
+    history: tuple[StateChange, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class NewExecution:
+    """What :meth:`server.store.Store.create` needs to insert an execution."""
+
+    execution_id: str
+    command_id: str
+    thing_id: str
+    action: str
+    params_json: str | None
+    ttl_seconds: int
+    status: Status
+    created_at_ms: int
+    expires_at_ms: int
+    idempotency_key: str = ""
+    # Canonical digest of the request, to tell a retry from a conflicting reuse of a key.
+    fingerprint: str = ""
+    thing_type: str = ""
+    # Allocate a Kaa integer command id (the thing is a Kaa endpoint).
+    kaa: bool = False
+    rerun_of: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceReport:
+    """A status a device sent for an execution."""
+
+    status: Status
+    result_json: str | None = None
+    reason: Reason | None = None
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """Filters and page position for listing executions (newest first)."""
+
+    thing_id: str = ""
+    action: str = ""
+    statuses: frozenset[Status] = frozenset()
+    created_after_ms: int | None = None
+    created_before_ms: int | None = None
+    page_size: int = 50
+    # Keyset position: only executions inserted before this one (exclusive).
+    before_index: int | None = None
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Which events a Stream wants; empty fields match everything."""
+
+    thing_id: str = ""
+    execution_id: str = ""
+    action: str = ""
+
+    def matches(self, event: StateChange) -> bool:
+        """Whether ``event`` passes the filter."""
+        return (
+            (not self.thing_id or event.thing_id == self.thing_id)
+            and (not self.execution_id or event.execution_id == self.execution_id)
+            and (not self.action or event.action == self.action)
+        )
+
+
+@dataclass(frozen=True)
+class ActiveExecution:
+    """The part of a non-final execution the scheduler and outbox need after a restart."""
+
+    execution_id: str
+    thing_id: str
+    status: Status
+    expires_at_ms: int
+
+
+# ---- registry -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LastConnection:
+    """A thing's last connection, as the store keeps it."""
+
+    thing_id: str
+    last_seen_ms: int
+    client_id: str
+    remote_address: str
+    connected_at_ms: int | None  # None: keep the stored one (a disconnect)
+
+
+@dataclass(frozen=True)
+class ThingRecord:
+    """A registered thing as stored (the token only as its hash)."""
+
+    thing_id: str
+    thing_type: str
+    attributes: dict[str, str]
+    token_hash: str
+    created_at_ms: int
+    updated_at_ms: int
+    credentials_rotated_at_ms: int
+    last_seen_ms: int | None = None
+    last_client_id: str = ""
+    last_remote_address: str = ""
+    last_connected_at_ms: int | None = None
+    # Kaa endpoints: application version name and the endpoint token's hash.
+    kaa_app_version: str = ""
+    kaa_token_hash: str = ""
+
+
+@dataclass(frozen=True)
+class CommandDef:
+    """One command of a thing type; schemas are JSON values (an object or a boolean) or None."""
+
+    description: str = ""
+    params_schema: Any = None
+    result_schema: Any = None
+    default_ttl_seconds: int = 0
+
+
+@dataclass(frozen=True)
+class ThingTypeRecord:
+    """A thing type as stored."""
+
+    name: str
+    description: str
+    commands: dict[str, CommandDef]
+    allow_undefined_actions: bool
+    version: int
+    created_at_ms: int
+    updated_at_ms: int
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key as stored (the secret only as its hash)."""
+
+    key_id: str
+    name: str
+    role: str
+    secret_hash: str
+    created_at_ms: int
+    revoked_at_ms: int | None = None

@@ -1,0 +1,1 @@
+"""Device dialects: how a family of firmware (EMQX commands, Kaa CEX) talks to the control plane."""

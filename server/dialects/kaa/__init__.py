@@ -1,0 +1,1 @@
+"""The Kaa CEX dialect (KP1 command execution over MQTT and HTTP polling)."""

@@ -1,0 +1,284 @@
+"""The store interface: the only way the rest of fleetcmd reads or writes durable state.
+
+One contract, :class:`Store`, for every implementation, chosen by one setting,
+``database_url`` (:func:`store_from_url`; today ``sqlite:///<path>``): the
+application names no implementation. The contract covers the whole lifecycle
+(open and close as an async context manager, :meth:`Store.run_writer` as a
+background task and :meth:`Store.stop_writer` to end it, the commit listener,
+the commit count for metrics), the writes and the reads.
+
+Nothing outside a store implementation writes SQL, and a store decides nothing:
+the rules of a state change (late and duplicate reports, idempotency keys, Kaa
+ids, first final status wins) are the pure functions of :mod:`server.core.decisions`,
+which a store calls inside its write transaction with what it read there, so a
+device report racing a timeout or a cancel is decided against the committed
+status; the store persists the decision (the execution row and its event in
+the append-only log) atomically. Committed events are handed to the commit
+listener in sequence order, after the commit, in the same event-loop callback
+that resolves the callers: no caller resumes before the listener has seen the
+events of its commit (callers marked ahead, a Send, are resolved first).
+
+Queries only one device dialect needs are separate, smaller protocols
+(:class:`KaaStore`) that an implementation adds, so the generic contract carries
+none of them. ``tests/test_store_contract.py`` is the contract suite every
+implementation must pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, cast, runtime_checkable
+
+from server.core.errors import FleetcmdError
+from server.core.lifecycle import Decision, Trigger
+from server.core.models import (
+    ActiveExecution,
+    ApiKeyRecord,
+    DeviceReport,
+    EventFilter,
+    Execution,
+    LastConnection,
+    ListQuery,
+    NewExecution,
+    StateChange,
+    ThingRecord,
+    ThingTypeRecord,
+)
+
+CommitListener = Callable[[Sequence[StateChange]], None]
+# Checks a device's result against the action's result schema; returns the violations.
+ResultCheck = Callable[[Execution, DeviceReport], list[str]]
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    """Outcome of :meth:`Store.create`."""
+
+    execution: Execution
+    created: bool  # False when an idempotent retry returned the existing execution
+    event: StateChange | None
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    """Outcome of :meth:`Store.transition`."""
+
+    execution: Execution
+    decision: Decision
+    event: StateChange | None  # the recorded change or late report, if any
+
+
+@dataclass(frozen=True)
+class ListPage:
+    """One page of executions, newest first."""
+
+    executions: list[Execution]
+    # Keyset position for the next page, None when this is the last page.
+    next_before_index: int | None
+
+
+class Store(Protocol):
+    """Durable executions and their event log, and the lifecycle of the store itself.
+
+    ``async with store:`` opens it (creating what is missing) and closes it;
+    :meth:`run_writer` runs for as long as writes are taken, and ends after
+    :meth:`stop_writer` once what was queued is committed.
+    """
+
+    async def __aenter__(self) -> Store:
+        """Open the store; see :meth:`open`."""
+
+    async def __aexit__(self, *exc: object) -> None:
+        """Close the store; see :meth:`close`."""
+
+    async def open(self) -> None:
+        """Open the store (create it, or bring an older one up to date), ready to read and queue writes."""
+
+    async def close(self) -> None:
+        """Stop taking writes, commit what is still queued, and release everything."""
+
+    async def run_writer(self) -> None:
+        """Commit queued writes until :meth:`stop_writer`; run it as a background task while open."""
+
+    def stop_writer(self) -> None:
+        """Refuse new writes; :meth:`run_writer` ends once what is queued is committed."""
+
+    def set_commit_listener(self, listener: CommitListener) -> None:
+        """Set the callback that receives the committed events of each commit, in sequence order."""
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed since the store was opened (a metric)."""
+
+    async def create(self, new: NewExecution) -> CreateResult:
+        """Insert an execution and its first event.
+
+        Raises:
+            AlreadyExists: the idempotency key is taken by a different request.
+        """
+
+    async def transition(
+        self,
+        execution_id: str,
+        trigger: Trigger,
+        *,
+        at_ms: int,
+        report: DeviceReport | None = None,
+        expect_thing: str | None = None,
+        result_check: ResultCheck | None = None,
+    ) -> TransitionResult:
+        """Apply a lifecycle trigger and record what it changed.
+
+        Raises:
+            NotFound: no such execution.
+            ThingMismatch: ``expect_thing`` is given and is not the execution's thing.
+        """
+
+    def transition_nowait(
+        self,
+        execution_id: str,
+        trigger: Trigger,
+        *,
+        at_ms: int,
+        report: DeviceReport | None = None,
+        expect_thing: str | None = None,
+        result_check: ResultCheck | None = None,
+        deferrable: bool = False,
+    ) -> asyncio.Future[TransitionResult]:
+        """Queue :meth:`transition` and return the future of its result, without a coroutine.
+
+        For callers that apply many triggers and want no task per write: the write is
+        queued in call order, and committed whatever becomes of the future. A
+        ``deferrable`` write (nobody waits for it) may be held a moment (about a
+        millisecond) so that the writes right behind it share its commit.
+        """
+
+    async def get(self, execution_id: str, *, with_history: bool = False) -> Execution | None:
+        """Read one execution."""
+
+    async def get_many(self, execution_ids: Sequence[str]) -> list[Execution]:
+        """Read several executions (missing ids are skipped), in creation order."""
+
+    async def list_executions(self, query: ListQuery) -> ListPage:
+        """Page through executions newest first."""
+
+    async def events_after(self, after_sequence: int, flt: EventFilter, limit: int) -> list[StateChange]:
+        """Events with a sequence above ``after_sequence`` that match ``flt``, oldest first."""
+
+    async def last_sequence(self) -> int:
+        """The highest committed sequence (0 when the log is empty)."""
+
+    async def active(self) -> list[ActiveExecution]:
+        """Every non-final execution, oldest first."""
+
+
+@runtime_checkable
+class KaaStore(Protocol):
+    """What the Kaa CEX dialect needs beyond :class:`Store`: its executions by Kaa command id."""
+
+    async def outstanding(self, thing_id: str, action: str, now_ms: int) -> list[Execution]:
+        """Non-final, unexpired executions of one Kaa endpoint and command type, by Kaa id."""
+
+    async def execution_id_for_kaa(self, thing_id: str, action: str, kaa_id: int) -> str | None:
+        """The execution behind a Kaa command id."""
+
+
+class RegistryStore(Protocol):
+    """Durable things, thing types and API keys (in the same store, through the same writer, as the executions)."""
+
+    async def load_things(self) -> list[ThingRecord]:
+        """Every registered thing."""
+
+    async def load_thing_types(self) -> list[ThingTypeRecord]:
+        """Every thing type."""
+
+    async def insert_thing(self, rec: ThingRecord) -> None:
+        """Register a thing (AlreadyExists if taken)."""
+
+    async def update_thing(self, thing_id: str, *, thing_type: str, attributes: dict[str, str], at_ms: int) -> None:
+        """Replace a thing's type and attributes (NotFound)."""
+
+    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
+        """Store new credentials, and a new Kaa endpoint token hash when given (NotFound)."""
+
+    async def delete_thing(self, thing_id: str) -> None:
+        """Unregister a thing (NotFound)."""
+
+    async def record_presence(self, connections: Sequence[LastConnection]) -> None:
+        """Remember the last connection of each of these things (one write; missing things are ignored)."""
+
+    async def put_thing_type(self, rec: ThingTypeRecord) -> ThingTypeRecord:
+        """Create or replace a type; returns it with its new version."""
+
+    async def delete_thing_type(self, name: str) -> None:
+        """Delete a type (NotFound; FailedPrecondition while used)."""
+
+    async def insert_api_key(self, rec: ApiKeyRecord) -> None:
+        """Store a new API key."""
+
+    async def revoke_api_key(self, key_id: str, at_ms: int) -> None:
+        """Revoke a key (NotFound)."""
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """One key by id."""
+
+    async def list_api_keys(self) -> list[ApiKeyRecord]:
+        """Every key."""
+
+
+class ServiceStore(Store, RegistryStore, Protocol):
+    """What the service opens: the executions and the registry in one store (one transaction log, one writer)."""
+
+
+# Store classes already checked: a protocol isinstance() costs microseconds, and the Kaa
+# dialect asks once per request item.
+_KAA_STORES: set[type] = set()
+
+
+def kaa_store(store: object) -> KaaStore:
+    """``store`` as a :class:`KaaStore`.
+
+    Raises:
+        FleetcmdError: the store does not implement the Kaa queries.
+    """
+    if type(store) not in _KAA_STORES:
+        if not isinstance(store, KaaStore):
+            raise FleetcmdError(f"{type(store).__name__} does not implement the Kaa queries (KaaStore)")
+        _KAA_STORES.add(type(store))
+    return cast(KaaStore, store)
+
+
+class StoreClass(Protocol):
+    """A store implementation as :func:`store_from_url` builds it."""
+
+    @classmethod
+    def from_url(cls, url: str) -> ServiceStore:
+        """The store ``url`` names, not opened yet."""
+
+
+# URL scheme -> "module:class" of its implementation, imported only when used (as uvicorn's
+# LOOP_SETUPS): a second store is one more line here and one more URL in the contract suite.
+STORES: dict[str, str] = {"sqlite": "server.store.sqlite:SqliteStore"}
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of a store URL (``sqlite`` for ``sqlite:///data/fleetcmd.db``; empty when none)."""
+    scheme, sep, _rest = url.partition("://")
+    return scheme if sep else ""
+
+
+def store_from_url(url: str) -> ServiceStore:
+    """The store ``url`` names (``sqlite:///relative/path``, ``sqlite:////absolute/path``), not opened yet.
+
+    Raises:
+        FleetcmdError: the URL's scheme names no known store.
+    """
+    target = STORES.get(url_scheme(url))
+    if target is None:
+        raise FleetcmdError(f"database_url {url!r}: unknown store scheme (known: {', '.join(sorted(STORES))})")
+    module, _, name = target.partition(":")
+    cls: StoreClass = getattr(importlib.import_module(module), name)
+    return cls.from_url(url)

@@ -1,0 +1,294 @@
+"""The SQLite schema of :mod:`server.store.sqlite` and the conversions between its rows and the models.
+
+The DDL and its migrations, the column lists and the hot SQL statements, the
+row <-> model conversions and the connection set-up (PRAGMAs).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from server.core.lifecycle import Status
+from server.core.models import ApiKeyRecord, CommandDef, Execution, Reason, StateChange, ThingRecord, ThingTypeRecord
+
+SCHEMA_VERSION = 3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS executions (
+    idx                INTEGER PRIMARY KEY,
+    execution_id       TEXT NOT NULL UNIQUE,
+    command_id         TEXT NOT NULL,
+    thing_id           TEXT NOT NULL,
+    action             TEXT NOT NULL,
+    params             TEXT,
+    ttl_seconds        INTEGER NOT NULL,
+    status             INTEGER NOT NULL,
+    result             TEXT,
+    reason_code        TEXT,
+    reason_description TEXT,
+    created_at         INTEGER NOT NULL,
+    updated_at         INTEGER NOT NULL,
+    completed_at       INTEGER,
+    expires_at         INTEGER NOT NULL,
+    idempotency_key    TEXT,
+    fingerprint        TEXT,
+    thing_type         TEXT,
+    result_violations  TEXT,
+    kaa_id             INTEGER,
+    rerun_of           TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS executions_idempotency
+    ON executions(idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS executions_thing ON executions(thing_id, idx);
+CREATE INDEX IF NOT EXISTS executions_action ON executions(action, idx);
+CREATE INDEX IF NOT EXISTS executions_status ON executions(status, idx);
+CREATE INDEX IF NOT EXISTS executions_kaa ON executions(thing_id, action, kaa_id) WHERE kaa_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS executions_rerun ON executions(rerun_of) WHERE rerun_of IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    seq                INTEGER PRIMARY KEY,
+    execution_id       TEXT NOT NULL,
+    thing_id           TEXT NOT NULL,
+    action             TEXT NOT NULL,
+    status             INTEGER NOT NULL,
+    previous_status    INTEGER,
+    at                 INTEGER NOT NULL,
+    late               INTEGER NOT NULL DEFAULT 0,
+    result             TEXT,
+    reason_code        TEXT,
+    reason_description TEXT,
+    note               TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS events_execution ON events(execution_id, seq);
+CREATE TABLE IF NOT EXISTS things (
+    thing_id               TEXT PRIMARY KEY,
+    thing_type             TEXT NOT NULL DEFAULT '',
+    attributes             TEXT NOT NULL DEFAULT '{}',
+    token_hash             TEXT NOT NULL,
+    created_at             INTEGER NOT NULL,
+    updated_at             INTEGER NOT NULL,
+    credentials_rotated_at INTEGER NOT NULL,
+    last_seen              INTEGER,
+    last_client_id         TEXT NOT NULL DEFAULT '',
+    last_remote_address    TEXT NOT NULL DEFAULT '',
+    last_connected_at      INTEGER,
+    kaa_app_version        TEXT NOT NULL DEFAULT '',
+    kaa_token_hash         TEXT
+);
+CREATE INDEX IF NOT EXISTS things_type ON things(thing_type);
+CREATE UNIQUE INDEX IF NOT EXISTS things_kaa_token ON things(kaa_token_hash) WHERE kaa_token_hash IS NOT NULL;
+CREATE TABLE IF NOT EXISTS thing_types (
+    name        TEXT PRIMARY KEY,
+    definition  TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id      TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    role        TEXT NOT NULL,
+    secret_hash TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    revoked_at  INTEGER
+);
+"""
+
+# Columns added to tables of older schema versions: (version added, table, column definition).
+MIGRATIONS = (
+    (2, "executions", "thing_type TEXT"),
+    (2, "executions", "result_violations TEXT"),
+    (3, "executions", "kaa_id INTEGER"),
+    (3, "executions", "rerun_of TEXT"),
+    (3, "things", "kaa_app_version TEXT NOT NULL DEFAULT ''"),
+    (3, "things", "kaa_token_hash TEXT"),
+)
+
+EXEC_COLUMNS = (
+    "idx, execution_id, command_id, thing_id, action, params, ttl_seconds, status, result, "
+    "reason_code, reason_description, created_at, updated_at, completed_at, expires_at, idempotency_key, "
+    "thing_type, result_violations, kaa_id, rerun_of"
+)
+EVENT_COLUMNS = (
+    "seq, execution_id, thing_id, action, status, previous_status, at, late, result, reason_code, reason_description, note"
+)
+
+
+_STATUS: dict[int, Status] = {int(s): s for s in Status}
+
+# Hot statements, built once (sqlite3 caches the prepared statement by its text).
+SELECT_EXECUTION = f"SELECT {EXEC_COLUMNS} FROM executions WHERE execution_id = ?"
+SELECT_BY_KEY = f"SELECT {EXEC_COLUMNS}, fingerprint FROM executions WHERE idempotency_key = ?"
+SELECT_MAX_KAA = "SELECT COALESCE(MAX(kaa_id), 0) FROM executions WHERE thing_id = ? AND action = ? AND kaa_id IS NOT NULL"
+# Every column: an execution created and changed within one batch is written once, as it ends up.
+INSERT_EXECUTION = (
+    "INSERT INTO executions (execution_id, command_id, thing_id, action, params, ttl_seconds, status, result,"
+    " reason_code, reason_description, created_at, updated_at, completed_at, expires_at, idempotency_key,"
+    " fingerprint, thing_type, result_violations, kaa_id, rerun_of) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+UPDATE_EXECUTION = (
+    "UPDATE executions SET status = ?, updated_at = ?, completed_at = ?, result = ?,"
+    " reason_code = ?, reason_description = ?, result_violations = ? WHERE execution_id = ?"
+)
+INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+
+
+def _reason(code: str | None, description: str | None) -> Reason | None:
+    if code is None and description is None:
+        return None
+    return Reason(code or "", description or "")
+
+
+def reason_columns(reason: Reason | None) -> tuple[str | None, str | None]:
+    """The ``(reason_code, reason_description)`` columns of a status reason (the inverse of reading them)."""
+    return (reason.code, reason.description) if reason else (None, None)
+
+
+def violations_column(ex: Execution) -> str | None:
+    """The ``result_violations`` column: a JSON array, NULL when there are none."""
+    return json.dumps(list(ex.result_violations)) if ex.result_violations else None
+
+
+def execution_from_row(row: Sequence[Any], history: tuple[StateChange, ...] = (), reruns: tuple[str, ...] = ()) -> Execution:
+    """An :class:`Execution` from a row of ``EXEC_COLUMNS``."""
+    # By position (the order of EXEC_COLUMNS): cheaper than by name, and works for plain tuples too.
+    violations = row[17]
+    return Execution(
+        execution_id=row[1],
+        command_id=row[2],
+        thing_id=row[3],
+        action=row[4],
+        params_json=row[5],
+        ttl_seconds=row[6],
+        status=_STATUS[row[7]],
+        created_at_ms=row[11],
+        updated_at_ms=row[12],
+        expires_at_ms=row[14],
+        completed_at_ms=row[13],
+        result_json=row[8],
+        reason=_reason(row[9], row[10]),
+        idempotency_key=row[15] or "",
+        thing_type=row[16] or "",
+        result_violations=tuple(json.loads(violations)) if violations else (),
+        kaa_id=row[18],
+        rerun_of=row[19] or "",
+        reruns=reruns,
+        history=history,
+    )
+
+
+def event_from_row(row: Sequence[Any]) -> StateChange:
+    """A :class:`StateChange` from a row of ``EVENT_COLUMNS``."""
+    # By position: the order of EVENT_COLUMNS.
+    prev = row[5]
+    return StateChange(
+        sequence=row[0],
+        execution_id=row[1],
+        thing_id=row[2],
+        action=row[3],
+        status=_STATUS[row[4]],
+        previous_status=_STATUS[prev] if prev is not None else None,
+        at_ms=row[6],
+        late=bool(row[7]),
+        result_json=row[8],
+        reason=_reason(row[9], row[10]),
+        note=row[11],
+    )
+
+
+def event_row(e: StateChange) -> tuple[Any, ...]:
+    """The ``INSERT_EVENT`` parameters for an event."""
+    return (
+        e.sequence,
+        e.execution_id,
+        e.thing_id,
+        e.action,
+        int(e.status),
+        int(e.previous_status) if e.previous_status is not None else None,
+        e.at_ms,
+        int(e.late),
+        e.result_json,
+        *reason_columns(e.reason),
+        e.note,
+    )
+
+
+def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    """Open a connection to ``path`` with the store's PRAGMAs (read-only or the WAL writer)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 30000")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed batch survives power loss too, not only a killed process.
+        conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+def thing_from_row(row: sqlite3.Row) -> ThingRecord:
+    """A :class:`ThingRecord` from a ``things`` row."""
+    return ThingRecord(
+        thing_id=row["thing_id"],
+        thing_type=row["thing_type"],
+        attributes=json.loads(row["attributes"]),
+        token_hash=row["token_hash"],
+        created_at_ms=row["created_at"],
+        updated_at_ms=row["updated_at"],
+        credentials_rotated_at_ms=row["credentials_rotated_at"],
+        last_seen_ms=row["last_seen"],
+        last_client_id=row["last_client_id"],
+        last_remote_address=row["last_remote_address"],
+        last_connected_at_ms=row["last_connected_at"],
+        kaa_app_version=row["kaa_app_version"],
+        kaa_token_hash=row["kaa_token_hash"] or "",
+    )
+
+
+def type_definition(rec: ThingTypeRecord) -> str:
+    """The JSON stored in ``thing_types.definition`` for a thing type."""
+    return json.dumps(
+        {
+            "description": rec.description,
+            "allow_undefined_actions": rec.allow_undefined_actions,
+            "commands": {
+                action: {
+                    "description": c.description,
+                    "params_schema": c.params_schema,
+                    "result_schema": c.result_schema,
+                    "default_ttl_seconds": c.default_ttl_seconds,
+                }
+                for action, c in rec.commands.items()
+            },
+        }
+    )
+
+
+def thing_type_from_row(row: sqlite3.Row) -> ThingTypeRecord:
+    """A :class:`ThingTypeRecord` from a ``thing_types`` row."""
+    definition = json.loads(row["definition"])
+    return ThingTypeRecord(
+        name=row["name"],
+        description=definition["description"],
+        commands={action: CommandDef(**c) for action, c in definition["commands"].items()},
+        allow_undefined_actions=definition["allow_undefined_actions"],
+        version=row["version"],
+        created_at_ms=row["created_at"],
+        updated_at_ms=row["updated_at"],
+    )
+
+
+def api_key_from_row(row: sqlite3.Row) -> ApiKeyRecord:
+    """An :class:`ApiKeyRecord` from an ``api_keys`` row."""
+    return ApiKeyRecord(
+        key_id=row["key_id"],
+        name=row["name"],
+        role=row["role"],
+        secret_hash=row["secret_hash"],
+        created_at_ms=row["created_at"],
+        revoked_at_ms=row["revoked_at"],
+    )
