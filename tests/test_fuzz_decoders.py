@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from broker_hooks import emqx
@@ -56,8 +56,8 @@ settings.register_profile(
     max_examples=40,
     deadline=None,  # a loaded 2-core machine: time is bounded by max_examples and the test timeout
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
-    derandomize=False,
     print_blob=True,
+    database=None,  # nothing written into the work tree; a failure prints its reproduce_failure blob
 )
 settings.register_profile("fleetcmd-long", parent=settings.get_profile("fleetcmd-ci"), max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fleetcmd-ci"))
@@ -575,7 +575,8 @@ mqtt_packets = st.one_of(
 _client_numbers = itertools.count(1)
 
 
-@settings(max_examples=40)
+# No shrinking: each failing attempt waits out the close timeout, and the first failing stream says enough.
+@settings(max_examples=40, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(connect_first=st.booleans(), chunks=st.lists(mqtt_packets, min_size=1, max_size=4))
 def test_mqtt_garbage_is_closed_and_the_broker_keeps_serving(
     broker: Broker, error_log: ErrorLog, connect_first: bool, chunks: list[bytes]
@@ -592,7 +593,7 @@ def test_mqtt_garbage_is_closed_and_the_broker_keeps_serving(
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass  # the broker already closed it
-        assert closed_within(sock, 3.0), f"still open 3 s after EOF: connect_first={connect_first} chunks={chunks!r}"
+        assert closed_within(sock, 2.0), f"still open 2 s after EOF: connect_first={connect_first} chunks={chunks!r}"
     innocent_round_trip(broker.port, n)
     assert not error_log.records, error_log.text()
 

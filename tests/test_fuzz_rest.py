@@ -63,7 +63,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 @schema.parametrize()
 @settings(
-    max_examples=int(os.environ.get("FLEETCMD_FUZZ_EXAMPLES", "25")), deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=int(os.environ.get("FLEETCMD_FUZZ_EXAMPLES", "25")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,  # nothing written into the work tree
 )
 def test_every_operation_conforms(case: Any, service: Service) -> None:
     # A page token is opaque: only the ones the server issued are valid, so a made-up one is rightly refused.
