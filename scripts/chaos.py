@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -394,8 +394,10 @@ async def _verify(data: Path, watchers: list[Watcher], accepted: set[str], fig: 
     return svc.stderr
 
 
-async def run(cycles: int, *, data: Path, seed: int, per_kind: int = 2, callers: int = 4) -> Figures:
-    """Run ``cycles`` kill cycles and the final check; the figures say what was found."""
+async def run(
+    cycles: int, *, data: Path, seed: int, per_kind: int = 2, callers: int = 4, progress: Callable[[str], None] | None = None
+) -> Figures:
+    """Run ``cycles`` kill cycles and the final check; the figures say what was found (``progress`` hears each cycle)."""
     rng = random.Random(seed)
     fig = Figures()
     fleet = Fleet(random.Random(rng.randrange(1 << 30)), per_kind)
@@ -407,6 +409,8 @@ async def run(cycles: int, *, data: Path, seed: int, per_kind: int = 2, callers:
         for _ in range(cycles):
             stderr.append(await _cycle(data, fleet, watchers, rng, accepted, fig, callers))
             fig.cycles += 1
+            if progress is not None:
+                progress(f"cycle {fig.cycles}/{cycles}: accepted={len(accepted)} watcher_events={watchers[0].last}")
         stderr.append(await _verify(data, watchers, accepted, fig))
     finally:
         fleet.close()
@@ -429,7 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fleetcmd-chaos-") as tmp:
         data = args.data_dir or Path(tmp) / "data"
         print(f"chaos: seed={args.seed} cycles={args.cycles} data={data}", flush=True)
-        fig = asyncio.run(run(args.cycles, data=data, seed=args.seed, per_kind=args.per_kind, callers=args.callers))
+        fig = asyncio.run(
+            run(
+                args.cycles,
+                data=data,
+                seed=args.seed,
+                per_kind=args.per_kind,
+                callers=args.callers,
+                progress=lambda line: print(f"chaos: {line}", flush=True),
+            )
+        )
     print(fig.line())
     for problem in fig.unexpected_errors[:20]:
         print(f"  {problem}")
