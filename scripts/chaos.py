@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import heapq
+import itertools
 import json
 import os
 import random
@@ -71,6 +72,7 @@ class Figures:
     gaps: int = 0
     duplicates: int = 0
     mismatched: int = 0  # a watcher's event names another execution than the log's at that sequence
+    out_of_order: int = 0  # a watcher's event with a sequence lower than the one before it
     failed_calls: Counter[str] = field(default_factory=Counter)
     unexpected_errors: list[str] = field(default_factory=list)
     tracebacks: int = 0
@@ -79,13 +81,15 @@ class Figures:
     @property
     def ok(self) -> bool:
         """Every check held."""
-        return not (self.lost or self.stuck or self.gaps or self.duplicates or self.mismatched or self.unexpected_errors)
+        problems = (self.lost, self.stuck, self.gaps, self.duplicates, self.mismatched, self.out_of_order, self.unexpected_errors)
+        return not any(problems)
 
     def line(self) -> str:
         """The figures on one line."""
         return (
             f"chaos: cycles={self.cycles} accepted={self.accepted} events={self.events} lost={self.lost} "
             f"stuck={self.stuck} gaps={self.gaps} duplicates={self.duplicates} mismatched={self.mismatched} "
+            f"out_of_order={self.out_of_order} "
             f"unexpected_errors={len(self.unexpected_errors)} killed_calls={sum(self.failed_calls.values())} "
             f"tracebacks={self.tracebacks} duration={self.duration_s:.1f}s"
         )
@@ -348,6 +352,7 @@ def _compare(fig: Figures, log: list[tuple[int, str]], watcher: Watcher) -> None
     fig.duplicates += sum(n - 1 for n in counts.values() if n > 1)
     fig.gaps += sum(1 for seq in by_seq if seq not in counts)
     fig.mismatched += sum(1 for seq, eid in watcher.seen if by_seq.get(seq) != eid)
+    fig.out_of_order += sum(1 for (a, _), (b, _) in itertools.pairwise(watcher.seen) if b < a)
 
 
 async def _verify(data: Path, watchers: list[Watcher], accepted: set[str], fig: Figures) -> str:

@@ -33,7 +33,7 @@ async def test_three_sigkill_cycles_under_mixed_load(tmp_path: Path) -> None:
     assert fig.accepted > 50 and fig.events > fig.accepted, fig.line()
     assert sum(fig.failed_calls.values()) > 0, fig.line()
     assert fig.unexpected_errors == [], fig.unexpected_errors
-    assert (fig.lost, fig.stuck, fig.gaps, fig.duplicates, fig.mismatched) == (0, 0, 0, 0, 0), fig.line()
+    assert (fig.lost, fig.stuck, fig.gaps, fig.duplicates, fig.mismatched, fig.out_of_order) == (0,) * 6, fig.line()
     assert fig.tracebacks == 0, fig.line()
 
 
@@ -42,10 +42,10 @@ def test_the_comparison_counts_gaps_duplicates_and_mismatches() -> None:
     chaos = _chaos()
     log = [(1, "a"), (2, "b"), (3, "c"), (4, "d")]
     watcher = chaos.Watcher(batches=False)
-    watcher.seen = [(1, "a"), (2, "b"), (2, "b"), (4, "x")]
+    watcher.seen = [(2, "b"), (1, "a"), (2, "b"), (4, "x")]
     fig = chaos.Figures()
     chaos._compare(fig, log, watcher)
-    assert (fig.gaps, fig.duplicates, fig.mismatched) == (1, 1, 1)
+    assert (fig.gaps, fig.duplicates, fig.mismatched, fig.out_of_order) == (1, 1, 1, 1)
     assert not fig.ok
     clean = chaos.Figures()
     watcher.seen = list(log)
