@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 SERVER = Path(__file__).resolve().parent.parent / "server"
-HTTP_SURFACE = sorted([*(SERVER / "api").glob("http_*.py"), SERVER / "api" / "openapi.py", SERVER / "dialects" / "kaa" / "http.py"])
+HTTP_SURFACE = sorted(
+    [*(SERVER / "api").glob("http_*.py"), SERVER / "api" / "openapi.py", SERVER / "dialects" / "kaa" / "http.py"]
+)
 
 # Modules the HTTP surface must not import (a name matches itself and everything under it).
 FORBIDDEN = ("grpc", "google.protobuf", "google.rpc", "server.pb", "server.api.convert", "server.api.registry_api")

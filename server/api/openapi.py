@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from broker_hooks.topics import MAX_LEVEL_LENGTH
 from server.core.lifecycle import Status
 from server.core.validation import MAX_ACTION_LENGTH, MAX_IDEMPOTENCY_KEY_LENGTH, MAX_WAIT_SECONDS
 
@@ -28,6 +29,16 @@ _TIME = {
 }
 _NULLABLE_TIME = {**_TIME, "type": ["string", "null"]}
 _ANY_JSON = {"description": "Any JSON value."}
+# One MQTT topic level (broker_hooks.topics.level_problem): no separator, wildcard or NUL, not starting with '$'.
+_LEVEL = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_LEVEL_LENGTH,
+    "pattern": "^[^$/+#\\x00][^/+#\\x00]*$",
+    "description": "One MQTT topic level: no '/', '+', '#' or NUL, not starting with '$'.",
+}
+# An empty filter is no filter.
+_TIME_FILTER = {"anyOf": [_TIME, {"type": "string", "maxLength": 0}]}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -55,7 +66,7 @@ _EXECUTION_ID = {
     "name": "executionId",
     "in": "path",
     "required": True,
-    "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+    "schema": _LEVEL,
 }
 _WAIT_QUERY = {
     "name": "waitSeconds",
@@ -167,7 +178,7 @@ def _schemas() -> dict[str, Any]:
         "SendRequest": {
             "type": "object",
             "properties": {
-                "thingId": {"type": "string", "minLength": 1, "maxLength": 128, "description": "One MQTT topic level."},
+                "thingId": _LEVEL,
                 "action": {"type": "string", "minLength": 1, "maxLength": MAX_ACTION_LENGTH},
                 "params": {"type": ["object", "null"], "description": "At most 64 KiB as JSON (max_params_bytes)."},
                 "ttl": {"type": "integer", "minimum": 0, "description": "Seconds; 0 or absent = the default (max_ttl at most)."},
@@ -350,8 +361,8 @@ def document(version: str) -> dict[str, Any]:
                             "style": "form",
                             "explode": True,
                         },
-                        {"name": "createdAfter", "in": "query", "description": "Inclusive.", "schema": _TIME},
-                        {"name": "createdBefore", "in": "query", "description": "Exclusive.", "schema": _TIME},
+                        {"name": "createdAfter", "in": "query", "description": "Inclusive.", "schema": _TIME_FILTER},
+                        {"name": "createdBefore", "in": "query", "description": "Exclusive.", "schema": _TIME_FILTER},
                         {
                             "name": "pageSize",
                             "in": "query",
