@@ -841,15 +841,17 @@ class AttackerAgent:
                 cycles += 1
 
         async def keeper() -> None:
+            # Every 50 ms at most keep/20 re-opened (keep per second): enough for a CONNECT deadline of a
+            # second or more, and no unbounded reconnect loop against a service that refuses at once.
             nonlocal reopened, held_min
+            batch = max(1, keep // 20)
             while time.monotonic() < end:
                 held_min = min(held_min, len(self.pool))
                 missing = keep - len(self.pool)
                 if missing > 0:
-                    done = await asyncio.gather(*(self._open_one(self.opened + i) for i in range(min(missing, 64))))
+                    done = await asyncio.gather(*(self._open_one(self.opened + i) for i in range(min(missing, batch))))
                     reopened += sum(done)
-                else:
-                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)
 
         tasks = [loop.create_task(worker()) for _ in range(concurrency)]
         keep_task = loop.create_task(keeper()) if keep else None
