@@ -831,6 +831,8 @@ class AttackerAgent:
                 started += 1
                 if rate:
                     await asyncio.sleep(max(0.0, t0 + started / rate - time.monotonic()))
+                    if time.monotonic() >= end:  # its slot fell after the end: rate x duration at most
+                        break
                 conn = await self._connect(None)
                 if conn is None or conn.transport is None:
                     failed += 1

@@ -6,6 +6,7 @@ the measurement itself: real service, real attacker process, every figure presen
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from bench import attack, report, run
+from bench.loadgen import PARTIAL_CONNECT, AttackerAgent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,3 +97,38 @@ def test_the_descriptor_check_prints_fds_rss_and_the_innocent_device_before_duri
     fds = [int(m) for m in re.findall(r"fds (\d+)", "\n".join(lines))]
     assert len(fds) == 5 and all(f > 0 for f in fds)
     assert re.search(r"after the attacker closed them: fds \d+ \([+-]\d+\), RSS [\d.]+ MB \([+-][\d.]+\)", lines[4])
+
+
+async def test_the_attacker_keeps_its_half_open_pool_full_against_a_server_that_closes_them() -> None:
+    """What a CONNECT deadline looks like to the attacker: each closed connection is counted and re-opened."""
+    peers: list[str] = []
+    first_bytes: list[bytes] = []
+
+    async def deadline(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[0])
+        try:
+            first_bytes.append(await asyncio.wait_for(reader.read(100), 0.2))
+        except TimeoutError:
+            first_bytes.append(b"(nothing within 0.2 s)")
+        writer.close()  # the "service" closes every connection after 0.2 s (or at the client's FIN)
+
+    server = await asyncio.start_server(deadline, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    agent = AttackerAgent(source="127.0.0.2")
+    try:
+        held = await agent.cmd_hold(port, 20)
+        assert held["held"] == 20 and held["opened"] == 20
+        storm = await agent.cmd_storm(port, duration=1.0, rate=40, concurrency=4, keep=20)
+        # 40 cycles/s for 1 s: the asked rate, not more (one cycle per slot, the first at t0 + 1/rate).
+        assert 30 <= storm["cycles"] <= 40 and storm["failed"] == 0
+        # Closed connections are opened again, at most the pool's size per second (no reconnect loop).
+        assert 15 <= storm["reopened"] <= 20
+        assert agent.closed_by_server >= 20
+        assert storm["held_min"] < 20
+    finally:
+        await agent.cmd_release()
+        server.close()
+        await server.wait_closed()
+    assert set(peers) == {"127.0.0.2"}  # the attacker's own source address
+    # Half-open with the first bytes of a CONNECT, and silent ones.
+    assert PARTIAL_CONNECT in first_bytes and b"(nothing within 0.2 s)" in first_bytes
