@@ -164,6 +164,7 @@ def _measure(
                 "half_open_opened": held["held"],
                 "half_open_held_min": storm["held_min"],
                 "half_open_reopened": storm["reopened"],
+                "half_open_refused": held["refused"] + storm["refused"],
                 "storm_cycles": storm["cycles"],
                 "storm_cycles_per_s": storm["cycles_per_s"],
                 "storm_failed": storm["failed"],
@@ -281,6 +282,7 @@ def fd_check(p: Procs, plan: AttackPlan) -> dict[str, Any]:
     t0 = time.monotonic()
     held = attacker.call("hold", 120, port=svc.mqtt_port, n=plan.fd_check_half_open)
     out["half_open_opened"] = held["held"]
+    out["half_open_refused"] = held["refused"]
     out["half_open_errors"] = held["errors"]
     out["with_half_open"] = reading(svc)
     # The storm (as fast as the attacker can) while the innocent device answers commands and a new device connects.

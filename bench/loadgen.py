@@ -713,6 +713,7 @@ class WatcherAgent:
 # The first bytes of a CONNECT: fixed header, remaining length, part of the protocol name. A server
 # that waits for the rest of the packet holds the connection until its CONNECT deadline.
 PARTIAL_CONNECT = connect_packet("attacker", None, None, 60, True)[:6]
+REFUSED_S = 0.5
 
 
 class _Raw(asyncio.Protocol):
@@ -722,6 +723,7 @@ class _Raw(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.on_lost = on_lost
         self.lost = False
+        self.t_open = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # a TCP transport (uvloop's is no asyncio.Transport subclass)
@@ -744,10 +746,14 @@ class AttackerAgent:
     (another loopback address than the devices', so a per-address cap applies to the attacker only).
     """
 
-    def __init__(self, source: str = "127.0.0.1") -> None:
+    def __init__(self, source: str = "127.0.0.1", refused_s: float = REFUSED_S) -> None:
         self.source = source
+        self.refused_s = refused_s
         self.pool: set[_Raw] = set()
         self.closed_by_server = 0
+        # Closed by the server within refused_s of opening: refused (e.g. a connection cap), not
+        # timed out; never re-opened, so a cap does not turn the pool into a reconnect storm.
+        self.refused = 0
         self.opened = 0
         self.port = 0
         self.keep = 0  # while a storm runs: re-open pool connections the server closes, up to this many
@@ -757,6 +763,8 @@ class AttackerAgent:
         if conn in self.pool:
             self.pool.discard(conn)
             self.closed_by_server += 1
+            if time.monotonic() - conn.t_open < self.refused_s:
+                self.refused += 1
 
     async def _connect(self, on_lost: Callable[[_Raw], None] | None) -> _Raw | None:
         loop = asyncio.get_running_loop()
@@ -777,6 +785,7 @@ class AttackerAgent:
         self.opened += 1
         if conn.lost:  # refused at once (e.g. a connection cap)
             self.closed_by_server += 1
+            self.refused += 1
             return False
         self.pool.add(conn)
         if index % 2 == 1:
@@ -795,11 +804,17 @@ class AttackerAgent:
                 return await self._open_one(base + i)
 
         ok = await asyncio.gather(*(one(i) for i in range(n)))
-        return {"held": len(self.pool), "opened": sum(ok), "elapsed_s": time.monotonic() - t0, "errors": dict(self.errors)}
+        return {
+            "held": len(self.pool),
+            "opened": sum(ok),
+            "refused": self.refused,
+            "elapsed_s": time.monotonic() - t0,
+            "errors": dict(self.errors),
+        }
 
     async def cmd_held(self) -> dict[str, Any]:
         """How many pool connections are still open, and how many the server has closed so far."""
-        return {"held": len(self.pool), "closed_by_server": self.closed_by_server}
+        return {"held": len(self.pool), "closed_by_server": self.closed_by_server, "refused": self.refused}
 
     async def cmd_storm(
         self,
@@ -822,6 +837,7 @@ class AttackerAgent:
         end = t0 + duration
         cycles = failed = started = reopened = 0
         held_min = len(self.pool)
+        refused0 = self.refused
         errors0 = dict(self.errors)
         cpu0 = _cpu_self()
 
@@ -849,7 +865,7 @@ class AttackerAgent:
             batch = max(1, keep // 20)
             while time.monotonic() < end:
                 held_min = min(held_min, len(self.pool))
-                missing = keep - len(self.pool)
+                missing = keep - len(self.pool) - self.refused
                 if missing > 0:
                     done = await asyncio.gather(*(self._open_one(self.opened + i) for i in range(min(missing, batch))))
                     reopened += sum(done)
@@ -871,6 +887,7 @@ class AttackerAgent:
             "cycles_per_s": cycles / elapsed if elapsed > 0 else 0.0,
             "reopened": reopened,
             "held_min": held_min,
+            "refused": self.refused - refused0,
             "held": len(self.pool),
             "errors": errors,
             "cpu_s": _cpu_self() - cpu0,

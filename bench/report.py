@@ -316,6 +316,12 @@ def attack_rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> 
             "",
         ),
         (
+            "attack.refused",
+            "  half-open connections refused at once (closed within 0.5 s; not re-opened)",
+            lambda d: _attack_values(d, "attack", "half_open_refused"),
+            "",
+        ),
+        (
             "attack.quiet.svc_cpu",
             "  service CPU, % of one core, quiet",
             lambda d: _attack_values(d, "quiet", "service_cpu_pct"),

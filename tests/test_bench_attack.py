@@ -10,6 +10,7 @@ import asyncio
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,22 +100,30 @@ def test_the_descriptor_check_prints_fds_rss_and_the_innocent_device_before_duri
     assert re.search(r"after the attacker closed them: fds \d+ \([+-]\d+\), RSS [\d.]+ MB \([+-][\d.]+\)", lines[4])
 
 
+async def _closing_server(hold_s: float, peers: list[str], first_bytes: list[bytes]) -> asyncio.Server:
+    """A TCP server that closes every connection ``hold_s`` after it opened (what a CONNECT deadline does)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        t0 = time.monotonic()
+        peers.append(writer.get_extra_info("peername")[0])
+        if hold_s:
+            try:
+                first_bytes.append(await asyncio.wait_for(reader.read(100), hold_s))
+            except TimeoutError:
+                first_bytes.append(b"(nothing)")
+            await asyncio.sleep(max(0.0, t0 + hold_s - time.monotonic()))
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
 async def test_the_attacker_keeps_its_half_open_pool_full_against_a_server_that_closes_them() -> None:
     """What a CONNECT deadline looks like to the attacker: each closed connection is counted and re-opened."""
     peers: list[str] = []
     first_bytes: list[bytes] = []
-
-    async def deadline(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peers.append(writer.get_extra_info("peername")[0])
-        try:
-            first_bytes.append(await asyncio.wait_for(reader.read(100), 0.2))
-        except TimeoutError:
-            first_bytes.append(b"(nothing within 0.2 s)")
-        writer.close()  # the "service" closes every connection after 0.2 s (or at the client's FIN)
-
-    server = await asyncio.start_server(deadline, "127.0.0.1", 0)
+    server = await _closing_server(0.2, peers, first_bytes)
     port = server.sockets[0].getsockname()[1]
-    agent = AttackerAgent(source="127.0.0.2")
+    agent = AttackerAgent(source="127.0.0.2", refused_s=0.1)
     try:
         held = await agent.cmd_hold(port, 20)
         assert held["held"] == 20 and held["opened"] == 20
@@ -122,13 +131,31 @@ async def test_the_attacker_keeps_its_half_open_pool_full_against_a_server_that_
         # 40 cycles/s for 1 s: the asked rate, not more (one cycle per slot, the first at t0 + 1/rate).
         assert 30 <= storm["cycles"] <= 40 and storm["failed"] == 0
         # Closed connections are opened again, at most the pool's size per second (no reconnect loop).
-        assert 15 <= storm["reopened"] <= 20
+        assert 5 <= storm["reopened"] <= 20
         assert agent.closed_by_server >= 20
         assert storm["held_min"] < 20
+        assert storm["refused"] == 0  # each lived its 0.2 s: timed out, not refused
     finally:
         await agent.cmd_release()
         server.close()
         await server.wait_closed()
     assert set(peers) == {"127.0.0.2"}  # the attacker's own source address
     # Half-open with the first bytes of a CONNECT, and silent ones.
-    assert PARTIAL_CONNECT in first_bytes and b"(nothing within 0.2 s)" in first_bytes
+    assert PARTIAL_CONNECT in first_bytes and b"(nothing)" in first_bytes
+
+
+async def test_the_attacker_does_not_reopen_connections_refused_at_once() -> None:
+    """A connection cap that closes at once is not turned into a reconnect storm by the pool keeper."""
+    server = await _closing_server(0.0, [], [])
+    port = server.sockets[0].getsockname()[1]
+    agent = AttackerAgent(source="127.0.0.2", refused_s=0.1)
+    try:
+        await agent.cmd_hold(port, 20)
+        await asyncio.sleep(0.1)  # the server's closes arrive
+        assert (await agent.cmd_held())["refused"] == 20
+        storm = await agent.cmd_storm(port, duration=0.5, rate=10, keep=20)
+        assert storm["reopened"] == 0 and storm["held"] == 0
+    finally:
+        await agent.cmd_release()
+        server.close()
+        await server.wait_closed()
