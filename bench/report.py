@@ -260,7 +260,8 @@ def _attack_values(doc: dict[str, Any] | None, kind: str, key: str, sub: str | N
     rounds = _reps(doc, "attack", "rounds") if doc else None
     if not rounds:
         return None
-    vals = [(r[sub][key] if sub else r[key]) for r in rounds if r["kind"] == kind and (sub is None or sub in r)]
+    # Older results may lack a measure added since.
+    vals = [(r[sub][key] if sub else r[key]) for r in rounds if r["kind"] == kind and (key in r if sub is None else sub in r)]
     return vals or None
 
 
