@@ -13,6 +13,8 @@ keep being served by the same event loop. Agents:
   or an item of one ``SendStream`` call, plus one ``StreamBatches`` watcher that
   sees each command's final status.
 * :class:`WatcherAgent` - many ``StreamBatches`` watchers counting every event.
+* :class:`AttackerAgent` - hostile TCP clients of the MQTT port (``bench/attack.py``): half-open
+  connections held open, and a connect-and-close storm.
 
 Every loop here is bounded by a deadline or a count.
 """
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from bench.mqttlite import MqttConn, open_conn
+from bench.mqttlite import MqttConn, connect_packet, open_conn
 
 FINAL = frozenset({5, 6, 7, 8, 9})  # SUCCEEDED, FAILED, REJECTED, TIMED_OUT, CANCELED
 SUCCEEDED = 5
@@ -706,14 +708,215 @@ class WatcherAgent:
         await self.channel.close()
 
 
+# ---- hostile TCP clients --------------------------------------------------------------------
+
+# The first bytes of a CONNECT: fixed header, remaining length, part of the protocol name. A server
+# that waits for the rest of the packet holds the connection until its CONNECT deadline.
+PARTIAL_CONNECT = connect_packet("attacker", None, None, 60, True)[:6]
+REFUSED_S = 0.5
+
+
+class _Raw(asyncio.Protocol):
+    """A TCP connection that sends what it is told and ignores what it receives."""
+
+    def __init__(self, on_lost: Callable[[_Raw], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.on_lost = on_lost
+        self.lost = False
+        self.t_open = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a TCP transport (uvloop's is no asyncio.Transport subclass)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # whatever the server answers (a refusing CONNACK) changes nothing for the attacker
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self.on_lost is not None:
+            self.on_lost(self)
+
+
+class AttackerAgent:
+    """Hostile clients of one MQTT port: a pool of half-open connections and a connect-and-close storm.
+
+    Half-open: a TCP connection that sends nothing (even index) or the first bytes of a CONNECT
+    (odd index) and then waits. Storm: connect, send the first bytes of a CONNECT (``partial``),
+    close (FIN), what a load balancer's TCP health check does. Connections come from ``source``
+    (another loopback address than the devices', so a per-address cap applies to the attacker only).
+    """
+
+    def __init__(self, source: str = "127.0.0.1", refused_s: float = REFUSED_S) -> None:
+        self.source = source
+        self.refused_s = refused_s
+        self.pool: set[_Raw] = set()
+        self.closed_by_server = 0
+        # Closed by the server within refused_s of opening: refused (e.g. a connection cap), not
+        # timed out; never re-opened, so a cap does not turn the pool into a reconnect storm.
+        self.refused = 0
+        self.opened = 0
+        self.port = 0
+        self.keep = 0  # while a storm runs: re-open pool connections the server closes, up to this many
+        self.errors: dict[str, int] = {}
+
+    def _lost(self, conn: _Raw) -> None:
+        if conn in self.pool:
+            self.pool.discard(conn)
+            self.closed_by_server += 1
+            if time.monotonic() - conn.t_open < self.refused_s:
+                self.refused += 1
+
+    async def _connect(self, on_lost: Callable[[_Raw], None] | None) -> _Raw | None:
+        loop = asyncio.get_running_loop()
+        try:
+            _t, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: _Raw(on_lost), "127.0.0.1", self.port, local_addr=(self.source, 0)), 5.0
+            )
+        except (OSError, TimeoutError) as exc:
+            key = type(exc).__name__ + (f"[{exc.errno}]" if isinstance(exc, OSError) and exc.errno else "")
+            self.errors[key] = self.errors.get(key, 0) + 1
+            return None
+        return proto
+
+    async def _open_one(self, index: int) -> bool:
+        conn = await self._connect(self._lost)
+        if conn is None or conn.transport is None:
+            return False
+        self.opened += 1
+        if conn.lost:  # refused at once (e.g. a connection cap)
+            self.closed_by_server += 1
+            self.refused += 1
+            return False
+        self.pool.add(conn)
+        if index % 2 == 1:
+            conn.transport.write(PARTIAL_CONNECT)
+        return True
+
+    async def cmd_hold(self, port: int, n: int, parallel: int = 64) -> dict[str, Any]:
+        """Open ``n`` half-open connections (``parallel`` handshakes at a time) and keep them."""
+        self.port = port
+        t0 = time.monotonic()
+        sem = asyncio.Semaphore(parallel)
+        base = self.opened
+
+        async def one(i: int) -> bool:
+            async with sem:
+                return await self._open_one(base + i)
+
+        ok = await asyncio.gather(*(one(i) for i in range(n)))
+        return {
+            "held": len(self.pool),
+            "opened": sum(ok),
+            "refused": self.refused,
+            "elapsed_s": time.monotonic() - t0,
+            "errors": dict(self.errors),
+        }
+
+    async def cmd_held(self) -> dict[str, Any]:
+        """How many pool connections are still open, and how many the server has closed so far."""
+        return {"held": len(self.pool), "closed_by_server": self.closed_by_server, "refused": self.refused}
+
+    async def cmd_storm(
+        self,
+        port: int,
+        duration: float,
+        rate: float = 0.0,
+        concurrency: int = 8,
+        partial: bool = True,
+        max_cycles: int = 0,
+        keep: int = 0,
+    ) -> dict[str, Any]:
+        """Connect-and-close cycles for ``duration`` s (or ``max_cycles``), ``rate`` per second (0: as fast as it can).
+
+        Meanwhile pool connections the server closes are re-opened, up to ``keep``, so a CONNECT
+        deadline faces a constant ``keep`` half-open connections.
+        """
+        self.port = port
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        end = t0 + duration
+        cycles = failed = started = reopened = 0
+        held_min = len(self.pool)
+        refused0 = self.refused
+        errors0 = dict(self.errors)
+        cpu0 = _cpu_self()
+
+        async def worker() -> None:
+            nonlocal cycles, failed, started
+            while time.monotonic() < end and (not max_cycles or started < max_cycles):
+                started += 1
+                if rate:
+                    await asyncio.sleep(max(0.0, t0 + started / rate - time.monotonic()))
+                    if time.monotonic() >= end:  # its slot fell after the end: rate x duration at most
+                        break
+                conn = await self._connect(None)
+                if conn is None or conn.transport is None:
+                    failed += 1
+                    continue
+                if partial:
+                    conn.transport.write(PARTIAL_CONNECT)
+                conn.transport.close()
+                cycles += 1
+
+        async def keeper() -> None:
+            # Every 50 ms at most keep/20 re-opened (keep per second): enough for a CONNECT deadline of a
+            # second or more, and no unbounded reconnect loop against a service that refuses at once.
+            nonlocal reopened, held_min
+            batch = max(1, keep // 20)
+            while time.monotonic() < end:
+                held_min = min(held_min, len(self.pool))
+                missing = keep - len(self.pool) - self.refused
+                if missing > 0:
+                    done = await asyncio.gather(*(self._open_one(self.opened + i) for i in range(min(missing, batch))))
+                    reopened += sum(done)
+                await asyncio.sleep(0.05)
+
+        tasks = [loop.create_task(worker()) for _ in range(concurrency)]
+        keep_task = loop.create_task(keeper()) if keep else None
+        await asyncio.gather(*tasks)
+        elapsed = time.monotonic() - t0
+        if keep_task is not None:
+            keep_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keep_task
+        errors = {k: v - errors0.get(k, 0) for k, v in self.errors.items() if v != errors0.get(k, 0)}
+        return {
+            "cycles": cycles,
+            "failed": failed,
+            "elapsed_s": elapsed,
+            "cycles_per_s": cycles / elapsed if elapsed > 0 else 0.0,
+            "reopened": reopened,
+            "held_min": held_min,
+            "refused": self.refused - refused0,
+            "held": len(self.pool),
+            "errors": errors,
+            "cpu_s": _cpu_self() - cpu0,
+        }
+
+    async def cmd_release(self) -> int:
+        """Close every pool connection (FIN); returns how many were still open."""
+        n = len(self.pool)
+        for conn in list(self.pool):
+            if conn.transport is not None:
+                conn.transport.close()
+        self.pool.clear()
+        await asyncio.sleep(0)
+        return n
+
+    async def cmd_close(self) -> None:
+        """Release the pool."""
+        await self.cmd_release()
+
+
 AGENTS: dict[str, Callable[..., Any]] = {
     "device": DeviceAgent,
     "requester": RequesterAgent,
     "caller": CallerAgent,
     "watcher": WatcherAgent,
+    "attacker": AttackerAgent,
 }
 
 
 def run_agent(conn: Connection, kind: str, kwargs: dict[str, Any]) -> None:
     """Multiprocessing target (importable by name in a spawned child)."""
-    agent_main(conn, AGENTS[kind], kwargs, fast_loop=kind in ("device", "requester"))
+    agent_main(conn, AGENTS[kind], kwargs, fast_loop=kind in ("device", "requester", "attacker"))

@@ -21,6 +21,8 @@ def _summary(values: list[float]) -> tuple[float, float, float] | None:
 
 def fmt_num(v: float) -> str:
     """A number with sensible precision and thousands separators."""
+    if isinstance(v, int):
+        return f"{v:,}"  # a count (descriptors, connections) stays a count
     a = abs(v)
     if a >= 100:
         return f"{v:,.0f}"
@@ -249,6 +251,140 @@ def rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Ro
             add(f"fanout{kp}.events", "  events delivered/s (all watchers)", lambda d, f=fan: f(d, "events_delivered_per_s"))
             add(f"fanout{kp}.age99", "  event age at the watcher p99 ms", lambda d, f=fan: f(d, "event_age_p99_ms"))
             add(f"fanout{kp}.svc_cpu", "  service CPU, % of one core", lambda d, f=fan: f(d, "service_cpu_pct"))
+
+    out += attack_rows(doc, baseline)
+    return out
+
+
+def _attack_values(doc: dict[str, Any] | None, kind: str, key: str, sub: str | None = None) -> list[float] | None:
+    rounds = _reps(doc, "attack", "rounds") if doc else None
+    if not rounds:
+        return None
+    # Older results may lack a measure added since.
+    vals = [(r[sub][key] if sub else r[key]) for r in rounds if r["kind"] == kind and (key in r if sub is None else sub in r)]
+    return vals or None
+
+
+def attack_ratios(doc: dict[str, Any] | None) -> list[float] | None:
+    """Attack/quiet rate of each repetition: the two rounds measured next to each other (Q A, then A Q, ...)."""
+    rounds = (_reps(doc, "attack", "rounds") if doc else None) or []
+    out = []
+    for k in range(0, len(rounds) - 1, 2):
+        pair = {r["kind"]: r["rate"] for r in rounds[k : k + 2]}
+        if pair.get("quiet") and "attack" in pair:
+            out.append(pair["attack"] / pair["quiet"])
+    return out or None
+
+
+def attack_rows(doc: dict[str, Any], baseline: dict[str, Any] | None = None) -> list[Row]:
+    """The "under attack" rows (``bench/attack.py``): quiet and attack rates side by side, the attacker, fds and RSS."""
+    res = _reps(doc, "attack")
+    if not res:
+        return []
+    api = {"stream": "SendStream", "unary": "Send"}.get(res.get("mode", "stream"), res.get("mode", ""))
+
+    def before(d: dict[str, Any] | None, key: str) -> list[float] | None:
+        b = _reps(d, "attack", "before") if d else None
+        return [b[key]] if b else None
+
+    specs: list[tuple[str, str, Callable[[dict[str, Any] | None], list[float] | None], str]] = [
+        (
+            "attack.quiet.rate",
+            f"end-to-end commands/s ({api}), {res['devices']:,} devices, quiet rounds",
+            lambda d: _attack_values(d, "quiet", "rate"),
+            "",
+        ),
+        (
+            "attack.rate",
+            f"  under attack: {res['half_open']:,} half-open + connect-close storm ({res['storm_rate']:g}/s asked)",
+            lambda d: _attack_values(d, "attack", "rate"),
+            ">= 0.90x quiet",
+        ),
+        ("attack.ratio", "  under attack / quiet (each pair of rounds)", attack_ratios, ">= 0.90"),
+        ("attack.quiet.p99", "  latency p99 ms, quiet", lambda d: _attack_values(d, "quiet", "lat_p99_ms"), ""),
+        ("attack.p99", "  latency p99 ms, under attack", lambda d: _attack_values(d, "attack", "lat_p99_ms"), ""),
+        ("attack.cycles", "  attacker's connect-close cycles/s", lambda d: _attack_values(d, "attack", "storm_cycles_per_s"), ""),
+        (
+            "attack.held",
+            "  half-open connections held (fewest during a round)",
+            lambda d: _attack_values(d, "attack", "half_open_held_min"),
+            "",
+        ),
+        (
+            "attack.reopened",
+            "  half-open connections re-opened after the service closed them",
+            lambda d: _attack_values(d, "attack", "half_open_reopened"),
+            "",
+        ),
+        (
+            "attack.refused",
+            "  half-open connections refused at once (closed within 0.5 s; not re-opened)",
+            lambda d: _attack_values(d, "attack", "half_open_refused"),
+            "",
+        ),
+        (
+            "attack.quiet.svc_cpu",
+            "  service CPU, % of one core, quiet",
+            lambda d: _attack_values(d, "quiet", "service_cpu_pct"),
+            "",
+        ),
+        (
+            "attack.svc_cpu",
+            "  service CPU, % of one core, under attack",
+            lambda d: _attack_values(d, "attack", "service_cpu_pct"),
+            "",
+        ),
+        ("attack.att_cpu", "  attacker CPU, % of one core", lambda d: _attack_values(d, "attack", "attacker_cpu_pct"), ""),
+        (
+            "attack.busy",
+            "  machine busy under attack, % of all cores",
+            lambda d: _attack_values(d, "attack", "machine_busy_pct"),
+            "",
+        ),
+        ("attack.fds.before", "  service open descriptors before the first attack", lambda d: before(d, "fds"), ""),
+        (
+            "attack.fds.during",
+            "  service open descriptors during an attack",
+            lambda d: _attack_values(d, "attack", "fds", "during"),
+            "",
+        ),
+        (
+            "attack.fds.deadline",
+            "  service open descriptors once the CONNECT deadline passed (attacker still connected)",
+            lambda d: _attack_values(d, "attack", "fds", "after_deadline"),
+            "= before",
+        ),
+        (
+            "attack.fds.after",
+            "  service open descriptors after the attacker closed its connections",
+            lambda d: _attack_values(d, "attack", "fds", "after_release"),
+            "= before",
+        ),
+        ("attack.rss.before", "  service RSS MB before the first attack", lambda d: before(d, "rss_mb"), ""),
+        ("attack.rss.during", "  service RSS MB during an attack", lambda d: _attack_values(d, "attack", "rss_mb", "during"), ""),
+        (
+            "attack.rss.after",
+            "  service RSS MB after an attack",
+            lambda d: _attack_values(d, "attack", "rss_mb", "after_release"),
+            "",
+        ),
+    ]
+    out: list[Row] = []
+    for key, measure, get, target in specs:
+        values = get(doc)
+        if not values:
+            continue
+        out.append(
+            {
+                "key": key,
+                "measure": measure,
+                "values": values,
+                "compare": [],
+                "compare_label": "",
+                "baseline": (get(baseline) if baseline else None) or [],
+                "target": target,
+            }
+        )
     return out
 
 
@@ -517,6 +653,41 @@ def _replace_block(text: str, name: str, content: str) -> str | None:
     head, rest = text.split(b, 1)
     _, tail = rest.split(e, 1)
     return f"{head}{b}\n{content}\n{e}{tail}"
+
+
+def attack_block(doc: dict[str, Any]) -> str:
+    """The generated "under attack" block: the run's facts, the service's settings and the attack rows."""
+    meta = doc["meta"]
+    m = meta["machine"]
+    res = doc["results"]["attack"]
+    env = ", ".join(f"`{k}={v}`" for k, v in res["service_env"].items()) or "none"
+    lines = [
+        "### Latest run of the attack scenario",
+        "",
+        f"{meta['plan']['name']} plan, {meta['started']}, service at git `{meta['git']}`, "
+        f"took {meta.get('duration_s', 0):.0f} s; "
+        f"{len(res['rounds']) // 2} quiet/attack pairs of {res['window_s']:g} s windows, median (min-max).",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}; Python {m['python']}, amqtt {m['amqtt']}; "
+        f"open files limit {meta['nofile']['now']}. Service settings: {env}. The attacker connects from "
+        f"{res['source']}, {res['storm_concurrency']} cycles in flight; {res['inflight']} commands in flight.",
+        "",
+        _table(attack_rows(doc), doc, md=True),
+    ]
+    notes = [n for n in doc.get("notes", []) if n.startswith("attack")]
+    if notes:
+        lines += ["", "Notes from the run:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def write_attack_block(path: Path, doc: dict[str, Any]) -> None:
+    """Rewrite BENCHMARKS.md's ``attack`` block (appended as a section when the file has none)."""
+    text = path.read_text() if path.exists() else ""
+    block = attack_block(doc)
+    new = _replace_block(text, "attack", block)
+    if new is None:
+        new = f"{text.rstrip()}\n\n## Under attack\n\n{BEGIN.format(name='attack')}\n{block}\n{END.format(name='attack')}\n"
+    path.write_text(new)
 
 
 def write_benchmarks_md(path: Path, doc: dict[str, Any], rows_: list[Row], baseline: dict[str, Any] | None) -> None:

@@ -34,6 +34,7 @@ from bench import report
 from bench.procs import ROOT, Agent, Procs, Service, cpu_seconds, install_mosquitto, rss_bytes, written_bytes
 
 RESULTS = ROOT / "bench" / "results"
+SCENARIOS = ("e2e", "lowload", "raw", "connect", "fanout", "attack")
 
 
 @dataclass
@@ -63,7 +64,14 @@ class Plan:
     fanout_concurrency: int = 128
     device_agents: int = 2
     watcher_agents: int = 2
-    scenarios: list[str] = field(default_factory=lambda: ["e2e", "lowload", "raw", "connect", "fanout"])
+    # Under attack (bench/attack.py): quiet and attack rounds alternating on one service with
+    # attack_devices devices; the attacker holds attack_half_open half-open connections and runs
+    # attack_storm_rate connect-close cycles/s. The rounds use the e2e warm-up and window.
+    attack_devices: int = 1000
+    attack_half_open: int = 1000
+    attack_storm_rate: float = 200.0
+    attack_env: dict[str, str] = field(default_factory=dict)
+    scenarios: list[str] = field(default_factory=lambda: list(SCENARIOS))
 
 
 QUICK = Plan(
@@ -579,6 +587,28 @@ class Suite:
             out.append(new)
         return out
 
+    # -- 6: the end-to-end rate under attack, next to the quiet rate
+
+    def attack(self) -> None:
+        """Quiet and attack rounds alternating on one service (``bench/attack.py``)."""
+        from bench.attack import AttackPlan, scenario
+
+        plan = self.plan
+        ap = AttackPlan(
+            devices=plan.attack_devices,
+            half_open=plan.attack_half_open,
+            storm_rate=plan.attack_storm_rate,
+            reps=plan.reps,
+            warmup=plan.e2e_warmup,
+            window=plan.e2e_window,
+            inflight=plan.concurrency,
+            env=dict(plan.attack_env),
+        )
+        self.results["attack"] = res = scenario(self.p, ap)
+        errors = [r["errors"] for r in res["rounds"] if r["errors"]]
+        if errors:
+            self.notes.append(f"attack: caller errors in {len(errors)} rounds: {errors[:3]}")
+
     # -- 4: connect + subscribe rate and memory per device
 
     def connect(self, mosquitto: str | None) -> None:
@@ -732,7 +762,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run (~3 min): fleets 10 and 1,000, 2,000 connects")
     ap.add_argument("--reps", type=int, help="repetitions of each measurement (default 3)")
-    ap.add_argument("--only", help="comma-separated scenarios: e2e,lowload,raw,connect,fanout")
+    ap.add_argument("--only", help="comma-separated scenarios: " + ",".join(SCENARIOS))
+    ap.add_argument(
+        "--attack-env", action="append", default=[], metavar="K=V", help="the attack scenario's service environment (repeatable)"
+    )
+    ap.add_argument("--attack-storm-rate", type=float, help="attack: connect-close cycles/s (default 200; 0 = as fast as it can)")
+    ap.add_argument("--attack-devices", type=int, help="attack: connected devices (default 1,000)")
+    ap.add_argument("--attack-half-open", type=int, help="attack: half-open connections held (default 1,000)")
     ap.add_argument("--concurrency", type=int, help="commands in flight in the e2e scenarios (default 64)")
     ap.add_argument("--connect-devices", type=int, help="devices in the connect scenario (quick 2,000, full 10,000)")
     ap.add_argument("--connect-deadline", type=float, help="seconds one connect phase may take (quick 90, full 75)")
@@ -762,12 +798,21 @@ def main(argv: list[str] | None = None) -> int:
         plan.connect_deadline = args.connect_deadline
     if args.watcher_procs:
         plan.watcher_agents = max(1, args.watcher_procs)
+    plan.attack_env = dict(kv.split("=", 1) for kv in args.attack_env)
+    if args.attack_storm_rate is not None:
+        plan.attack_storm_rate = args.attack_storm_rate
+    if args.attack_devices:
+        plan.attack_devices = args.attack_devices
+    if args.attack_half_open is not None:
+        plan.attack_half_open = args.attack_half_open
     if args.only:
         plan.scenarios = [s.strip() for s in args.only.split(",") if s.strip()]
-        unknown = set(plan.scenarios) - {"e2e", "lowload", "raw", "connect", "fanout"}
+        unknown = set(plan.scenarios) - set(SCENARIOS)
         if unknown:
             ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     largest = max([*plan.e2e_fleets, plan.connect_devices]) if {"e2e", "connect"} & set(plan.scenarios) else 1000
+    if "attack" in plan.scenarios:
+        largest = max(largest, plan.attack_devices + plan.attack_half_open + 2000)
     nofile = raise_nofile(largest + 2000)
     if not nofile["enough"]:
         log(f"open-files limit {nofile['now']} is below {largest + 2000}: large fleets will fail (ulimit -n)")
@@ -803,6 +848,8 @@ def main(argv: list[str] | None = None) -> int:
             steps.append(("raw", lambda: suite.raw(mosquitto)))  # type: ignore[union-attr]
         if "connect" in plan.scenarios:
             steps.append(("connect", lambda: suite.connect(mosquitto)))  # type: ignore[union-attr]
+        if "attack" in plan.scenarios:
+            steps.append(("attack", suite.attack))
         try:
             for name, step in steps:
                 t0 = time.monotonic()
@@ -833,6 +880,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_write or interrupted:
         return 130 if interrupted else 0
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if "attack" in suite.results:
+        (RESULTS / "attack.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        report.write_attack_block(ROOT / "BENCHMARKS.md", doc)
+        if plan.scenarios == ["attack"]:
+            # The attack scenario alone: latest.json and the "Latest run" block keep the last suite run.
+            log(f"wrote {RESULTS / 'attack.json'} and BENCHMARKS.md's attack block in {meta['duration_s']:.0f}s")
+            return 0
     (RESULTS / "latest.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     report.plot(doc, RESULTS / "latest.png", baseline)
     if args.save_baseline:
@@ -856,6 +910,9 @@ def render() -> int:
         report.plot(baseline, RESULTS / "baseline.png", None)
         report.write_benchmarks_md(ROOT / "BENCHMARKS.md", baseline, report.rows(baseline, None), baseline=baseline)
     report.write_benchmarks_md(ROOT / "BENCHMARKS.md", latest, rows, baseline=None)
+    attack_path = RESULTS / "attack.json"
+    if attack_path.exists():
+        report.write_attack_block(ROOT / "BENCHMARKS.md", json.loads(attack_path.read_text()))
     return 0
 
 
