@@ -55,12 +55,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 settings.register_profile(
     "fleetcmd-ci",
     max_examples=40,
+    # The same examples on every CI run, so a red build is the code's and reproducible; the long
+    # profile (HYPOTHESIS_PROFILE=fleetcmd-long) explores at random.
+    derandomize=True,
     deadline=None,  # a loaded 2-core machine: time is bounded by max_examples and the test timeout
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
     print_blob=True,
     database=None,  # nothing written into the work tree; a failure prints its reproduce_failure blob
 )
-settings.register_profile("fleetcmd-long", parent=settings.get_profile("fleetcmd-ci"), max_examples=1000)
+settings.register_profile("fleetcmd-long", parent=settings.get_profile("fleetcmd-ci"), max_examples=1000, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fleetcmd-ci"))
 
 # ---- strategies ------------------------------------------------------------------------------------

@@ -327,16 +327,20 @@ class _Body:
 
 
 def _wait(body: _Body, request: web.Request) -> int:
+    # The body's value wins, but a query value is checked whenever it is given: a bad one is never ignored.
+    queried = _query_int(request, "waitSeconds", body.violations) if "waitSeconds" in request.query else None
     wait = body.integer("waitSeconds")
     if wait is None and "waitSeconds" not in body.data:
-        wait = _query_int(request, "waitSeconds", body.violations)
-    if wait is None:
-        return 0
-    try:
-        return check_wait(wait, "waitSeconds")
-    except InvalidArgument as exc:
-        body.violations.extend(exc.violations)
-        return 0
+        wait, queried = queried, None
+    for value in (queried, wait):
+        if value is None:
+            continue
+        try:
+            check_wait(value, "waitSeconds")
+        except InvalidArgument as exc:
+            body.violations.extend(exc.violations)
+            return 0
+    return wait or 0
 
 
 def _parse_time(name: str, raw: str, violations: list[FieldViolation]) -> int | None:

@@ -8,6 +8,15 @@ from broker_hooks.topics import MAX_LEVEL_LENGTH
 from server.core.lifecycle import Status
 from server.core.validation import MAX_ACTION_LENGTH, MAX_IDEMPOTENCY_KEY_LENGTH, MAX_WAIT_SECONDS
 
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word)
+
+
+# One ``status`` query value: ExecutionStatus names in any case, comma-separated, blanks ignored.
+_STATUS_NAME = "(" + "|".join(_any_case(s.name) for s in Status) + ")"
+_STATUS_LIST = rf"^\s*{_STATUS_NAME}?\s*(,\s*{_STATUS_NAME}?\s*)*$"
+
+
 ERROR_CODES = [
     "INVALID_ARGUMENT",
     "UNAUTHENTICATED",
@@ -181,10 +190,14 @@ def _schemas() -> dict[str, Any]:
                 "thingId": _LEVEL,
                 "action": {"type": "string", "minLength": 1, "maxLength": MAX_ACTION_LENGTH},
                 "params": {"type": ["object", "null"], "description": "At most 64 KiB as JSON (max_params_bytes)."},
-                "ttl": {"type": "integer", "minimum": 0, "description": "Seconds; 0 or absent = the default (max_ttl at most)."},
-                "idempotencyKey": {"type": "string", "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
+                "ttl": {
+                    "type": ["integer", "null"],
+                    "minimum": 0,
+                    "description": "Seconds; 0, null or absent = the default (max_ttl at most).",
+                },
+                "idempotencyKey": {"type": ["string", "null"], "maxLength": MAX_IDEMPOTENCY_KEY_LENGTH},
                 "waitSeconds": {
-                    "type": "integer",
+                    "type": ["integer", "null"],
                     "minimum": 0,
                     "maximum": MAX_WAIT_SECONDS,
                     "description": "Answer as soon as the execution is final, or after this many seconds as it is then.",
@@ -194,7 +207,7 @@ def _schemas() -> dict[str, Any]:
         },
         "RerunRequest": {
             "type": "object",
-            "properties": {"waitSeconds": {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_SECONDS}},
+            "properties": {"waitSeconds": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_WAIT_SECONDS}},
         },
         "ListResponse": {
             "type": "object",
@@ -356,8 +369,11 @@ def document(version: str) -> dict[str, Any]:
                         {
                             "name": "status",
                             "in": "query",
-                            "description": "Repeatable, or comma-separated (status=SENT,QUEUED).",
-                            "schema": {"type": "array", "items": _ref("ExecutionStatus")},
+                            "description": (
+                                "Repeatable, or comma-separated (status=SENT,QUEUED): ExecutionStatus names in any case;"
+                                " empty items are ignored, an unknown name is a 400."
+                            ),
+                            "schema": {"type": "array", "items": {"type": "string", "pattern": _STATUS_LIST}},
                             "style": "form",
                             "explode": True,
                         },

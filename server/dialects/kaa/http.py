@@ -39,7 +39,10 @@ def error_response(exc: BaseException) -> web.Response:
         status, phrase = 500, "internal error"
     if not 400 <= status <= 599:
         status = 400
-    return web.json_response({"statusCode": status, "reasonPhrase": phrase}, status=status)
+    headers = {}
+    if isinstance(exc, web.HTTPMethodNotAllowed) and "Allow" in exc.headers:
+        headers["Allow"] = exc.headers["Allow"]  # a 405 names the methods that are allowed (RFC 9110)
+    return web.json_response({"statusCode": status, "reasonPhrase": phrase}, status=status, headers=headers)
 
 
 async def _body(cex: KaaCex, request: web.Request, limit: int | None = None) -> Any:
