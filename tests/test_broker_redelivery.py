@@ -136,6 +136,26 @@ async def test_messages_a_stalled_client_never_read_come_again_at_qos_1_and_2(br
     assert sorted((r.topic, r.qos, r.dup) for r in got) == [("r/one", 1, True), ("r/two", 2, True)]
 
 
+async def test_a_take_over_gets_the_unacked_messages_of_the_connection_it_replaced(broker: FleetBroker) -> None:
+    """The client hangs (socket open, nothing acked) and connects again with the same id: the new connection gets them."""
+    async with _client(broker, "pub-t") as pub:
+        old = _client(broker, "sub-t", clean_session=False, auto_ack=False)
+        await old.__aenter__()
+        assert await old.asubscribe("r/x") == [1]
+        first = await _unacked(broker, old, pub, 2)
+        await asyncio.to_thread(old.client.loop_stop)  # frozen
+        try:
+            async with _client(broker, "sub-t", clean_session=False) as again:
+                got = await _drain(again)
+                session = broker._sessions["sub-t"][0]
+                await wait_for(lambda: not session.inflight_out, what="the PUBACKs of the redelivered messages")
+        finally:
+            sock = old.client.socket()
+            if sock is not None:
+                sock.close()
+    assert [(r.mid, r.dup, r.payload) for r in got] == [(r.mid, True, r.payload) for r in first]
+
+
 async def test_a_clean_session_gets_nothing_again(broker: FleetBroker) -> None:
     async with _client(broker, "pub-c") as pub:
         sub = _client(broker, "sub-c", clean_session=False, auto_ack=False)
