@@ -612,7 +612,12 @@ class FleetBroker(IndexedBroker):
             if outcome is not None:
                 await outcome
             else:
-                await handler.mqtt_publish(topic, payload, qos, False)
+                # publish_owned: the outbox redelivers its own requests, the session must not keep them too.
+                await (
+                    handler.publish_owned(topic, payload, qos)
+                    if isinstance(handler, FastProtocolHandler)
+                    else handler.mqtt_publish(topic, payload, qos, False)
+                )
         except asyncio.CancelledError:
             # The handler cancels its PUBACK waiters when the connection drops; only
             # re-raise when it is this task that is being cancelled.

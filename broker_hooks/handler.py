@@ -27,8 +27,15 @@ packet events:
 * a message the control plane takes over is PUBACKed only once it is written
   (:meth:`hold_ack`): a crash before that leaves the device to send it again. PUBACKs
   still go out in the order the PUBLISHes came [MQTT-4.6.0-2];
-* :meth:`publish_nowait` writes a PUBLISH at once and tracks its PUBACK with one
-  timer (amqtt's 5 s, after which the message is dropped as amqtt drops it).
+* :meth:`publish_nowait` writes a PUBLISH at once; :meth:`publish_tracked` does the same
+  for the control plane and tracks its PUBACK with one timer (amqtt's 5 s, after which the
+  caller is told it failed);
+* an outgoing QoS 1/2 message routed from a publisher (a :class:`KeptMessage`) stays in the
+  session until its PUBACK, with no timeout; when a persistent session's connection ends
+  they are kept, and the next connection (``clean_session=false``) gets them again, first,
+  with the same packet id and the DUP flag [MQTT-4.4.0-1]. At most
+  :data:`MAX_KEPT_INFLIGHT` per session: beyond, the oldest is dropped and counted. On
+  amqtt's path (below) its flow still gives up on a PUBACK after 5 s.
 
 Other connections (WebSocket), QoS 2 and plugins listening to packet events take
 amqtt's own paths, with one change: an incoming QoS 1 PUBLISH is PUBACKed as above (once
@@ -40,13 +47,15 @@ re-implements.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextvars
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from amqtt.adapters import BufferReader, ReaderAdapter, StreamReaderAdapter, StreamWriterAdapter, WriterAdapter
-from amqtt.errors import MQTTError
+from amqtt.errors import AMQTTError, MQTTError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
@@ -74,7 +83,7 @@ from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHea
 from amqtt.session import ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
 from broker_hooks.limits import MQTT_MAX_PACKET
-from broker_hooks.session import FleetProtocolHandler
+from broker_hooks.session import FleetProtocolHandler, FleetSession
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,31 @@ PUBACK_TIMEOUT = 5.0
 WRITE_HIGH_WATER = 256 * 1024
 
 _PINGRESP = b"\xd0\x00"
+
+# Un-PUBACKed outgoing messages a session keeps for redelivery (in flight, or kept while a
+# persistent session is offline). Well above what a client acking normally has in flight at once
+# (every message is written at once, there is no in-flight window), and what bounds the memory a
+# subscriber that never acks can pin: MAX_KEPT_INFLIGHT x the broker's payload limit. mosquitto's
+# default queue bound (max_queued_messages) is the same figure.
+MAX_KEPT_INFLIGHT = 1000
+
+# True while the control plane publishes through amqtt's mqtt_publish (publish_owned): not a KeptMessage.
+_CONTROL_PLANE: contextvars.ContextVar[bool] = contextvars.ContextVar("fleetcmd_control_plane_publish", default=False)
+
+
+class KeptMessage(OutgoingApplicationMessage):
+    """An outgoing QoS 1/2 message the session keeps until its PUBACK and redelivers on reconnect [MQTT-4.4.0-1].
+
+    Every message the broker routes from a publisher to a subscriber (and the offline queue) is
+    one. The control plane's own publishes to one client (:meth:`FastProtocolHandler.publish_tracked`,
+    :meth:`FastProtocolHandler.publish_owned`, used by ``FleetBroker.deliver``) are not: their
+    caller learns that the PUBACK did not come, and fleetcmd's outbox then publishes the request
+    again as a new message when the device is back. Keeping them too would hand a reconnecting
+    device every un-acked request twice (the DUP resend and the outbox's), so the one owner that
+    already redelivers them keeps that job.
+    """
+
+    __slots__ = ()
 
 
 def _track(running: list[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
@@ -119,6 +153,9 @@ class BrokerHooks(Protocol):
     def keepalive_expired(self, client_session: Session, handler: FastProtocolHandler) -> None:
         """The client was silent for longer than its keep-alive allows."""
         ...
+
+    # Broker events by kind; the handler counts the kept messages it drops (dropped.inflight_overflow).
+    stats: collections.Counter[str]
 
     @property
     def max_packet_bytes(self) -> int:
@@ -184,13 +221,15 @@ def _remaining_length(length: int) -> bytes:
             return bytes(out)
 
 
-def encode_publish(topic: str, data: bytes | bytearray, qos: int, packet_id: int | None, *, retain: bool = False) -> bytes:
-    """The bytes of a PUBLISH packet (no DUP flag)."""
+def encode_publish(
+    topic: str, data: bytes | bytearray, qos: int, packet_id: int | None, *, retain: bool = False, dup: bool = False
+) -> bytes:
+    """The bytes of a PUBLISH packet (DUP set with ``dup``: a redelivery)."""
     name = topic.encode()
     head = len(name).to_bytes(2, "big") + name
     if packet_id is not None:
         head += packet_id.to_bytes(2, "big")
-    flags = 0x30 | (qos << 1) | (1 if retain else 0)
+    flags = 0x30 | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
     return b"".join((bytes((flags,)), _remaining_length(len(head) + len(data)), head, data))
 
 
@@ -208,6 +247,7 @@ class FastProtocolHandler(FleetProtocolHandler):
         "_last_read",
         "_read_timer",
         "_slow_publishes",
+        "_stopped",
         "_unacked",
         "broker",
     )
@@ -230,6 +270,9 @@ class FastProtocolHandler(FleetProtocolHandler):
         self._ack_waiters: dict[int, asyncio.Future[None]] = {}
         # Publishes sent through amqtt's mqtt_publish task and not finished; publish_nowait waits for them (order).
         self._slow_publishes = 0
+        # Set by the first stop: later stops (a taken-over connection is stopped more than once) leave
+        # the session's kept messages alone, which may by then belong to the new connection.
+        self._stopped = False
         self._last_read = 0.0
         self._read_timer: asyncio.TimerHandle | None = None
 
@@ -245,6 +288,12 @@ class FastProtocolHandler(FleetProtocolHandler):
             and not listened.get(MQTTEvents.PACKET_RECEIVED)
             and not listened.get(MQTTEvents.PACKET_SENT)
         )
+        kept = getattr(session, "kept_out", None)
+        if kept:
+            # Back in flight before anything else is published on this connection, so that no new
+            # message takes their packet ids; written (DUP) once the CONNACK is out: _resend_kept.
+            for message in kept:
+                session.inflight_out[message.packet_id] = message
 
     async def start(self) -> None:
         """Start as amqtt does, without the write-timeout timer a broker handler ignores."""
@@ -255,6 +304,9 @@ class FastProtocolHandler(FleetProtocolHandler):
             self._keepalive_task = None
 
     def _stop_waiters(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._keep_unacked()
         super()._stop_waiters()
         # amqtt's waiters drop their message from inflight_out when cancelled; do the same for ours.
         unacked, self._unacked = self._unacked, {}
@@ -475,7 +527,11 @@ class FastProtocolHandler(FleetProtocolHandler):
         anything handled it; here the entry waits in ``_acks`` for :meth:`deferred_done` and
         :meth:`hold_ack`, so a crash before the control plane wrote it leaves the device to send it again.
         """
-        if not isinstance(app_message, IncomingApplicationMessage) or self.session is None or app_message.packet_id is None:
+        if isinstance(app_message, OutgoingApplicationMessage):
+            # A routed message is kept for redelivery (_keepable); the control plane's is not.
+            await super()._handle_qos1_message_flow(self._keepable(app_message))
+            return
+        if self.session is None or app_message.packet_id is None:
             await super()._handle_qos1_message_flow(app_message)
             return
         if self._acks is None:
@@ -557,6 +613,10 @@ class FastProtocolHandler(FleetProtocolHandler):
             return
         waiter = self._puback_waiters.get(packet_id)
         if waiter is None:
+            session = self.session
+            if session is not None and type(session.inflight_out.get(packet_id)) is KeptMessage:
+                del session.inflight_out[packet_id]
+                return
             log.warning("received PUBACK for unknown pending message id %d", packet_id)
         elif waiter.done():
             log.warning("PUBACK waiter with id %d already done", packet_id)
@@ -571,20 +631,25 @@ class FastProtocolHandler(FleetProtocolHandler):
             writer._writer.transport.write(data)
 
     def publish_nowait(self, topic: str, data: bytes | bytearray, qos: int) -> bool:
-        """Write a PUBLISH (QoS 0 or 1, not retained) at once, without waiting for the PUBACK.
+        """Write a PUBLISH (QoS 0 or 1, not retained) routed from a publisher, at once.
 
-        A QoS 1 message stays in the session's ``inflight_out`` until its PUBACK, the
-        connection's end or :data:`PUBACK_TIMEOUT`, as with amqtt's ``mqtt_publish``.
+        A QoS 1 message is a :class:`KeptMessage`: it stays in the session's ``inflight_out``
+        until its PUBACK, with no timeout (MQTT resends only on reconnect [MQTT-4.4.0-1]), and
+        a persistent session keeps it across a disconnect (see :meth:`_keep_unacked`).
 
         Returns:
             False when it was not written: the connection is not on the fast path, is
             closing or backed up, or an earlier publish is still on amqtt's path (order);
             the caller then uses ``mqtt_publish``.
         """
-        return self._publish_now(topic, data, qos) >= 0
+        return self._publish_now(topic, data, qos, kept=True) >= 0
 
     def publish_tracked(self, topic: str, data: bytes | bytearray, qos: int) -> asyncio.Future[None] | None:
-        """:meth:`publish_nowait`, and a future for the outcome, as awaiting amqtt's ``mqtt_publish`` gives.
+        """:meth:`publish_nowait` for the control plane, and a future for the outcome, as awaiting amqtt's ``mqtt_publish`` gives.
+
+        The message is not kept for redelivery (the caller owns it, see :class:`KeptMessage`):
+        it leaves ``inflight_out`` at its PUBACK, at the connection's end or after
+        :data:`PUBACK_TIMEOUT`.
 
         Returns:
             None when it was not written (use ``mqtt_publish``); else a future done once
@@ -592,7 +657,7 @@ class FastProtocolHandler(FleetProtocolHandler):
             after :data:`PUBACK_TIMEOUT` and is cancelled when the connection ends, as
             amqtt's PUBACK waiters are.
         """
-        packet_id = self._publish_now(topic, data, qos)
+        packet_id = self._publish_now(topic, data, qos, kept=False)
         if packet_id < 0:
             return None
         outcome: asyncio.Future[None] = self._loop.create_future()
@@ -602,7 +667,19 @@ class FastProtocolHandler(FleetProtocolHandler):
             self._ack_waiters[packet_id] = outcome
         return outcome
 
-    def _publish_now(self, topic: str, data: bytes | bytearray, qos: int) -> int:
+    async def publish_owned(self, topic: str, data: bytes | bytearray, qos: int) -> OutgoingApplicationMessage:
+        """Amqtt's ``mqtt_publish`` (not retained) for the control plane: the message is not kept for redelivery.
+
+        Returns:
+            The message, PUBACKed (QoS 1) or written (QoS 0).
+        """
+        token = _CONTROL_PLANE.set(True)
+        try:
+            return await self.mqtt_publish(topic, data, qos, False)
+        finally:
+            _CONTROL_PLANE.reset(token)
+
+    def _publish_now(self, topic: str, data: bytes | bytearray, qos: int, *, kept: bool) -> int:
         """Write the PUBLISH if the connection allows it: its packet id, 0 for QoS 0, -1 when not written."""
         writer = self.writer
         session = self.session
@@ -619,18 +696,48 @@ class FastProtocolHandler(FleetProtocolHandler):
         transport = writer._writer.transport
         if transport.is_closing() or transport.get_write_buffer_size() > WRITE_HIGH_WATER:
             return -1
+        if getattr(session, "kept_out", None) is not None:
+            self._resend_kept()  # the previous connection's un-acked messages go first [MQTT-4.4.0-1]
         packet_id: int | None = None
         if qos == QOS_1:
             packet_id = session.next_packet_id
-            session.inflight_out[packet_id] = OutgoingApplicationMessage(packet_id, topic, qos, data, False)
-            self._unacked[packet_id] = self._loop.time() + PUBACK_TIMEOUT
-            if self._expiry_timer is None:
-                self._expiry_timer = self._loop.call_later(PUBACK_TIMEOUT, self._expire_unacked)
+            if kept:
+                if len(session.inflight_out) >= MAX_KEPT_INFLIGHT:
+                    self._drop_oldest_kept(session)
+                session.inflight_out[packet_id] = KeptMessage(packet_id, topic, qos, data, False)
+            else:
+                session.inflight_out[packet_id] = OutgoingApplicationMessage(packet_id, topic, qos, data, False)
+                self._unacked[packet_id] = self._loop.time() + PUBACK_TIMEOUT
+                if self._expiry_timer is None:
+                    self._expiry_timer = self._loop.call_later(PUBACK_TIMEOUT, self._expire_unacked)
         transport.write(encode_publish(topic, data, qos, packet_id))
         return packet_id or 0
 
+    def _drop_oldest_kept(self, session: Session) -> None:
+        """Make room for one more kept message: drop the oldest (counted), as the bound says."""
+        for packet_id, message in session.inflight_out.items():
+            if type(message) is KeptMessage:
+                del session.inflight_out[packet_id]
+                self._count_dropped(session, 1)
+                return
+
+    def _count_dropped(self, session: Session, count: int) -> None:
+        if self.broker is not None:
+            self.broker.stats["dropped.inflight_overflow"] += count
+        log.warning(
+            "%s has %d un-acknowledged messages: the oldest %d dropped (MAX_KEPT_INFLIGHT)",
+            session.client_id,
+            MAX_KEPT_INFLIGHT,
+            count,
+        )
+
     def _expire_unacked(self) -> None:
-        """Drop the QoS 1 messages not PUBACKed within :data:`PUBACK_TIMEOUT`, as amqtt's ``mqtt_publish`` does."""
+        """Give up on the control plane's QoS 1 messages not PUBACKed within :data:`PUBACK_TIMEOUT`, as amqtt's ``mqtt_publish``.
+
+        Only :meth:`publish_tracked` messages have a deadline: their caller is told (TimeoutError)
+        and its outbox publishes the request again on the device's next connection. Routed
+        messages (:class:`KeptMessage`) wait for their PUBACK or the reconnect instead.
+        """
         self._expiry_timer = None
         now = self._loop.time()
         unacked = self._unacked
@@ -646,6 +753,89 @@ class FastProtocolHandler(FleetProtocolHandler):
             waiter = self._ack_waiters.pop(packet_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_exception(TimeoutError(f"Timeout waiting for PUBACK for packet ID {packet_id}"))
+
+    # ---- redelivery [MQTT-4.4.0-1] --------------------------------------------------------
+
+    def _keep_unacked(self) -> None:
+        """At the connection's end: a persistent session keeps its un-acked :class:`KeptMessage`s for the next one.
+
+        They leave ``inflight_out`` (no packet id is taken while the session is offline: amqtt
+        queues for an offline session without one) and wait in ``FleetSession.kept_out``, at most
+        :data:`MAX_KEPT_INFLIGHT` (the oldest beyond are dropped and counted). A clean session
+        ends here, and so do they. QoS 2 messages past PUBREC are not in ``inflight_out`` any more
+        (amqtt drops them there at PUBREC): their PUBREL is not resent.
+        """
+        session = self.session
+        if session is None or not session.inflight_out:
+            return
+        kept = [m for m in session.inflight_out.values() if type(m) is KeptMessage]
+        if not kept:
+            return
+        for message in kept:
+            del session.inflight_out[message.packet_id]
+        if session.clean_session or not isinstance(session, FleetSession):
+            return
+        overflow = len(kept) - MAX_KEPT_INFLIGHT
+        if overflow > 0:
+            self._count_dropped(session, overflow)
+            kept = kept[overflow:]
+        session.kept_out = kept
+
+    def _resend_kept(self) -> None:
+        """Write the previous connection's un-acked messages again: same packet id, DUP set [MQTT-4.4.0-1]."""
+        session = self.session
+        if not isinstance(session, FleetSession) or session.kept_out is None:
+            return
+        kept, session.kept_out = session.kept_out, None
+        writer = self.writer
+        for message in kept:
+            if session.inflight_out.get(message.packet_id) is not message:
+                continue  # dropped to make room meanwhile
+            if self._fast and message.qos == QOS_1 and isinstance(writer, StreamWriterAdapter) and not writer.is_closed:
+                writer._writer.transport.write(encode_publish(message.topic, message.data, QOS_1, message.packet_id, dup=True))
+                continue
+            # QoS 2, or a connection on amqtt's path: amqtt's flow, which sets DUP on a message it sent before.
+            if message.publish_packet is None:
+                message.publish_packet = message.build_publish_packet()
+            task = asyncio.ensure_future(self._handle_message_flow(message))
+            self.track_publish(task)
+            _BACKGROUND.add(task)
+            task.add_done_callback(_background_done)
+
+    async def _retry_deliveries(self) -> None:
+        """Amqtt's ``ProtocolHandler._retry_deliveries`` (0.12.1) [MQTT-4.4.0-1], without waiting for the acks.
+
+        Amqtt resends what is in ``inflight_out``, which its flows have always emptied by the
+        time the client is back, and awaits every PUBACK (up to 10 s) before the connection's
+        message loop starts. Here the kept messages (:meth:`_keep_unacked`) are written at once,
+        before the offline queue and anything new; their PUBACKs arrive through the reader. The
+        incoming QoS 2 flows of ``inflight_in`` are retried as amqtt does.
+        """
+        session = self.session
+        if session is None:
+            msg = "Session is not initialized."
+            raise AMQTTError(msg)
+        self._resend_kept()
+        if session.inflight_in:
+            tasks = [
+                asyncio.create_task(asyncio.wait_for(self._handle_message_flow(m), 10)) for m in session.inflight_in.values()
+            ]
+            await asyncio.wait(tasks)
+
+    def _keepable(self, message: OutgoingApplicationMessage) -> OutgoingApplicationMessage:
+        """On amqtt's path, a routed message (not the control plane's: :meth:`publish_owned`) becomes a :class:`KeptMessage`."""
+        if type(message) is not OutgoingApplicationMessage or _CONTROL_PLANE.get() or message.packet_id is None:
+            return message
+        session = self.session
+        if session is not None and len(session.inflight_out) >= MAX_KEPT_INFLIGHT:
+            self._drop_oldest_kept(session)
+        return KeptMessage(message.packet_id, message.topic, message.qos, message.data, message.retain)
+
+    async def _handle_qos2_message_flow(self, app_message: OutgoingApplicationMessage | IncomingApplicationMessage) -> None:
+        """Amqtt's QoS 2 flow; a routed outgoing message is kept for redelivery (:meth:`_keepable`)."""
+        if isinstance(app_message, OutgoingApplicationMessage):
+            app_message = self._keepable(app_message)
+        await super()._handle_qos2_message_flow(app_message)
 
     def track_publish(self, task: asyncio.Future[Any]) -> None:
         """A publish to this client runs through amqtt's ``mqtt_publish`` task; later ones wait for it."""

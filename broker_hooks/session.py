@@ -43,7 +43,7 @@ from amqtt.mqtt.protocol.broker_handler import (
     UnSubscription,
 )
 from amqtt.plugins.manager import PluginManager
-from amqtt.session import ApplicationMessage, Session
+from amqtt.session import ApplicationMessage, OutgoingApplicationMessage, Session
 from amqtt.utils import format_client_message
 from transitions import MachineError
 
@@ -290,6 +290,11 @@ class LightEvent(asyncio.Event):
 
 class FleetSession(Session):
     """An amqtt ``Session`` with a :class:`SessionState` and :class:`LightQueue` queues."""
+
+    # A persistent session's un-acked outgoing messages (handler.KeptMessage), from the connection
+    # that ended to the next one, which sends them again [MQTT-4.4.0-1]. A class default, so that
+    # a session with nothing kept carries no attribute (memory per connection).
+    kept_out: list[OutgoingApplicationMessage] | None = None
 
     def __init__(self) -> None:
         super().__init__()

@@ -286,16 +286,22 @@ async def test_qos0_and_qos2_are_forwarded(broker: FleetBroker) -> None:
     assert got == [("q/two", 2), ("q/zero", 2)]
 
 
-async def test_unacked_qos1_publish_is_dropped_after_the_timeout(broker: FleetBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_unacked_routed_qos1_publish_is_kept_past_the_timeout_until_its_puback(
+    broker: FleetBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MQTT resends only on reconnect [MQTT-4.4.0-1]: a routed message is not given up after the PUBACK timeout."""
     monkeypatch.setattr(handler, "PUBACK_TIMEOUT", 0.3)
     async with _client(broker, "silent", auto_ack=False) as sub, _client(broker, "pub-6") as pub:
         assert await sub.asubscribe("s/x") == [1]
         session, fast = broker._sessions["silent"]
         assert isinstance(fast, handler.FastProtocolHandler)
         await pub.apublish("s/x", _payload(1))
-        await sub.wait_message()
-        assert len(session.inflight_out) == 1
-        await wait_for(lambda: not session.inflight_out and not fast._unacked, timeout=3, what="timeout drop")
+        got = await sub.wait_message()
+        await asyncio.sleep(0.6)  # twice the (patched) PUBACK timeout: nothing to await, that is the point
+        assert [type(m) for m in session.inflight_out.values()] == [handler.KeptMessage]
+        assert not fast._unacked
+        sub.client.ack(got.mid, 1)
+        await wait_for(lambda: not session.inflight_out, timeout=3, what="the late PUBACK")
 
 
 async def test_deliver_still_reports_the_puback(broker: FleetBroker) -> None:

@@ -86,6 +86,13 @@ FAST_PATH_COPIES = {
     "ProtocolHandler._handle_qos0_message_flow": (ProtocolHandler._handle_qos0_message_flow, "e7a88a9f"),
     "ProtocolHandler._handle_qos1_message_flow": (ProtocolHandler._handle_qos1_message_flow, "944e6a81"),
     "ProtocolHandler._send_packet": (ProtocolHandler._send_packet, "9f0ae4e3"),
+    # Redelivery [MQTT-4.4.0-1]: FastProtocolHandler._retry_deliveries is a copy; it keeps routed messages
+    # across a disconnect by relying on what the QoS 1/2 flows put into and take out of inflight_out, and
+    # on _stop_waiters being the first thing stop() does.
+    "ProtocolHandler._retry_deliveries": (ProtocolHandler._retry_deliveries, "16fd2ca8"),
+    "ProtocolHandler._handle_qos2_message_flow": (ProtocolHandler._handle_qos2_message_flow, "f2d96f1f"),
+    "ProtocolHandler._stop_waiters": (ProtocolHandler._stop_waiters, "78a59ebc"),
+    "ProtocolHandler.stop": (ProtocolHandler.stop, "874ae887"),
     "ProtocolHandler.handle_puback": (ProtocolHandler.handle_puback, "7d8487de"),
     "ProtocolHandler.handle_publish": (ProtocolHandler.handle_publish, "b8f1fd32"),
     "MQTTFixedHeader.from_stream": (MQTTFixedHeader.from_stream, "3fc24bce"),

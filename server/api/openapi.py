@@ -8,6 +8,7 @@ from broker_hooks.topics import MAX_LEVEL_LENGTH
 from server.core.lifecycle import Status
 from server.core.validation import MAX_ACTION_LENGTH, MAX_IDEMPOTENCY_KEY_LENGTH, MAX_WAIT_SECONDS
 
+
 def _any_case(word: str) -> str:
     return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word)
 
