@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from amqtt.adapters import (
     BufferReader,
@@ -242,15 +242,19 @@ def close_now(writer: WriterAdapter) -> None:
 
     Does nothing to a connection already closed.
     """
-    transport: asyncio.BaseTransport | None = None
+    transport: Any = None
     if isinstance(writer, WebSocketsWriter):
         transport = getattr(writer._protocol, "transport", None)
     elif isinstance(writer, StreamWriterAdapter):
         transport = writer._writer.transport
         writer.is_closed = True  # amqtt's later close() must not wait to drain into an aborted socket
-    if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-        transport.abort()
-    elif isinstance(transport, asyncio.BaseTransport) and not transport.is_closing():
+    # By what it can do, not by class: uvloop's transports are not asyncio.BaseTransport subclasses.
+    if transport is None or transport.is_closing():
+        return
+    abort = getattr(transport, "abort", None)
+    if abort is not None:
+        abort()
+    else:
         transport.close()
 
 

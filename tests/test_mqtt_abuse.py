@@ -650,3 +650,24 @@ async def test_garbage_after_the_connect_never_reaches_an_unhandled_path(
         assert await still_open(reader, writer)
     finally:
         close(writer)
+
+
+# ---- on every event loop the service runs on ---------------------------------------------------
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_the_real_service_closes_silent_and_partial_connections_on_either_loop(tmp_path: Path, event_loop: str) -> None:
+    # The default loop of `fleetcmd serve` is uvloop, whose transports are no asyncio.BaseTransport:
+    # closing by class once left every refused socket open there (the in-process tests run on asyncio).
+    from tests.proc import Service
+
+    env = {"FLEETCMD_EVENT_LOOP": event_loop, "FLEETCMD_MQTT_CONNECT_TIMEOUT": "0.5"}
+    with Service(tmp_path / "data", env=env) as svc:
+        ready = await asyncio.to_thread(svc.start)
+        for first_bytes in (b"", b"\x10\x20\x00\x04MQ", b"\x30"):  # silent, a partial CONNECT, a PUBLISH first
+            reader, writer = await asyncio.open_connection(ready.mqtt_host, ready.mqtt_port)
+            writer.write(first_bytes)
+            started = time.monotonic()
+            assert await asyncio.wait_for(reader.read(16), 5) == b"", first_bytes
+            assert time.monotonic() - started < 3, first_bytes
+            writer.close()
