@@ -186,7 +186,7 @@ def _plain(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
         if f.name not in data:
             continue
         value = data[f.name]
-        repeated = f.label == FieldDescriptor.LABEL_REPEATED
+        repeated = f.is_repeated
         if f.message_type is not None:
             if f.message_type.full_name in _JSON_VALUES:
                 data[f.name] = convert.integral(value)
