@@ -112,7 +112,7 @@ def test_readme_walkthrough_runs_in_order(tmp_path: Path) -> None:
             rest_env = {**env, "ID": answer["executionId"]}
             shown = json.loads(
                 _sh(
-                    first + "\n" + [ln for ln in rest_lines if '/commands/$ID"' in ln or ln.endswith("$ID")][0],
+                    first + "\n" + next(ln for ln in rest_lines if "/commands/$ID" in ln and ln.endswith("$ID")),
                     tmp_path,
                     rest_env,
                 )
