@@ -12,18 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.proc import Service, clean_env, console_script
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the README's REST examples use curl")
 
 
 def _section(text: str, heading: str) -> str:
