@@ -27,10 +27,11 @@ from broker_hooks.rules import RuleSet
 from server.api.grpc_api import GrpcServer
 from server.api.http_app import HttpServer, server_ssl_context
 from server.api.metrics import Kind, Sample, counters
-from server.config import Settings
+from server.config import ENV_PREFIX, Settings
 from server.core.apikeys import ApiKeys
 from server.core.commands import CommandCore
 from server.core.delivery import EmqxRoute
+from server.core.errors import ListenError
 from server.core.registry import Registry
 from server.dialects.kaa.cex import KaaMqtt
 from server.store import ServiceStore, store_from_url
@@ -168,7 +169,16 @@ class FleetcmdApp:
         self.kaa = kaa_mqtt
         # A deleted thing or rotated credentials end the device's connection.
         registry.disconnect = lambda thing_id: self._disconnect_thing(broker, kaa_mqtt, thing_id)
-        await broker.start()
+        # amqtt logs a start failure with its traceback; the error raised below says it in one line.
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_level = amqtt_log.level
+        amqtt_log.setLevel(logging.CRITICAL)
+        try:
+            await broker.start()
+        except Exception as exc:
+            raise _listen_error(s, ("mqtt_port", "ws_port", "mqtts_port", "wss_port"), exc) from exc
+        finally:
+            amqtt_log.setLevel(amqtt_level)
         stack.push_async_callback(broker.stop, s.shutdown_timeout / 2)
         self.broker = broker
 
@@ -181,7 +191,10 @@ class FleetcmdApp:
         grpc_tls = None
         if s.grpc_tls:
             grpc_tls = (await asyncio.to_thread(_read, s.tls_key_file), await asyncio.to_thread(_read, s.tls_cert_file))
-        grpc_port = await grpc_server.start(s.bind, s.grpc_port, tls=grpc_tls)
+        try:
+            grpc_port = await grpc_server.start(s.bind, s.grpc_port, tls=grpc_tls)
+        except RuntimeError as exc:  # grpcio says only "Failed to bind to address"
+            raise _listen_error(s, ("grpc_port",), exc) from exc
         stack.push_async_callback(grpc_server.stop, min(2.0, s.shutdown_timeout / 4))
         self.grpc = grpc_server
 
@@ -193,7 +206,10 @@ class FleetcmdApp:
             http_ssl = None
             if s.http_tls:
                 http_ssl = await asyncio.to_thread(server_ssl_context, s.tls_cert_file, s.tls_key_file)
-            http_port = await http_server.start(s.bind, s.http_port, ssl_context=http_ssl)
+            try:
+                http_port = await http_server.start(s.bind, s.http_port, ssl_context=http_ssl)
+            except OSError as exc:
+                raise _listen_error(s, ("http_port",), exc) from exc
             stack.push_async_callback(http_server.stop)
             self.http = http_server
 
@@ -262,3 +278,15 @@ class FleetcmdApp:
         await core.stop_ingest(self.settings.shutdown_timeout / 4)
         for task in list(self._cancellable):
             task.cancel()
+
+
+def _listen_error(s: Settings, settings: tuple[str, ...], exc: Exception) -> Exception:
+    """The bind failure as one line naming the port's setting; any other start error unchanged."""
+    text = str(exc)
+    for name in settings:
+        port = getattr(s, name)
+        # amqtt and asyncio name the address as ('host', port), grpcio as host:port.
+        if port > 0 and (f", {port})" in text or f":{port};" in text or f":{port} " in text or text.endswith(f":{port}")):
+            reason = "address already in use" if "in use" in text or "Failed to bind" in text else text
+            return ListenError(f"{s.bind}:{port}", f"{ENV_PREFIX}{name.upper()}", reason)
+    return exc

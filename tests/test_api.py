@@ -221,7 +221,7 @@ async def test_send_default_ttl_and_fields(stub) -> None:
     assert ex.execution_id and ex.command_id and ex.execution_id != ex.command_id
     assert ex.HasField("created_at") and ex.HasField("updated_at") and ex.HasField("expires_at")
     assert not ex.HasField("completed_at")
-    assert not ex.HasField("params")
+    assert ex.HasField("params") and not ex.params.fields  # {}: what the device receives
     got = await stub.Get(pb.GetRequest(execution_id=ex.execution_id))
     assert got.ttl_seconds == 30 and got.expires_at == ex.expires_at and got.created_at == ex.created_at
 

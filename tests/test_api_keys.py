@@ -445,7 +445,7 @@ async def test_cli_apikey_create_and_list(app: FleetcmdApp) -> None:
         assert await status_of(ch, "/fleetcmd.v1.ThingService/CreateThing", req) == grpc.StatusCode.PERMISSION_DENIED
 
     listing = ok(await cli("apikey", "list", "--data-dir", data))
-    rows = listing.splitlines()
+    rows = listing.splitlines()[1:]  # after the header row
     assert len(rows) == 2, listing  # the first admin key and this one
     row = next(r for r in rows if r.startswith(key_id))
     assert "viewer" in row and "active" in row and "dashboard" in row
@@ -455,7 +455,7 @@ async def test_cli_apikey_create_and_list(app: FleetcmdApp) -> None:
     bad = await cli("apikey", "create", "--name", "x", "--role", "superuser", "--data-dir", data)
     assert bad.returncode == 2 and "superuser" in bad.stderr
     assert (await cli("apikey", "create", "--role", "viewer", "--data-dir", data)).returncode == 2  # --name is required
-    assert len(ok(await cli("apikey", "list", "--data-dir", data)).splitlines()) == 2  # nothing was created
+    assert len(ok(await cli("apikey", "list", "--data-dir", data)).splitlines()) == 3  # header + 2: nothing was created
 
 
 async def test_cli_finds_its_key(app: FleetcmdApp, tmp_path: Path) -> None:

@@ -180,7 +180,7 @@ async def test_send_to_offline_thing_is_202_with_location(http: Http) -> None:
 async def test_send_defaults(http: Http) -> None:
     reply = await http.send("t-default", "reboot")
     assert reply.status == 202
-    assert reply.body["ttl"] == 30 and reply.body["params"] is None and reply.body["idempotencyKey"] is None
+    assert reply.body["ttl"] == 30 and reply.body["params"] == {} and reply.body["idempotencyKey"] is None
 
 
 async def test_send_reports_every_bad_field(http: Http) -> None:

@@ -81,13 +81,14 @@ def _reason(reason: Reason | None) -> pb.StatusReason | None:
 _MAX_SAFE_INTEGER = 2**53
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
+    """JSON data with integral doubles (how Struct stores every number) as ints again."""
     if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
         return int(value)
     if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
+        return {k: integral(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_integral(v) for v in value]
+        return [integral(v) for v in value]
     return value
 
 
@@ -161,7 +162,8 @@ def execution(e: Execution) -> pb.Execution:
         command_id=e.command_id,
         thing_id=e.thing_id,
         action=e.action,
-        params=_struct(e.params_json),
+        # No params were given: the device received {}, so the operator sees {} too.
+        params=_struct(e.params_json or "{}"),
         ttl_seconds=e.ttl_seconds,
         status=int(e.status),  # type: ignore[arg-type]
         result=_value(e.result_json),
@@ -355,4 +357,4 @@ def list_filters(req: pb.ListRequest) -> pagination.ListFilters:
 
 def to_python(value: struct_pb2.Value | struct_pb2.Struct) -> Any:
     """A protobuf Value or Struct as plain JSON data (integral numbers as ints)."""
-    return _integral(json_format.MessageToDict(value))
+    return integral(json_format.MessageToDict(value))

@@ -202,7 +202,7 @@ def execution_json(e: Execution, *, detail: bool = False) -> dict[str, Any]:
         "commandId": e.command_id,
         "thingId": e.thing_id,
         "action": e.action,
-        "params": _json(e.params_json),
+        "params": _json(e.params_json or "{}"),  # the device received {} when no params were given
         "ttl": e.ttl_seconds,
         "status": e.status.name,
         "result": _json(e.result_json),

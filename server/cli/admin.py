@@ -42,11 +42,30 @@ def _attributes(values: list[str]) -> dict[str, str]:
     return out
 
 
-def _print_thing(t: rpb.Thing) -> None:
-    p = t.presence
-    state = "online" if p.online else "offline"
-    attrs = " ".join(f"{k}={v}" for k, v in sorted(t.attributes.items()))
-    print(f"{t.thing_id:<32} {t.thing_type or '-':<20} {state:<8} {p.remote_address or '-':<22} {attrs}")
+_THING_ROW = "{:<32} {:<20} {:<8} {:<22} {}"
+
+
+def _print_things(things: Any) -> None:
+    """A header and one row per thing, or a line saying there is none."""
+    if not things:
+        print("(no things)")
+        return
+    print(_THING_ROW.format("THING", "TYPE", "PRESENCE", "REMOTE ADDRESS", "ATTRIBUTES"))
+    for t in things:
+        p = t.presence
+        state = "online" if p.online else "offline"
+        attrs = " ".join(f"{k}={v}" for k, v in sorted(t.attributes.items()))
+        print(_THING_ROW.format(t.thing_id, t.thing_type or "-", state, p.remote_address or "-", attrs))
+
+
+def _type_json(thing_type: rpb.ThingType) -> str:
+    """A thing type as JSON with its schemas as objects (they travel as JSON text), as ``types put`` reads it."""
+    data = json_format.MessageToDict(thing_type, preserving_proto_field_name=True)
+    for command in (data.get("commands") or {}).values():
+        for key in ("params_schema", "result_schema"):
+            if isinstance(command.get(key), str):
+                command[key] = json.loads(command[key])
+    return json.dumps(data)
 
 
 # ---- things ------------------------------------------------------------------------------
@@ -77,7 +96,7 @@ def cmd_things(args: argparse.Namespace) -> int:
                     print(f"kaa token  {c.kaa_endpoint_token}   (application version {created.thing.kaa_app_version})")
         elif args.things_command == "get":
             thing = stub.GetThing(rpb.GetThingRequest(thing_id=args.thing), timeout=t)
-            print(_json(thing)) if args.json else _print_thing(thing)
+            print(_json(thing)) if args.json else _print_things([thing])
         elif args.things_command == "list":
             presence = {"online": rpb.ONLINE, "offline": rpb.OFFLINE}.get(args.presence or "", rpb.PRESENCE_FILTER_UNSPECIFIED)
             list_req = rpb.ListThingsRequest(
@@ -87,8 +106,7 @@ def cmd_things(args: argparse.Namespace) -> int:
             if args.json:
                 print(_json(resp))
             else:
-                for thing in resp.things:
-                    _print_thing(thing)
+                _print_things(resp.things)
         elif args.things_command == "delete":
             stub.DeleteThing(rpb.DeleteThingRequest(thing_id=args.thing), timeout=t)
             print(f"deleted {args.thing}")
@@ -121,14 +139,17 @@ def cmd_types(args: argparse.Namespace) -> int:
             stored = stub.PutThingType(rpb.PutThingTypeRequest(thing_type=thing_type), timeout=t)
             print(_json(stored)) if args.json else print(f"{stored.name} version {stored.version}")
         elif args.types_command == "get":
-            print(_json(stub.GetThingType(rpb.GetThingTypeRequest(name=args.name), timeout=t)))
+            print(_type_json(stub.GetThingType(rpb.GetThingTypeRequest(name=args.name), timeout=t)))
         elif args.types_command == "list":
             resp = stub.ListThingTypes(rpb.ListThingTypesRequest(page_size=args.limit), timeout=t)
             if args.json:
                 print(_json(resp))
+            elif not resp.thing_types:
+                print("(no thing types)")
             else:
+                print(f"{'NAME':<32} {'VERSION':<7} COMMANDS")
                 for tt in resp.thing_types:
-                    print(f"{tt.name:<32} v{tt.version:<4} {', '.join(sorted(tt.commands)) or '(any action)'}")
+                    print(f"{tt.name:<32} {'v' + str(tt.version):<7} {', '.join(sorted(tt.commands)) or '(any action)'}")
         else:  # delete
             stub.DeleteThingType(rpb.DeleteThingTypeRequest(name=args.name), timeout=t)
             print(f"deleted {args.name}")
@@ -136,6 +157,27 @@ def cmd_types(args: argparse.Namespace) -> int:
 
 
 # ---- API keys (local: they guard the API, so they are managed next to the data) ----------
+
+
+def _print_keys(records: Any) -> None:
+    """The keys as a table whose columns line up whatever the key ids' lengths."""
+    rows = [
+        (
+            rec.key_id,
+            rec.role,
+            f"revoked {_ms(rec.revoked_at_ms)}" if rec.revoked_at_ms else "active",
+            _ms(rec.created_at_ms),
+            rec.name,
+        )
+        for rec in records
+    ]
+    if not rows:
+        print("(no API keys)")
+        return
+    header = ("KEY ID", "ROLE", "STATE", "CREATED", "NAME")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        print("  ".join(f"{v!s:<{w}}" for v, w in zip(row, widths, strict=False)) + "  " + str(row[-1]))
 
 
 async def _apikey(args: argparse.Namespace) -> int:
@@ -149,9 +191,7 @@ async def _apikey(args: argparse.Namespace) -> int:
                 record, token = await keys.create(args.name, Role.parse(args.role))
                 print(json.dumps({"key_id": record.key_id, "role": record.role, "key": token}) if args.json else token)
             elif args.apikey_command == "list":
-                for rec in await keys.list():
-                    revoked = f"revoked {_ms(rec.revoked_at_ms)}" if rec.revoked_at_ms else "active"
-                    print(f"{rec.key_id}  {rec.role:<9} {revoked:<30} created {_ms(rec.created_at_ms)}  {rec.name}")
+                _print_keys(await keys.list())
             else:
                 await keys.revoke(args.key_id)
                 print(f"revoked {args.key_id}")
@@ -174,13 +214,13 @@ def register(sub: Any, client_flags: argparse.ArgumentParser) -> None:
     """Add the admin subcommands to the ``fleetcmd`` parser."""
     things = sub.add_parser("things", help="register and manage things").add_subparsers(dest="things_command", required=True)
     p = things.add_parser("create", parents=[client_flags], help="register a thing; prints its credentials once")
-    p.add_argument("thing")
+    p.add_argument("thing", help="the thing id (also its MQTT client id and username)")
     p.add_argument("--type")
     p.add_argument("--attr", action="append", default=[], help="KEY=VALUE, repeatable")
     p.add_argument("--kaa-app-version", help="register a Kaa endpoint of this application version (prints its token)")
     for name, help_text in (("get", "show a thing"), ("delete", "unregister a thing"), ("rotate", "issue a new password")):
         p = things.add_parser(name, parents=[client_flags], help=help_text)
-        p.add_argument("thing")
+        p.add_argument("thing", help="the thing id")
     p = things.add_parser("list", parents=[client_flags], help="list things")
     p.add_argument("--type")
     p.add_argument("--attr", action="append", default=[], help="KEY=VALUE, repeatable")
@@ -193,11 +233,11 @@ def register(sub: Any, client_flags: argparse.ArgumentParser) -> None:
         dest="types_command", required=True
     )
     p = types.add_parser("put", parents=[client_flags], help="create or replace a type from a JSON file")
-    p.add_argument("file")
-    for name in ("get", "delete"):
-        p = types.add_parser(name, parents=[client_flags])
-        p.add_argument("name")
-    p = types.add_parser("list", parents=[client_flags])
+    p.add_argument("file", help="a JSON file: {name, commands: {action: {params_schema, result_schema, ...}}}")
+    for name, help_text in (("get", "show a type with its command schemas"), ("delete", "delete a type")):
+        p = types.add_parser(name, parents=[client_flags], help=help_text)
+        p.add_argument("name", help="the type's name")
+    p = types.add_parser("list", parents=[client_flags], help="list types with their commands")
     p.add_argument("--limit", type=int, default=100)
     for parser in types.choices.values():
         parser.set_defaults(func=cmd_types)

@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import fields
 from datetime import UTC, datetime
@@ -22,10 +23,12 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.descriptor import FieldDescriptor
 
 from server.api import convert
 from server.cli import admin, client
 from server.config import ENV_PREFIX, Settings, SettingsError
+from server.core.errors import ListenError
 from server.core.validation import MAX_WAIT_SECONDS
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
@@ -33,6 +36,17 @@ from server.pb import commands_pb2_grpc as pb_grpc
 log = logging.getLogger("fleetcmd")
 
 EXIT_USAGE = 2
+
+# ``send --wait`` / ``rerun --wait``: one exit code per final status, so a script can tell them apart
+# (1 stays "the call failed", 2 "bad usage").
+EXIT_BY_STATUS = {
+    pb.SUCCEEDED: 0,
+    pb.FAILED: 3,
+    pb.REJECTED: 4,
+    pb.TIMED_OUT: 5,
+    pb.CANCELED: 6,
+}
+WAIT_EXIT_HELP = "with --wait, the exit code says how it ended: 0 SUCCEEDED, 3 FAILED, 4 REJECTED, 5 TIMED_OUT, 6 CANCELED"
 
 
 def configure_logging(level: str) -> None:
@@ -128,7 +142,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"fleetcmd: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log_level)
-    return run_loop(serve(settings), settings.event_loop)
+    try:
+        return run_loop(serve(settings), settings.event_loop)
+    except ListenError as exc:
+        print(f"fleetcmd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def run_loop(main: Coroutine[Any, Any, int], event_loop: str) -> int:
@@ -159,8 +177,31 @@ def _ts(ts: timestamp_pb2.Timestamp) -> str:
     return datetime.fromtimestamp(ts.ToMilliseconds() / 1000, UTC).isoformat(timespec="milliseconds")
 
 
+_JSON_VALUES = {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+_INT64 = {FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64}
+
+
+def _plain(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Undo protobuf's JSON mapping where it misleads a script: int64 as strings, integers as doubles."""
+    for f in descriptor.fields:
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        repeated = f.is_repeated
+        if f.message_type is not None:
+            if f.message_type.full_name in _JSON_VALUES:
+                data[f.name] = convert.integral(value)
+            elif not f.message_type.full_name.startswith("google.protobuf.") and not f.message_type.GetOptions().map_entry:
+                for item in value if repeated else [value]:
+                    _plain(f.message_type, item)
+        elif f.cpp_type in _INT64:
+            data[f.name] = [int(v) for v in value] if repeated else int(value)
+    return data
+
+
 def _to_json(message: Any) -> str:
-    return json_format.MessageToJson(message, preserving_proto_field_name=True, indent=None)
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json.dumps(_plain(message.DESCRIPTOR, data), separators=(",", ":"))
 
 
 def _value_text(holder: Any, field: str) -> str:
@@ -219,7 +260,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         if args.wait:
             execution = _wait_final(stub, execution, args.timeout + execution.ttl_seconds)
     _show(args, execution)
-    return 0
+    return EXIT_BY_STATUS.get(execution.status, 0) if args.wait else 0
 
 
 def _show(args: argparse.Namespace, execution: pb.Execution) -> None:
@@ -237,7 +278,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
         if args.wait:
             execution = _wait_final(stub, execution, args.timeout + execution.ttl_seconds)
     _show(args, execution)
-    return 0
+    return EXIT_BY_STATUS.get(execution.status, 0) if args.wait else 0
 
 
 def _wait_final(stub: pb_grpc.CommandServiceStub, execution: pb.Execution, timeout: float) -> pb.Execution:
@@ -296,27 +337,51 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# How long ``watch`` waits before it connects again after losing the server, doubling up to the cap.
+WATCH_BACKOFF_FIRST = 0.2
+WATCH_BACKOFF_CAP = 5.0
+
+
+def _transition(event: pb.ExecutionEvent) -> str:
+    # A new execution has no previous status: "new", not the enum's UNSPECIFIED.
+    before = "new" if event.previous_status == pb.EXECUTION_STATUS_UNSPECIFIED else _status_name(event.previous_status)
+    return f"{before} -> {_status_name(event.status)}"
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
-    """``fleetcmd watch``: follow events until interrupted."""
+    """``fleetcmd watch``: follow events until interrupted; reconnects and resumes after the last one seen."""
     req = pb.StreamRequest(thing_id=args.thing or "", execution_id=args.execution or "", action=args.action or "")
     if args.after is not None:
         req.after_sequence = args.after
+    backoff = WATCH_BACKOFF_FIRST
     with _client(args) as stub:
         try:
-            for event in stub.Stream(req):
-                if args.json:
-                    print(_to_json(event), flush=True)
-                    continue
-                late = " (late)" if event.late else ""
-                result = f" result={_value_text(event, 'result')}" if event.HasField("result") else ""
-                print(
-                    f"#{event.sequence} {_ts(event.at)} {event.execution_id} {event.thing_id} {event.action} "
-                    f"{_status_name(event.previous_status)} -> {_status_name(event.status)}{late}{result}",
-                    flush=True,
-                )
+            while True:
+                try:
+                    for event in stub.Stream(req):
+                        backoff = WATCH_BACKOFF_FIRST
+                        # Resume after this one on reconnect: the server replays from there, no gap, no duplicate.
+                        req.after_sequence = event.sequence
+                        if args.json:
+                            print(_to_json(event), flush=True)
+                            continue
+                        late = " (late)" if event.late else ""
+                        result = f" result={_value_text(event, 'result')}" if event.HasField("result") else ""
+                        print(
+                            f"#{event.sequence} {_ts(event.at)} {event.execution_id} {event.thing_id} {event.action} "
+                            f"{_transition(event)}{late}{result}",
+                            flush=True,
+                        )
+                    # The server ended the stream (it is stopping): connect again like after an error.
+                    print(f"fleetcmd: stream ended, reconnecting in {backoff:.1f}s", file=sys.stderr, flush=True)
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    print(f"fleetcmd: server unavailable, reconnecting in {backoff:.1f}s", file=sys.stderr, flush=True)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, WATCH_BACKOFF_CAP)
         except KeyboardInterrupt:
             return 0
-    return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -342,9 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags = argparse.ArgumentParser(add_help=False)
     client.add_client_flags(client_flags)
 
-    send_p = sub.add_parser("send", parents=[client_flags], help="send a command to a thing")
-    send_p.add_argument("thing")
-    send_p.add_argument("action")
+    send_p = sub.add_parser("send", parents=[client_flags], help="send a command to a thing", epilog=WAIT_EXIT_HELP)
+    send_p.add_argument("thing", help="the thing id")
+    send_p.add_argument("action", help="the command name, e.g. setTemperature")
     send_p.add_argument("--params", help="JSON object")
     send_p.add_argument("--ttl", type=int, default=0, help="seconds (0 = server default)")
     send_p.add_argument("--key", help="idempotency key")
@@ -373,7 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     cancel_p.add_argument("execution_id")
     cancel_p.set_defaults(func=cmd_cancel)
 
-    rerun_p = sub.add_parser("rerun", parents=[client_flags], help="send an execution's command again, linked to it")
+    rerun_p = sub.add_parser(
+        "rerun", parents=[client_flags], help="send an execution's command again, linked to it", epilog=WAIT_EXIT_HELP
+    )
     rerun_p.add_argument("execution_id")
     rerun_p.add_argument("--wait", action="store_true", help="wait until the new execution is final")
     rerun_p.set_defaults(func=cmd_rerun)

@@ -56,3 +56,10 @@ class Unavailable(FleetcmdError):
 
 class ThingMismatch(FleetcmdError):
     """A device report names another thing than the execution's."""
+
+
+class ListenError(Unavailable):
+    """A listener could not bind its port; names the setting that chose it, so the operator knows what to change."""
+
+    def __init__(self, address: str, setting: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address} ({setting}): {reason}")
