@@ -32,6 +32,7 @@ from server.errors import (
 from server.events import EventBus, StreamBatch
 from server.ids import new_execution_ids
 from server.lifecycle import Outcome, Status, Trigger, initial_status
+from server.metrics import ServiceMetrics
 from server.models import DeviceReport, EventFilter, Execution, ListQuery, NewExecution, StateChange
 from server.registry import PresenceChange, Registry
 from server.scheduler import TtlScheduler
@@ -90,6 +91,8 @@ class CommandCore:
         # Device messages with the future that tells the broker they are applied (their PUBACK waits for it).
         self._ingest: asyncio.Queue[tuple[Inbound, asyncio.Future[None]] | None] = asyncio.Queue(settings.ingest_queue)
         self.stats: collections.Counter[str] = collections.Counter()
+        # Histograms the commit listener observes (set by the app; None in bare tests).
+        self.histograms: ServiceMetrics | None = None
         self._stopping = False
         self._ingest_done = asyncio.Event()
         self._reports_in_flight = 0
@@ -99,10 +102,20 @@ class CommandCore:
 
     def on_commit(self, events: Sequence[StateChange]) -> None:
         """Store commit listener: retire finished executions, then announce the events."""
+        observe = self.histograms
         for event in events:
-            if event.status.final and not event.late:
+            if event.late:
+                continue
+            status = event.status
+            if status.final:
                 self.scheduler.cancel(event.execution_id)
                 self.outbox.discard(event.thing_id, event.execution_id)
+            if observe is not None:
+                # The execution id's first 48 bits are its creation time in ms (server.ids).
+                if status.final:
+                    observe.observe_final(event.action, status.name, (event.at_ms - int(event.execution_id[:12], 16)) / 1000)
+                elif status is Status.SENT or status is Status.DELIVERED:
+                    observe.observe_delivery(status is Status.DELIVERED, (event.at_ms - int(event.execution_id[:12], 16)) / 1000)
         # The store calls this after resolving the Sends it committed, so they still resume
         # (and publish their requests) ahead of the watchers woken here; every watcher gets
         # every event, in commit order.
@@ -379,7 +392,14 @@ class CommandCore:
 
         Raises:
             ResourceExhausted: the subscriber fell behind; resume from the last sequence.
+            FailedPrecondition: retention deleted events after ``after_sequence``: a replay would have a gap.
         """
+        purged = self.store.purged_through()
+        if after_sequence is not None and after_sequence < purged:
+            raise FailedPrecondition(
+                f"events up to sequence {purged} were deleted by retention (retention_days); "
+                f"resume with after_sequence >= {purged} (the oldest sequence available is {purged + 1})"
+            )
         sub = self.bus.subscribe(flt, self.settings.stream_buffer)
         try:
             last = 0
