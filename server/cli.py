@@ -12,6 +12,7 @@ import contextlib
 import gc
 import json
 import logging
+import logging.config
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -25,6 +26,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from server import admin_cli, client, convert
 from server.config import ENV_PREFIX, Settings, SettingsError
+from server.logformat import logging_config
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.validation import MAX_WAIT_SECONDS
@@ -34,17 +36,9 @@ log = logging.getLogger("fleetcmd")
 EXIT_USAGE = 2
 
 
-def configure_logging(level: str) -> None:
-    """One line per event; amqtt and transitions are quiet unless asked for."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    noisy_level = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    for name in ("amqtt", "transitions", "websockets", "aiohttp"):
-        logging.getLogger(name).setLevel(noisy_level)
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """One line per event (text, or one JSON object with ``fmt="json"``); amqtt and transitions are quiet unless asked for."""
+    logging.config.dictConfig(logging_config(level, fmt))
 
 
 # ---- serve ---------------------------------------------------------------------------------
@@ -126,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"fleetcmd: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return run_loop(serve(settings), settings.event_loop)
 
 

@@ -32,6 +32,7 @@ from server.errors import (
 from server.events import EventBus, StreamBatch
 from server.ids import new_execution_ids
 from server.lifecycle import Outcome, Status, Trigger, initial_status
+from server.logformat import log_fields
 from server.metrics import ServiceMetrics
 from server.models import DeviceReport, EventFilter, Execution, ListQuery, NewExecution, StateChange
 from server.registry import PresenceChange, Registry
@@ -149,7 +150,7 @@ class CommandCore:
             await self.store.transition(execution_id, Trigger.EXPIRED, at_ms=now_ms())
             self.stats["timed_out"] += 1
         except FleetcmdError:
-            log.exception("could not time out %s", execution_id)
+            log.exception("could not time out %s", execution_id, extra=log_fields(execution_id))
 
     async def run_ingest(self) -> None:
         """Background loop: apply device reports in arrival order, a batch per store commit."""
@@ -516,7 +517,13 @@ class CommandCore:
     def _count_report(self, result: TransitionResult, execution_id: str, report: DeviceReport) -> None:
         self.stats[_REPORT_STATS[result.decision.outcome]] += 1
         if result.decision.outcome is Outcome.LATE:
-            log.info("late %s for %s kept in history", report.status.name, execution_id)
+            ex = result.execution
+            log.info(
+                "late %s for %s kept in history",
+                report.status.name,
+                execution_id,
+                extra=log_fields(execution_id, ex.thing_id, ex.action),
+            )
 
     async def _on_emqx_report(self, inbound: Inbound) -> None:
         msg: emqx.ReportMessage = inbound.message
@@ -529,13 +536,23 @@ class CommandCore:
         msg: emqx.ReportMessage = inbound.message
         if isinstance(exc, NotFound):
             self.stats["dropped.unknown_execution"] += 1
-            log.warning("%s reported on unknown execution %r: dropped", inbound.client_id, msg.execution_id)
+            log.warning(
+                "%s reported on unknown execution %r: dropped",
+                inbound.client_id,
+                msg.execution_id,
+                extra=log_fields(msg.execution_id, msg.thing_id),
+            )
         elif isinstance(exc, ThingMismatch):
             self.stats["dropped.thing_mismatch"] += 1
-            log.warning("%s: %s: dropped", inbound.client_id, exc)
+            log.warning("%s: %s: dropped", inbound.client_id, exc, extra=log_fields(msg.execution_id, msg.thing_id))
         elif isinstance(exc, FleetcmdError):
             self.stats["dropped.store_error"] += 1
-            log.error("could not record a report from %s", inbound.client_id, exc_info=exc)
+            log.error(
+                "could not record a report from %s",
+                inbound.client_id,
+                exc_info=exc,
+                extra=log_fields(msg.execution_id, msg.thing_id),
+            )
         else:
             self.stats["dropped.handler_error"] += 1
             log.error("%s from %s on %r failed", inbound.action.value, inbound.client_id, inbound.topic, exc_info=exc)
