@@ -551,7 +551,8 @@ class SqliteStore:
     async def last_sequence(self) -> int:
         """See :meth:`server.store.Store.last_sequence`."""
         sql = "SELECT COALESCE(MAX(seq), 0) FROM events"
-        return await self._read(lambda conn: int(conn.execute(sql).fetchone()[0]))
+        # Retention may have deleted the newest events: the sequence never goes back.
+        return max(self._purged_through, await self._read(lambda conn: int(conn.execute(sql).fetchone()[0])))
 
     async def active(self) -> list[ActiveExecution]:
         """See :meth:`server.store.Store.active`."""
