@@ -33,6 +33,7 @@ from server.commands import CommandCore
 from server.config import Settings
 from server.delivery import EmqxRoute
 from server.grpc_api import GrpcServer
+from server.grpc_metrics import TimingInterceptor
 from server.http_app import HttpServer, server_ssl_context
 from server.kaa import KaaMqtt
 from server.metrics import Kind, Sample, ServiceMetrics, counters
@@ -46,6 +47,7 @@ log = logging.getLogger("fleetcmd")
 RETENTION_BATCH = 500
 # Pause between two retention sweeps once nothing old is left (a sweep is one indexed query).
 RETENTION_PAUSE = 60.0
+RETENTION_MIN_PAUSE = 0.05
 # A readiness probe's store write may take this long before the store counts as not writable.
 READY_TIMEOUT = 2.0
 
@@ -159,7 +161,10 @@ class FleetcmdApp:
         self._spawn(core.run_expiry(), "ttl-expiry")
         stack.push_async_callback(self._stop_core, core)
         if s.retention_days > 0:
-            self._spawn(self.run_retention(s.retention_days * 86_400_000, RETENTION_PAUSE), "retention")
+            keep_ms = s.retention_days * 86_400_000
+            # Sweep ten times per retention period, at most once a minute (short ones: tests, the bench).
+            pause = min(RETENTION_PAUSE, max(RETENTION_MIN_PAUSE, keep_ms / 10_000))
+            self._spawn(self.run_retention(keep_ms, pause), "retention")
 
         if s.allow_anonymous:
             log.warning(
@@ -204,7 +209,7 @@ class FleetcmdApp:
         admin_key_file = await keys.ensure_admin_key(s.data_dir)
         if admin_key_file is not None:
             log.warning("no API key existed: created an admin key in %s (readable only by this user)", admin_key_file)
-        grpc_server = GrpcServer(core, registry, keys)
+        grpc_server = GrpcServer(core, registry, keys, [TimingInterceptor(self.service_metrics)])
         grpc_tls = None
         if s.grpc_tls:
             grpc_tls = (await asyncio.to_thread(_read, s.tls_key_file), await asyncio.to_thread(_read, s.tls_cert_file))
@@ -295,9 +300,11 @@ class FleetcmdApp:
                 failing["store"] = f"a write did not commit within {READY_TIMEOUT:g} s"
             except Exception as exc:  # noqa: BLE001 - any failure to commit means "not writable", reported as such
                 failing["store"] = f"not writable: {exc}"
-        if broker is None or not broker.listener_ports():
+        # amqtt keeps one asyncio (or websockets) server per started listener; each must still accept.
+        listeners = list(broker._servers.values()) if broker is not None else []
+        if not listeners:
             failing["broker"] = "not listening"
-        elif not all(server.instance.is_serving() for server in broker._servers.values()):
+        elif not all(server.instance.is_serving() for server in listeners):
             failing["broker"] = "a listener stopped serving"
         if grpc_server is None or self.ports is None or not self._grpc_serving:
             failing["grpc"] = "not serving"
