@@ -100,6 +100,7 @@ class FleetcmdApp:
         self.kaa: KaaMqtt | None = None
         self.ports: Ports | None = None
         self._grpc_serving = False
+        self._ping: asyncio.Future[None] | None = None
         self.service_metrics = ServiceMetrics()
         self.service_metrics.add_samples(self.metrics)
 
@@ -294,8 +295,13 @@ class FleetcmdApp:
         if store is None:
             failing["store"] = "not open"
         else:
+            # Probes arriving together share one write: an unauthenticated endpoint must not multiply commits.
+            if self._ping is None or self._ping.done():
+                self._ping = asyncio.ensure_future(store.ping())
+                # Retrieved here too: a probe that timed out no longer waits for the outcome.
+                self._ping.add_done_callback(lambda f: f.cancelled() or f.exception())
             try:
-                await asyncio.wait_for(store.ping(), READY_TIMEOUT)
+                await asyncio.wait_for(asyncio.shield(self._ping), READY_TIMEOUT)
             except TimeoutError:
                 failing["store"] = f"a write did not commit within {READY_TIMEOUT:g} s"
             except Exception as exc:  # noqa: BLE001 - any failure to commit means "not writable", reported as such

@@ -57,6 +57,15 @@ async def test_healthz_and_readyz_answer_without_a_key(app: FleetcmdApp, session
     assert app.store.commits == commits + 1  # "writable" was proven by a commit
 
 
+async def test_concurrent_readiness_probes_share_one_store_write(app: FleetcmdApp) -> None:
+    assert app.store is not None
+    commits = app.store.commits
+    assert await asyncio.gather(*(app.readiness() for _ in range(5))) == [{}] * 5
+    assert app.store.commits == commits + 1
+    assert await app.readiness() == {}  # a later probe writes again
+    assert app.store.commits == commits + 2
+
+
 async def test_readyz_names_a_store_that_cannot_commit(app: FleetcmdApp, session: aiohttp.ClientSession) -> None:
     assert app.store is not None
     app.store.stop_writer()
