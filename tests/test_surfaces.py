@@ -32,7 +32,7 @@ from server.errors import (
     Unavailable,
 )
 from server.grpc_auth import METHOD_OPERATION
-from server.http_app import METRICS_PATH, OPENAPI_PATH
+from server.http_app import HEALTHZ_PATH, METRICS_PATH, OPENAPI_PATH, READYZ_PATH
 from server.kaa import KaaError
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
@@ -68,7 +68,7 @@ REST_ROLES = {
     ("POST", COMMANDS + "/{executionId}/rerun"): Role.OPERATOR,
 }
 # Routes without an API key: the OpenAPI document is public, KP1 devices present their endpoint token.
-PUBLIC = {OPENAPI_PATH}
+PUBLIC = {OPENAPI_PATH, HEALTHZ_PATH, READYZ_PATH}
 DEVICE_PREFIX = "/kp1/"
 
 
