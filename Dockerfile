@@ -37,9 +37,12 @@ USER 10001:10001
 # 1883 MQTT over TCP, 50051 gRPC, 8080 HTTP (Kaa polling, REST API, OpenAPI).
 EXPOSE 1883 50051 8080
 
-# Standard gRPC health checking (grpc.health.v1): exit 0 when SERVING, 1 otherwise or when unreachable.
+# GET /readyz (store writable, broker listening, gRPC serving) with bash's /dev/tcp: the slim image has
+# no curl or wget, and a probe should not start a Python interpreter every 15 s. Exit 0 on HTTP 200,
+# 1 otherwise or when unreachable (Docker reserves 2). Needs the plaintext HTTP listener: with
+# FLEETCMD_HTTP_TLS or FLEETCMD_HTTP_PORT=-1, override the health check.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg; ch = grpc.insecure_channel('127.0.0.1:' + os.environ.get('FLEETCMD_GRPC_PORT', '50051')); r = hg.HealthStub(ch).Check(h.HealthCheckRequest(service=''), timeout=3); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+    CMD ["bash", "-c", "{ exec 3<>\"/dev/tcp/127.0.0.1/${FLEETCMD_HTTP_PORT:-8080}\" && printf 'GET /readyz HTTP/1.0\\r\\nHost: 127.0.0.1\\r\\n\\r\\n' >&3 && read -r -t 4 _ code _ <&3 && [ \"$code\" = 200 ]; } 2>/dev/null || exit 1"]
 
 ENTRYPOINT ["fleetcmd"]
 CMD ["serve"]

@@ -19,24 +19,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from broker_hooks import emqx, kaa
 from broker_hooks.acl import TopicAcl
 from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
 from broker_hooks.rules import RuleSet
 from server.api.grpc_api import GrpcServer
+from server.api.grpc_metrics import TimingInterceptor
 from server.api.http_app import HttpServer, server_ssl_context
-from server.api.metrics import Kind, Sample, counters
 from server.config import ENV_PREFIX, Settings
 from server.core.apikeys import ApiKeys
+from server.core.clock import now_ms
 from server.core.commands import CommandCore
 from server.core.delivery import EmqxRoute
 from server.core.errors import ListenError
+from server.core.metrics import Kind, Sample, ServiceMetrics, counters
 from server.core.registry import Registry
 from server.dialects.kaa.cex import KaaMqtt
 from server.store import ServiceStore, store_from_url
 
 log = logging.getLogger("fleetcmd")
+
+# Retention deletes this many executions (and their events) per write transaction, then yields,
+# so a sweep never holds the writer longer than one short transaction.
+RETENTION_BATCH = 500
+# Pause between two retention sweeps once nothing old is left (a sweep is one indexed query).
+RETENTION_PAUSE = 60.0
+RETENTION_MIN_PAUSE = 0.05
+# A readiness probe's store write may take this long before the store counts as not writable.
+READY_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,18 @@ class Ports:
     mqtts: int | None = None
     wss: int | None = None
     http: int | None = None
+
+
+async def _grpc_health(port: int, timeout: float) -> str:
+    """Empty when the gRPC server on 127.0.0.1:``port`` answers a health Check with SERVING, else why not."""
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    except grpc.RpcError as exc:
+        return f"health check failed: {exc.code().name}"
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+    return ""
 
 
 def _read(path: str) -> bytes:
@@ -74,6 +100,10 @@ class FleetcmdApp:
         self.http: HttpServer | None = None
         self.kaa: KaaMqtt | None = None
         self.ports: Ports | None = None
+        self._grpc_serving = False
+        self._ping: asyncio.Future[None] | None = None
+        self.service_metrics = ServiceMetrics()
+        self.service_metrics.add_samples(self.metrics)
 
     async def __aenter__(self) -> FleetcmdApp:
         try:
@@ -125,11 +155,18 @@ class FleetcmdApp:
         self.registry = registry
         core = CommandCore(s, store, registry, self._spawn)
         store.set_commit_listener(core.on_commit)
+        store.set_commit_observer(self.service_metrics.observe_commit)
+        core.histograms = self.service_metrics
         self.core = core
         restored = await core.restore()
         self._spawn(core.run_ingest(), "device-ingest", drains=True)
         self._spawn(core.run_expiry(), "ttl-expiry")
         stack.push_async_callback(self._stop_core, core)
+        if s.retention_days > 0:
+            keep_ms = s.retention_days * 86_400_000
+            # Sweep ten times per retention period, at most once a minute (short ones: tests, the bench).
+            pause = min(RETENTION_PAUSE, max(RETENTION_MIN_PAUSE, keep_ms / 10_000))
+            self._spawn(self.run_retention(keep_ms, pause), "retention")
 
         if s.allow_anonymous:
             log.warning(
@@ -187,7 +224,7 @@ class FleetcmdApp:
         admin_key_file = await keys.ensure_admin_key(s.data_dir)
         if admin_key_file is not None:
             log.warning("no API key existed: created an admin key in %s (readable only by this user)", admin_key_file)
-        grpc_server = GrpcServer(core, registry, keys)
+        grpc_server = GrpcServer(core, registry, keys, [TimingInterceptor(self.service_metrics)])
         grpc_tls = None
         if s.grpc_tls:
             grpc_tls = (await asyncio.to_thread(_read, s.tls_key_file), await asyncio.to_thread(_read, s.tls_cert_file))
@@ -196,12 +233,19 @@ class FleetcmdApp:
         except RuntimeError as exc:  # grpcio says only "Failed to bind to address"
             raise _listen_error(s, ("grpc_port",), exc) from exc
         stack.push_async_callback(grpc_server.stop, min(2.0, s.shutdown_timeout / 4))
+        self._grpc_serving = True
+        stack.callback(setattr, self, "_grpc_serving", False)
         self.grpc = grpc_server
 
         http_port = None
         if s.http_port != -1:
             http_server = HttpServer(
-                core, keys, kaa_mqtt.cex, metrics=self.metrics, shutdown_timeout=min(2.0, s.shutdown_timeout / 4)
+                core,
+                keys,
+                kaa_mqtt.cex,
+                metrics=self.service_metrics,
+                ready=self.readiness,
+                shutdown_timeout=min(2.0, s.shutdown_timeout / 4),
             )
             http_ssl = None
             if s.http_tls:
@@ -263,6 +307,52 @@ class FleetcmdApp:
         if store is not None:
             samples.append(Sample("store_commits", store.commits, Kind.COUNTER, "Store transactions committed."))
         return samples
+
+    async def readiness(self) -> dict[str, str]:
+        """What is not ready, by part (``store``, ``broker``, ``grpc``): empty when all serve."""
+        failing: dict[str, str] = {}
+        store, broker, grpc_server = self.store, self.broker, self.grpc
+        if store is None:
+            failing["store"] = "not open"
+        else:
+            # Probes arriving together share one write: an unauthenticated endpoint must not multiply commits.
+            if self._ping is None or self._ping.done():
+                self._ping = asyncio.ensure_future(store.ping())
+                # Retrieved here too: a probe that timed out no longer waits for the outcome.
+                self._ping.add_done_callback(lambda f: f.cancelled() or f.exception())
+            try:
+                await asyncio.wait_for(asyncio.shield(self._ping), READY_TIMEOUT)
+            except TimeoutError:
+                failing["store"] = f"a write did not commit within {READY_TIMEOUT:g} s"
+            except Exception as exc:  # noqa: BLE001 - any failure to commit means "not writable", reported as such
+                failing["store"] = f"not writable: {exc}"
+        # amqtt keeps one asyncio (or websockets) server per started listener; each must still accept.
+        listeners = list(broker._servers.values()) if broker is not None else []
+        if not listeners:
+            failing["broker"] = "not listening"
+        elif not all(server.instance.is_serving() for server in listeners):
+            failing["broker"] = "a listener stopped serving"
+        if grpc_server is None or self.ports is None or not self._grpc_serving:
+            failing["grpc"] = "not serving"
+        elif not self.settings.grpc_tls:
+            # A real health Check over the network: the listener accepts and the server answers.
+            # (With TLS the probe would need the client's trust settings; the serving flag stands.)
+            problem = await _grpc_health(self.ports.grpc, READY_TIMEOUT)
+            if problem:
+                failing["grpc"] = problem
+        return failing
+
+    async def run_retention(self, keep_ms: float, pause: float) -> None:
+        """Background loop: delete finished executions older than ``keep_ms`` and their events, in small batches."""
+        store = self.store
+        assert store is not None
+        while True:
+            cutoff = now_ms() - int(keep_ms)
+            deleted = await store.delete_finished(cutoff, RETENTION_BATCH)
+            if deleted:
+                log.debug("retention deleted %d executions completed before %d", deleted, cutoff)
+            # A full batch: more may be waiting, go on after letting other work run; else rest.
+            await asyncio.sleep(0 if deleted == RETENTION_BATCH else pause)
 
     @staticmethod
     def _disconnect_thing(broker: FleetBroker, kaa_mqtt: KaaMqtt, thing_id: str) -> None:

@@ -15,6 +15,8 @@ ENV_PREFIX = "FLEETCMD_"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # The largest remaining length an MQTT fixed header can encode (four length bytes).
 MQTT_MAX_PACKET = 268_435_455
+LOG_FORMATS = ("text", "json")
+MAX_RETENTION_DAYS = 36500
 
 
 class SettingsError(ValueError):
@@ -45,6 +47,10 @@ class Settings:
     data_dir: Path = field(default=Path("data"), metadata={"help": "directory of the SQLite store"})
     database_url: str = field(default="", metadata={"help": "the store, as a URL (default: sqlite:///<data_dir>/fleetcmd.db)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_format: str = field(default="text", metadata={"help": "text (one line per event) or json (one JSON object per line)"})
+    retention_days: float = field(
+        default=30.0, metadata={"help": "days finished executions and their events are kept (0 = forever; fractions allowed)"}
+    )
     default_ttl: int = field(default=30, metadata={"help": "TTL in seconds when a Send gives 0"})
     max_ttl: int = field(default=86400, metadata={"help": "largest TTL a Send may ask for"})
     max_params_bytes: int = field(default=64 * 1024, metadata={"help": "largest params object, as JSON"})
@@ -92,6 +98,10 @@ class Settings:
             problems.append("event_loop must be auto, uvloop or asyncio")
         if self.log_level.upper() not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if not 0 <= self.retention_days <= MAX_RETENTION_DAYS:
+            problems.append(f"retention_days must be 0 (keep forever) .. {MAX_RETENTION_DAYS}")
         if not 1 <= self.default_ttl <= self.max_ttl:
             problems.append("default_ttl must be between 1 and max_ttl")
         for name in ("max_params_bytes", "max_response_bytes", "max_active_executions", "stream_buffer", "ingest_queue"):

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from server.api.metrics import Kind, Sample, counters, metric_name, render
 from server.app import FleetcmdApp
+from server.core.metrics import Kind, Sample, counters, metric_name, render
 from server.core.validation import SendCommand
 from tests.clients import admin_key
 from tests.devices import EmqxDevice, wait_for

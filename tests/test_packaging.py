@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import shlex
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import tomllib
 import zipfile
 from pathlib import Path
@@ -219,31 +221,45 @@ def healthcheck_argv(docker: list[tuple[str, str]]) -> list[str]:
     m = re.search(r"\bCMD\s+(\[.*\])\s*$", hc)
     assert m, f"HEALTHCHECK should use the exec form: {hc}"
     argv = json.loads(m.group(1))
-    assert argv[0] == "python"
-    return [sys.executable, *argv[1:]]
+    assert argv[0] == "bash", "the health check must not start a Python process"
+    return argv
 
 
-def test_healthcheck_reports_serving_and_unreachable(docker: list[tuple[str, str]], tmp_path: Path) -> None:
+def run_healthcheck(argv: list[str], http_port: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=30, check=False, env=clean_env({"FLEETCMD_HTTP_PORT": str(http_port)})
+    )
+
+
+class _Answers503(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(503 if self.path == "/readyz" else 200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_healthcheck_reports_ready_not_ready_and_unreachable(docker: list[tuple[str, str]], tmp_path: Path) -> None:
     argv = healthcheck_argv(docker)
     with Service(tmp_path / "data") as svc:
         assert svc.ready is not None
-        up = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env=clean_env({"FLEETCMD_GRPC_PORT": str(svc.ready.grpc_port)}),
-        )
+        up = run_healthcheck(argv, svc.ready.http_port)
         assert up.returncode == 0, up.stdout + up.stderr
         code, _ = svc.stop(signal.SIGTERM, 10)
         assert code == 0
+    with http.server.HTTPServer(("127.0.0.1", 0), _Answers503) as unready:
+        thread = threading.Thread(target=unready.serve_forever, daemon=True)
+        thread.start()
+        try:
+            not_ready = run_healthcheck(argv, unready.server_address[1])
+        finally:
+            unready.shutdown()
+    assert not_ready.returncode == 1, (not_ready.returncode, not_ready.stderr)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    down = subprocess.run(
-        argv, capture_output=True, text=True, timeout=30, check=False, env=clean_env({"FLEETCMD_GRPC_PORT": str(port)})
-    )
+    down = run_healthcheck(argv, port)
     assert down.returncode == 1, (down.returncode, down.stderr)  # 1 = unhealthy; Docker reserves 2
 
 

@@ -329,6 +329,52 @@ async def test_writes_are_refused_once_the_writer_is_stopped(url: str) -> None:
             await running.store.create(new(1))
 
 
+# ---- retention -------------------------------------------------------------------------------
+
+
+async def test_retention_deletes_old_final_executions_and_their_events_in_batches(url: str) -> None:
+    async with opened(url) as running:
+        store = running.store
+        assert store.purged_through() == 0
+        for i in range(1, 6):
+            await store.create(new(i, status=Status.QUEUED))
+        # e1..e3 final at 100, 200, 300; e4 final at 5,000 (too recent); e5 stays QUEUED (never deleted).
+        for i, at in ((1, 100), (2, 200), (3, 300), (4, 5_000)):
+            await store.transition(f"e{i}", Trigger.CANCEL, at_ms=at)
+        await store.create(new(6, status=Status.QUEUED))  # the newest event (seq 10) belongs to a kept one
+        # The cutoff is exclusive: completed at 300 is kept by a cutoff of 300, deleted by 301.
+        assert await store.delete_finished(300, 10) == 2
+        assert await store.get("e1") is None and await store.get("e2") is None
+        assert await store.get("e3") is not None
+        # A batch stops at its limit; the next one goes on.
+        assert await store.delete_finished(10_000, 1) == 1
+        assert await store.delete_finished(10_000, 1) == 1
+        assert await store.delete_finished(10_000, 1) == 0
+        assert {e.execution_id for e in await store.events_after(0, EventFilter(), 100)} == {"e5", "e6"}
+        got = await store.get("e5", with_history=True)
+        assert got is not None and got.status is Status.QUEUED and len(got.history) == 1
+        # e4's CANCELED event was sequence 9: everything at or below may be gone.
+        assert store.purged_through() == 9
+        await store.transition("e6", Trigger.CANCEL, at_ms=6_000)
+        assert await store.delete_finished(10_000, 10) == 1  # e6, holding the newest event (11)
+        assert store.purged_through() == 11 and await store.last_sequence() == 11
+    async with opened(url) as again:
+        # Reopened with the log's tail deleted: the watermark and the sequence carry on, never reused.
+        assert again.store.purged_through() == 11 and await again.store.last_sequence() == 11
+        created = await again.store.create(new(7, status=Status.QUEUED))
+        assert created.event is not None and created.event.sequence == 12
+
+
+async def test_ping_commits_through_the_writer_and_fails_once_it_is_stopped(url: str) -> None:
+    async with opened(url) as running:
+        commits = running.store.commits
+        await running.store.ping()
+        assert running.store.commits == commits + 1
+        running.store.stop_writer()
+        with pytest.raises(Unavailable):
+            await running.store.ping()
+
+
 # ---- Kaa command ids --------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import pytest
 import server
 from server.api import grpc_errors, http_rest, pagination
 from server.api.grpc_auth import METHOD_OPERATION
-from server.api.http_app import METRICS_PATH, OPENAPI_PATH
+from server.api.http_app import HEALTHZ_PATH, METRICS_PATH, OPENAPI_PATH, READYZ_PATH
 from server.app import FleetcmdApp
 from server.core.apikeys import Role
 from server.core.authz import REQUIRED_ROLE, Operation, required_role
@@ -68,7 +68,7 @@ REST_ROLES = {
     ("POST", COMMANDS + "/{executionId}/rerun"): Role.OPERATOR,
 }
 # Routes without an API key: the OpenAPI document is public, KP1 devices present their endpoint token.
-PUBLIC = {OPENAPI_PATH}
+PUBLIC = {OPENAPI_PATH, HEALTHZ_PATH, READYZ_PATH}
 DEVICE_PREFIX = "/kp1/"
 
 

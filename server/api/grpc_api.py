@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import grpc
@@ -309,9 +309,15 @@ REGISTERED_METHODS = ("Send",)
 class GrpcServer:
     """The grpc.aio server with every fleetcmd service, health and reflection."""
 
-    def __init__(self, core: CommandCore, registry: Registry, keys: ApiKeys) -> None:
+    def __init__(
+        self,
+        core: CommandCore,
+        registry: Registry,
+        keys: ApiKeys,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    ) -> None:
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(keys)],
+            interceptors=[*interceptors, AuthInterceptor(keys)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from server import __version__
-from server.api import http_rest, metrics, openapi
+from server.api import http_rest, openapi
+from server.core import metrics
 from server.core.apikeys import ApiKeys
 from server.core.authz import Operation, required_role
 from server.core.commands import CommandCore
@@ -31,8 +33,12 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024
 OPENAPI_PATH = "/api/v1/openapi.json"
 METRICS_PATH = "/metrics"
+HEALTHZ_PATH = "/healthz"
+READYZ_PATH = "/readyz"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What is not ready, by part; empty when the service is ready (FleetcmdApp.readiness).
+Readiness = Callable[[], Awaitable[dict[str, str]]]
 
 
 def body_limit(max_params_bytes: int) -> int:
@@ -63,17 +69,64 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return _render(request, exc)
 
 
-def build_app(core: CommandCore, keys: ApiKeys, cex: KaaCex, collect: metrics.Collector | None = None) -> web.Application:
-    """The aiohttp application with every route (``/metrics`` only when ``collect`` is given)."""
-    app = web.Application(client_max_size=body_limit(core.settings.max_params_bytes), middlewares=[errors_as_json])
+def request_timer(service_metrics: metrics.ServiceMetrics) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Middleware observing each request's duration by method, route (its pattern, not the path) and status."""
+    histogram = service_metrics.http_duration
+
+    @web.middleware
+    async def timed(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            # The route's pattern keeps the label set bounded (paths carry ids); no route: "unmatched".
+            route = request.match_info.route.resource
+            name = route.canonical if route is not None else "unmatched"
+            histogram.labels(request.method, name, str(status)).observe(time.perf_counter() - started)
+
+    return timed
+
+
+def build_app(
+    core: CommandCore,
+    keys: ApiKeys,
+    cex: KaaCex,
+    service_metrics: metrics.ServiceMetrics | None = None,
+    ready: Readiness | None = None,
+) -> web.Application:
+    """The aiohttp application with every route (``/metrics`` only with ``service_metrics``, ``/readyz`` with ``ready``)."""
+    middlewares: list[Any] = [errors_as_json]
+    if service_metrics is not None:
+        middlewares.insert(0, request_timer(service_metrics))
+    app = web.Application(client_max_size=body_limit(core.settings.max_params_bytes), middlewares=middlewares)
     document = openapi.document(__version__)
 
     async def get_openapi(request: web.Request) -> web.Response:
         return web.json_response(document)
 
+    async def get_healthz(request: web.Request) -> web.Response:
+        # The process runs its event loop: that is all liveness means (no dependency is checked).
+        return web.json_response({"status": "ok"})
+
     app.router.add_get(OPENAPI_PATH, get_openapi)
-    if collect is not None:
-        app.router.add_get(METRICS_PATH, _metrics_handler(keys, collect))
+    app.router.add_get(HEALTHZ_PATH, get_healthz)
+    if ready is not None:
+
+        async def get_readyz(request: web.Request) -> web.Response:
+            failing = await ready()
+            if failing:
+                return web.json_response({"status": "unavailable", "failing": failing}, status=503)
+            return web.json_response({"status": "ok"})
+
+        app.router.add_get(READYZ_PATH, get_readyz)
+    if service_metrics is not None:
+        app.router.add_get(METRICS_PATH, _metrics_handler(keys, service_metrics))
     rest = http_rest.RestApi(core, keys)
     app.router.add_routes(rest.routes())
     app.on_shutdown.append(rest.on_shutdown)
@@ -81,7 +134,7 @@ def build_app(core: CommandCore, keys: ApiKeys, cex: KaaCex, collect: metrics.Co
     return app
 
 
-def _metrics_handler(keys: ApiKeys, collect: metrics.Collector) -> Handler:
+def _metrics_handler(keys: ApiKeys, service_metrics: metrics.ServiceMetrics) -> Handler:
     async def get_metrics(request: web.Request) -> web.Response:
         # Counters say how the fleet behaves (client counts, refusals): any API key may read them;
         # a key too weak for them (none today) is answered as no key at all.
@@ -94,7 +147,7 @@ def _metrics_handler(keys: ApiKeys, collect: metrics.Collector) -> Handler:
                 "a valid API key is required (Authorization: Bearer ...)",
                 {"WWW-Authenticate": 'Bearer realm="fleetcmd"'},
             )
-        return web.Response(body=metrics.render(collect()).encode(), headers={"Content-Type": metrics.CONTENT_TYPE})
+        return web.Response(body=service_metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
     return get_metrics
 
@@ -115,10 +168,11 @@ class HttpServer:
         keys: ApiKeys,
         cex: KaaCex,
         *,
-        metrics: metrics.Collector | None = None,
+        metrics: metrics.ServiceMetrics | None = None,
+        ready: Readiness | None = None,
         shutdown_timeout: float = 2.0,
     ) -> None:
-        self.app = build_app(core, keys, cex, metrics)
+        self.app = build_app(core, keys, cex, metrics, ready)
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
 

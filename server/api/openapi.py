@@ -459,6 +459,38 @@ def document(version: str) -> dict[str, Any]:
                     },
                 }
             },
+            "/healthz": {
+                "get": {
+                    "tags": ["meta"],
+                    "operationId": "getHealthz",
+                    "summary": "Liveness: the process serves HTTP (no key needed)",
+                    "security": [],
+                    "responses": {"200": {"description": "Alive.", "content": _json({"type": "object"})}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "tags": ["meta"],
+                    "operationId": "getReadyz",
+                    "summary": "Readiness: store writable, broker listening, gRPC serving (no key needed)",
+                    "security": [],
+                    "responses": {
+                        "200": {"description": "Ready.", "content": _json({"type": "object"})},
+                        "503": {
+                            "description": "Not ready: `failing` names each failing part (store, broker, grpc) and why.",
+                            "content": _json(
+                                {
+                                    "type": "object",
+                                    "properties": {
+                                        "status": {"type": "string"},
+                                        "failing": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    },
+                                }
+                            ),
+                        },
+                    },
+                }
+            },
             "/kp1/{appVersion}/cex/{token}/command/{commandType}": _kaa_path("command"),
             "/kp1/{appVersion}/cex/{token}/result/{commandType}": _kaa_path("result"),
         },

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import json
 import logging
+import logging.config
 import signal
 import sys
 import time
@@ -30,6 +31,7 @@ from server.cli import admin, client
 from server.config import ENV_PREFIX, Settings, SettingsError
 from server.core.errors import ListenError
 from server.core.validation import MAX_WAIT_SECONDS
+from server.logformat import logging_config
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 
@@ -49,17 +51,9 @@ EXIT_BY_STATUS = {
 WAIT_EXIT_HELP = "with --wait, the exit code says how it ended: 0 SUCCEEDED, 3 FAILED, 4 REJECTED, 5 TIMED_OUT, 6 CANCELED"
 
 
-def configure_logging(level: str) -> None:
-    """One line per event; amqtt and transitions are quiet unless asked for."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    noisy_level = logging.DEBUG if level.upper() == "DEBUG" else logging.WARNING
-    for name in ("amqtt", "transitions", "websockets", "aiohttp"):
-        logging.getLogger(name).setLevel(noisy_level)
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """One line per event (text, or one JSON object with ``fmt="json"``); amqtt and transitions are quiet unless asked for."""
+    logging.config.dictConfig(logging_config(level, fmt))
 
 
 # ---- serve ---------------------------------------------------------------------------------
@@ -141,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"fleetcmd: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     try:
         return run_loop(serve(settings), settings.event_loop)
     except ListenError as exc:

@@ -32,10 +32,12 @@ from server.core.errors import (
 from server.core.events import EventBus, StreamBatch
 from server.core.ids import new_execution_ids
 from server.core.lifecycle import Outcome, Status, Trigger, initial_status
+from server.core.metrics import ServiceMetrics
 from server.core.models import DeviceReport, EventFilter, Execution, ListQuery, NewExecution, StateChange
 from server.core.registry import PresenceChange, Registry
 from server.core.scheduler import TtlScheduler
 from server.core.validation import SendCommand, check_execution_id, fingerprint
+from server.logformat import log_fields
 from server.store import ListPage, Store, TransitionResult
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ class CommandCore:
         # Device messages with the future that tells the broker they are applied (their PUBACK waits for it).
         self._ingest: asyncio.Queue[tuple[Inbound, asyncio.Future[None]] | None] = asyncio.Queue(settings.ingest_queue)
         self.stats: collections.Counter[str] = collections.Counter()
+        # Histograms the commit listener observes (set by the app; None in bare tests).
+        self.histograms: ServiceMetrics | None = None
         self._stopping = False
         self._ingest_done = asyncio.Event()
         self._reports_in_flight = 0
@@ -99,10 +103,20 @@ class CommandCore:
 
     def on_commit(self, events: Sequence[StateChange]) -> None:
         """Store commit listener: retire finished executions, then announce the events."""
+        observe = self.histograms
         for event in events:
-            if event.status.final and not event.late:
+            if event.late:
+                continue
+            status = event.status
+            if status.final:
                 self.scheduler.cancel(event.execution_id)
                 self.outbox.discard(event.thing_id, event.execution_id)
+            if observe is not None:
+                # The execution id's first 48 bits are its creation time in ms (server.core.ids).
+                if status.final:
+                    observe.observe_final(event.action, status.name, (event.at_ms - int(event.execution_id[:12], 16)) / 1000)
+                elif status is Status.SENT or status is Status.DELIVERED:
+                    observe.observe_delivery(status is Status.DELIVERED, (event.at_ms - int(event.execution_id[:12], 16)) / 1000)
         # The store calls this after resolving the Sends it committed, so they still resume
         # (and publish their requests) ahead of the watchers woken here; every watcher gets
         # every event, in commit order.
@@ -136,7 +150,7 @@ class CommandCore:
             await self.store.transition(execution_id, Trigger.EXPIRED, at_ms=now_ms())
             self.stats["timed_out"] += 1
         except FleetcmdError:
-            log.exception("could not time out %s", execution_id)
+            log.exception("could not time out %s", execution_id, extra=log_fields(execution_id))
 
     async def run_ingest(self) -> None:
         """Background loop: apply device reports in arrival order, a batch per store commit."""
@@ -379,7 +393,14 @@ class CommandCore:
 
         Raises:
             ResourceExhausted: the subscriber fell behind; resume from the last sequence.
+            FailedPrecondition: retention deleted events after ``after_sequence``: a replay would have a gap.
         """
+        purged = self.store.purged_through()
+        if after_sequence is not None and after_sequence < purged:
+            raise FailedPrecondition(
+                f"events up to sequence {purged} were deleted by retention (retention_days); "
+                f"resume with after_sequence >= {purged} (the oldest sequence available is {purged + 1})"
+            )
         sub = self.bus.subscribe(flt, self.settings.stream_buffer)
         try:
             last = 0
@@ -496,7 +517,13 @@ class CommandCore:
     def _count_report(self, result: TransitionResult, execution_id: str, report: DeviceReport) -> None:
         self.stats[_REPORT_STATS[result.decision.outcome]] += 1
         if result.decision.outcome is Outcome.LATE:
-            log.info("late %s for %s kept in history", report.status.name, execution_id)
+            ex = result.execution
+            log.info(
+                "late %s for %s kept in history",
+                report.status.name,
+                execution_id,
+                extra=log_fields(execution_id, ex.thing_id, ex.action),
+            )
 
     async def _on_emqx_report(self, inbound: Inbound) -> None:
         msg: emqx.ReportMessage = inbound.message
@@ -509,13 +536,23 @@ class CommandCore:
         msg: emqx.ReportMessage = inbound.message
         if isinstance(exc, NotFound):
             self.stats["dropped.unknown_execution"] += 1
-            log.warning("%s reported on unknown execution %r: dropped", inbound.client_id, msg.execution_id)
+            log.warning(
+                "%s reported on unknown execution %r: dropped",
+                inbound.client_id,
+                msg.execution_id,
+                extra=log_fields(msg.execution_id, msg.thing_id),
+            )
         elif isinstance(exc, ThingMismatch):
             self.stats["dropped.thing_mismatch"] += 1
-            log.warning("%s: %s: dropped", inbound.client_id, exc)
+            log.warning("%s: %s: dropped", inbound.client_id, exc, extra=log_fields(msg.execution_id, msg.thing_id))
         elif isinstance(exc, FleetcmdError):
             self.stats["dropped.store_error"] += 1
-            log.error("could not record a report from %s", inbound.client_id, exc_info=exc)
+            log.error(
+                "could not record a report from %s",
+                inbound.client_id,
+                exc_info=exc,
+                extra=log_fields(msg.execution_id, msg.thing_id),
+            )
         else:
             self.stats["dropped.handler_error"] += 1
             log.error("%s from %s on %r failed", inbound.action.value, inbound.client_id, inbound.topic, exc_info=exc)

@@ -49,6 +49,8 @@ from server.core.models import (
 )
 
 CommitListener = Callable[[Sequence[StateChange]], None]
+# Told, on the event loop after each commit, how long the transaction took (seconds) and how many writes it held.
+CommitObserver = Callable[[float, int], None]
 # Checks a device's result against the action's result schema; returns the violations.
 ResultCheck = Callable[[Execution, DeviceReport], list[str]]
 
@@ -112,6 +114,30 @@ class Store(Protocol):
     @property
     def commits(self) -> int:
         """Transactions committed since the store was opened (a metric)."""
+
+    def set_commit_observer(self, observer: CommitObserver) -> None:
+        """Call ``observer(seconds, writes)`` after every commit (metrics; must be cheap)."""
+        ...
+
+    async def ping(self) -> None:
+        """Commit one tiny write through the writer, as every other write goes (readiness check).
+
+        Raises:
+            Unavailable: the store cannot commit (closed, writer stopped, disk refuses).
+        """
+        ...
+
+    async def delete_finished(self, completed_before_ms: int, limit: int) -> int:
+        """Delete up to ``limit`` final executions completed before ``completed_before_ms``, and their events.
+
+        One short write transaction; non-final executions are never deleted. Returns how many
+        executions were deleted (less than ``limit`` when none older are left).
+        """
+        ...
+
+    def purged_through(self) -> int:
+        """Highest event sequence retention deleted (0: none); events at or below it may be missing."""
+        ...
 
     async def create(self, new: NewExecution) -> CreateResult:
         """Insert an execution and its first event.

@@ -33,6 +33,7 @@ import json
 import logging
 import queue
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,7 +54,16 @@ from server.core.models import (
     ThingRecord,
     ThingTypeRecord,
 )
-from server.store import CommitListener, CreateResult, KaaStore, ListPage, ResultCheck, ServiceStore, TransitionResult
+from server.store import (
+    CommitListener,
+    CommitObserver,
+    CreateResult,
+    KaaStore,
+    ListPage,
+    ResultCheck,
+    ServiceStore,
+    TransitionResult,
+)
 from server.store.sqlite_batch import Op, Tx, Undo, plan_create, plan_transition, rollback
 from server.store.sqlite_schema import (
     EVENT_COLUMNS,
@@ -121,6 +131,8 @@ class SqliteStore:
         self._cache: dict[str, Execution] = {}  # writer thread only
         self._closing = False
         self.batches = 0  # commits so far, for metrics and benchmarks
+        self._on_commit_done: CommitObserver | None = None
+        self._purged_through = 0  # written by the writer thread, read on the loop (an int: atomic)
         self.ops = 0
 
     @classmethod
@@ -144,6 +156,14 @@ class SqliteStore:
     def set_commit_listener(self, listener: CommitListener) -> None:
         """See :meth:`server.store.Store.set_commit_listener`."""
         self._on_commit = listener
+
+    def set_commit_observer(self, observer: CommitObserver) -> None:
+        """See :meth:`server.store.Store.set_commit_observer`."""
+        self._on_commit_done = observer
+
+    def purged_through(self) -> int:
+        """See :meth:`server.store.Store.purged_through`."""
+        return self._purged_through
 
     async def __aenter__(self) -> SqliteStore:
         await self.open()
@@ -172,6 +192,10 @@ class SqliteStore:
         conn.executescript(SCHEMA)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._next_seq = (conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]) + 1
+        purged = conn.execute("SELECT value FROM meta WHERE key = 'purged_through_seq'").fetchone()
+        self._purged_through = purged[0] if purged else 0
+        # Sequences are never reused after retention empties the log's tail.
+        self._next_seq = max(self._next_seq, self._purged_through + 1)
         return conn
 
     def stop_writer(self) -> None:
@@ -243,33 +267,35 @@ class SqliteStore:
                 else:
                     batch += more
             if batch:
+                started = time.perf_counter()
                 try:
                     events = self._execute_batch(batch)
                 except Exception as exc:  # the commit itself failed: nothing of the batch is durable
                     log.exception("store batch of %d writes failed", len(batch))
                     loop.call_soon_threadsafe(self._fail, batch, exc)
                 else:
-                    loop.call_soon_threadsafe(self._complete, batch, events)
+                    loop.call_soon_threadsafe(self._complete, batch, events, time.perf_counter() - started)
             if stop:
                 return
 
     async def _run_batch(self, batch: list[Op]) -> None:
         """Commit ``batch`` from the event loop (only when no writer loop runs)."""
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             events = await loop.run_in_executor(self._writer_pool, self._execute_batch, batch)
         except Exception as exc:
             log.exception("store batch of %d writes failed", len(batch))
             self._fail(batch, exc)
         else:
-            self._complete(batch, events)
+            self._complete(batch, events, time.perf_counter() - started)
 
     def _fail(self, batch: list[Op], exc: Exception) -> None:
         for op in batch:
             if not op.future.done():
                 op.future.set_exception(Unavailable(f"store write failed: {exc}"))
 
-    def _complete(self, batch: list[Op], events: list[StateChange]) -> None:
+    def _complete(self, batch: list[Op], events: list[StateChange], seconds: float) -> None:
         # On the event loop, after the commit. Resolving a future only schedules its waiters,
         # so the listener still sees the events before any caller resumes. The order in which
         # they are scheduled is the order they run in: the callers marked ``ahead`` (a Send
@@ -278,6 +304,8 @@ class SqliteStore:
         # (bookkeeping such as a PUBACK to write to the device that reported).
         self.batches += 1
         self.ops += len(batch)
+        if self._on_commit_done is not None:
+            self._on_commit_done(seconds, len(batch))
         for op in batch:
             if op.ahead:
                 _resolve(op)
@@ -523,7 +551,8 @@ class SqliteStore:
     async def last_sequence(self) -> int:
         """See :meth:`server.store.Store.last_sequence`."""
         sql = "SELECT COALESCE(MAX(seq), 0) FROM events"
-        return await self._read(lambda conn: int(conn.execute(sql).fetchone()[0]))
+        # Retention may have deleted the newest events: the sequence never goes back.
+        return max(self._purged_through, await self._read(lambda conn: int(conn.execute(sql).fetchone()[0])))
 
     async def active(self) -> list[ActiveExecution]:
         """See :meth:`server.store.Store.active`."""
@@ -634,6 +663,47 @@ class SqliteStore:
                 raise NotFound(f"thing {thing_id!r} not found")
 
         await self._write(write)
+
+    async def ping(self) -> None:
+        """See :meth:`server.store.Store.ping` (an UPSERT of one row of ``meta``, through the writer)."""
+
+        def write(tx: Tx) -> None:
+            tx.conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('ping', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (time.time_ns() // 1_000_000,),
+            )
+
+        await self._write(write)
+
+    async def delete_finished(self, completed_before_ms: int, limit: int) -> int:
+        """See :meth:`server.store.Store.delete_finished`."""
+
+        def write(tx: Tx) -> int:
+            conn = tx.conn
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT execution_id FROM executions WHERE completed_at IS NOT NULL AND completed_at < ? "
+                    "AND status >= ? ORDER BY completed_at LIMIT ?",
+                    (completed_before_ms, int(Status.SUCCEEDED), limit),
+                )
+            ]
+            if not ids:
+                return 0
+            marks = ",".join("?" * len(ids))
+            top = conn.execute(f"SELECT MAX(seq) FROM events WHERE execution_id IN ({marks})", ids).fetchone()[0]
+            conn.execute(f"DELETE FROM events WHERE execution_id IN ({marks})", ids)
+            conn.execute(f"DELETE FROM executions WHERE execution_id IN ({marks})", ids)
+            if top is not None and top > self._purged_through:
+                conn.execute(
+                    "INSERT INTO meta(key, value) VALUES ('purged_through_seq', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (top,),
+                )
+                self._purged_through = top
+            return len(ids)
+
+        return await self._write(write)
 
     async def delete_thing(self, thing_id: str) -> None:
         """Unregister a thing (its executions stay).

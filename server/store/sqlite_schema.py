@@ -63,6 +63,13 @@ CREATE TABLE IF NOT EXISTS events (
     note               TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS events_execution ON events(execution_id, seq);
+-- Finished executions by completion time, for the retention sweep.
+CREATE INDEX IF NOT EXISTS executions_completed ON executions(completed_at) WHERE completed_at IS NOT NULL;
+-- Small service state: 'ping' (readiness writes it), 'purged_through_seq' (retention's watermark).
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS things (
     thing_id               TEXT PRIMARY KEY,
     thing_type             TEXT NOT NULL DEFAULT '',
