@@ -1,9 +1,10 @@
 """The HTTP server: one aiohttp application in the service's event loop.
 
 It serves the REST API for operators (``/api/v1/...``, :mod:`server.api.http_rest`),
-its OpenAPI document (``/api/v1/openapi.json``, no key needed) and Kaa KP1
-polling for devices (``/kp1/...``, :mod:`server.dialects.kaa.http`). Every failure is
-answered with JSON: KP1's ``{"statusCode", "reasonPhrase"}`` under ``/kp1/``,
+its OpenAPI document (``/api/v1/openapi.json``, no key needed) and the device
+dialects' routes (:class:`DeviceHttp`; Kaa KP1 polling under ``/kp1/``,
+:mod:`server.dialects.kaa.http`). Every failure is answered with JSON: a dialect's
+own error body under its prefix (KP1's ``{"statusCode", "reasonPhrase"}``),
 ``{"code", "message", "details"}`` everywhere else. Request bodies are bounded
 (:func:`body_limit`; larger ones get 413).
 """
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -23,8 +25,6 @@ from server.core.apikeys import ApiKeys
 from server.core.authz import Operation, required_role
 from server.core.commands import CommandCore
 from server.core.errors import FleetcmdError
-from server.dialects.kaa import http as http_kaa
-from server.dialects.kaa.cex import KaaCex
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,22 @@ def body_limit(max_params_bytes: int) -> int:
     return max(MAX_BODY_BYTES, 2 * max_params_bytes + 64 * 1024)
 
 
+@dataclass(frozen=True)
+class DeviceHttp:
+    """A device dialect's HTTP routes: every path starts with ``prefix``, and its failures are ``render_error``'s."""
+
+    prefix: str
+    routes: Sequence[web.RouteDef]
+    render_error: Callable[[BaseException], web.Response]
+
+
+DEVICE_HTTP = web.AppKey("device_http", tuple[DeviceHttp, ...])
+
+
 def _render(request: web.Request, exc: BaseException) -> web.Response:
-    if request.path.startswith("/kp1/"):
-        return http_kaa.error_response(exc)
+    for device in request.app[DEVICE_HTTP]:
+        if request.path.startswith(device.prefix):
+            return device.render_error(exc)
     return http_rest.error_response(exc)
 
 
@@ -63,9 +76,12 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return _render(request, exc)
 
 
-def build_app(core: CommandCore, keys: ApiKeys, cex: KaaCex, collect: metrics.Collector | None = None) -> web.Application:
+def build_app(
+    core: CommandCore, keys: ApiKeys, devices: Sequence[DeviceHttp] = (), collect: metrics.Collector | None = None
+) -> web.Application:
     """The aiohttp application with every route (``/metrics`` only when ``collect`` is given)."""
     app = web.Application(client_max_size=body_limit(core.settings.max_params_bytes), middlewares=[errors_as_json])
+    app[DEVICE_HTTP] = tuple(devices)
     document = openapi.document(__version__)
 
     async def get_openapi(request: web.Request) -> web.Response:
@@ -77,7 +93,8 @@ def build_app(core: CommandCore, keys: ApiKeys, cex: KaaCex, collect: metrics.Co
     rest = http_rest.RestApi(core, keys)
     app.router.add_routes(rest.routes())
     app.on_shutdown.append(rest.on_shutdown)
-    app.router.add_routes(http_kaa.KaaHttp(cex, core.settings.max_response_bytes).routes())
+    for device in devices:
+        app.router.add_routes(device.routes)
     return app
 
 
@@ -113,12 +130,12 @@ class HttpServer:
         self,
         core: CommandCore,
         keys: ApiKeys,
-        cex: KaaCex,
+        devices: Sequence[DeviceHttp] = (),
         *,
         metrics: metrics.Collector | None = None,
         shutdown_timeout: float = 2.0,
     ) -> None:
-        self.app = build_app(core, keys, cex, metrics)
+        self.app = build_app(core, keys, devices, metrics)
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
 

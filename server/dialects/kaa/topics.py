@@ -14,7 +14,7 @@ nothing is answered. Service -> device pushes of new commands use
 The endpoint token in the topic is the device's credential (as in Kaa): :class:`KaaAcl` lets a
 client use the ``cex`` and ``dcx`` topics of registered endpoints only. Decoding here only parses;
 whether the token, the command type and the items are acceptable is decided by the control plane
-(``server/dialects/kaa/cex.py``), which answers the errors.
+(:mod:`server.dialects.kaa.cex`), which answers the errors.
 """
 
 from __future__ import annotations
