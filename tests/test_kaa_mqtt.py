@@ -28,7 +28,7 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 
 from broker_hooks.acl import TopicAcl
-from broker_hooks.rules import DecodeError, LifecycleAction, RuleSet
+from broker_hooks.rules import DecodeError, RuleSet
 from server.app import FleetcmdApp
 from server.core.lifecycle import Status
 from server.core.models import Execution
@@ -635,12 +635,12 @@ def test_kaa_acl_scopes_topics_by_registered_endpoint_token() -> None:
 def test_kaa_decoding() -> None:
     rules = RuleSet(kaa.RULES)
     inbound = rules.route("c", "kp1/av/cex/tok/command/reboot/12", b'{"observe": true}', 1)
-    assert inbound is not None and inbound.action is LifecycleAction.KAA_COMMAND and inbound.qos == 1
+    assert inbound is not None and inbound.action is kaa.KaaAction.COMMAND and inbound.qos == 1
     request = inbound.message
     assert (request.app_version, request.token, request.command_type, request.request_id) == ("av", "tok", "reboot", 12)
     assert request.observe is True and request.problem is None
     inbound = rules.route("c", "kp1/av/cex/tok/result/reboot", b'{"id": 1, "statusCode": 200}')
-    assert inbound is not None and inbound.action is LifecycleAction.KAA_RESULT and inbound.message.request_id is None
+    assert inbound is not None and inbound.action is kaa.KaaAction.RESULT and inbound.message.request_id is None
     bad = rules.route("c", "kp1/av/cex/tok/command/reboot/1", b'{"observe": 1}')
     assert bad is not None and bad.message.problem and bad.message.body is None
     with pytest.raises(DecodeError):

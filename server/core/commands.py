@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import functools
 import json
 import logging
@@ -98,7 +99,7 @@ class CommandCore:
         self._claimed_routes: list[tuple[Callable[[str], bool], Route]] = []
         self._default_route: Route | None = None
         # Handlers of the dialects' lifecycle actions (the neutral report is built in), and their client listeners.
-        self.handlers: dict[LifecycleAction, InboundHandler] = {LifecycleAction.DEVICE_REPORT: self._on_report}
+        self.handlers: dict[enum.Enum, InboundHandler] = {LifecycleAction.DEVICE_REPORT: self._on_report}
         self.device_listeners: list[DeviceListener] = []
         # Device messages with the future that tells the broker they are applied (their PUBACK waits for it).
         self._ingest: asyncio.Queue[tuple[Inbound, asyncio.Future[None]] | None] = asyncio.Queue(settings.ingest_queue)

@@ -18,11 +18,12 @@ report), whatever its dialect.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from broker_hooks.acl import ScopedAcl
-from broker_hooks.rules import Dialect, LifecycleAction
+from broker_hooks.rules import Dialect
 from server.api.http_app import DeviceHttp
 from server.core.commands import CommandCore, DeviceListener, InboundHandler
 from server.core.delivery import DeviceLink, Route, Spawn
@@ -55,7 +56,7 @@ class DialectRuntime:
 
     route: Route | None = None
     claims: Callable[[str], bool] | None = None
-    handlers: Mapping[LifecycleAction, InboundHandler] = field(default_factory=dict)
+    handlers: Mapping[enum.Enum, InboundHandler] = field(default_factory=dict)
     listeners: Sequence[DeviceListener] = ()
     http: DeviceHttp | None = None
     clients: Callable[[str], Iterable[str]] = _no_clients

@@ -19,6 +19,7 @@ sent (and as delivered once the answer is PUBACKed).
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 from broker_hooks import jsonvalue
 from broker_hooks.broker import Delivery
 from broker_hooks.jsonvalue import stored as stored_json
-from broker_hooks.rules import Inbound, LifecycleAction
+from broker_hooks.rules import Inbound
 from server.core.clock import now_ms
 from server.core.commands import CommandCore, InboundHandler
 from server.core.delivery import DeviceLink, Message, Spawn
@@ -290,9 +291,9 @@ class KaaMqtt:
         self.cex = KaaCex(core)
         self.route = KaaRoute(link, core.registry)
 
-    def handlers(self) -> dict[LifecycleAction, InboundHandler]:
+    def handlers(self) -> dict[enum.Enum, InboundHandler]:
         """The handlers of the Kaa lifecycle actions."""
-        return {LifecycleAction.KAA_COMMAND: self.on_command, LifecycleAction.KAA_RESULT: self.on_result}
+        return {kaa_topics.KaaAction.COMMAND: self.on_command, kaa_topics.KaaAction.RESULT: self.on_result}
 
     # ---- client listener ----
 
