@@ -164,10 +164,10 @@ class KaaCex:
         payload = None
         if "payload" in item:
             try:
-                # The body came through the codec (strict, in range) with room for its envelope: the
-                # payload itself is bounded here, once more only when it is a container.
-                if isinstance(item["payload"], (dict, list)):
-                    jsonvalue.check(item["payload"])
+                # The edges' codec already refused what is not strict JSON, with room for the envelope:
+                # the payload itself is bounded here (depth), and a caller that parsed the body some
+                # other way (NaN, out-of-range numbers) is refused here, not by the serializer.
+                jsonvalue.check(item["payload"])
             except jsonvalue.JsonProblem as exc:
                 self.refused(exc.reason)
                 return ItemOutcome(kaa_id, f"{exc.reason}: {exc.field('payload')}: {exc.detail}")
