@@ -94,10 +94,10 @@ class CommandCore:
         self.bus = EventBus()
         self.scheduler = TtlScheduler()
         self.outbox = Outbox(store, self, spawn)
-        self.outbox.route_for = self.route_for
         # The dialects' routes: those that claim their things, in registration order, then the default one.
         self._claimed_routes: list[tuple[Callable[[str], bool], Route]] = []
         self._default_route: Route | None = None
+        self._compile_routes()
         # Handlers of the dialects' lifecycle actions (the neutral report is built in), and their client listeners.
         self.handlers: dict[enum.Enum, InboundHandler] = {LifecycleAction.DEVICE_REPORT: self._on_report}
         self.device_listeners: list[DeviceListener] = []
@@ -261,13 +261,37 @@ class CommandCore:
             raise ValueError("two dialects claim to be the default route")
         else:
             self._default_route = route
+        self._compile_routes()
+
+    def _compile_routes(self) -> None:
+        # The outbox asks for a thing's route on every Send and publish: one closure over the routes,
+        # without a loop for the usual single claiming dialect.
+        claimed, default = tuple(self._claimed_routes), self._default_route
+        route_for: Callable[[str], Route | None]
+        if not claimed:
+
+            def route_for(thing_id: str) -> Route | None:
+                return default
+
+        elif len(claimed) == 1:
+            ((claims, route),) = claimed
+
+            def route_for(thing_id: str) -> Route | None:
+                return route if claims(thing_id) else default
+
+        else:
+
+            def route_for(thing_id: str) -> Route | None:
+                for claims, route in claimed:
+                    if claims(thing_id):
+                        return route
+                return default
+
+        self.outbox.route_for = route_for
 
     def route_for(self, thing_id: str) -> Route | None:
         """The delivery route of a thing: the first dialect that claims it, else the default one."""
-        for claims, route in self._claimed_routes:
-            if claims(thing_id):
-                return route
-        return self._default_route
+        return self.outbox.route_for(thing_id)
 
     # ---- delivery (called by the outbox and the dialects' routes) -------------------------
 
