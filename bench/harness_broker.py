@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker_hooks import emqx
 from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
 from broker_hooks.rules import Inbound, RuleSet
 from server.cli.main import run_loop
+from server.dialects import emqx
 
 
 class NullSink:

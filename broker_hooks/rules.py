@@ -25,11 +25,13 @@ class DecodeError(ValueError):
 
 
 class LifecycleAction(enum.Enum):
-    """What the control plane does with a decoded message."""
+    """The action every dialect may use: a device's status report for one execution.
+
+    A dialect with other kinds of messages declares its own actions (any :class:`enum.Enum`, e.g. the
+    Kaa dialect's ``KaaAction``) and registers a handler for each with the control plane.
+    """
 
     DEVICE_REPORT = "device_report"
-    KAA_COMMAND = "kaa_command"  # a Kaa endpoint asks for its outstanding commands (and sets observe)
-    KAA_RESULT = "kaa_result"  # a Kaa endpoint reports command results
 
 
 class TopicPattern:
@@ -100,7 +102,7 @@ class Rule:
     name: str
     pattern: TopicPattern
     decode: Decoder
-    action: LifecycleAction
+    action: enum.Enum  # LifecycleAction.DEVICE_REPORT or one of the dialect's own actions
 
 
 THING = "thing"
@@ -141,7 +143,7 @@ class Inbound:
     """A decoded device message, ready for the control plane (``qos``: the publish's QoS, for replies)."""
 
     rule: str
-    action: LifecycleAction
+    action: enum.Enum
     client_id: str
     topic: str
     message: Any

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,23 +22,22 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from broker_hooks import emqx, kaa
 from broker_hooks.acl import TopicAcl
 from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
 from broker_hooks.rules import RuleSet
 from server.api.grpc_api import GrpcServer
 from server.api.grpc_metrics import TimingInterceptor
-from server.api.http_app import HttpServer, server_ssl_context
+from server.api.http_app import DeviceHttp, HttpServer, server_ssl_context
 from server.config import ENV_PREFIX, Settings
 from server.core.apikeys import ApiKeys
 from server.core.clock import now_ms
 from server.core.commands import CommandCore
-from server.core.delivery import EmqxRoute
 from server.core.errors import ListenError
 from server.core.metrics import Kind, Sample, ServiceMetrics, counters
 from server.core.registry import Registry
-from server.dialects.kaa.cex import KaaMqtt
+from server.dialects import DIALECTS
+from server.dialects.bundle import DialectBundle, DialectContext, DialectRuntime, install
 from server.store import ServiceStore, store_from_url
 
 log = logging.getLogger("fleetcmd")
@@ -82,10 +81,14 @@ def _read(path: str) -> bytes:
 
 
 class FleetcmdApp:
-    """The whole service. ``async with FleetcmdApp(settings) as app:`` runs it."""
+    """The whole service. ``async with FleetcmdApp(settings) as app:`` runs it.
 
-    def __init__(self, settings: Settings) -> None:
+    ``dialects``: the device dialects it speaks (``server.dialects.DIALECTS`` unless told otherwise).
+    """
+
+    def __init__(self, settings: Settings, dialects: Sequence[DialectBundle] = DIALECTS) -> None:
         self.settings = settings
+        self.dialects = tuple(dialects)
         self._stack = AsyncExitStack()
         self._tasks: asyncio.TaskGroup | None = None
         self._failed = asyncio.Event()
@@ -98,7 +101,8 @@ class FleetcmdApp:
         self.broker: FleetBroker | None = None
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
-        self.kaa: KaaMqtt | None = None
+        # Each dialect's runtime, by name, once attached.
+        self.runtimes: dict[str, DialectRuntime] = {}
         self.ports: Ports | None = None
         self._grpc_serving = False
         self._ping: asyncio.Future[None] | None = None
@@ -144,6 +148,8 @@ class FleetcmdApp:
         # The data directory holds admin.key whichever store database_url names.
         await asyncio.to_thread(s.data_dir.mkdir, parents=True, exist_ok=True)
         store = store_from_url(s.store_url)
+        for bundle in self.dialects:
+            bundle.check_store(store)
         await stack.enter_async_context(store)
         self.store = store
         self._tasks = await stack.enter_async_context(asyncio.TaskGroup())
@@ -173,7 +179,7 @@ class FleetcmdApp:
                 "DEVELOPMENT MODE (allow_anonymous): ANY MQTT client is admitted without credentials and "
                 "Sends may target unregistered things; never run this way in production"
             )
-        dialects = (emqx.DIALECT, kaa.DIALECT)
+        wires = [bundle.wire for bundle in self.dialects]
         broker = FleetBroker(
             broker_config(
                 bind=s.bind,
@@ -186,12 +192,13 @@ class FleetcmdApp:
                 sys_interval=s.sys_interval,
                 authenticator=registry,
                 allow_anonymous=s.allow_anonymous,
-                # Kaa topics are scoped by the endpoint token in them, checked against the registry.
-                acl=TopicAcl.of(dialects, [kaa.KaaAcl(registry)], open_mode=s.allow_anonymous),
+                acl=TopicAcl.of(
+                    wires, [acl for bundle in self.dialects for acl in bundle.scoped_acls(registry)], open_mode=s.allow_anonymous
+                ),
             ),
-            rules=RuleSet.of(dialects),
+            rules=RuleSet.of(wires),
             sink=core,
-            dollar_prefixes=[p for d in dialects for p in d.dollar_prefixes],
+            dollar_prefixes=[p for d in wires for p in d.dollar_prefixes],
             max_payload_bytes=s.max_response_bytes,
             listen_backlog=s.mqtt_backlog,
             connect_timeout=s.mqtt_connect_timeout,
@@ -200,12 +207,14 @@ class FleetcmdApp:
             max_connections_per_address=s.mqtt_max_connections_per_address,
         )
         core.outbox.attach(broker)
-        core.routes["emqx"] = EmqxRoute(broker)
-        kaa_mqtt = KaaMqtt(core, broker, self._spawn)
-        kaa_mqtt.install()
-        self.kaa = kaa_mqtt
+        context = DialectContext(core, broker, self._spawn)
+        for bundle in self.dialects:
+            runtime = bundle.attach(context)
+            install(core, runtime)
+            self.runtimes[bundle.name] = runtime
+        runtimes = list(self.runtimes.values())
         # A deleted thing or rotated credentials end the device's connection.
-        registry.disconnect = lambda thing_id: self._disconnect_thing(broker, kaa_mqtt, thing_id)
+        registry.disconnect = lambda thing_id: self._disconnect_thing(broker, runtimes, thing_id)
         # amqtt logs a start failure with its traceback; the error raised below says it in one line.
         amqtt_log = logging.getLogger("amqtt.broker")
         amqtt_level = amqtt_log.level
@@ -239,10 +248,11 @@ class FleetcmdApp:
 
         http_port = None
         if s.http_port != -1:
+            devices: list[DeviceHttp] = [r.http for r in self.runtimes.values() if r.http is not None]
             http_server = HttpServer(
                 core,
                 keys,
-                kaa_mqtt.cex,
+                devices,
                 metrics=self.service_metrics,
                 ready=self.readiness,
                 shutdown_timeout=min(2.0, s.shutdown_timeout / 4),
@@ -355,11 +365,12 @@ class FleetcmdApp:
             await asyncio.sleep(0 if deleted == RETENTION_BATCH else pause)
 
     @staticmethod
-    def _disconnect_thing(broker: FleetBroker, kaa_mqtt: KaaMqtt, thing_id: str) -> None:
-        # The thing's own connection, and every client that used its Kaa endpoint token.
+    def _disconnect_thing(broker: FleetBroker, runtimes: Sequence[DialectRuntime], thing_id: str) -> None:
+        # The thing's own connection, and every client that acted for it in a dialect (a Kaa endpoint token).
         broker.disconnect_client(thing_id)
-        for client_id in kaa_mqtt.route.clients(thing_id):
-            broker.disconnect_client(client_id)
+        for runtime in runtimes:
+            for client_id in runtime.clients(thing_id):
+                broker.disconnect_client(client_id)
 
     async def _stop_core(self, core: CommandCore) -> None:
         core.close()

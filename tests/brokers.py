@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from broker_hooks import emqx
 from broker_hooks.broker import DeviceSink, FleetBroker
 from broker_hooks.config import broker_config
 from broker_hooks.rules import RuleSet
+from server.dialects import emqx
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,6 @@ from amqtt.contexts import BrokerConfig, ListenerType
 from amqtt.session import Session
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from broker_hooks import emqx
 from broker_hooks.acl import TopicAcl
 from broker_hooks.auth import DeviceAuthPlugin
 from broker_hooks.config import broker_config
@@ -33,6 +32,7 @@ from server.config import Settings, SettingsError
 from server.core.lifecycle import Status
 from server.core.models import Execution
 from server.core.validation import SendCommand
+from server.dialects import emqx
 from tests.certs import TlsFiles, self_signed
 from tests.conftest import make_settings
 from tests.devices import EmqxDevice, wait_for

@@ -35,12 +35,12 @@ from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from broker_hooks import emqx
-from broker_hooks import kaa as kaa_topics
 from broker_hooks.rules import DecodeError, Inbound
 from server.api import convert
 from server.app import FleetcmdApp
-from server.dialects.kaa.cex import KaaError
+from server.dialects import emqx
+from server.dialects.kaa import topics as kaa_topics
+from server.dialects.kaa.cex import KaaError, KaaMqtt
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests.brokers import running_broker
@@ -428,9 +428,10 @@ def test_kaa_cex_report_returns_outcomes_or_kaa_4xx_and_reads_back(
         value = json.loads(text)
     except (ValueError, RecursionError):
         return  # not JSON to Python: the HTTP and MQTT edges refuse it before KaaCex sees it
-    assert service.app.kaa is not None and service.thing is not None
+    kaa_mqtt = service.app.runtimes["kaa"].state
+    assert isinstance(kaa_mqtt, KaaMqtt) and service.thing is not None
     try:
-        outcomes = service.loop.run(service.app.kaa.cex.report(service.thing, command_type, value))
+        outcomes = service.loop.run(kaa_mqtt.cex.report(service.thing, command_type, value))
     except KaaError as exc:
         assert 400 <= exc.status_code < 500, exc
     else:

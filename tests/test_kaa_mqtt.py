@@ -27,13 +27,15 @@ import paho.mqtt.client as mqtt
 import pytest
 from google.protobuf import json_format, struct_pb2
 
-from broker_hooks import emqx, kaa
 from broker_hooks.acl import TopicAcl
-from broker_hooks.rules import DecodeError, LifecycleAction, RuleSet
+from broker_hooks.rules import DecodeError, RuleSet
 from server.app import FleetcmdApp
 from server.core.lifecycle import Status
 from server.core.models import Execution
 from server.core.validation import SendCommand
+from server.dialects import emqx
+from server.dialects.kaa import topics as kaa
+from server.dialects.kaa.cex import KaaMqtt
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from tests.clients import app_channel
@@ -188,9 +190,14 @@ async def wait_status(app: FleetcmdApp, execution_id: str, status: Status, timeo
         await asyncio.sleep(0.02)
 
 
+def kaa_mqtt(app: FleetcmdApp) -> KaaMqtt:
+    state = app.runtimes["kaa"].state
+    assert isinstance(state, KaaMqtt)
+    return state
+
+
 def bound(app: FleetcmdApp, thing: str, client_id: str) -> bool:
-    assert app.kaa is not None
-    return client_id in app.kaa.route.clients(thing)
+    return client_id in kaa_mqtt(app).route.clients(thing)
 
 
 def stat(app: FleetcmdApp, key: str) -> int:
@@ -628,12 +635,12 @@ def test_kaa_acl_scopes_topics_by_registered_endpoint_token() -> None:
 def test_kaa_decoding() -> None:
     rules = RuleSet(kaa.RULES)
     inbound = rules.route("c", "kp1/av/cex/tok/command/reboot/12", b'{"observe": true}', 1)
-    assert inbound is not None and inbound.action is LifecycleAction.KAA_COMMAND and inbound.qos == 1
+    assert inbound is not None and inbound.action is kaa.KaaAction.COMMAND and inbound.qos == 1
     request = inbound.message
     assert (request.app_version, request.token, request.command_type, request.request_id) == ("av", "tok", "reboot", 12)
     assert request.observe is True and request.problem is None
     inbound = rules.route("c", "kp1/av/cex/tok/result/reboot", b'{"id": 1, "statusCode": 200}')
-    assert inbound is not None and inbound.action is LifecycleAction.KAA_RESULT and inbound.message.request_id is None
+    assert inbound is not None and inbound.action is kaa.KaaAction.RESULT and inbound.message.request_id is None
     bad = rules.route("c", "kp1/av/cex/tok/command/reboot/1", b'{"observe": 1}')
     assert bad is not None and bad.message.problem and bad.message.body is None
     with pytest.raises(DecodeError):
@@ -674,7 +681,7 @@ def seed_client(port: int, token: str, log_path: Path) -> Any:
 async def test_the_seed_client_executes_reboot_and_zero(
     app: FleetcmdApp, stub: pb_grpc.CommandServiceStub, tmp_path: Path
 ) -> None:
-    assert app.ports is not None and app.ports.mqtt is not None and app.kaa is not None
+    assert app.ports is not None and app.ports.mqtt is not None and "kaa" in app.runtimes
     token = await endpoint(app, "tesla")
     # One "zero" waits before the device is up: it arrives in the answer to the client's observe request.
     waiting = await stub.Send(pb.SendRequest(thing_id="tesla", action="zero", ttl_seconds=60))
@@ -683,7 +690,7 @@ async def test_the_seed_client_executes_reboot_and_zero(
     log_path = tmp_path / "seed.log"
     with seed_client(app.ports.mqtt, token, log_path) as proc:
         try:
-            await wait_for(lambda: bool(app.kaa and app.kaa.route.clients("tesla")), timeout=15, what="the seed client")
+            await wait_for(lambda: bool(kaa_mqtt(app).route.clients("tesla")), timeout=15, what="the seed client")
             reboot = await stub.Send(pb.SendRequest(thing_id="tesla", action="reboot", ttl_seconds=60))
             zero = await stub.Send(pb.SendRequest(thing_id="tesla", action="zero", params=_struct({"x": 1}), ttl_seconds=60))
             for sent in (waiting, waiting_reboot, reboot, zero):

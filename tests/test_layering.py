@@ -1,4 +1,8 @@
-"""Import rules between the parts of the service (issue 14, item 3).
+"""Import rules between the parts of the service (issue 14, items 2 and 3).
+
+``broker_hooks`` is generic broker machinery: it imports nothing from ``server`` (the dialects'
+topics and decoders live in ``server/dialects/``). The core (``server/core/``) names no dialect:
+it imports nothing from ``server.dialects``, and neither do the surfaces (``server/api/``) and the store.
 
 The HTTP surface (every ``server/api/http_*.py``, ``server/api/openapi.py`` and the Kaa HTTP routes) stands on the
 application layer, not on the gRPC surface: it imports neither ``grpc`` (nor any
@@ -14,7 +18,12 @@ from pathlib import Path
 
 import pytest
 
-SERVER = Path(__file__).resolve().parent.parent / "server"
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = ROOT / "server"
+BROKER_HOOKS = sorted((ROOT / "broker_hooks").glob("*.py"))
+CORE = sorted((SERVER / "core").glob("*.py"))
+# Neither the core nor the operator surfaces nor the store name a dialect (the app wires the bundles in).
+DIALECT_FREE = sorted([*CORE, *(SERVER / "api").glob("*.py"), *(SERVER / "store").glob("*.py")])
 HTTP_SURFACE = sorted(
     [*(SERVER / "api").glob("http_*.py"), SERVER / "api" / "openapi.py", SERVER / "dialects" / "kaa" / "http.py"]
 )
@@ -94,3 +103,43 @@ def test_the_rule_catches_each_form_of_a_forbidden_import(source: str) -> None:
 )
 def test_the_rule_allows_the_application_layer(source: str) -> None:
     assert violations(source) == []
+
+
+def imports_of(source: str, package: str) -> list[str]:
+    """The imports in ``source`` of ``package`` or anything under it, as ``line: module``."""
+    return [
+        f"{line}: {module}" for line, module in imported_modules(source) if module == package or module.startswith(package + ".")
+    ]
+
+
+def test_broker_hooks_and_the_core_are_every_module_there() -> None:
+    assert {"broker.py", "rules.py", "acl.py"} <= {path.name for path in BROKER_HOOKS}
+    assert {"commands.py", "delivery.py", "models.py"} <= {path.name for path in CORE}
+    # The dialect modules left broker_hooks for server/dialects.
+    assert not {"emqx.py", "kaa.py"} & {path.name for path in BROKER_HOOKS}
+
+
+@pytest.mark.parametrize("path", BROKER_HOOKS, ids=lambda p: p.name)
+def test_broker_hooks_imports_nothing_from_server(path: Path) -> None:
+    assert imports_of(path.read_text(), "server") == [], f"broker_hooks/{path.name} leans on the control plane"
+
+
+@pytest.mark.parametrize("path", DIALECT_FREE, ids=lambda p: p.relative_to(SERVER).as_posix())
+def test_the_core_the_surfaces_and_the_store_import_no_dialect(path: Path) -> None:
+    assert imports_of(path.read_text(), "server.dialects") == [], f"{path.relative_to(SERVER)} names a dialect"
+
+
+@pytest.mark.parametrize(
+    ("source", "found"),
+    [
+        ("from server.core.models import DeviceReport", True),
+        ("import server.core.lifecycle", True),
+        ("from server import config", True),
+        ("def f():\n    from server.core import models\n", True),
+        ("from broker_hooks import jsonvalue", False),
+        ("import serverless", False),
+        ("text = 'from server import x'", False),
+    ],
+)
+def test_the_server_rule_catches_each_form_and_only_those(source: str, found: bool) -> None:
+    assert bool(imports_of(source, "server")) is found

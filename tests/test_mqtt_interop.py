@@ -36,11 +36,11 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from bench.harness_broker import NullSink
-from broker_hooks import emqx
 from broker_hooks.acl import TopicAcl
 from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
 from broker_hooks.rules import RuleSet
+from server.dialects import emqx
 
 HOST = "127.0.0.1"
 WAIT = 5.0  # bound of every wait for something that must happen

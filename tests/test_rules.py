@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from broker_hooks import emqx
 from broker_hooks.rules import DecodeError, RuleSet, TopicPattern
 from broker_hooks.topics import filter_matches, level_problem
 from server.core.lifecycle import Status
+from server.dialects import emqx
 
 
 def test_pattern_match_and_filter() -> None:

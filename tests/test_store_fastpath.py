@@ -10,17 +10,17 @@ from typing import Any
 
 import pytest
 
-from broker_hooks import emqx
 from broker_hooks.broker import Delivery
 from broker_hooks.rules import Inbound, LifecycleAction
 from server.config import Settings
 from server.core.commands import CommandCore
-from server.core.delivery import EmqxRoute
 from server.core.errors import AlreadyExists, NotFound, Unavailable
 from server.core.lifecycle import Outcome, Status, Trigger
 from server.core.models import DeviceReport, Execution, NewExecution, StateChange, ThingRecord
 from server.core.registry import Registry
 from server.core.validation import SendCommand
+from server.dialects import emqx
+from server.dialects.emqx import EmqxRoute
 from server.store.sqlite import SqliteStore
 
 
@@ -273,7 +273,7 @@ async def core(tmp_path: Path) -> AsyncIterator[tuple[CommandCore, AnsweringLink
         link = AnsweringLink()
         link.core = command_core
         command_core.outbox.attach(link)
-        command_core.routes["emqx"] = EmqxRoute(link)
+        command_core.add_route(EmqxRoute(link))
         ingest = asyncio.create_task(command_core.run_ingest())
         yield command_core, link
         await command_core.stop_ingest(5)

@@ -1,9 +1,10 @@
 """The HTTP server: one aiohttp application in the service's event loop.
 
 It serves the REST API for operators (``/api/v1/...``, :mod:`server.api.http_rest`),
-its OpenAPI document (``/api/v1/openapi.json``, no key needed) and Kaa KP1
-polling for devices (``/kp1/...``, :mod:`server.dialects.kaa.http`). Every failure is
-answered with JSON: KP1's ``{"statusCode", "reasonPhrase"}`` under ``/kp1/``,
+its OpenAPI document (``/api/v1/openapi.json``, no key needed) and the device
+dialects' routes (:class:`DeviceHttp`; Kaa KP1 polling under ``/kp1/``,
+:mod:`server.dialects.kaa.http`). Every failure is answered with JSON: a dialect's
+own error body under its prefix (KP1's ``{"statusCode", "reasonPhrase"}``),
 ``{"code", "message", "details"}`` everywhere else. Request bodies are bounded
 (:func:`body_limit`; larger ones get 413).
 """
@@ -13,7 +14,8 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -25,8 +27,6 @@ from server.core.apikeys import ApiKeys
 from server.core.authz import Operation, required_role
 from server.core.commands import CommandCore
 from server.core.errors import FleetcmdError
-from server.dialects.kaa import http as http_kaa
-from server.dialects.kaa.cex import KaaCex
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,22 @@ def body_limit(max_params_bytes: int) -> int:
     return max(MAX_BODY_BYTES, 2 * max_params_bytes + 64 * 1024)
 
 
+@dataclass(frozen=True)
+class DeviceHttp:
+    """A device dialect's HTTP routes: every path starts with ``prefix``, and its failures are ``render_error``'s."""
+
+    prefix: str
+    routes: Sequence[web.RouteDef]
+    render_error: Callable[[BaseException], web.Response]
+
+
+DEVICE_HTTP = web.AppKey("device_http", tuple[DeviceHttp, ...])
+
+
 def _render(request: web.Request, exc: BaseException) -> web.Response:
-    if request.path.startswith("/kp1/"):
-        return http_kaa.error_response(exc)
+    for device in request.app[DEVICE_HTTP]:
+        if request.path.startswith(device.prefix):
+            return device.render_error(exc)
     return http_rest.error_response(exc)
 
 
@@ -96,7 +109,7 @@ def request_timer(service_metrics: metrics.ServiceMetrics) -> Callable[[web.Requ
 def build_app(
     core: CommandCore,
     keys: ApiKeys,
-    cex: KaaCex,
+    devices: Sequence[DeviceHttp] = (),
     service_metrics: metrics.ServiceMetrics | None = None,
     ready: Readiness | None = None,
 ) -> web.Application:
@@ -105,6 +118,7 @@ def build_app(
     if service_metrics is not None:
         middlewares.insert(0, request_timer(service_metrics))
     app = web.Application(client_max_size=body_limit(core.settings.max_params_bytes), middlewares=middlewares)
+    app[DEVICE_HTTP] = tuple(devices)
     document = openapi.document(__version__)
 
     async def get_openapi(request: web.Request) -> web.Response:
@@ -130,7 +144,8 @@ def build_app(
     rest = http_rest.RestApi(core, keys)
     app.router.add_routes(rest.routes())
     app.on_shutdown.append(rest.on_shutdown)
-    app.router.add_routes(http_kaa.KaaHttp(cex, core.settings.max_response_bytes).routes())
+    for device in devices:
+        app.router.add_routes(device.routes)
     return app
 
 
@@ -166,13 +181,13 @@ class HttpServer:
         self,
         core: CommandCore,
         keys: ApiKeys,
-        cex: KaaCex,
+        devices: Sequence[DeviceHttp] = (),
         *,
         metrics: metrics.ServiceMetrics | None = None,
         ready: Readiness | None = None,
         shutdown_timeout: float = 2.0,
     ) -> None:
-        self.app = build_app(core, keys, cex, metrics, ready)
+        self.app = build_app(core, keys, devices, metrics, ready)
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
 

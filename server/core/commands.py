@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from broker_hooks import emqx
 from broker_hooks.rules import Inbound, LifecycleAction
 from server.config import Settings
 from server.core.clock import now_ms
@@ -33,7 +33,15 @@ from server.core.events import EventBus, StreamBatch
 from server.core.ids import new_execution_ids
 from server.core.lifecycle import Outcome, Status, Trigger, initial_status
 from server.core.metrics import ServiceMetrics
-from server.core.models import DeviceReport, EventFilter, Execution, ListQuery, NewExecution, StateChange
+from server.core.models import (
+    DeviceReport,
+    EventFilter,
+    Execution,
+    ExecutionReport,
+    ListQuery,
+    NewExecution,
+    StateChange,
+)
 from server.core.registry import PresenceChange, Registry
 from server.core.scheduler import TtlScheduler
 from server.core.validation import SendCommand, check_execution_id, fingerprint
@@ -53,7 +61,7 @@ InboundHandler = Callable[[Inbound], Awaitable[None]]
 
 
 class DeviceListener(Protocol):
-    """A dialect that follows clients (Kaa: which live client uses which endpoint). Must not raise."""
+    """A dialect that follows clients (e.g. which live client uses which endpoint). Must not raise."""
 
     def client_connected(self, client_id: str) -> None:
         """A client's connection started (a new connection: it may take over an older one)."""
@@ -71,8 +79,13 @@ _REPORT_STATS = {outcome: f"reports.{outcome.value}" for outcome in Outcome}
 class CommandCore:
     """Lifecycle orchestration; the only caller of ``Store.create`` and ``Store.transition``.
 
-    Delivery (the outbox, the Kaa dialect) records what it did through :meth:`mark_published`,
+    Delivery (the outbox, the dialects) records what it did through :meth:`mark_published`,
     :meth:`mark_delivered` and :meth:`mark_delivered_nowait`, never through the store.
+
+    It names no dialect: the dialects (``server.dialects``) add their routes (:meth:`add_route`),
+    their handlers of lifecycle actions (:attr:`handlers`) and their client listeners. A
+    :class:`~server.core.models.ExecutionReport` under ``LifecycleAction.DEVICE_REPORT``, from any
+    dialect, is applied by the built-in report path.
     """
 
     def __init__(self, settings: Settings, store: Store, registry: Registry, spawn: Spawn) -> None:
@@ -83,11 +96,12 @@ class CommandCore:
         self.bus = EventBus()
         self.scheduler = TtlScheduler()
         self.outbox = Outbox(store, self, spawn)
-        self.outbox.route_for = self.route_for
-        # Routes by dialect; the EMQX one is set when the broker is attached, others by their dialect.
-        self.routes: dict[str, Route] = {}
-        # Handlers of the dialects' lifecycle actions (EMQX's report is built in), and their client listeners.
-        self.handlers: dict[LifecycleAction, InboundHandler] = {LifecycleAction.DEVICE_REPORT: self._on_emqx_report}
+        # The dialects' routes: those that claim their things, in registration order, then the default one.
+        self._claimed_routes: list[tuple[Callable[[str], bool], Route]] = []
+        self._default_route: Route | None = None
+        self._compile_routes()
+        # Handlers of the dialects' lifecycle actions (the neutral report is built in), and their client listeners.
+        self.handlers: dict[enum.Enum, InboundHandler] = {LifecycleAction.DEVICE_REPORT: self._on_report}
         self.device_listeners: list[DeviceListener] = []
         # Device messages with the future that tells the broker they are applied (their PUBACK waits for it).
         self._ingest: asyncio.Queue[tuple[Inbound, asyncio.Future[None]] | None] = asyncio.Queue(settings.ingest_queue)
@@ -174,12 +188,12 @@ class CommandCore:
                     break
                 batch.append(item)
             # Submitted in order: the store runs them in this order within one transaction.
-            # EMQX reports go to the store at once, without a task each; other dialects'
+            # Device reports go to the store at once, without a task each; the dialects'
             # handlers run as tasks (they may read before they write).
             handlers = []
             for inbound, applied in batch:
                 if inbound.action is LifecycleAction.DEVICE_REPORT and self._builtin_report:
-                    self._submit_emqx_report(inbound, applied)
+                    self._submit_report(inbound, applied)
                 else:
                     handlers.append(self._apply(inbound, applied))
             if handlers:
@@ -196,11 +210,11 @@ class CommandCore:
 
     @property
     def _builtin_report(self) -> bool:
-        # Whether EMQX reports still go to the built-in handler (nobody replaced it).
-        return self.handlers.get(LifecycleAction.DEVICE_REPORT) == self._on_emqx_report
+        # Whether device reports still go to the built-in handler (nobody replaced it).
+        return self.handlers.get(LifecycleAction.DEVICE_REPORT) == self._on_report
 
-    def _submit_emqx_report(self, inbound: Inbound, applied: asyncio.Future[None]) -> None:
-        msg: emqx.ReportMessage = inbound.message
+    def _submit_report(self, inbound: Inbound, applied: asyncio.Future[None]) -> None:
+        msg: ExecutionReport = inbound.message
         try:
             future = self.store.transition_nowait(
                 msg.execution_id,
@@ -211,23 +225,21 @@ class CommandCore:
                 result_check=self.registry.result_check,
             )
         except FleetcmdError as exc:  # the store is closing
-            self._emqx_report_failed(inbound, exc)
+            self._report_failed(inbound, exc)
             _settle(applied, exc)
             return
         self._reports_in_flight += 1
-        future.add_done_callback(functools.partial(self._emqx_report_done, inbound, applied))
+        future.add_done_callback(functools.partial(self._report_done, inbound, applied))
 
-    def _emqx_report_done(
-        self, inbound: Inbound, applied: asyncio.Future[None], future: asyncio.Future[TransitionResult]
-    ) -> None:
+    def _report_done(self, inbound: Inbound, applied: asyncio.Future[None], future: asyncio.Future[TransitionResult]) -> None:
         self._reports_in_flight -= 1
         if self._reports_in_flight < REPORTS_IN_FLIGHT:
             self._reports_drained.set()
-        msg: emqx.ReportMessage = inbound.message
+        msg: ExecutionReport = inbound.message
         try:
             result = future.result()
         except Exception as exc:  # noqa: BLE001 - counted and logged like the handler's failures
-            self._emqx_report_failed(inbound, exc)
+            self._report_failed(inbound, exc)
             _settle(applied, exc)
             return
         self._count_report(result, msg.execution_id, msg.report)
@@ -251,11 +263,49 @@ class CommandCore:
         self.bus.close()
         self.scheduler.close()
 
+    def add_route(self, route: Route, claims: Callable[[str], bool] | None = None) -> None:
+        """Add a dialect's route: for the things ``claims`` accepts, or (None) the default route.
+
+        Raises:
+            ValueError: a second default route.
+        """
+        if claims is not None:
+            self._claimed_routes.append((claims, route))
+        elif self._default_route is not None:
+            raise ValueError("two dialects claim to be the default route")
+        else:
+            self._default_route = route
+        self._compile_routes()
+
+    def _compile_routes(self) -> None:
+        # The outbox asks for a thing's route on every Send and publish: one closure over the routes,
+        # without a loop for the usual single claiming dialect.
+        claimed, default = tuple(self._claimed_routes), self._default_route
+        route_for: Callable[[str], Route | None]
+        if not claimed:
+
+            def route_for(thing_id: str) -> Route | None:
+                return default
+
+        elif len(claimed) == 1:
+            ((claims, route),) = claimed
+
+            def route_for(thing_id: str) -> Route | None:
+                return route if claims(thing_id) else default
+
+        else:
+
+            def route_for(thing_id: str) -> Route | None:
+                for claims, route in claimed:
+                    if claims(thing_id):
+                        return route
+                return default
+
+        self.outbox.route_for = route_for
+
     def route_for(self, thing_id: str) -> Route | None:
-        """The delivery route of a thing: Kaa endpoints use the Kaa route, everything else EMQX."""
-        if self.registry.is_kaa_endpoint(thing_id):
-            return self.routes.get("kaa")
-        return self.routes.get("emqx")
+        """The delivery route of a thing: the first dialect that claims it, else the default one."""
+        return self.outbox.route_for(thing_id)
 
     # ---- delivery (called by the outbox and the dialects' routes) -------------------------
 
@@ -525,15 +575,15 @@ class CommandCore:
                 extra=log_fields(execution_id, ex.thing_id, ex.action),
             )
 
-    async def _on_emqx_report(self, inbound: Inbound) -> None:
-        msg: emqx.ReportMessage = inbound.message
+    async def _on_report(self, inbound: Inbound) -> None:
+        msg: ExecutionReport = inbound.message
         try:
             await self.report(msg.execution_id, msg.report, thing_id=msg.thing_id)
         except Exception as exc:  # noqa: BLE001 - every failure is counted and logged there
-            self._emqx_report_failed(inbound, exc)
+            self._report_failed(inbound, exc)
 
-    def _emqx_report_failed(self, inbound: Inbound, exc: BaseException) -> None:
-        msg: emqx.ReportMessage = inbound.message
+    def _report_failed(self, inbound: Inbound, exc: BaseException) -> None:
+        msg: ExecutionReport = inbound.message
         if isinstance(exc, NotFound):
             self.stats["dropped.unknown_execution"] += 1
             log.warning(

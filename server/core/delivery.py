@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from broker_hooks import emqx
 from broker_hooks.broker import Delivery
 from server.core.errors import FleetcmdError
 from server.core.lifecycle import Outcome, Status
@@ -68,28 +67,6 @@ class Route(Protocol):
         """The publishes that deliver ``execution`` now (empty: not reachable)."""
 
 
-class EmqxRoute:
-    """EMQX Fleets: the thing's own client, on its request topic, if it subscribed to it."""
-
-    def __init__(self, link: DeviceLink) -> None:
-        self._link = link
-
-    def ready(self, thing_id: str) -> bool:
-        """See :class:`Route`."""
-        return self._link.subscription_qos(thing_id, emqx.request_topic(thing_id, "probe")) is not None
-
-    def messages(self, execution: Execution) -> list[Message]:
-        """See :class:`Route`."""
-        payload = emqx.encode_request(
-            command_id=execution.command_id,
-            action=execution.action,
-            params_json=execution.params_json,
-            timestamp_s=execution.created_at_ms // 1000,
-            ttl_seconds=execution.ttl_seconds,
-        )
-        return [Message(execution.thing_id, emqx.request_topic(execution.thing_id, execution.execution_id), payload)]
-
-
 _RANK = {Delivery.ACKED: 0, Delivery.SENT: 1, Delivery.FAILED: 2, Delivery.NOT_SUBSCRIBED: 3, Delivery.NOT_CONNECTED: 4}
 
 
@@ -111,7 +88,7 @@ class Outbox:
         self._marks = marks
         self._spawn = spawn
         self._link: DeviceLink | None = None
-        # Which route reaches a thing (EMQX by default; Kaa endpoints get theirs).
+        # Which route reaches a thing (the core asks the attached dialects).
         self.route_for: Callable[[str], Route | None] = lambda _thing_id: None
         self._pending: dict[str, dict[str, None]] = {}  # thing -> ordered execution ids
         self._inflight: set[str] = set()

@@ -98,6 +98,19 @@ class DeviceReport:
 
 
 @dataclass(frozen=True)
+class ExecutionReport:
+    """A device's status report for one execution, as a dialect's decoder hands it to the core.
+
+    Any dialect whose rule produces this under ``LifecycleAction.DEVICE_REPORT`` gets the core's
+    report fast path (applied from the ingest loop, no task per report).
+    """
+
+    thing_id: str
+    execution_id: str
+    report: DeviceReport
+
+
+@dataclass(frozen=True)
 class ListQuery:
     """Filters and page position for listing executions (newest first)."""
 

@@ -1,6 +1,6 @@
 """Kaa command execution (CEX, KP1 protocol) on top of the command lifecycle.
 
-Shared by the MQTT dialect (``broker_hooks/kaa.py``) and the HTTP polling
+Shared by the MQTT dialect (:mod:`server.dialects.kaa.topics`) and the HTTP polling
 endpoints: a command sent to a Kaa endpoint is an execution with an integer
 Kaa id (unique per endpoint and command type); it stays outstanding (QUEUED,
 SENT, DELIVERED, IN_PROGRESS) until a result arrives or its TTL ("maximum
@@ -9,7 +9,7 @@ final status: 2xx SUCCEEDED, 4xx REJECTED, anything else FAILED; ``statusCode``
 and ``reasonPhrase`` are kept as the execution's status reason and
 ``payload`` as its result.
 
-Over MQTT (:class:`KaaMqtt`, installed into the core by the app) requests are
+Over MQTT (:class:`KaaMqtt`, attached to the core by the Kaa bundle) requests are
 answered on ``{request topic}/status`` or ``/error`` when they carry a request
 id, and new commands are pushed through :class:`KaaRoute` to every live client
 bound to the endpoint. A command handed to a device in an answer counts as
@@ -19,23 +19,24 @@ sent (and as delivered once the answer is PUBACKed).
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from broker_hooks import jsonvalue
-from broker_hooks import kaa as kaa_topics
 from broker_hooks.broker import Delivery
 from broker_hooks.jsonvalue import stored as stored_json
-from broker_hooks.rules import Inbound, LifecycleAction
+from broker_hooks.rules import Inbound
 from server.core.clock import now_ms
-from server.core.commands import CommandCore
+from server.core.commands import CommandCore, InboundHandler
 from server.core.delivery import DeviceLink, Message, Spawn
 from server.core.errors import FleetcmdError, NotFound, ThingMismatch
 from server.core.lifecycle import Status
 from server.core.models import DeviceReport, Execution, Reason, ThingRecord
 from server.core.registry import Registry
+from server.dialects.kaa import topics as kaa_topics
 from server.store import kaa_store
 
 log = logging.getLogger(__name__)
@@ -163,10 +164,10 @@ class KaaCex:
         payload = None
         if "payload" in item:
             try:
-                # The body came through the codec (strict, in range) with room for its envelope: the
-                # payload itself is bounded here, once more only when it is a container.
-                if isinstance(item["payload"], (dict, list)):
-                    jsonvalue.check(item["payload"])
+                # The edges' codec already refused what is not strict JSON, with room for the envelope:
+                # the payload itself is bounded here (depth), and a caller that parsed the body some
+                # other way (NaN, out-of-range numbers) is refused here, not by the serializer.
+                jsonvalue.check(item["payload"])
             except jsonvalue.JsonProblem as exc:
                 self.refused(exc.reason)
                 return ItemOutcome(kaa_id, f"{exc.reason}: {exc.field('payload')}: {exc.detail}")
@@ -290,12 +291,9 @@ class KaaMqtt:
         self.cex = KaaCex(core)
         self.route = KaaRoute(link, core.registry)
 
-    def install(self) -> None:
-        """Register the route, the action handlers and the client listener with the core."""
-        self._core.routes["kaa"] = self.route
-        self._core.handlers[LifecycleAction.KAA_COMMAND] = self.on_command
-        self._core.handlers[LifecycleAction.KAA_RESULT] = self.on_result
-        self._core.device_listeners.append(self)
+    def handlers(self) -> dict[enum.Enum, InboundHandler]:
+        """The handlers of the Kaa lifecycle actions."""
+        return {kaa_topics.KaaAction.COMMAND: self.on_command, kaa_topics.KaaAction.RESULT: self.on_result}
 
     # ---- client listener ----
 

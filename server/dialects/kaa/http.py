@@ -23,6 +23,7 @@ from server.api.http_rest import http_status, parse_json
 from server.core.errors import FleetcmdError
 from server.dialects.kaa.cex import MAX_ERROR_PHRASE, KaaCex, KaaError
 
+PREFIX = "/kp1/"  # every failure below it is rendered by error_response
 KP1 = "/kp1/{appVersion}/cex/{token}"
 
 

@@ -14,23 +14,32 @@ nothing is answered. Service -> device pushes of new commands use
 The endpoint token in the topic is the device's credential (as in Kaa): :class:`KaaAcl` lets a
 client use the ``cex`` and ``dcx`` topics of registered endpoints only. Decoding here only parses;
 whether the token, the command type and the items are acceptable is decided by the control plane
-(``server/dialects/kaa/cex.py``), which answers the errors.
+(:mod:`server.dialects.kaa.cex`), which answers the errors.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from broker_hooks import jsonvalue
-from broker_hooks.rules import DecodeError, Dialect, LifecycleAction, Rule, TopicPattern
+from broker_hooks.rules import DecodeError, Dialect, Rule, TopicPattern
 
 COMMAND = TopicPattern("kp1/{av}/cex/{token}/command/{type}")
 COMMAND_RID = TopicPattern("kp1/{av}/cex/{token}/command/{type}/{rid}")
 RESULT = TopicPattern("kp1/{av}/cex/{token}/result/{type}")
 RESULT_RID = TopicPattern("kp1/{av}/cex/{token}/result/{type}/{rid}")
+
+
+class KaaAction(enum.Enum):
+    """The Kaa dialect's lifecycle actions (its handlers are registered by the Kaa bundle)."""
+
+    COMMAND = "kaa_command"  # a Kaa endpoint asks for its outstanding commands (and sets observe)
+    RESULT = "kaa_result"  # a Kaa endpoint reports command results
+
 
 STATUS, ERROR = "status", "error"
 COMMAND_KIND, RESULT_KIND = "command", "result"
@@ -128,10 +137,10 @@ decode_command = _decoder(COMMAND_KIND)
 decode_result = _decoder(RESULT_KIND)
 
 RULES = (
-    Rule("kaa.command", COMMAND, decode_command, LifecycleAction.KAA_COMMAND),
-    Rule("kaa.command", COMMAND_RID, decode_command, LifecycleAction.KAA_COMMAND),
-    Rule("kaa.result", RESULT, decode_result, LifecycleAction.KAA_RESULT),
-    Rule("kaa.result", RESULT_RID, decode_result, LifecycleAction.KAA_RESULT),
+    Rule("kaa.command", COMMAND, decode_command, KaaAction.COMMAND),
+    Rule("kaa.command", COMMAND_RID, decode_command, KaaAction.COMMAND),
+    Rule("kaa.result", RESULT, decode_result, KaaAction.RESULT),
+    Rule("kaa.result", RESULT_RID, decode_result, KaaAction.RESULT),
 )
 
 # The device topics are scoped by the endpoint token, not by the client id: see KaaAcl.

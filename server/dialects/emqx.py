@@ -1,22 +1,26 @@
-"""The EMQX Fleets command dialect (also AWS IoT's command shape).
+"""The EMQX Fleets command dialect (also AWS IoT's command shape): topics, decoder, route and bundle.
 
 Service -> device: ``$emqx/commands/things/{thing}/executions/{execution}/request``
 with ``{"commandId", "action", "params", "timestamp", "ttl"}``.
 Device -> service: ``.../executions/{execution}/response`` with
-``{"status", "result", "statusReason": {"reasonCode", "reasonDescription"}}``.
+``{"status", "result", "statusReason": {"reasonCode", "reasonDescription"}}``, decoded into the
+core's neutral :class:`~server.core.models.ExecutionReport` (applied by the core's report fast path).
+A device is its own thing (client id = thing id): its topics are granted by the wire ACL, and its
+route is the default one (every thing no other dialect claims).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from broker_hooks import jsonvalue
 from broker_hooks.rules import DecodeError, Dialect, LifecycleAction, Rule, TopicPattern
+from server.core.delivery import DeviceLink, Message
 from server.core.lifecycle import DEVICE_REPORTABLE, Status
-from server.core.models import DeviceReport, Reason
+from server.core.models import DeviceReport, Execution, ExecutionReport, Reason
+from server.dialects.bundle import DialectBundle, DialectContext, DialectRuntime
 
 DOLLAR_PREFIX = "$emqx/commands/"
 REQUEST = TopicPattern("$emqx/commands/things/{thing}/executions/{execution}/request")
@@ -26,13 +30,8 @@ _REPORTABLE = {s.name: s for s in DEVICE_REPORTABLE}
 MAX_REASON_LENGTH = 1024
 
 
-@dataclass(frozen=True)
-class ReportMessage:
-    """A device's status report for one execution."""
-
-    thing_id: str
-    execution_id: str
-    report: DeviceReport
+# What the decoder produces: the core's neutral report (kept under its old name for callers).
+ReportMessage = ExecutionReport
 
 
 def request_topic(thing_id: str, execution_id: str) -> str:
@@ -62,7 +61,7 @@ def _text(obj: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def decode_response(captured: Mapping[str, str], payload: bytes) -> ReportMessage:
+def decode_response(captured: Mapping[str, str], payload: bytes) -> ExecutionReport:
     """Decode a device response.
 
     Raises:
@@ -89,7 +88,7 @@ def decode_response(captured: Mapping[str, str], payload: bytes) -> ReportMessag
     result_json = None
     if "result" in body:
         result_json = jsonvalue.dumps(body["result"])
-    return ReportMessage(
+    return ExecutionReport(
         thing_id=captured["thing"],
         execution_id=captured["execution"],
         report=DeviceReport(Status(status), result_json, reason),
@@ -106,3 +105,33 @@ DIALECT = Dialect(
     device_subscribe=(REQUEST,),
     dollar_prefixes=(DOLLAR_PREFIX,),
 )
+
+
+class EmqxRoute:
+    """EMQX Fleets: the thing's own client, on its request topic, if it subscribed to it."""
+
+    def __init__(self, link: DeviceLink) -> None:
+        self._link = link
+
+    def ready(self, thing_id: str) -> bool:
+        """See :class:`server.core.delivery.Route`."""
+        return self._link.subscription_qos(thing_id, request_topic(thing_id, "probe")) is not None
+
+    def messages(self, execution: Execution) -> list[Message]:
+        """See :class:`server.core.delivery.Route`."""
+        payload = encode_request(
+            command_id=execution.command_id,
+            action=execution.action,
+            params_json=execution.params_json,
+            timestamp_s=execution.created_at_ms // 1000,
+            ttl_seconds=execution.ttl_seconds,
+        )
+        return [Message(execution.thing_id, request_topic(execution.thing_id, execution.execution_id), payload)]
+
+
+def attach(ctx: DialectContext) -> DialectRuntime:
+    """The default route; reports need no handler (the core applies ExecutionReport itself)."""
+    return DialectRuntime(route=EmqxRoute(ctx.link))
+
+
+BUNDLE = DialectBundle(name="emqx", wire=DIALECT, attach=attach)
