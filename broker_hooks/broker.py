@@ -317,7 +317,8 @@ class FleetBroker(IndexedBroker):
         takes over the connected client and leaves the session marked connected under a closed
         socket. Any CONNECT with a known client id, whatever its password, would knock that device
         off. Here a refused CONNECT gets its CONNACK (rc 5) before anything else is touched, and
-        :meth:`_session_refused` then stops ``_handle_client_session`` from doing anything more for it.
+        :meth:`_connect_verdict` then stops ``_handle_client_session`` from doing anything more for it, and
+        tells it an admitted CONNECT is authenticated already (amqtt would run the auth plugins again).
         """
         try:
             # A FleetSession (no transitions.Machine, light queues) and its handler (session.FleetProtocolHandler
@@ -380,11 +381,13 @@ class FleetBroker(IndexedBroker):
         self.stats[f"closed.{reason}"] += 1
         self._refusal_log.warning(reason, "MQTT connection from %s:%s closed before CONNECT: %s", address, port, detail)
 
-    def _session_refused(self, handler: BrokerProtocolHandler) -> bool:
+    def _connect_verdict(self, handler: BrokerProtocolHandler) -> bool:
+        # Every CONNECT was authenticated in _session_from_connect, once: refused ones are in _refused
+        # (CONNACK sent, socket closed), every other one passed.
         if handler in self._refused:
-            self._refused.discard(handler)  # refused in _session_from_connect: CONNACK sent, socket closed
-            return True
-        return False
+            self._refused.discard(handler)
+            return False
+        return True
 
     def keepalive_expired(self, session: Session, handler: BrokerProtocolHandler) -> None:
         """Disconnect a client silent for 1.5 x its keep-alive (see :class:`~broker_hooks.handler.BrokerHooks`)."""

@@ -279,9 +279,14 @@ class IndexedBroker(Broker):
     # the coroutines below: a coroutine that awaits another stays alive, frame and all, for as long
     # as the connection does (about 300 bytes on every connected device for each wrapper).
 
-    def _session_refused(self, handler: BrokerProtocolHandler) -> bool:
-        """Whether this connection was refused already (its CONNACK sent): then nothing more runs for it."""
-        return False
+    def _connect_verdict(self, handler: BrokerProtocolHandler) -> bool | None:
+        """The authentication decided while the CONNECT was read, if any.
+
+        False: refused already (its CONNACK sent), nothing more runs for it; True: authenticated
+        already, so amqtt's own ``_authenticate`` is not run a second time (every auth plugin would
+        be called twice per CONNECT); None: not decided, authenticate here as amqtt does.
+        """
+        return None
 
     def _session_connected(self, client_session: Session) -> None:
         """Called once the client is connected and its retained messages are queued, before its message loop."""
@@ -300,12 +305,14 @@ class IndexedBroker(Broker):
         amqtt publishes, for every filter *any* client holds, the retained messages
         matching it to the connecting client; that is an await per filter in the whole
         broker (and sends other clients' retained topics). Here only the client's own
-        persistent subscriptions are looked at, and only when retained messages exist; and the
-        two hooks above.
+        persistent subscriptions are looked at, and only when retained messages exist; a CONNECT
+        authenticated while it was read is not authenticated again; and the two hooks above.
         """
-        if self._session_refused(handler):
+        authenticated = self._connect_verdict(handler)
+        if authenticated is False:
             return
-        authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
+        if authenticated is None:
+            authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
         if client_session.client_id is None:
             msg = "Client ID was not correctly created/set."
             raise BrokerError(msg)

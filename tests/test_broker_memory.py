@@ -321,7 +321,7 @@ def _await_chain(task: asyncio.Task[Any]) -> list[str]:
 
 async def test_an_idle_connection_holds_no_wrapping_coroutine_nor_finished_task(broker: FleetBroker) -> None:
     # Every coroutine in a connection's await chain lives, frame and all, as long as the connection:
-    # subclasses hook in through plain methods (_session_refused, _session_connected) instead.
+    # subclasses hook in through plain methods (_connect_verdict, _session_connected) instead.
     client = await RawClient.connect(_port(broker), "frames-1")
     try:
         assert await client.subscribe("frames/1/req") == 1
