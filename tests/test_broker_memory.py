@@ -1,6 +1,6 @@
 """Per-connection cost of the embedded broker: light sessions, queues and message loop.
 
-Unit tests pin :class:`~broker_hooks.session.SessionState` to amqtt's ``transitions``
+Unit tests pin :class:`~broker_hooks.amqtt_fork.session.SessionState` to amqtt's ``transitions``
 machine and the light queue/event to asyncio's; the broker tests run a real
 ``FleetBroker`` on 127.0.0.1 (port 0) with raw MQTT clients, and measure what a
 connected, subscribed device costs (tracemalloc, and asyncio tasks).
@@ -22,9 +22,9 @@ import pytest
 from amqtt.session import Session
 from transitions import MachineError
 
+from broker_hooks.amqtt_fork.session import FleetSession, LightEvent, LightQueue, SessionState, light_queue
 from broker_hooks.broker import Delivery, FleetBroker
 from broker_hooks.rules import Inbound
-from broker_hooks.session import FleetSession, LightEvent, LightQueue, SessionState, light_queue
 from tests.brokers import running_broker
 
 HOST = "127.0.0.1"

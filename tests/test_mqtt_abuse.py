@@ -23,8 +23,8 @@ import pytest
 import websockets
 from amqtt.adapters import BufferReader
 
+from broker_hooks.amqtt_fork.limits import FirstPacketError, read_connect
 from broker_hooks.broker import FleetBroker
-from broker_hooks.limits import FirstPacketError, read_connect
 from server.app import FleetcmdApp
 from server.config import MQTT_MAX_PACKET, Settings, SettingsError
 from server.pb import commands_pb2 as pb
@@ -378,7 +378,7 @@ async def test_the_overall_connection_cap_refuses_with_a_log_line_and_a_count(
         port, broker = port_of(app), broker_of(app)
         held = [await connected(port, f"held-{i}") for i in range(3)]
         try:
-            with caplog.at_level(logging.WARNING, logger="broker_hooks.limits"):
+            with caplog.at_level(logging.WARNING, logger="broker_hooks.amqtt_fork.limits"):
                 reader, writer = await open_raw(port)
                 assert await closed_by_server(reader, AT_ONCE), "a 4th connection was admitted"
                 close(writer)

@@ -21,7 +21,7 @@ This class keeps a per-client index of granted filters and uses it on those
 paths, evaluates a :class:`~broker_hooks.acl.TopicAcl` directly, and routes a
 message at once through a :class:`~broker_hooks.router.TopicRouter` (which
 looks only at the matching filters) to the subscribers' handlers, which write
-it at once when they can (:class:`~broker_hooks.handler.FastProtocolHandler`).
+it at once when they can (:class:`~broker_hooks.amqtt_fork.handler.FastProtocolHandler`).
 Behaviour is otherwise amqtt's; ``tests/test_broker_scaling.py`` pins the
 upstream code and ``tests/test_broker_fastpath.py`` the routing.
 """
@@ -43,9 +43,9 @@ from amqtt.session import ApplicationMessage, Session
 from transitions import MachineError
 
 from broker_hooks.acl import DeviceAclPlugin, TopicAcl
-from broker_hooks.handler import FastProtocolHandler
+from broker_hooks.amqtt_fork.handler import FastProtocolHandler
+from broker_hooks.amqtt_fork.session import light_queue, slim_stream
 from broker_hooks.router import TopicRouter
-from broker_hooks.session import light_queue, slim_stream
 from broker_hooks.topics import filter_matches
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ class IndexedBroker(Broker):
         amqtt keeps four tasks per connection alive for the whole connection (waiting for the
         disconnect, the next SUBSCRIBE, UNSUBSCRIBE and PUBLISH), and builds the repr of the whole
         subscription table, O(fleet), on every SUBSCRIBE for a debug line. Here the connection's
-        own task polls the handler's queues (:class:`~broker_hooks.session.LightQueue`) and, when
+        own task polls the handler's queues (:class:`~broker_hooks.amqtt_fork.session.LightQueue`) and, when
         all are empty, sleeps on one future that a put or the disconnect resolves.
 
         Each round handles what amqtt's round would: the disconnect, then one subscription, one

@@ -82,8 +82,8 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket, PublishPayload, PublishVariableHeader
 from amqtt.session import ApplicationMessage, IncomingApplicationMessage, OutgoingApplicationMessage, Session
 
-from broker_hooks.limits import MQTT_MAX_PACKET
-from broker_hooks.session import FleetProtocolHandler, FleetSession
+from broker_hooks.amqtt_fork.limits import MQTT_MAX_PACKET
+from broker_hooks.amqtt_fork.session import FleetProtocolHandler, FleetSession
 
 log = logging.getLogger(__name__)
 
