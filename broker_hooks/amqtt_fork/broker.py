@@ -62,7 +62,8 @@ from amqtt.utils import gen_client_id
 
 from broker_hooks.amqtt_fork.handler import FastProtocolHandler, in_background
 from broker_hooks.amqtt_fork.indexed import SUBACK_FAILURE, IndexedBroker
-from broker_hooks.amqtt_fork.limits import MAX_FIXED_HEADER, MQTT_MAX_PACKET, FirstPacketError, RefusalLog, bounded, close_now
+from broker_hooks.amqtt_fork.limits import MQTT_MAX_PACKET, FirstPacketError, RefusalLog, bounded, close_now
+from broker_hooks.mqtt_codec import MAX_FIXED_HEADER
 from broker_hooks.rules import DecodeError, RuleSet
 from broker_hooks.sink import Delivery, DeviceSink
 
