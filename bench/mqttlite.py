@@ -1,6 +1,7 @@
 """A minimal MQTT 3.1.1 client on ``asyncio.Protocol``: the load generator's device and requester.
 
-Hand-written framing (CONNECT, SUBSCRIBE, PUBLISH QoS 0/1, PUBACK) with no
+Packets are encoded by the shared codec (:mod:`broker_hooks.mqtt_codec`); the framing loop
+and the decoding of what a broker sends are inlined in ``data_received``, with no
 per-message task, no queue and no logging, so one process can hold thousands
 of connections and push tens of thousands of messages per second: the
 simulator must be cheaper than the broker it measures. Only what the bench
@@ -10,52 +11,16 @@ needs is implemented; anything unexpected closes the connection.
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Callable
 
-CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 1, 2, 3, 4, 8, 9, 12, 13, 14
+from broker_hooks import mqtt_codec as codec
+from broker_hooks.mqtt_codec import CONNACK, PINGRESP, PUBACK, PUBLISH, SUBACK
 
 OnPublish = Callable[["MqttConn", str, bytes], None]
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n % 128
-        n //= 128
-        if n:
-            byte |= 0x80
-        out.append(byte)
-        if not n:
-            return bytes(out)
-
-
-def _str(s: str | bytes) -> bytes:
-    b = s.encode() if isinstance(s, str) else s
-    return struct.pack("!H", len(b)) + b
-
-
-def connect_packet(client_id: str, username: str | None, password: str | None, keepalive: int, clean: bool) -> bytes:
-    """The CONNECT packet (protocol level 4)."""
-    flags = 0x02 if clean else 0
-    payload = _str(client_id)
-    if username is not None:
-        flags |= 0x80
-        payload += _str(username)
-    if password is not None:
-        flags |= 0x40
-        payload += _str(password)
-    var = _str("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
-    body = var + payload
-    return bytes([CONNECT << 4]) + _remaining_length(len(body)) + body
-
-
-def publish_packet(topic: bytes, payload: bytes, qos: int, packet_id: int) -> bytes:
-    """A PUBLISH packet (``topic`` already encoded)."""
-    var = struct.pack("!H", len(topic)) + topic
-    if qos:
-        var += struct.pack("!H", packet_id)
-    return bytes([(PUBLISH << 4) | (qos << 1)]) + _remaining_length(len(var) + len(payload)) + var + payload
+# The CONNECT packet (protocol level 4), under the name the load generator imports.
+connect_packet = codec.encode_connect
 
 
 class MqttConn(asyncio.Protocol):
@@ -139,7 +104,7 @@ class MqttConn(asyncio.Protocol):
                 pid = body[pos : pos + 2]
                 pos += 2
                 if self.transport is not None:
-                    self.transport.write(b"\x40\x02" + pid)
+                    self.transport.write(codec.encode_puback(int.from_bytes(pid, "big")))
             self.received += 1
             if self.on_publish is not None:
                 self.on_publish(self, topic, body[pos:])
@@ -174,10 +139,9 @@ class MqttConn(asyncio.Protocol):
         pid = self.packet_id()
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._subacks[pid] = fut
-        body = struct.pack("!H", pid) + _str(topic_filter) + bytes([qos])
         if self.transport is None:
             raise ConnectionError("not connected")
-        self.transport.write(bytes([(SUBSCRIBE << 4) | 2]) + _remaining_length(len(body)) + body)
+        self.transport.write(codec.encode_subscribe(pid, [(topic_filter, qos)]))
         codes = await fut
         return codes[0]
 
@@ -185,7 +149,7 @@ class MqttConn(asyncio.Protocol):
         """Write a PUBLISH (``topic`` encoded); returns its packet id (0 for QoS 0). Does not wait."""
         pid = self.packet_id() if qos else 0
         if self.transport is not None:
-            self.transport.write(publish_packet(topic, payload, qos, pid))
+            self.transport.write(codec.encode_publish(topic.decode(), payload, qos, pid or None))
         return pid
 
     def publish_wait(self, topic: bytes, payload: bytes) -> asyncio.Future[None]:
@@ -198,7 +162,7 @@ class MqttConn(asyncio.Protocol):
     def close(self) -> None:
         """Send DISCONNECT and close the socket."""
         if self.transport is not None:
-            self.transport.write(b"\xe0\x00")
+            self.transport.write(codec.DISCONNECT_PACKET)
             self.transport.close()
 
 

@@ -1,4 +1,4 @@
-"""The broker's message path: indexed routing (broker_hooks/router.py) and the fast handler (broker_hooks/handler.py).
+"""The broker's message path: indexed routing (broker_hooks/router.py) and the fast handler (broker_hooks/amqtt_fork/handler.py).
 
 A real FleetBroker (acl=None, as bench/harness_broker.py runs it) on 127.0.0.1 port 0 and real
 paho clients. Routing must be amqtt's (Broker._matches, _run_broadcast), minus the scan.
@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from amqtt.broker import Broker
 
-from broker_hooks import handler
+from broker_hooks.amqtt_fork import handler
 from broker_hooks.broker import Delivery, FleetBroker
 from broker_hooks.router import TopicRouter
 from broker_hooks.rules import Inbound

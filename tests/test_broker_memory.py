@@ -1,6 +1,6 @@
 """Per-connection cost of the embedded broker: light sessions, queues and message loop.
 
-Unit tests pin :class:`~broker_hooks.session.SessionState` to amqtt's ``transitions``
+Unit tests pin :class:`~broker_hooks.amqtt_fork.session.SessionState` to amqtt's ``transitions``
 machine and the light queue/event to asyncio's; the broker tests run a real
 ``FleetBroker`` on 127.0.0.1 (port 0) with raw MQTT clients, and measure what a
 connected, subscribed device costs (tracemalloc, and asyncio tasks).
@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import gc
 import inspect
-import struct
 import sys
 import tracemalloc
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,9 +21,10 @@ import pytest
 from amqtt.session import Session
 from transitions import MachineError
 
+from broker_hooks import mqtt_codec as codec
+from broker_hooks.amqtt_fork.session import FleetSession, LightEvent, LightQueue, SessionState, light_queue
 from broker_hooks.broker import Delivery, FleetBroker
 from broker_hooks.rules import Inbound
-from broker_hooks.session import FleetSession, LightEvent, LightQueue, SessionState, light_queue
 from tests.brokers import running_broker
 
 HOST = "127.0.0.1"
@@ -196,29 +196,7 @@ def _sink(broker: FleetBroker) -> RecordingSink:
     return sink
 
 
-def _str(value: str) -> bytes:
-    raw = value.encode()
-    return struct.pack("!H", len(raw)) + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    assert len(body) < 128
-    return bytes([first, len(body)]) + body
-
-
-def connect_packet(client_id: str, clean: bool = True) -> bytes:
-    return _packet(0x10, _str("MQTT") + bytes([4, 0x02 if clean else 0]) + struct.pack("!H", 0) + _str(client_id))
-
-
-def subscribe_packet(packet_id: int, topic_filter: str, qos: int = 1) -> bytes:
-    return _packet(0x82, struct.pack("!H", packet_id) + _str(topic_filter) + bytes([qos]))
-
-
-def publish_packet(topic: str, payload: bytes) -> bytes:
-    return _packet(0x30, _str(topic) + payload)  # QoS 0
-
-
-DISCONNECT = b"\xe0\x00"
+DISCONNECT = codec.DISCONNECT_PACKET
 
 
 class RawClient:
@@ -231,21 +209,24 @@ class RawClient:
     async def connect(cls, port: int, client_id: str, clean: bool = True) -> RawClient:
         reader, writer = await asyncio.open_connection(HOST, port)
         client = cls(reader, writer)
-        writer.write(connect_packet(client_id, clean))
+        writer.write(codec.encode_connect(client_id, clean_session=clean))
         first, body = await client.read()
         assert first >> 4 == 2 and body[1] == 0, (first, body)  # CONNACK accepted
         return client
 
     async def read(self, timeout: float = 5) -> tuple[int, bytes]:
         head = await asyncio.wait_for(self.reader.readexactly(2), timeout)
-        assert head[1] < 128
-        return head[0], await asyncio.wait_for(self.reader.readexactly(head[1]), timeout)
+        header = codec.parse_fixed_header(head)
+        assert header is not None and header.size == 2
+        return head[0], await asyncio.wait_for(self.reader.readexactly(header.length), timeout)
 
     async def subscribe(self, topic_filter: str, packet_id: int = 1, qos: int = 1) -> int:
-        self.writer.write(subscribe_packet(packet_id, topic_filter, qos))
+        self.writer.write(codec.encode_subscribe(packet_id, [(topic_filter, qos)]))
         first, body = await self.read()
-        assert first >> 4 == 9 and body[:2] == struct.pack("!H", packet_id)
-        return body[2]
+        assert first >> 4 == codec.SUBACK
+        suback_id, codes = codec.decode_suback(body)
+        assert suback_id == packet_id
+        return codes[0]
 
     async def closed(self, timeout: float = 5) -> bool:
         """Whether the broker closed the connection (EOF) within ``timeout``."""
@@ -321,7 +302,7 @@ def _await_chain(task: asyncio.Task[Any]) -> list[str]:
 
 async def test_an_idle_connection_holds_no_wrapping_coroutine_nor_finished_task(broker: FleetBroker) -> None:
     # Every coroutine in a connection's await chain lives, frame and all, as long as the connection:
-    # subclasses hook in through plain methods (_session_refused, _session_connected) instead.
+    # subclasses hook in through plain methods (_connect_verdict, _session_connected) instead.
     client = await RawClient.connect(_port(broker), "frames-1")
     try:
         assert await client.subscribe("frames/1/req") == 1
@@ -391,9 +372,9 @@ async def test_subscriptions_are_handled_in_order(broker: FleetBroker) -> None:
     client = await RawClient.connect(_port(broker), "order-1")
     try:
         # Three SUBSCRIBEs in one write: three SUBACKs, in order.
-        client.writer.write(b"".join(subscribe_packet(i, f"order/1/{i}") for i in (1, 2, 3)))
+        client.writer.write(b"".join(codec.encode_subscribe(i, [(f"order/1/{i}", 1)]) for i in (1, 2, 3)))
         acks = [await client.read() for _ in range(3)]
-        assert [body[:2] for _, body in acks] == [struct.pack("!H", i) for i in (1, 2, 3)]
+        assert [codec.decode_suback(body)[0] for _, body in acks] == [1, 2, 3]
         assert set(broker.client_filters("order-1")) == {"order/1/1", "order/1/2", "order/1/3"}
     finally:
         await client.close()
@@ -406,7 +387,7 @@ async def test_publishes_sent_just_before_disconnect_are_all_handled(broker: Fle
         assert await listener.subscribe("burst/topic", qos=0) == 0  # QoS 0: this client sends no PUBACKs
         talker = await RawClient.connect(port, "talker-1")
         # PUBLISHes and the DISCONNECT in one write: amqtt handled at most one of them.
-        talker.writer.write(b"".join(publish_packet("burst/topic", b"m%d" % i) for i in range(3)) + DISCONNECT)
+        talker.writer.write(b"".join(codec.encode_publish("burst/topic", b"m%d" % i, 0, None) for i in range(3)) + DISCONNECT)
         received = []
         for _ in range(3):
             first, body = await listener.read()
@@ -422,24 +403,21 @@ async def test_publishes_sent_just_before_disconnect_are_all_handled(broker: Fle
 
 # Opens N connections, each CONNECT + SUBSCRIBE, prints "ready", holds them until stdin closes.
 CLIENTS = r"""
-import socket, struct, sys
+import socket, sys
+from broker_hooks import mqtt_codec as codec
 port, n = int(sys.argv[1]), int(sys.argv[2])
-def s(v):
-    b = v.encode(); return struct.pack("!H", len(b)) + b
-def pkt(first, body):
-    return bytes([first, len(body)]) + body
 socks = []
 for i in range(n):
     c = socket.create_connection(("127.0.0.1", port))
-    c.sendall(pkt(0x10, s("MQTT") + bytes([4, 2]) + struct.pack("!H", 0) + s(f"mem-{i}")))
+    c.sendall(codec.encode_connect(f"mem-{i}"))
     assert c.recv(4)[3] == 0
-    c.sendall(pkt(0x82, struct.pack("!H", 1) + s(f"mem/{i}/req") + bytes([1])))
+    c.sendall(codec.encode_subscribe(1, [(f"mem/{i}/req", 1)]))
     assert c.recv(5)[4] == 1
     socks.append(c)
 print("ready", flush=True)
 sys.stdin.read()
 for c in socks:
-    c.sendall(b"\xe0\x00"); c.close()
+    c.sendall(codec.DISCONNECT_PACKET); c.close()
 """
 
 DEVICES = 200

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from broker_hooks import handler
+from broker_hooks.amqtt_fork import handler
 from broker_hooks.broker import Delivery, FleetBroker
 from broker_hooks.rules import Inbound
 from server.app import FleetcmdApp

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,104 +21,137 @@ from amqtt.mqtt.publish import PublishPayload, PublishVariableHeader
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import Session
 
+from broker_hooks import amqtt_fork
 from broker_hooks.acl import DeviceAclPlugin
+from broker_hooks.amqtt_fork import broker as fork_broker
+from broker_hooks.amqtt_fork import handler as fork_handler
+from broker_hooks.amqtt_fork import indexed, limits
+from broker_hooks.amqtt_fork import session as fork_session
 from server.app import FleetcmdApp
 from tests.conftest import make_settings
 from tests.devices import EmqxDevice
 
-# The amqtt methods broker_hooks copies with a change (IndexedBroker: the first two; FleetBroker's
-# _session_from_connect: the third); an amqtt upgrade that alters them must be looked at again, as
-# the copies would silently drop the upstream change.
-COPIED = {
-    "_handle_client_session": "8b1b52a0",
-    "_client_message_loop": "916c4647",
-    "_initialize_client_session": "5dd89158",
-    # FleetBroker's listeners: the same start_server call with a backlog, websockets.serve with a max_size.
-    "_create_server_instance": "3925f482",
-    # FleetBroker's copy adds the connection caps, the bounded reader, rate-limited logging and the
-    # socket released at the end.
-    "_client_connected": "432b724b",
+# Every amqtt 0.12.1 function the fork (broker_hooks/amqtt_fork/) copies, overrides, relies on or
+# re-implements: "Class.method" -> (fork module holding the copy, hash of the upstream source it was made
+# from). An amqtt upgrade that alters one must be looked at again, as the copy would silently drop the
+# upstream change. The fork's header (broker_hooks/amqtt_fork/__init__.py) lists the same functions.
+UPSTREAM: dict[str, type] = {
+    "Broker": Broker,
+    "Session": Session,
+    "BrokerProtocolHandler": BrokerProtocolHandler,
+    "ProtocolHandler": ProtocolHandler,
+    "MQTTFixedHeader": MQTTFixedHeader,
+    "MQTTPacket": MQTTPacket,
+    "PublishVariableHeader": PublishVariableHeader,
+    "PublishPayload": PublishPayload,
+    "PluginManager": PluginManager,
+    "StreamReaderAdapter": StreamReaderAdapter,
+    "WebSocketsReader": WebSocketsReader,
 }
-
-
-def _digest(name: str) -> str:
-    return hashlib.sha256(inspect.getsource(getattr(Broker, name)).encode()).hexdigest()[:8]
-
-
-@pytest.mark.parametrize("name", sorted(COPIED))
-def test_copied_amqtt_methods_are_unchanged_upstream(name: str) -> None:
-    assert _digest(name) == COPIED[name], f"amqtt's Broker.{name} changed: re-check its copy in broker_hooks/"
-
-
-# Other amqtt code broker_hooks/session.py copies or mirrors: FleetProtocolHandler.init_from_connect and
-# .start are copies; SessionState mirrors Session._init_states; FleetSession swaps the queues that
-# Session.__init__ creates.
-COPIED_ELSEWHERE = {
-    "BrokerProtocolHandler.init_from_connect": (BrokerProtocolHandler.init_from_connect, "036dc04c"),
-    "BrokerProtocolHandler.start": (BrokerProtocolHandler.start, "f7637c34"),
-    "ProtocolHandler.start": (ProtocolHandler.start, "684c58c1"),
-    "Session._init_states": (Session._init_states, "63c76988"),
-    "Session.__init__": (Session.__init__, "ad7888c0"),
+PINS: dict[str, tuple[str, str]] = {
+    "Broker.__init__": ("indexed", "5158ff3c"),
+    "Broker.start": ("indexed", "bd1c1651"),
+    "Broker.add_subscription": ("indexed", "07757b63"),
+    "Broker._del_subscription": ("indexed", "415f3492"),
+    "Broker._del_all_subscriptions": ("indexed", "61557981"),
+    "Broker._topic_filtering": ("indexed", "9259ae5e"),
+    "Broker._handle_message_delivery": ("indexed", "89727723"),
+    "Broker._run_broadcast": ("indexed", "e852128b"),
+    "Broker._broadcast_message": ("indexed", "78ad4edb"),
+    "Broker._matches": ("router", "c03b25d9"),
+    "Broker._shutdown_broadcast_loop": ("indexed", "0667eb74"),
+    "Broker._handle_client_session": ("indexed", "8b1b52a0"),
+    "Broker._client_message_loop": ("indexed", "916c4647"),
+    "Broker._create_server_instance": ("broker", "3925f482"),
+    "Broker._client_connected": ("broker", "432b724b"),
+    "Broker._initialize_client_session": ("broker", "5dd89158"),
+    "Broker._authenticate": ("broker", "4d7db8cc"),
+    "Broker._handle_disconnect": ("broker", "8c3b8702"),
+    "Broker._handle_subscription": ("broker", "3dae18af"),
+    "Broker._delete_session": ("broker", "a8333dde"),
+    "Session.__init__": ("session", "ad7888c0"),
+    "Session._init_states": ("session", "63c76988"),
+    "BrokerProtocolHandler.__init__": ("handler", "95a1c78f"),
+    "BrokerProtocolHandler.start": ("session", "f7637c34"),
+    "BrokerProtocolHandler.init_from_connect": ("session", "036dc04c"),
+    "BrokerProtocolHandler.handle_read_timeout": ("handler", "ffd79f12"),
+    "ProtocolHandler.start": ("session", "684c58c1"),
+    "ProtocolHandler._init_session": ("session", "d8f69797"),
+    "ProtocolHandler.attach": ("handler", "ff8ecc04"),
+    "ProtocolHandler._reader_loop": ("handler", "93f3b8e4"),
+    "ProtocolHandler.mqtt_publish": ("handler", "30cb8f65"),
+    "ProtocolHandler._handle_qos0_message_flow": ("handler", "e7a88a9f"),
+    "ProtocolHandler._handle_qos1_message_flow": ("handler", "944e6a81"),
+    "ProtocolHandler._handle_qos2_message_flow": ("handler", "f2d96f1f"),
+    "ProtocolHandler._retry_deliveries": ("handler", "16fd2ca8"),
+    "ProtocolHandler._stop_waiters": ("handler", "78a59ebc"),
+    "ProtocolHandler.stop": ("handler", "874ae887"),
+    "ProtocolHandler._send_packet": ("handler", "9f0ae4e3"),
+    "ProtocolHandler.handle_puback": ("handler", "7d8487de"),
+    "ProtocolHandler.handle_publish": ("handler", "b8f1fd32"),
+    "MQTTFixedHeader.from_stream": ("handler", "3fc24bce"),
+    "MQTTPacket.from_stream": ("limits", "b9b086f8"),
+    "PublishVariableHeader.from_stream": ("handler", "469ec610"),
+    "PublishPayload.from_stream": ("handler", "54b078cb"),
+    "PluginManager.fire_event": ("indexed", "31212e4f"),
+    "StreamReaderAdapter.__init__": ("limits", "2594a16c"),
+    "StreamReaderAdapter.read": ("limits", "e4455345"),
+    "WebSocketsReader.__init__": ("limits", "90c0412c"),
+    "WebSocketsReader.read": ("limits", "7e5322a8"),
 }
+FORK_MODULES = {"indexed", "broker", "session", "handler", "limits", "router"}
 
 
-@pytest.mark.parametrize("name", sorted(COPIED_ELSEWHERE))
-def test_amqtt_code_mirrored_by_the_light_session_is_unchanged_upstream(name: str) -> None:
-    code, pinned = COPIED_ELSEWHERE[name]
-    digest = hashlib.sha256(inspect.getsource(code).encode()).hexdigest()[:8]
-    assert digest == pinned, f"amqtt's {name} changed: re-check broker_hooks/session.py"
+def upstream_source(name: str) -> str:
+    cls_name, method = name.split(".")
+    return inspect.getsource(vars(UPSTREAM[cls_name])[method])
 
 
-# amqtt code the message path re-implements: IndexedBroker._process_message/_broadcast_message
-# (copies of _handle_message_delivery and _run_broadcast, routing with router.TopicRouter, which
-# implements _matches; _del_all_subscriptions and _topic_filtering are replaced or short-cut, and
-# fire_event is skipped when nobody listens), and handler.FastProtocolHandler (its _reader_loop is a
-# copy; it decodes PUBLISH/PUBACK itself, publishes QoS 0/1 without mqtt_publish, and takes over the
-# PUBACK of an incoming QoS 1 message in _handle_qos1_message_flow).
-FAST_PATH_COPIES = {
-    "Broker._handle_message_delivery": (Broker._handle_message_delivery, "89727723"),
-    "Broker._run_broadcast": (Broker._run_broadcast, "e852128b"),
-    "Broker._broadcast_message": (Broker._broadcast_message, "78ad4edb"),
-    "Broker._matches": (Broker._matches, "c03b25d9"),
-    "Broker._del_all_subscriptions": (Broker._del_all_subscriptions, "61557981"),
-    "Broker._topic_filtering": (Broker._topic_filtering, "9259ae5e"),
-    "ProtocolHandler._reader_loop": (ProtocolHandler._reader_loop, "93f3b8e4"),
-    "ProtocolHandler.mqtt_publish": (ProtocolHandler.mqtt_publish, "30cb8f65"),
-    "ProtocolHandler._handle_qos0_message_flow": (ProtocolHandler._handle_qos0_message_flow, "e7a88a9f"),
-    "ProtocolHandler._handle_qos1_message_flow": (ProtocolHandler._handle_qos1_message_flow, "944e6a81"),
-    "ProtocolHandler._send_packet": (ProtocolHandler._send_packet, "9f0ae4e3"),
-    # Redelivery [MQTT-4.4.0-1]: FastProtocolHandler._retry_deliveries is a copy; it keeps routed messages
-    # across a disconnect by relying on what the QoS 1/2 flows put into and take out of inflight_out, and
-    # on _stop_waiters being the first thing stop() does.
-    "ProtocolHandler._retry_deliveries": (ProtocolHandler._retry_deliveries, "16fd2ca8"),
-    "ProtocolHandler._handle_qos2_message_flow": (ProtocolHandler._handle_qos2_message_flow, "f2d96f1f"),
-    "ProtocolHandler._stop_waiters": (ProtocolHandler._stop_waiters, "78a59ebc"),
-    "ProtocolHandler.stop": (ProtocolHandler.stop, "874ae887"),
-    "ProtocolHandler.handle_puback": (ProtocolHandler.handle_puback, "7d8487de"),
-    "ProtocolHandler.handle_publish": (ProtocolHandler.handle_publish, "b8f1fd32"),
-    "MQTTFixedHeader.from_stream": (MQTTFixedHeader.from_stream, "3fc24bce"),
-    "PublishVariableHeader.from_stream": (PublishVariableHeader.from_stream, "469ec610"),
-    "PublishPayload.from_stream": (PublishPayload.from_stream, "54b078cb"),
-    "PluginManager.fire_event": (PluginManager.fire_event, "31212e4f"),
-}
+@pytest.mark.parametrize("name", sorted(PINS))
+def test_amqtt_code_the_fork_copies_is_unchanged_upstream(name: str) -> None:
+    module, pinned = PINS[name]
+    digest = hashlib.sha256(upstream_source(name).encode()).hexdigest()[:8]
+    where = f"broker_hooks/{module}.py" if module == "router" else f"broker_hooks/amqtt_fork/{module}.py"
+    assert digest == pinned, f"amqtt's {name} changed: re-check its copy in {where}"
 
 
-# amqtt code broker_hooks/limits.py relies on or replaces: read_connect decodes the first packet's fixed
-# header itself (MQTTPacket.from_stream did) and then the CONNECT from memory; the bounded readers
-# subclass amqtt's TCP and WebSocket adapters (their read, and the WebSocket one's buffer).
-FAST_PATH_COPIES |= {
-    "MQTTPacket.from_stream": (MQTTPacket.from_stream, "b9b086f8"),
-    "StreamReaderAdapter.read": (StreamReaderAdapter.read, "e4455345"),
-    "WebSocketsReader.__init__": (WebSocketsReader.__init__, "90c0412c"),
-    "WebSocketsReader.read": (WebSocketsReader.read, "7e5322a8"),
-}
+def header_rows() -> dict[str, tuple[str, str]]:
+    """The fork header's table: upstream "Class.method" -> (fork module, kind)."""
+    doc = amqtt_fork.__doc__ or ""
+    kinds = "copy|override|relied on|re-implemented"
+    rows = re.findall(rf"^\* ``(\w+\.\w+)`` \((\w+), ({kinds})\): \S", doc, flags=re.MULTILINE)
+    names = [r[0] for r in rows]
+    assert len(names) == len(set(names)), "a function is listed twice in the fork's header"
+    return {name: (module, kind) for name, module, kind in rows}
 
 
-@pytest.mark.parametrize("name", sorted(FAST_PATH_COPIES))
-def test_amqtt_code_reimplemented_by_the_fast_path_is_unchanged_upstream(name: str) -> None:
-    code, pinned = FAST_PATH_COPIES[name]
-    digest = hashlib.sha256(inspect.getsource(code).encode()).hexdigest()[:8]
-    assert digest == pinned, f"amqtt's {name} changed: re-check broker_hooks/indexed.py, router.py and handler.py"
+def test_the_fork_header_lists_exactly_the_pinned_functions() -> None:
+    rows = header_rows()
+    assert set(rows) - set(PINS) == set(), "listed in broker_hooks/amqtt_fork/__init__.py but not pinned here"
+    assert set(PINS) - set(rows) == set(), "pinned here but not listed in broker_hooks/amqtt_fork/__init__.py"
+    for name, (module, kind) in rows.items():
+        assert module == PINS[name][0], f"{name}: the header and the pin name different fork modules"
+        assert module in FORK_MODULES and kind in {"copy", "override", "relied on", "re-implemented"}, name
+
+
+def test_every_upstream_method_the_fork_overrides_is_listed() -> None:
+    """A fork class that defines a method its amqtt base has must have that method in the header (and so a pin)."""
+    listed = set(header_rows())
+    missing = []
+    for module in (indexed, fork_broker, fork_session, fork_handler, limits):
+        for cls in vars(module).values():
+            if not (inspect.isclass(cls) and cls.__module__ == module.__name__):
+                continue
+            for method, value in vars(cls).items():
+                if not inspect.isfunction(value) or (method.startswith("__") and method != "__init__"):
+                    continue
+                owner = next(
+                    (b for b in cls.__mro__[1:] if b.__module__.startswith("amqtt") and method in vars(b)),
+                    None,
+                )
+                if owner is not None and f"{owner.__name__}.{method}" not in listed:
+                    missing.append(f"{cls.__name__}.{method} overrides {owner.__name__}.{method}")
+    assert not missing, missing
 
 
 async def test_subscribe_connect_and_disconnect_do_not_touch_other_sessions(

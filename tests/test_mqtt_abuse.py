@@ -23,8 +23,9 @@ import pytest
 import websockets
 from amqtt.adapters import BufferReader
 
+from broker_hooks import mqtt_codec as codec
+from broker_hooks.amqtt_fork.limits import FirstPacketError, read_connect
 from broker_hooks.broker import FleetBroker
-from broker_hooks.limits import FirstPacketError, read_connect
 from server.app import FleetcmdApp
 from server.config import MQTT_MAX_PACKET, Settings, SettingsError
 from server.pb import commands_pb2 as pb
@@ -44,34 +45,30 @@ AT_ONCE = 0.75
 # ---- raw MQTT -----------------------------------------------------------------------------------
 
 
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+# Well-formed packets come from the shared codec; the malformed ones below are built from its pieces.
+remaining_length = codec.encode_remaining_length
+string = codec.encode_string
 
 
 def packet(first: int, body: bytes) -> bytes:
+    """Any type byte (reserved, wrong flags...) in front of any body."""
     return bytes((first,)) + remaining_length(len(body)) + body
 
 
-def string(s: str | bytes) -> bytes:
-    raw = s.encode() if isinstance(s, str) else s
-    return len(raw).to_bytes(2, "big") + raw
-
-
 def connect_body(client_id: str) -> bytes:
-    # MQTT 3.1.1, clean session, keep-alive 60 s.
-    return string("MQTT") + b"\x04\x02\x00\x3c" + string(client_id)
+    # MQTT 3.1.1, clean session, keep-alive 60 s: the CONNECT past its fixed header.
+    raw = codec.encode_connect(client_id, keep_alive=60)
+    header = codec.parse_fixed_header(raw)
+    assert header is not None
+    return raw[header.size :]
 
 
 def connect(client_id: str) -> bytes:
-    return packet(0x10, connect_body(client_id))
+    return codec.encode_connect(client_id, keep_alive=60)
 
 
 def publish(topic: bytes, payload: bytes, *, flags: int = 0) -> bytes:
+    """A PUBLISH with any flags (QoS 3...) and any topic bytes (not UTF-8, wildcards...)."""
     return packet(0x30 | flags, string(topic) + payload)
 
 
@@ -378,7 +375,7 @@ async def test_the_overall_connection_cap_refuses_with_a_log_line_and_a_count(
         port, broker = port_of(app), broker_of(app)
         held = [await connected(port, f"held-{i}") for i in range(3)]
         try:
-            with caplog.at_level(logging.WARNING, logger="broker_hooks.limits"):
+            with caplog.at_level(logging.WARNING, logger="broker_hooks.amqtt_fork.limits"):
                 reader, writer = await open_raw(port)
                 assert await closed_by_server(reader, AT_ONCE), "a 4th connection was admitted"
                 close(writer)

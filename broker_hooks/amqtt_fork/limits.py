@@ -37,12 +37,12 @@ from amqtt.errors import MQTTError
 from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.packet import CONNECT, MQTTFixedHeader
 
+from broker_hooks.mqtt_codec import MAX_FIXED_HEADER, MAX_REMAINING_LENGTH
+
 log = logging.getLogger(__name__)
 
-# The largest remaining length an MQTT fixed header can encode (four length bytes).
-MQTT_MAX_PACKET = 268_435_455
-# A fixed header is one type byte and one to four length bytes.
-MAX_FIXED_HEADER = 5
+# The largest remaining length an MQTT fixed header can encode, and a fixed header's largest size.
+MQTT_MAX_PACKET = MAX_REMAINING_LENGTH
 # Seconds between two log lines about the same kind of refusal.
 REFUSAL_LOG_INTERVAL = 10.0
 

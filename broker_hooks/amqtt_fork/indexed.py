@@ -21,7 +21,7 @@ This class keeps a per-client index of granted filters and uses it on those
 paths, evaluates a :class:`~broker_hooks.acl.TopicAcl` directly, and routes a
 message at once through a :class:`~broker_hooks.router.TopicRouter` (which
 looks only at the matching filters) to the subscribers' handlers, which write
-it at once when they can (:class:`~broker_hooks.handler.FastProtocolHandler`).
+it at once when they can (:class:`~broker_hooks.amqtt_fork.handler.FastProtocolHandler`).
 Behaviour is otherwise amqtt's; ``tests/test_broker_scaling.py`` pins the
 upstream code and ``tests/test_broker_fastpath.py`` the routing.
 """
@@ -43,9 +43,9 @@ from amqtt.session import ApplicationMessage, Session
 from transitions import MachineError
 
 from broker_hooks.acl import DeviceAclPlugin, TopicAcl
-from broker_hooks.handler import FastProtocolHandler
+from broker_hooks.amqtt_fork.handler import FastProtocolHandler
+from broker_hooks.amqtt_fork.session import light_queue, slim_stream
 from broker_hooks.router import TopicRouter
-from broker_hooks.session import light_queue, slim_stream
 from broker_hooks.topics import filter_matches
 
 log = logging.getLogger(__name__)
@@ -279,9 +279,14 @@ class IndexedBroker(Broker):
     # the coroutines below: a coroutine that awaits another stays alive, frame and all, for as long
     # as the connection does (about 300 bytes on every connected device for each wrapper).
 
-    def _session_refused(self, handler: BrokerProtocolHandler) -> bool:
-        """Whether this connection was refused already (its CONNACK sent): then nothing more runs for it."""
-        return False
+    def _connect_verdict(self, handler: BrokerProtocolHandler) -> bool | None:
+        """The authentication decided while the CONNECT was read, if any.
+
+        False: refused already (its CONNACK sent), nothing more runs for it; True: authenticated
+        already, so amqtt's own ``_authenticate`` is not run a second time (every auth plugin would
+        be called twice per CONNECT); None: not decided, authenticate here as amqtt does.
+        """
+        return None
 
     def _session_connected(self, client_session: Session) -> None:
         """Called once the client is connected and its retained messages are queued, before its message loop."""
@@ -300,12 +305,14 @@ class IndexedBroker(Broker):
         amqtt publishes, for every filter *any* client holds, the retained messages
         matching it to the connecting client; that is an await per filter in the whole
         broker (and sends other clients' retained topics). Here only the client's own
-        persistent subscriptions are looked at, and only when retained messages exist; and the
-        two hooks above.
+        persistent subscriptions are looked at, and only when retained messages exist; a CONNECT
+        authenticated while it was read is not authenticated again; and the two hooks above.
         """
-        if self._session_refused(handler):
+        authenticated = self._connect_verdict(handler)
+        if authenticated is False:
             return
-        authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
+        if authenticated is None:
+            authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
         if client_session.client_id is None:
             msg = "Client ID was not correctly created/set."
             raise BrokerError(msg)
@@ -346,7 +353,7 @@ class IndexedBroker(Broker):
         amqtt keeps four tasks per connection alive for the whole connection (waiting for the
         disconnect, the next SUBSCRIBE, UNSUBSCRIBE and PUBLISH), and builds the repr of the whole
         subscription table, O(fleet), on every SUBSCRIBE for a debug line. Here the connection's
-        own task polls the handler's queues (:class:`~broker_hooks.session.LightQueue`) and, when
+        own task polls the handler's queues (:class:`~broker_hooks.amqtt_fork.session.LightQueue`) and, when
         all are empty, sleeps on one future that a put or the disconnect resolves.
 
         Each round handles what amqtt's round would: the disconnect, then one subscription, one

@@ -47,7 +47,7 @@ from amqtt.session import ApplicationMessage, OutgoingApplicationMessage, Sessio
 from amqtt.utils import format_client_message
 from transitions import MachineError
 
-from broker_hooks.limits import MQTT_MAX_PACKET, read_connect
+from broker_hooks.amqtt_fork.limits import MQTT_MAX_PACKET, read_connect
 
 _T = TypeVar("_T")
 
@@ -373,7 +373,7 @@ class FleetProtocolHandler(BrokerProtocolHandler):
         raise ``MQTTError`` as upstream. ``tests/test_broker_scaling.py`` pins the upstream source.
         Unlike upstream, which decodes whatever comes first as a CONNECT (a PUBLISH first then
         waits for bytes that never come), the first packet must be a CONNECT of at most
-        ``max_packet_bytes`` (:func:`broker_hooks.limits.read_connect`).
+        ``max_packet_bytes`` (:func:`broker_hooks.amqtt_fork.limits.read_connect`).
 
         Raises:
             FirstPacketError: the first packet is not a CONNECT, is malformed or too large, or never came whole.
