@@ -27,7 +27,6 @@ from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
 from broker_hooks.rules import RuleSet
 from server.api.grpc_api import GrpcServer
-from server.api.grpc_metrics import TimingInterceptor
 from server.api.http_app import DeviceHttp, HttpServer, server_ssl_context
 from server.config import ENV_PREFIX, Settings
 from server.core.apikeys import ApiKeys
@@ -233,7 +232,7 @@ class FleetcmdApp:
         admin_key_file = await keys.ensure_admin_key(s.data_dir)
         if admin_key_file is not None:
             log.warning("no API key existed: created an admin key in %s (readable only by this user)", admin_key_file)
-        grpc_server = GrpcServer(core, registry, keys, [TimingInterceptor(self.service_metrics)])
+        grpc_server = GrpcServer(core, registry, keys, call_duration=self.service_metrics.grpc_duration)
         grpc_tls = None
         if s.grpc_tls:
             grpc_tls = (await asyncio.to_thread(_read, s.tls_key_file), await asyncio.to_thread(_read, s.tls_cert_file))

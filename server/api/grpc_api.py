@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import grpc
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from prometheus_client import Histogram
 
 from server.api import convert, pagination
 from server.api.grpc_auth import AuthInterceptor
 from server.api.grpc_errors import (
     Undecodable,
     checks_undecodable,
+    ended_code,
+    grpc_code,
     guard_handler,
     internal_error,
     maps_errors,
     to_error,
     to_status,
 )
+from server.api.grpc_metrics import CallTimer
 from server.api.registry_api import ThingServicer, ThingTypeServicer
 from server.core.apikeys import ApiKeys
 from server.core.commands import CommandCore
@@ -70,8 +75,10 @@ class CommandServicer:
     # Methods whose implementation yields serialized messages: registered without a serializer.
     PRESERIALIZED = frozenset({"Stream", "StreamBatches", "SendStream"})
 
-    def __init__(self, core: CommandCore) -> None:
+    def __init__(self, core: CommandCore, call_timer: CallTimer | None = None) -> None:
         self._core = core
+        # Observes each call's duration (maps_errors and SendStream), None: not observed.
+        self.call_timer = call_timer
         # A watcher further behind than its buffer is cut off, so twice that many recent events cover every one still served.
         self._wire = convert.EventWire(max(8192, 2 * core.settings.stream_buffer))
 
@@ -165,6 +172,7 @@ class CommandServicer:
                 answers.put_nowait(None)
 
         reader = asyncio.get_running_loop().create_task(read())
+        started, code = time.perf_counter(), "OK"
         try:
             written = 0
             while total is None or written < total:
@@ -178,7 +186,15 @@ class CommandServicer:
                 yield answer
                 written += 1
                 window.release()
+        except FleetcmdError as exc:
+            code = grpc_code(exc).name
+            raise
+        except BaseException as exc:
+            code = ended_code(context, exc)
+            raise
         finally:
+            if self.call_timer is not None:
+                self.call_timer.observe("SendStream", code, started)
             # Ended early (the client canceled, the server is stopping): the unanswered items are canceled, as a unary Send is.
             reader.cancel()
             for task in list(running):
@@ -314,24 +330,32 @@ class GrpcServer:
         core: CommandCore,
         registry: Registry,
         keys: ApiKeys,
-        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        call_duration: Histogram | None = None,
     ) -> None:
         self.server = grpc.aio.server(
-            interceptors=[*interceptors, AuthInterceptor(keys)],
+            interceptors=[AuthInterceptor(keys)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        handlers = command_service_handlers(CommandServicer(core))
+
+        def timer(service: str) -> CallTimer | None:
+            return CallTimer(call_duration, service) if call_duration is not None else None
+
+        handlers = command_service_handlers(CommandServicer(core, timer(SERVICE_NAME)))
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         registered = {name: handlers[name] for name in REGISTERED_METHODS}
         self.server.add_registered_method_handlers(SERVICE_NAME, registered)  # type: ignore[attr-defined]
         # Typed as the server for the generated functions: they only call the two methods it has.
         generic_only = cast(grpc.aio.Server, _GenericHandlersOnly(self.server))
-        rpb_grpc.add_ThingServiceServicer_to_server(ThingServicer(registry), generic_only)
-        rpb_grpc.add_ThingTypeServiceServicer_to_server(ThingTypeServicer(registry, core.settings), generic_only)
+        things = ThingServicer(registry)
+        things.call_timer = timer("fleetcmd.v1.ThingService")
+        types = ThingTypeServicer(registry, core.settings)
+        types.call_timer = timer("fleetcmd.v1.ThingTypeService")
+        rpb_grpc.add_ThingServiceServicer_to_server(things, generic_only)
+        rpb_grpc.add_ThingTypeServiceServicer_to_server(types, generic_only)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, generic_only)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

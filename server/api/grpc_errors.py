@@ -16,9 +16,11 @@ wrapper turns into the status.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar, cast
 
@@ -219,29 +221,62 @@ def guard_handler(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHan
 def maps_errors(method: F) -> F:
     """Decorate a servicer method (unary or server-streaming) so domain errors abort with their status.
 
-    An :class:`Undecodable` request aborts the same way, with INVALID_ARGUMENT.
+    An :class:`Undecodable` request aborts the same way, with INVALID_ARGUMENT. The call's duration
+    is observed in the servicer's ``call_timer`` (a :class:`server.api.grpc_metrics.CallTimer`, or None).
     """
+    name = method.__name__
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started, code = time.perf_counter(), "OK"
             try:
                 if type(request) is Undecodable:
                     raise request.error()
                 async for item in method(self, request, context):
                     yield item
             except FleetcmdError as exc:
+                code = grpc_code(exc).name
                 await context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
+            except BaseException as exc:
+                code = ended_code(context, exc)
+                raise
+            finally:
+                timer = self.call_timer
+                if timer is not None:
+                    timer.observe(name, code, started)
 
         return checks_undecodable(cast(F, stream_wrapper))
 
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        started, code = time.perf_counter(), "OK"
         try:
             if type(request) is Undecodable:
                 raise request.error()
             return await method(self, request, context)
         except FleetcmdError as exc:
+            code = grpc_code(exc).name
             await context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
+        except BaseException as exc:
+            code = ended_code(context, exc)
+            raise
+        finally:
+            timer = self.call_timer
+            if timer is not None:
+                timer.observe(name, code, started)
 
     return checks_undecodable(cast(F, unary_wrapper))
+
+
+def ended_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> str:
+    """The status name of a call that ended with ``exc`` (not a domain error): what the method aborted with, else why."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    code: Any = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    for known in grpc.StatusCode:  # grpc.aio may keep the numeric code
+        if known.value[0] == code:
+            return str(known.name)
+    return "UNKNOWN"

@@ -11,6 +11,7 @@ import grpc
 from broker_hooks.topics import level_problem
 from server.api import convert, pagination
 from server.api.grpc_errors import maps_errors
+from server.api.grpc_metrics import CallTimer
 from server.config import Settings
 from server.core.errors import InvalidArgument
 from server.core.models import CommandDef, ThingRecord, ThingTypeRecord
@@ -91,6 +92,9 @@ def _check_thing_id(thing_id: str, field: str = "thing_id") -> None:
 
 class ThingServicer(rpb_grpc.ThingServiceServicer):
     """Implements ``fleetcmd.v1.ThingService``."""
+
+    # Observes each call's duration (set by the server; None: not observed).
+    call_timer: CallTimer | None = None
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
@@ -177,6 +181,9 @@ class ThingServicer(rpb_grpc.ThingServiceServicer):
 
 class ThingTypeServicer(rpb_grpc.ThingTypeServiceServicer):
     """Implements ``fleetcmd.v1.ThingTypeService``."""
+
+    # Observes each call's duration (set by the server; None: not observed).
+    call_timer: CallTimer | None = None
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
         self._registry = registry
