@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "server"
-BROKER_HOOKS = sorted((ROOT / "broker_hooks").glob("*.py"))
+BROKER_HOOKS = sorted((ROOT / "broker_hooks").rglob("*.py"))
 CORE = sorted((SERVER / "core").glob("*.py"))
 # Neither the core nor the operator surfaces nor the store name a dialect (the app wires the bundles in).
 DIALECT_FREE = sorted([*CORE, *(SERVER / "api").glob("*.py"), *(SERVER / "store").glob("*.py")])
@@ -113,15 +113,15 @@ def imports_of(source: str, package: str) -> list[str]:
 
 
 def test_broker_hooks_and_the_core_are_every_module_there() -> None:
-    assert {"broker.py", "rules.py", "acl.py"} <= {path.name for path in BROKER_HOOKS}
+    assert {"broker.py", "rules.py", "acl.py", "handler.py", "session.py"} <= {path.name for path in BROKER_HOOKS}
     assert {"commands.py", "delivery.py", "models.py"} <= {path.name for path in CORE}
     # The dialect modules left broker_hooks for server/dialects.
     assert not {"emqx.py", "kaa.py"} & {path.name for path in BROKER_HOOKS}
 
 
-@pytest.mark.parametrize("path", BROKER_HOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", BROKER_HOOKS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_broker_hooks_imports_nothing_from_server(path: Path) -> None:
-    assert imports_of(path.read_text(), "server") == [], f"broker_hooks/{path.name} leans on the control plane"
+    assert imports_of(path.read_text(), "server") == [], f"{path.relative_to(ROOT)} leans on the control plane"
 
 
 @pytest.mark.parametrize("path", DIALECT_FREE, ids=lambda p: p.relative_to(SERVER).as_posix())
@@ -143,3 +143,56 @@ def test_the_core_the_surfaces_and_the_store_import_no_dialect(path: Path) -> No
 )
 def test_the_server_rule_catches_each_form_and_only_those(source: str, found: bool) -> None:
     assert bool(imports_of(source, "server")) is found
+
+
+# ---- the rest of docs/architecture.md's rules ------------------------------------------------------
+
+STORE = sorted((SERVER / "store").glob("*.py"))
+DIALECTS = sorted((SERVER / "dialects").rglob("*.py"))
+EVERY_MODULE = sorted(p for p in [*SERVER.rglob("*.py"), *BROKER_HOOKS] if "pb" not in p.relative_to(ROOT).parts)
+
+
+def _outside(imports: list[str], allowed: tuple[str, ...]) -> list[str]:
+    return [i for i in imports if not any(i.split(": ", 1)[1] == a or i.split(": ", 1)[1].startswith(a + ".") for a in allowed)]
+
+
+@pytest.mark.parametrize("path", CORE, ids=lambda p: p.relative_to(SERVER).as_posix())
+def test_the_core_stands_on_nothing_above_it(path: Path) -> None:
+    source = path.read_text()
+    above = [i for package in ("server.api", "server.dialects", "server.cli", "server.app") for i in imports_of(source, package)]
+    assert above == [], f"{path.relative_to(SERVER)} leans on a layer above the core"
+    # The store's contract (the server.store package), never an implementation.
+    implementations = [f"server.store.{p.stem}" for p in STORE if p.stem != "__init__"]
+    assert [i for impl in implementations for i in imports_of(source, impl)] == []
+
+
+@pytest.mark.parametrize("path", STORE, ids=lambda p: p.relative_to(SERVER).as_posix())
+def test_the_store_stands_on_the_core_only(path: Path) -> None:
+    imports = imports_of(path.read_text(), "server")
+    assert _outside(imports, ("server.core", "server.store")) == [], f"{path.relative_to(SERVER)} leans on more than the core"
+
+
+@pytest.mark.parametrize("path", EVERY_MODULE, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_only_the_store_speaks_sqlite(path: Path) -> None:
+    if path in STORE:
+        return
+    assert imports_of(path.read_text(), "sqlite3") == [], f"{path.relative_to(ROOT)} opens SQLite itself"
+
+
+@pytest.mark.parametrize("path", DIALECTS, ids=lambda p: p.relative_to(SERVER).as_posix())
+def test_a_dialect_knows_no_grpc(path: Path) -> None:
+    # A dialect may bring HTTP routes (server.api.http_app's building blocks), never the gRPC surface.
+    assert violations(path.read_text()) == [], f"{path.relative_to(SERVER)} leans on the gRPC surface"
+
+
+@pytest.mark.parametrize("path", EVERY_MODULE, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_only_the_cli_starts_the_app(path: Path) -> None:
+    if path.relative_to(SERVER).parts[0:1] == ("cli",) if path.is_relative_to(SERVER) else False:
+        return
+    assert imports_of(path.read_text(), "server.app") == [], f"{path.relative_to(ROOT)} composes the service"
+
+
+def test_the_rules_are_written_down() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    for rule in ("imports nothing from `server`", "only `server/store` imports `sqlite3`", "never the gRPC surface"):
+        assert rule in text, rule
