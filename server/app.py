@@ -63,10 +63,19 @@ class Ports:
     http: int | None = None
 
 
-async def _grpc_health(port: int, timeout: float) -> str:
-    """Empty when the gRPC server on 127.0.0.1:``port`` answers a health Check with SERVING, else why not."""
+def _dialable(bind: str) -> str:
+    """The address a local client reaches a listener bound to ``bind`` at (a wildcard bind: loopback)."""
+    if bind in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bind == "::":
+        return "[::1]"
+    return f"[{bind}]" if ":" in bind else bind
+
+
+async def _grpc_health(host: str, port: int, timeout: float) -> str:
+    """Empty when the gRPC server at ``host``:``port`` answers a health Check with SERVING, else why not."""
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
     except grpc.RpcError as exc:
         return f"health check failed: {exc.code().name}"
@@ -346,7 +355,7 @@ class FleetcmdApp:
         elif not self.settings.grpc_tls:
             # A real health Check over the network: the listener accepts and the server answers.
             # (With TLS the probe would need the client's trust settings; the serving flag stands.)
-            problem = await _grpc_health(self.ports.grpc, READY_TIMEOUT)
+            problem = await _grpc_health(_dialable(self.settings.bind), self.ports.grpc, READY_TIMEOUT)
             if problem:
                 failing["grpc"] = problem
         return failing

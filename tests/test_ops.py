@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from collections.abc import AsyncIterator
@@ -184,6 +185,9 @@ def test_the_action_label_is_bounded() -> None:
     assert names[MAX_ACTION_LABELS - 1] in labels and names[MAX_ACTION_LABELS] not in labels
     assert labels == {*names[:MAX_ACTION_LABELS], OTHER_ACTION}
     assert m.action_label(names[0]) == names[0]  # seen ones keep theirs
+    for i in range(1000):  # a flood of new actions: the cache of histogram children stays bounded too
+        m.observe_final(f"flood{i}", "SUCCEEDED", 0.01)
+    assert len(m._final) == MAX_ACTION_LABELS + 1
 
 
 # ---- JSON logs ---------------------------------------------------------------------------------
@@ -277,3 +281,14 @@ async def test_retention_deletes_finished_executions_and_a_resume_below_it_is_re
             first = await asyncio.wait_for(stream.read(), 5)
             stream.cancel()
             assert first.execution_id == pending.execution_id
+
+
+async def test_readyz_reaches_grpc_where_it_is_bound(tmp_path: Path) -> None:
+    # Bound to another address than 127.0.0.1 (here another loopback one), the gRPC probe must dial that address.
+    settings = dataclasses.replace(make_settings(tmp_path / "data"), bind="127.0.0.2")
+    async with (
+        FleetcmdApp(settings) as running,
+        aiohttp.ClientSession(f"http://127.0.0.2:{running.ports.http}") as http,
+        http.get("/readyz") as response,
+    ):
+        assert (response.status, await response.json()) == (200, {"status": "ok"})

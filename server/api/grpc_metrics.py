@@ -2,7 +2,7 @@
 
 Observed inside the wrapper every servicer method already has (:func:`server.api.grpc_errors.maps_errors`,
 and ``SendStream`` itself), not by a server interceptor: grpc.aio runs each interceptor as its own
-coroutine chain on every call, which measurably slowed a unary ``Send`` (BENCHMARKS.md, session 7).
+coroutine chain on every call, which measurably slowed a unary ``Send`` (a paired A/B with ``bench/ab.py``).
 One ``perf_counter`` pair and one observation of a histogram child looked up in a dict per call.
 Calls refused by the authentication interceptor never reach a servicer and are not observed.
 """

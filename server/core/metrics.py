@@ -183,10 +183,12 @@ class ServiceMetrics:
 
     def observe_final(self, action: str, status: str, seconds: float) -> None:
         """An execution reached its final ``status`` ``seconds`` after its creation."""
-        key = (action, status)
+        # Keyed by the label, not the action: past MAX_ACTION_LABELS every new action shares "other",
+        # and so does its cache entry (the cache stays as bounded as the label set).
+        key = (self.action_label(action), status)
         child = self._final.get(key)
         if child is None:
-            child = self._final[key] = self.execution_latency.labels(self.action_label(action), status)
+            child = self._final[key] = self.execution_latency.labels(*key)
         child.observe(seconds)
 
     def observe_delivery(self, delivered: bool, seconds: float) -> None:
