@@ -35,6 +35,7 @@ from google.protobuf import struct_pb2
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from broker_hooks import mqtt_codec
 from broker_hooks.rules import DecodeError, Inbound
 from server.api import convert
 from server.app import FleetcmdApp
@@ -453,26 +454,16 @@ def test_kaa_http_poll_bodies_never_500(service: Service, error_log: ErrorLog, b
 # ---- MQTT packets on real sockets ---------------------------------------------------------------------
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _remaining_length(len(body)) + body
+    # Any first byte, valid or not (the fuzz chooses it): the codec's length encoding, the test's header.
+    return bytes([first]) + mqtt_codec.encode_remaining_length(len(body)) + body
 
 
-def _str(s: str | bytes) -> bytes:
-    raw = s.encode() if isinstance(s, str) else s
-    return struct.pack("!H", len(raw)) + raw
+_str = mqtt_codec.encode_string
 
 
 def connect_packet(client_id: str, keepalive: int = 60) -> bytes:
-    return packet(0x10, _str("MQTT") + bytes([4, 0x02]) + struct.pack("!H", keepalive) + _str(client_id))
+    return mqtt_codec.encode_connect(client_id, keep_alive=keepalive)
 
 
 class _Sink:
@@ -574,7 +565,11 @@ mqtt_packets = st.one_of(
         | st.sampled_from([b"a/#", b"+", b"\x00", b"\xff\xfe", b"$emqx/commands/things/x/executions/y/response"]),
         st.binary(max_size=40),
     ),
-    st.builds(lambda first, length: bytes([first]) + _remaining_length(length), st.integers(0, 255), st.integers(0, 268_435_455)),
+    st.builds(
+        lambda first, length: bytes([first]) + mqtt_codec.encode_remaining_length(length),
+        st.integers(0, 255),
+        st.integers(0, 268_435_455),
+    ),
     st.just(b"\x30\xff\xff\xff\xff\x7f"),  # a remaining length of five bytes: malformed
 )
 

@@ -78,12 +78,9 @@ def _reason(reason: Reason | None) -> pb.StatusReason | None:
     return pb.StatusReason(reason_code=reason.code, reason_description=reason.description)
 
 
-_MAX_SAFE_INTEGER = 2**53
-
-
 def integral(value: Any) -> Any:
     """JSON data with integral doubles (how Struct stores every number) as ints again."""
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_SAFE_INTEGER:
+    if isinstance(value, float) and value.is_integer() and abs(value) <= jsonvalue.MAX_SAFE_INTEGER:
         return int(value)
     if isinstance(value, dict):
         return {k: integral(v) for k, v in value.items()}
@@ -105,7 +102,7 @@ def _plain_value(value: struct_pb2.Value, budget: int, path: tuple[str | int, ..
         if not math.isfinite(number):
             raise jsonvalue.JsonProblem(jsonvalue.NOT_FINITE, f"{number} is not a finite number", path)
         # Struct stores every number as a double; integral values become ints again.
-        return int(number) if number.is_integer() and abs(number) <= _MAX_SAFE_INTEGER else number
+        return int(number) if number.is_integer() and abs(number) <= jsonvalue.MAX_SAFE_INTEGER else number
     if kind == "string_value":
         return value.string_value
     if kind == "bool_value":
