@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 
 from server.pb import commands_pb2 as pb  # noqa: E402
 from server.pb import commands_pb2_grpc as pb_grpc  # noqa: E402
+from tests.clients import get_all, list_all  # noqa: E402
 from tests.devices import EmqxDevice  # noqa: E402
 from tests.proc import Service  # noqa: E402
 
@@ -324,28 +325,6 @@ async def _cycle(
     return svc.stderr
 
 
-async def _all(stub: pb_grpc.CommandServiceStub) -> list[pb.Execution]:
-    out: list[pb.Execution] = []
-    token = ""
-    while True:
-        resp = await stub.List(pb.ListRequest(page_size=1000, page_token=token), timeout=30)
-        out.extend(resp.executions)
-        token = resp.next_page_token
-        if not token:
-            return out
-
-
-async def _histories(stub: pb_grpc.CommandServiceStub, ids: list[str]) -> dict[str, pb.Execution]:
-    got: dict[str, pb.Execution] = {}
-    for start in range(0, len(ids), 200):
-        chunk = ids[start : start + 200]
-        for eid, ex in zip(
-            chunk, await asyncio.gather(*(stub.Get(pb.GetRequest(execution_id=i), timeout=30) for i in chunk)), strict=True
-        ):
-            got[eid] = ex
-    return got
-
-
 def _compare(fig: Figures, log: list[tuple[int, str]], watcher: Watcher) -> None:
     by_seq = dict(log)
     counts = Counter(seq for seq, _ in watcher.seen)
@@ -362,7 +341,7 @@ async def _verify(data: Path, watchers: list[Watcher], accepted: set[str], fig: 
         assert svc.ready_at is not None
         async with svc.channel() as ch:
             stub = pb_grpc.CommandServiceStub(ch)
-            listed = await _all(stub)
+            listed = await list_all(stub)
             known = {e.execution_id for e in listed}
             fig.lost = len(accepted - known)
             # Wait out the TTLs: no device is connected now, so everything must end (TIMED_OUT at the latest).
@@ -373,9 +352,9 @@ async def _verify(data: Path, watchers: list[Watcher], accepted: set[str], fig: 
                 if not active or time.time() > horizon:
                     break
                 await asyncio.sleep(0.2)  # polling the store: there is nothing to await for "all final"
-                listed = await _all(stub)
+                listed = await list_all(stub)
             fig.stuck = len(active)
-            every = await _histories(stub, sorted(known))
+            every = await get_all(stub, sorted(known))
             by_seq: dict[int, str] = {}
             for eid, ex in every.items():
                 for change in ex.history:

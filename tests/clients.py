@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import grpc
 
 from server.app import FleetcmdApp
 from server.core.apikeys import ADMIN_KEY_FILE
+from server.pb import commands_pb2 as pb
+from server.pb import commands_pb2_grpc as pb_grpc
 
 
 def admin_key(data_dir: Path) -> str:
@@ -58,3 +61,26 @@ def app_channel(app: FleetcmdApp, options: Sequence[tuple[str, Any]] | None = No
     """A channel to an in-process service with its admin key (or ``key``)."""
     assert app.ports is not None
     return channel(f"127.0.0.1:{app.ports.grpc}", key or admin_key(app.settings.data_dir), options)
+
+
+async def list_all(stub: pb_grpc.CommandServiceStub, timeout: float = 30) -> list[pb.Execution]:
+    """Every execution, page by page (newest first)."""
+    out: list[pb.Execution] = []
+    token = ""
+    while True:
+        resp = await stub.List(pb.ListRequest(page_size=1000, page_token=token), timeout=timeout)
+        out.extend(resp.executions)
+        token = resp.next_page_token
+        if not token:
+            return out
+
+
+async def get_all(stub: pb_grpc.CommandServiceStub, ids: Iterable[str], timeout: float = 30) -> dict[str, pb.Execution]:
+    """Each execution with its history, by id (200 Gets in flight at most)."""
+    ids = list(ids)
+    got: dict[str, pb.Execution] = {}
+    for start in range(0, len(ids), 200):
+        chunk = ids[start : start + 200]
+        answers = await asyncio.gather(*(stub.Get(pb.GetRequest(execution_id=i), timeout=timeout) for i in chunk))
+        got.update(zip(chunk, answers, strict=True))
+    return got

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from google.protobuf import json_format, struct_pb2
 
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
+from tests.clients import get_all, list_all
 from tests.devices import EmqxDevice
 from tests.proc import PYTHON_M, Service, clean_env, console_script
 
@@ -118,23 +118,6 @@ def struct(d: dict[str, Any]) -> struct_pb2.Struct:
 
 async def _start(svc: Service) -> None:
     await asyncio.to_thread(svc.start)
-
-
-async def _list_all(stub: pb_grpc.CommandServiceStub) -> list[pb.Execution]:
-    out: list[pb.Execution] = []
-    token = ""
-    while True:
-        resp = await stub.List(pb.ListRequest(page_size=1000, page_token=token), timeout=10)
-        out.extend(resp.executions)
-        token = resp.next_page_token
-        if not token:
-            return out
-
-
-async def _get_all(stub: pb_grpc.CommandServiceStub, ids: Iterable[str]) -> dict[str, pb.Execution]:
-    ids = list(ids)
-    got = await asyncio.gather(*(stub.Get(pb.GetRequest(execution_id=i), timeout=10) for i in ids))
-    return dict(zip(ids, got, strict=True))
 
 
 def check_history(e: pb.Execution) -> None:
@@ -239,7 +222,7 @@ async def test_signal_stops_cleanly_under_load(tmp_path: Path, sig: int, entry: 
         assert svc2.ready is not None
         async with svc2.channel() as ch:
             stub = pb_grpc.CommandServiceStub(ch)
-            got = await _get_all(stub, accepted)
+            got = await get_all(stub, timeout=10, ids=accepted)
         for eid, ex in got.items():
             assert ex.thing_id == accepted[eid].thing_id
             assert ex.status not in FINAL, f"{eid} is {name(ex.status)}"
@@ -398,7 +381,7 @@ async def test_sigkill_mid_traffic_loses_nothing(tmp_path: Path) -> None:
             stub = pb_grpc.CommandServiceStub(ch)
 
             # Every accepted execution exists, with what Send returned.
-            got = await _get_all(stub, accepted)
+            got = await get_all(stub, timeout=10, ids=accepted)
             for eid, ex in got.items():
                 sent = accepted[eid]
                 assert (ex.thing_id, ex.action, ex.ttl_seconds) == (sent.thing_id, sent.action, sent.ttl_seconds)
@@ -410,7 +393,7 @@ async def test_sigkill_mid_traffic_loses_nothing(tmp_path: Path) -> None:
             assert any(i in offline for i in overdue), "no offline execution was overdue at the restart"
             deadline = time.monotonic() + 1.0
             while True:
-                got = await _get_all(stub, overdue)
+                got = await get_all(stub, timeout=10, ids=overdue)
                 pending = [i for i, e in got.items() if e.status not in FINAL]
                 if not pending or time.monotonic() > deadline:
                     break
@@ -423,11 +406,11 @@ async def test_sigkill_mid_traffic_loses_nothing(tmp_path: Path) -> None:
                     assert kill_at <= ms(e.completed_at) <= ready_ms + 1000, (kill_at, ms(e.completed_at), ready_ms)
 
             # ---- 3. everything (also executions whose Send did not answer) becomes final on time ----
-            listed = await _list_all(stub)
+            listed = await list_all(stub, timeout=10)
             assert set(accepted) <= {e.execution_id for e in listed}
             horizon = max(ms(e.expires_at) for e in listed) + SLACK_MS + 500
             while True:
-                listed = await _list_all(stub)
+                listed = await list_all(stub, timeout=10)
                 active = [e.execution_id for e in listed if e.status not in FINAL]
                 if not active or time.time() * 1000 > horizon:
                     break
@@ -437,7 +420,7 @@ async def test_sigkill_mid_traffic_loses_nothing(tmp_path: Path) -> None:
             await asyncio.to_thread(dev2.stop)  # no more device traffic from here on
             dev2 = None
             responder.set_device(None)
-            every = await _get_all(stub, [e.execution_id for e in listed])
+            every = await get_all(stub, timeout=10, ids=[e.execution_id for e in listed])
 
             for eid, e in every.items():
                 check_history(e)
