@@ -66,6 +66,8 @@ def _struct(json_text: str | None) -> struct_pb2.Struct | None:
     """
     if json_text is None:
         return None
+    if json_text == "{}":  # no params (the usual case): nothing to parse
+        return struct_pb2.Struct()
     data = jsonvalue.stored(json_text)
     st = struct_pb2.Struct()
     st.update(data if isinstance(data, dict) else {UNREADABLE_KEY: json_text})

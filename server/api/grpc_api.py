@@ -12,7 +12,6 @@ import grpc
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from prometheus_client import Histogram
 
 from server.api import convert, pagination
 from server.api.grpc_auth import AuthInterceptor
@@ -32,6 +31,7 @@ from server.api.registry_api import ThingServicer, ThingTypeServicer
 from server.core.apikeys import ApiKeys
 from server.core.commands import CommandCore
 from server.core.errors import FleetcmdError, InvalidArgument
+from server.core.metrics import PlainHistogram
 from server.core.models import EventFilter, Execution
 from server.core.registry import Registry
 from server.core.validation import SendCommand, check_wait, validate_send
@@ -330,7 +330,7 @@ class GrpcServer:
         core: CommandCore,
         registry: Registry,
         keys: ApiKeys,
-        call_duration: Histogram | None = None,
+        call_duration: PlainHistogram | None = None,
     ) -> None:
         self.server = grpc.aio.server(
             interceptors=[AuthInterceptor(keys)],

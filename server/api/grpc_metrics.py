@@ -10,9 +10,8 @@ Calls refused by the authentication interceptor never reach a servicer and are n
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from prometheus_client import Histogram
+from server.core.metrics import Buckets, PlainHistogram
 
 
 class CallTimer:
@@ -20,10 +19,10 @@ class CallTimer:
 
     __slots__ = ("_children", "_histogram", "_service")
 
-    def __init__(self, histogram: Histogram, service: str) -> None:
+    def __init__(self, histogram: PlainHistogram, service: str) -> None:
         self._histogram = histogram
         self._service = service
-        self._children: dict[tuple[str, str], Any] = {}
+        self._children: dict[tuple[str, str], Buckets] = {}
 
     def observe(self, method: str, code: str, started: float) -> None:
         """One call of ``method`` (its short name) that ended with ``code``, started at ``perf_counter()`` ``started``."""
