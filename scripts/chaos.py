@@ -345,7 +345,7 @@ async def _verify(data: Path, watchers: list[Watcher], accepted: set[str], fig: 
             known = {e.execution_id for e in listed}
             fig.lost = len(accepted - known)
             # Wait out the TTLs: no device is connected now, so everything must end (TIMED_OUT at the latest).
-            # What expired while the service was down is due at its ready line (TIMED_OUT at once, the README says).
+            # What expired while the service was down is due at its ready line (TIMED_OUT at once, docs/reliability.md says).
             horizon = max([svc.ready_at, *(e.expires_at.ToMilliseconds() / 1000 for e in listed)]) + SLACK_S
             while True:
                 active = [e for e in listed if e.status not in FINAL]

@@ -1,6 +1,6 @@
 """Every request bound issue 13 names, at the bound (accepted) and one past it (refused).
 
-Each bound is written here as the number the contract gives (README), not imported from the
+Each bound is written here as the number the contract gives (README, docs/devices.md, docs/grpc.md), not imported from the
 module that enforces it, so a bound that is removed or moved by one fails a test. Real gRPC
 (and REST, and paho devices) on 127.0.0.1, port 0, in development mode (unregistered things).
 """

@@ -3,7 +3,7 @@
 amqtt 0.12.1 (pinned in ``pyproject.toml``) has defects that matter to a fleet broker (a ``$`` publish
 leaves a zombie connection, keep-alive is not enforced, QoS 1 is never retried, a CONNECT is authenticated
 after its client id already took over a session, per-client work walks the whole fleet, ``shutdown()`` can
-hang on Python 3.11); the reasons are in ``shared/notes/amqtt-0.12.1.md`` and README's "Why amqtt is
+hang on Python 3.11); the reasons are in ``shared/notes/amqtt-0.12.1.md`` and docs/development.md's "Why amqtt is
 subclassed". This package is the only place amqtt's internals are touched:
 
 * ``indexed``: :class:`IndexedBroker`, ``Broker`` with per-client indexes instead of fleet-wide loops;
