@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,6 +182,9 @@ class KaaCex:
 
 # ---- MQTT: bindings, pushes and replies -----------------------------------------------------------
 
+# What a Kaa endpoint request is handled by, once its endpoint is resolved and bound.
+_Handler = Callable[[Inbound, kaa_topics.KaaRequest, ThingRecord], Awaitable[None]]
+
 MAX_OBSERVED_TYPES = 256  # per client and endpoint; flags beyond are not remembered (pushes stay on)
 MAX_ERROR_PHRASE = 1024
 
@@ -338,18 +341,23 @@ class KaaMqtt:
             self._error(inbound, request, exc)
             return None
 
-    async def on_command(self, inbound: Inbound) -> None:
-        """``kp1/{av}/cex/{token}/command/{type}[/{rid}]``: answer the outstanding commands, set observe."""
+    async def _bound(self, inbound: Inbound, handle: _Handler) -> None:
+        # The frame of every endpoint request: resolve the endpoint, bind the client to it, handle
+        # the request, then flush. The flush comes after the handler: the commands an answer took out
+        # of the outbox, and the executions a result finished, are not pushed again.
         request: kaa_topics.KaaRequest = inbound.message
         thing = self._endpoint(inbound, request)
         if thing is None:
             return
         self.route.bind(inbound.client_id, thing.thing_id, request.app_version, request.token)
         try:
-            await self._command(inbound, request, thing)
+            await handle(inbound, request, thing)
         finally:
-            # After the answer took its commands out of the outbox: only the others are pushed.
             self._flush(inbound.client_id, thing.thing_id)
+
+    async def on_command(self, inbound: Inbound) -> None:
+        """``kp1/{av}/cex/{token}/command/{type}[/{rid}]``: answer the outstanding commands, set observe."""
+        await self._bound(inbound, self._command)
 
     async def _command(self, inbound: Inbound, request: kaa_topics.KaaRequest, thing: ThingRecord) -> None:
         if request.problem is not None:
@@ -384,15 +392,7 @@ class KaaMqtt:
 
     async def on_result(self, inbound: Inbound) -> None:
         """``kp1/{av}/cex/{token}/result/{type}[/{rid}]``: apply every valid item, acknowledge."""
-        request: kaa_topics.KaaRequest = inbound.message
-        thing = self._endpoint(inbound, request)
-        if thing is None:
-            return
-        self.route.bind(inbound.client_id, thing.thing_id, request.app_version, request.token)
-        try:
-            await self._result(inbound, request, thing)
-        finally:
-            self._flush(inbound.client_id, thing.thing_id)  # after the results: what they finished is not pushed
+        await self._bound(inbound, self._result)
 
     async def _result(self, inbound: Inbound, request: kaa_topics.KaaRequest, thing: ThingRecord) -> None:
         if request.problem is not None:
