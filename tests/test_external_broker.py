@@ -232,17 +232,17 @@ async def test_a_kaa_endpoint_gets_its_commands_and_reports_through_the_broker(a
 async def test_a_report_is_acknowledged_to_the_broker_only_after_its_commit(app: FleetcmdApp, broker: Mosquitto) -> None:
     link, core = app.external, app.core
     assert link is not None and core is not None
-    # A spy on the real client: at each PUBACK it sends, is the report's execution already final
-    # (retired from the TTL scheduler by the commit listener)?
+    # A spy on the real client where it writes a PUBACK (paho's one path for automatic and manual
+    # acks): is the report's execution already final (retired from the TTL scheduler by the commit)?
     seen: list[bool] = []
-    real_ack = link._client.ack
+    real_puback = link._client._send_puback
     pending: dict[str, Execution] = {}
 
-    def ack(mid: int, qos: int) -> Any:
+    def puback(mid: int) -> Any:
         seen.append(all(e.execution_id not in core.scheduler for e in pending.values()))
-        return real_ack(mid, qos)
+        return real_puback(mid)
 
-    link._client.ack = ack  # type: ignore[method-assign]
+    link._client._send_puback = puback  # type: ignore[method-assign]
     device = await asyncio.to_thread(EmqxFirmware(broker.port, "acker").begin)
     try:
         for i in range(5):
