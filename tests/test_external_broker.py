@@ -11,6 +11,7 @@ import asyncio
 import json
 import queue
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -538,3 +539,65 @@ def test_broker_settings_at_their_bounds_are_accepted(tmp_path: Path) -> None:
     # Without the embedded listeners the service still starts in external mode, not without it.
     with pytest.raises(SettingsError, match="at least one of mqtt_port"):
         Settings(data_dir=tmp_path, mqtt_port=-1)
+
+
+# ---- two services, credentials ---------------------------------------------------------------------
+
+
+async def test_two_fleetcmd_processes_on_one_mosquitto_each_finish_their_own_commands(tmp_path: Path, broker: Mosquitto) -> None:
+    # Each its own SQLite file (replicas sharing one database need the PostgreSQL store) and its own
+    # share group; on the plain $emqx subscriptions each also receives the other's reports and drops them.
+    services = [
+        Service(
+            tmp_path / f"svc{i}",
+            flags=("--grpc-port", "0"),
+            env={
+                "FLEETCMD_BROKER_URL": broker.url,
+                "FLEETCMD_BROKER_CLIENT_ID": f"fleetcmd-{i}",
+                "FLEETCMD_BROKER_SHARE_GROUP": f"service{i}",
+            },
+        )
+        for i in range(2)
+    ]
+    devices = [EmqxFirmware(broker.port, f"dev-{i}") for i in range(2)]
+    try:
+        for service in services:
+            await asyncio.to_thread(service.start)
+        for device in devices:
+            await asyncio.to_thread(device.begin)
+        for i, service in enumerate(services):
+            async with service.channel() as channel:
+                stub = pb_grpc.CommandServiceStub(channel)
+                reply = await stub.Send(
+                    pb.SendRequest(thing_id=f"dev-{i}", action="reboot", ttl_seconds=30, wait_seconds=int(WAIT)), timeout=WAIT + 5
+                )
+                assert reply.status == pb.SUCCEEDED, reply
+                assert [h.status for h in (await stub.Get(pb.GetRequest(execution_id=reply.execution_id))).history] == [
+                    pb.SENT,
+                    pb.SUCCEEDED,
+                ]
+    finally:
+        for device in devices:
+            await asyncio.to_thread(device.stop)
+        for service in services:
+            service.close()
+
+
+async def test_the_service_logs_in_with_its_account_and_stays_unready_with_a_wrong_one(tmp_path: Path) -> None:
+    passwords = tmp_path / "passwd"
+    passwords.write_text("")
+    await asyncio.to_thread(
+        subprocess.run, ["mosquitto_passwd", "-b", str(passwords), "svc", "right-password"], check=True, capture_output=True
+    )
+    # mosquitto reads the last allow_anonymous: the fixture's "true" is overridden.
+    extra = ["allow_anonymous false", f"password_file {passwords}"]
+    with mosquitto(tmp_path / "auth", extra=extra) as guarded:
+        good = external_settings(tmp_path / "good", guarded, broker_username="svc", broker_password="right-password")
+        async with FleetcmdApp(good) as running:
+            assert running.external is not None and running.external.connected
+            assert "broker" not in await running.readiness()
+        url = guarded.url.replace("mqtt://", "mqtt://svc:wrong@")
+        bad = external_settings(tmp_path / "bad", guarded, broker_url=url, mqtt_connect_timeout=1.0)
+        async with FleetcmdApp(bad) as running:
+            assert running.external is not None and not running.external.connected
+            assert "not connected" in (await running.readiness())["broker"]

@@ -160,6 +160,8 @@ class ExternalBroker:
         self._deadlines: dict[bytes, tuple[int, str]] = {}
         self._routes: dict[int, _DeadlineRoute] = {}
         self._stopping = False
+        # Drop reasons already logged (a fixed set of short codes: DecodeError and JSON reasons).
+        self._logged: set[str] = set()
 
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -348,7 +350,11 @@ class ExternalBroker:
 
     def _drop(self, reason: str, topic: str, detail: object = "") -> None:
         self.stats[f"dropped.{reason}"] += 1
-        log.info("external broker: unusable message on %r (%s) dropped%s", topic, reason, f": {detail}" if detail else "")
+        # Logged once per reason, then only counted: on shared and plain subscriptions the service also
+        # receives what it (or another replica) published to a subscribed filter, e.g. Kaa pushes.
+        level = logging.DEBUG if reason in self._logged else logging.INFO
+        self._logged.add(reason)
+        log.log(level, "external broker: unusable message on %r (%s) dropped%s", topic, reason, f": {detail}" if detail else "")
 
     def _message(self, message: mqtt.MQTTMessage, generation: int) -> None:
         try:
