@@ -223,6 +223,15 @@ async def test_a_kaa_endpoint_gets_its_commands_and_reports_through_the_broker(a
         while ack.topic != f"{base}/result/reboot/2/status":
             ack = await device.next()
         assert json.loads(ack.payload) == {}
+        # Now that it has shown itself (observe: true), a new command is pushed at once, with its TTL as expiry.
+        pushed = await send(app, "kaa-1", "reboot", {"delay": 2}, ttl=40)
+        assert pushed.status is Status.SENT
+        push = await device.next()
+        while push.topic != f"{base}/command/reboot/status":
+            push = await device.next()
+        assert [c["payload"] for c in json.loads(push.payload)] == [{"delay": 2}]
+        assert push.expiry is not None and 38 <= push.expiry <= 40
+        assert push.user == {events.EXECUTION_PROPERTY: pushed.execution_id}
     finally:
         await asyncio.to_thread(device.stop)
 
