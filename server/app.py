@@ -1,6 +1,7 @@
 """The process lifecycle: one async context manager that starts and stops everything.
 
-Start order: store -> control plane (restored from the store) -> broker -> gRPC -> HTTP.
+Start order: store -> control plane (restored from the store) -> broker (or, with
+``broker_url``, the client of an external broker: ``server.external_broker``) -> gRPC -> HTTP.
 Stop order is the reverse, through one ``AsyncExitStack``: HTTP, then gRPC stop taking
 calls, the broker disconnects devices (bounded, whatever amqtt does), the
 control plane applies the reports already queued, the store commits what is

@@ -34,7 +34,7 @@ from server.core.models import Execution
 from server.core.validation import SendCommand
 from server.dialects import DIALECTS
 from server.external_broker import events
-from server.external_broker.link import ExternalBroker, remaining_seconds, subscriptions
+from server.external_broker.link import MAX_INFLIGHT, MAX_RECEIVE_MAXIMUM, ExternalBroker, remaining_seconds, subscriptions
 from server.external_broker.url import BrokerUrlError, parse_broker_url
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
@@ -610,3 +610,39 @@ async def test_the_service_logs_in_with_its_account_and_stays_unready_with_a_wro
         async with FleetcmdApp(bad) as running:
             assert running.external is not None and not running.external.connected
             assert "not connected" in (await running.readiness())["broker"]
+
+
+async def test_a_burst_larger_than_the_requests_in_flight_all_go_out(app: FleetcmdApp, broker: Mosquitto) -> None:
+    # Beyond MAX_INFLIGHT unacknowledged publishes paho queues the rest: none is lost or left pending.
+    # (Whether a broker enforces its Receive Maximum is not shown here: mosquitto 2.0.11 took 60 at once.)
+    link = app.external
+    assert link is not None
+    # And it tells the broker to hold back reports beyond what the ingest queue takes.
+    assert link._connect_properties.ReceiveMaximum == app.settings.ingest_queue
+    device = await asyncio.to_thread(EmqxFirmware(broker.port, "bursty").begin)
+    try:
+        executions = await asyncio.gather(*(send(app, "bursty", params={"i": i}) for i in range(3 * MAX_INFLIGHT)))
+        done = await asyncio.gather(*(final(app, e) for e in executions))
+        assert {e.status for e in done} == {Status.SUCCEEDED}
+        assert link.stats["connects"] == 1
+    finally:
+        await asyncio.to_thread(device.stop)
+
+
+def test_the_receive_maximum_announced_is_the_ingest_queue_up_to_mqtts_limit() -> None:
+    def announced(receive_maximum: int) -> int:
+        link = ExternalBroker(
+            parse_broker_url("mqtt://127.0.0.1:1"),
+            client_id="x",
+            rules=RuleSet([]),
+            sink=None,  # type: ignore[arg-type]  # never started: only its CONNECT properties are read
+            delivered=None,  # type: ignore[arg-type]
+            spawn=None,  # type: ignore[arg-type]
+            receive_maximum=receive_maximum,
+        )
+        value: int = link._connect_properties.ReceiveMaximum
+        return value
+
+    assert announced(7) == 7
+    assert announced(MAX_RECEIVE_MAXIMUM) == MAX_RECEIVE_MAXIMUM
+    assert announced(MAX_RECEIVE_MAXIMUM + 1) == MAX_RECEIVE_MAXIMUM
