@@ -38,9 +38,10 @@ from server.external_broker.link import MAX_INFLIGHT, MAX_RECEIVE_MAXIMUM, Exter
 from server.external_broker.url import BrokerUrlError, parse_broker_url
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
+from tests.certs import self_signed
 from tests.conftest import make_settings
 from tests.devices import wait_for
-from tests.mosquitto import HOST, Mosquitto, mosquitto
+from tests.mosquitto import HOST, Mosquitto, free_port, mosquitto
 from tests.proc import Service
 
 WAIT = 10.0
@@ -646,3 +647,24 @@ def test_the_receive_maximum_announced_is_the_ingest_queue_up_to_mqtts_limit() -
     assert announced(7) == 7
     assert announced(MAX_RECEIVE_MAXIMUM) == MAX_RECEIVE_MAXIMUM
     assert announced(MAX_RECEIVE_MAXIMUM + 1) == MAX_RECEIVE_MAXIMUM
+
+
+async def test_mqtts_verifies_the_broker_with_the_ca_file(tmp_path: Path) -> None:
+    tls = self_signed(tmp_path / "tls")
+    tls_port = free_port()
+    extra = [f"listener {tls_port} {HOST}", f"certfile {tls.cert}", f"keyfile {tls.key}"]
+    with mosquitto(tmp_path / "m", extra=extra) as running:
+        url = f"mqtts://{HOST}:{tls_port}"
+        trusted = external_settings(tmp_path / "trusted", running, broker_url=url, broker_ca_file=str(tls.ca))
+        async with FleetcmdApp(trusted) as app:
+            assert app.external is not None and app.external.connected
+            device = await asyncio.to_thread(EmqxFirmware(running.port, "tls-dev").begin)
+            try:
+                assert (await final(app, await send(app, "tls-dev"))).status is Status.SUCCEEDED
+            finally:
+                await asyncio.to_thread(device.stop)
+        # The system's CAs do not know this certificate: no connection, not ready.
+        untrusted = external_settings(tmp_path / "untrusted", running, broker_url=url, mqtt_connect_timeout=1.0)
+        async with FleetcmdApp(untrusted) as app:
+            assert app.external is not None and not app.external.connected
+            assert "broker" in await app.readiness()
