@@ -108,13 +108,17 @@ class TopicAcl:
 
     def allows(self, session: Session, topic: str, action: Action) -> bool:
         """The decision for one client action (``Action.PUBLISH`` or ``Action.SUBSCRIBE``)."""
-        client_id = session.client_id or ""
+        credentials = bool(session.username) or session.password is not None
+        return self.allows_client(session.client_id or "", credentials, topic, action)
+
+    def allows_client(self, client_id: str, credentials: bool, topic: str, action: Action) -> bool:
+        """:meth:`allows` for a client known by its id and whether it connected with credentials (an external broker's)."""
         if self.open_mode:
             identity: str | None = client_id
         else:
             # Admitted without credentials (auth.py allows that only for token-scoped dialects):
             # no thing identity, whatever the client id says.
-            identity = None if not session.username and session.password is None else client_id
+            identity = client_id if credentials else None
         any_endpoint = self.open_mode or identity is None
         if action == Action.SUBSCRIBE:
             return self.may_subscribe(identity, topic, any_endpoint=any_endpoint)

@@ -85,24 +85,32 @@ class DeviceAuthPlugin(BaseAuthPlugin):
 
     def check(self, client_id: str, username: str | None, password: str | None, remote: str | None = None) -> bool:
         """The synchronous decision (also used to measure the cost of authentication)."""
-        if self.allow_anonymous:
-            # Never set session.is_anonymous: amqtt would drop persistent sessions and their queues.
-            return True
-        assert self.authenticator is not None
-        if self.authenticator.authenticate_device(client_id, username, password):
-            return True
-        if (
-            not username
-            and password is None
-            and self.authenticator.has_kaa_endpoints()
-            and not self.authenticator.is_registered(client_id)
-        ):
-            return True  # a Kaa device: its credential is the endpoint token in its topics (see the ACL)
-        log.info(
-            "device refused: client_id=%r username=%r from %s: %s",
-            client_id,
-            username,
-            remote or "?",
-            refusal_reason(self.authenticator, client_id, username, password),
-        )
-        return False
+        return admits(self.authenticator, client_id, username, password, allow_anonymous=self.allow_anonymous, remote=remote)
+
+
+def admits(
+    authenticator: DeviceAuthenticator | None,
+    client_id: str,
+    username: str | None,
+    password: str | None,
+    *,
+    allow_anonymous: bool,
+    remote: str | None = None,
+) -> bool:
+    """Whether a CONNECT is admitted (the plugin's rule, also answered to an external broker's authn)."""
+    if allow_anonymous:
+        # Never set session.is_anonymous: amqtt would drop persistent sessions and their queues.
+        return True
+    assert authenticator is not None
+    if authenticator.authenticate_device(client_id, username, password):
+        return True
+    if not username and password is None and authenticator.has_kaa_endpoints() and not authenticator.is_registered(client_id):
+        return True  # a Kaa device: its credential is the endpoint token in its topics (see the ACL)
+    log.info(
+        "device refused: client_id=%r username=%r from %s: %s",
+        client_id,
+        username,
+        remote or "?",
+        refusal_reason(authenticator, client_id, username, password),
+    )
+    return False

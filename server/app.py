@@ -1,6 +1,7 @@
 """The process lifecycle: one async context manager that starts and stops everything.
 
-Start order: store -> control plane (restored from the store) -> broker -> gRPC -> HTTP.
+Start order: store -> control plane (restored from the store) -> broker (or, with
+``broker_url``, the client of an external broker: ``server.external_broker``) -> gRPC -> HTTP.
 Stop order is the reverse, through one ``AsyncExitStack``: HTTP, then gRPC stop taking
 calls, the broker disconnects devices (bounded, whatever amqtt does), the
 control plane applies the reports already queued, the store commits what is
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -25,18 +27,24 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from broker_hooks.acl import TopicAcl
 from broker_hooks.broker import FleetBroker
 from broker_hooks.config import broker_config
-from broker_hooks.rules import RuleSet
+from broker_hooks.rules import Dialect, RuleSet
+from server.api import http_rest
 from server.api.grpc_api import GrpcServer
 from server.api.http_app import DeviceHttp, HttpServer, server_ssl_context
+from server.api.http_broker_auth import PREFIX as AUTH_PREFIX
+from server.api.http_broker_auth import BrokerAuth
 from server.config import ENV_PREFIX, Settings
 from server.core.apikeys import ApiKeys
 from server.core.clock import now_ms
 from server.core.commands import CommandCore
 from server.core.errors import ListenError
+from server.core.lifecycle import Status
 from server.core.metrics import Kind, Sample, ServiceMetrics, counters
 from server.core.registry import Registry
 from server.dialects import DIALECTS
 from server.dialects.bundle import DialectBundle, DialectContext, DialectRuntime, install
+from server.external_broker.link import ExternalBroker
+from server.external_broker.url import parse_broker_url
 from server.store import ServiceStore, store_from_url
 
 log = logging.getLogger("fleetcmd")
@@ -107,6 +115,8 @@ class FleetcmdApp:
         self.registry: Registry | None = None
         self.keys: ApiKeys | None = None
         self.broker: FleetBroker | None = None
+        # External broker mode (FLEETCMD_BROKER_URL): the MQTT client in the embedded broker's place.
+        self.external: ExternalBroker | None = None
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
         # Each dialect's runtime, by name, once attached.
@@ -188,6 +198,103 @@ class FleetcmdApp:
                 "Sends may target unregistered things; never run this way in production"
             )
         wires = [bundle.wire for bundle in self.dialects]
+        scoped = [acl for bundle in self.dialects for acl in bundle.scoped_acls(registry)]
+        acl = TopicAcl.of(wires, scoped, open_mode=s.allow_anonymous)
+        if s.broker_url:
+            await self._start_external(core, registry, RuleSet.of(wires))
+        else:
+            await self._start_embedded(core, registry, wires, acl)
+
+        keys = ApiKeys(store)
+        self.keys = keys
+        admin_key_file = await keys.ensure_admin_key(s.data_dir)
+        if admin_key_file is not None:
+            log.warning("no API key existed: created an admin key in %s (readable only by this user)", admin_key_file)
+        grpc_server = GrpcServer(core, registry, keys, call_duration=self.service_metrics.grpc_duration)
+        grpc_tls = None
+        if s.grpc_tls:
+            grpc_tls = (await asyncio.to_thread(_read, s.tls_key_file), await asyncio.to_thread(_read, s.tls_cert_file))
+        try:
+            grpc_port = await grpc_server.start(s.bind, s.grpc_port, tls=grpc_tls)
+        except RuntimeError as exc:  # grpcio says only "Failed to bind to address"
+            raise _listen_error(s, ("grpc_port",), exc) from exc
+        stack.push_async_callback(grpc_server.stop, min(2.0, s.shutdown_timeout / 4))
+        self._grpc_serving = True
+        stack.callback(setattr, self, "_grpc_serving", False)
+        self.grpc = grpc_server
+
+        http_port = None
+        if s.http_port != -1:
+            devices: list[DeviceHttp] = [r.http for r in self.runtimes.values() if r.http is not None]
+            if s.broker_auth_secret:
+                devices.append(self._broker_auth(registry, acl))
+            http_server = HttpServer(
+                core,
+                keys,
+                devices,
+                metrics=self.service_metrics,
+                ready=self.readiness,
+                shutdown_timeout=min(2.0, s.shutdown_timeout / 4),
+            )
+            http_ssl = None
+            if s.http_tls:
+                http_ssl = await asyncio.to_thread(server_ssl_context, s.tls_cert_file, s.tls_key_file)
+            try:
+                http_port = await http_server.start(s.bind, s.http_port, ssl_context=http_ssl)
+            except OSError as exc:
+                raise _listen_error(s, ("http_port",), exc) from exc
+            stack.push_async_callback(http_server.stop)
+            self.http = http_server
+
+        bound = self.broker.listener_ports() if self.broker is not None else {}
+        self.ports = Ports(
+            mqtt=bound.get("mqtt"),
+            ws=bound.get("ws"),
+            grpc=grpc_port,
+            mqtts=bound.get("mqtts"),
+            wss=bound.get("wss"),
+            http=http_port,
+        )
+
+        def where(port: int | None) -> str:
+            return f"{s.bind}:{port}" if port is not None else "off"
+
+        # Scripts and tests wait for this line: it is printed whatever the log level.
+        log.log(
+            max(logging.INFO, log.getEffectiveLevel()),
+            "fleetcmd ready mqtt=%s ws=%s mqtts=%s wss=%s grpc=%s:%d grpc_tls=%s http=%s http_tls=%s data=%s restored=%d%s",
+            where(self.ports.mqtt),
+            where(self.ports.ws),
+            where(self.ports.mqtts),
+            where(self.ports.wss),
+            s.bind,
+            self.ports.grpc,
+            "on" if s.grpc_tls else "off",
+            where(self.ports.http),
+            "on" if s.http_tls and http_port is not None else "off",
+            s.data_dir,
+            restored,
+            f" broker={self.external.target}" if self.external is not None else "",
+        )
+
+    def _broker_auth(self, registry: Registry, acl: TopicAcl) -> DeviceHttp:
+        """The EMQX HTTP authn/authz endpoints (``broker_auth_secret``), as routes of the HTTP server."""
+        s = self.settings
+        target = parse_broker_url(s.broker_url) if s.broker_url else None
+        username = (target.username if target else "") or s.broker_username
+        password = (target.password if target else "") or s.broker_password
+        auth = BrokerAuth(
+            registry,
+            acl,
+            s.broker_auth_secret,
+            service_account=(username, password) if username else None,
+            allow_anonymous=s.allow_anonymous,
+        )
+        return DeviceHttp(AUTH_PREFIX, auth.routes(), http_rest.error_response)
+
+    async def _start_embedded(self, core: CommandCore, registry: Registry, wires: list[Dialect], acl: TopicAcl) -> None:
+        """The embedded amqtt broker, the dialects attached to it."""
+        s, stack = self.settings, self._stack
         broker = FleetBroker(
             broker_config(
                 bind=s.bind,
@@ -200,9 +307,7 @@ class FleetcmdApp:
                 sys_interval=s.sys_interval,
                 authenticator=registry,
                 allow_anonymous=s.allow_anonymous,
-                acl=TopicAcl.of(
-                    wires, [acl for bundle in self.dialects for acl in bundle.scoped_acls(registry)], open_mode=s.allow_anonymous
-                ),
+                acl=acl,
             ),
             rules=RuleSet.of(wires),
             sink=core,
@@ -236,74 +341,51 @@ class FleetcmdApp:
         stack.push_async_callback(broker.stop, s.shutdown_timeout / 2)
         self.broker = broker
 
-        keys = ApiKeys(store)
-        self.keys = keys
-        admin_key_file = await keys.ensure_admin_key(s.data_dir)
-        if admin_key_file is not None:
-            log.warning("no API key existed: created an admin key in %s (readable only by this user)", admin_key_file)
-        grpc_server = GrpcServer(core, registry, keys, call_duration=self.service_metrics.grpc_duration)
-        grpc_tls = None
-        if s.grpc_tls:
-            grpc_tls = (await asyncio.to_thread(_read, s.tls_key_file), await asyncio.to_thread(_read, s.tls_cert_file))
-        try:
-            grpc_port = await grpc_server.start(s.bind, s.grpc_port, tls=grpc_tls)
-        except RuntimeError as exc:  # grpcio says only "Failed to bind to address"
-            raise _listen_error(s, ("grpc_port",), exc) from exc
-        stack.push_async_callback(grpc_server.stop, min(2.0, s.shutdown_timeout / 4))
-        self._grpc_serving = True
-        stack.callback(setattr, self, "_grpc_serving", False)
-        self.grpc = grpc_server
-
-        http_port = None
-        if s.http_port != -1:
-            devices: list[DeviceHttp] = [r.http for r in self.runtimes.values() if r.http is not None]
-            http_server = HttpServer(
-                core,
-                keys,
-                devices,
-                metrics=self.service_metrics,
-                ready=self.readiness,
-                shutdown_timeout=min(2.0, s.shutdown_timeout / 4),
-            )
-            http_ssl = None
-            if s.http_tls:
-                http_ssl = await asyncio.to_thread(server_ssl_context, s.tls_cert_file, s.tls_key_file)
-            try:
-                http_port = await http_server.start(s.bind, s.http_port, ssl_context=http_ssl)
-            except OSError as exc:
-                raise _listen_error(s, ("http_port",), exc) from exc
-            stack.push_async_callback(http_server.stop)
-            self.http = http_server
-
-        bound = broker.listener_ports()
-        self.ports = Ports(
-            mqtt=bound.get("mqtt"),
-            ws=bound.get("ws"),
-            grpc=grpc_port,
-            mqtts=bound.get("mqtts"),
-            wss=bound.get("wss"),
-            http=http_port,
+    async def _start_external(self, core: CommandCore, registry: Registry, rules: RuleSet) -> None:
+        """The MQTT 5 client of an external broker in the embedded broker's place (docs/external-broker.md)."""
+        s, stack = self.settings, self._stack
+        target = parse_broker_url(s.broker_url)
+        link = ExternalBroker(
+            target,
+            client_id=s.broker_client_id or f"fleetcmd-{socket.gethostname()}",
+            username=target.username or s.broker_username,
+            password=target.password or s.broker_password,
+            ca_file=s.broker_ca_file,
+            rules=rules,
+            sink=core,
+            delivered=core.mark_delivered_nowait,
+            spawn=self._spawn,
+            shared=s.broker_shared,
+            group=s.broker_share_group,
+            session_expiry=s.broker_session_expiry,
+            # Unacknowledged reports wait in the ingest queue for their commit: never more than it holds.
+            receive_maximum=s.ingest_queue,
+            max_packet_bytes=s.mqtt_packet_limit,
+            max_payload_bytes=s.max_response_bytes,
+            max_deadlines=s.max_active_executions,
         )
+        core.outbox.attach(link)
+        context = DialectContext(core, link, self._spawn)
+        for bundle in self.dialects:
+            runtime = bundle.attach(context)
+            install(core, runtime)
+            self.runtimes[bundle.name] = runtime
+        # Each request's publish carries its deadline (Message Expiry) and execution (the PUBACK event).
+        core.outbox.route_for = link.wrap_routes(core.outbox.route_for)
+        # The broker owns the connections: a deleted thing or rotated credentials are refused at its
+        # next authentication (the authn endpoint), its live connection is not cut from here.
+        registry.disconnect = lambda thing_id: log.info("thing %s changed: the broker re-checks it at its next connect", thing_id)
+        link.on_connected = lambda: self._spawn(self._republish(core), "outbox-republish")
+        self.external = link
+        stack.push_async_callback(link.stop)
+        await link.start(s.mqtt_connect_timeout)
 
-        def where(port: int | None) -> str:
-            return f"{s.bind}:{port}" if port is not None else "off"
-
-        # Scripts and tests wait for this line: it is printed whatever the log level.
-        log.log(
-            max(logging.INFO, log.getEffectiveLevel()),
-            "fleetcmd ready mqtt=%s ws=%s mqtts=%s wss=%s grpc=%s:%d grpc_tls=%s http=%s http_tls=%s data=%s restored=%d",
-            where(self.ports.mqtt),
-            where(self.ports.ws),
-            where(self.ports.mqtts),
-            where(self.ports.wss),
-            s.bind,
-            self.ports.grpc,
-            "on" if s.grpc_tls else "off",
-            where(self.ports.http),
-            "on" if s.http_tls and http_port is not None else "off",
-            s.data_dir,
-            restored,
-        )
+    async def _republish(self, core: CommandCore) -> None:
+        """After a (re)connect to the external broker: publish every request the broker has not taken."""
+        assert self.store is not None
+        things = {item.thing_id for item in await self.store.active() if item.status <= Status.SENT}
+        for thing_id in things:
+            core.outbox.device_available(thing_id)
 
     def metrics(self) -> list[Sample]:
         """Every counter and gauge of the running service (``GET /metrics``)."""
@@ -322,6 +404,10 @@ class FleetcmdApp:
             connected = sum(1 for client_id in broker.sessions if broker.is_connected(client_id))
             samples.append(Sample("mqtt_clients_connected", connected, Kind.GAUGE, "Live MQTT clients."))
             samples += counters("broker", broker.stats, "Broker events by kind (drops, refusals, takeovers).")
+        if self.external is not None:
+            up = int(self.external.connected)
+            samples.append(Sample("broker_link_connected", up, Kind.GAUGE, "Connected to the external broker."))
+            samples += counters("broker", self.external.stats, "External broker link events by kind (drops, acks, reconnects).")
         if store is not None:
             samples.append(Sample("store_commits", store.commits, Kind.COUNTER, "Store transactions committed."))
         return samples
@@ -346,7 +432,10 @@ class FleetcmdApp:
                 failing["store"] = f"not writable: {exc}"
         # amqtt keeps one asyncio (or websockets) server per started listener; each must still accept.
         listeners = list(broker._servers.values()) if broker is not None else []
-        if not listeners:
+        if self.external is not None:
+            if not self.external.connected:
+                failing["broker"] = f"not connected to {self.external.target}"
+        elif not listeners:
             failing["broker"] = "not listening"
         elif not all(server.instance.is_serving() for server in listeners):
             failing["broker"] = "a listener stopped serving"

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from broker_hooks.topics import level_problem
+from server.external_broker.url import BrokerUrlError, parse_broker_url
 from server.store import STORES, url_scheme
 
 ENV_PREFIX = "FLEETCMD_"
@@ -17,6 +19,11 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MQTT_MAX_PACKET = 268_435_455
 LOG_FORMATS = ("text", "json")
 MAX_RETENTION_DAYS = 36500
+BROKER_SHARED = ("auto", "on", "off")
+# MQTT 5's Session Expiry Interval is a four-byte integer (seconds).
+MAX_SESSION_EXPIRY = 0xFFFFFFFF
+# The broker's shared secret must be long enough not to be guessed (it guards every device's admission).
+MIN_BROKER_AUTH_SECRET = 16
 
 
 class SettingsError(ValueError):
@@ -81,6 +88,41 @@ class Settings:
         metadata={"help": "DEVELOPMENT ONLY: admit devices without credentials and Sends to unregistered things"},
     )
 
+    broker_url: str = field(
+        default="",
+        repr=False,  # may carry a password
+        metadata={
+            "help": "external MQTT 5 broker, mqtt://[user:password@]host[:port] or mqtts://...: "
+            "turns the embedded broker off (docs/external-broker.md)"
+        },
+    )
+    broker_username: str = field(default="", metadata={"help": "username at the external broker (when broker_url has none)"})
+    broker_password: str = field(
+        default="", repr=False, metadata={"help": "password at the external broker (when broker_url has none)"}
+    )
+    broker_client_id: str = field(
+        default="",
+        metadata={"help": "client id at the external broker, stable per replica (default fleetcmd-<hostname>)"},
+    )
+    broker_shared: str = field(
+        default="auto",
+        metadata={"help": "shared subscriptions for device reports: on, off, or auto ($share for non-$ topics only)"},
+    )
+    broker_share_group: str = field(default="fleetcmd", metadata={"help": "the $share group of the replicas"})
+    broker_session_expiry: int = field(
+        default=3600,
+        metadata={"help": "seconds the broker keeps the service's session (unacknowledged reports) while it is away"},
+    )
+    broker_ca_file: str = field(default="", metadata={"help": "PEM CA bundle for mqtts:// (default: the system's)"})
+    broker_auth_secret: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "help": "secret the broker sends in X-Fleetcmd-Broker-Secret to /api/v1/broker/authn and /authz "
+            f"(empty = those endpoints are off; at least {MIN_BROKER_AUTH_SECRET} characters)"
+        },
+    )
+
     def __post_init__(self) -> None:
         problems = []
         if not 0 <= self.grpc_port <= 65535:
@@ -91,7 +133,8 @@ class Settings:
         for name in mqtt_ports:
             if not -1 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be -1 (off) or 0..65535")
-        if all(getattr(self, name) == -1 for name in mqtt_ports):
+        problems.extend(self._broker_problems())
+        if not self.broker_url and all(getattr(self, name) == -1 for name in mqtt_ports):
             problems.append("at least one of mqtt_port, ws_port, mqtts_port, wss_port must be on")
         problems.extend(self._tls_problems())
         if self.event_loop not in ("auto", "uvloop", "asyncio"):
@@ -125,6 +168,25 @@ class Settings:
             problems.append(f"database_url {self.database_url!r} names no known store (schemes: {', '.join(sorted(STORES))})")
         if problems:
             raise SettingsError("; ".join(problems))
+
+    def _broker_problems(self) -> list[str]:
+        problems = []
+        if self.broker_url:
+            try:
+                parse_broker_url(self.broker_url)
+            except BrokerUrlError as exc:
+                problems.append(str(exc))
+            if self.broker_ca_file and not os.access(self.broker_ca_file, os.R_OK):
+                problems.append(f"broker_ca_file {self.broker_ca_file!r} is not a readable file")
+        if self.broker_shared not in BROKER_SHARED:
+            problems.append(f"broker_shared must be one of {', '.join(BROKER_SHARED)}")
+        if level_problem(self.broker_share_group) is not None:
+            problems.append(f"broker_share_group {level_problem(self.broker_share_group)}")
+        if not 0 <= self.broker_session_expiry <= MAX_SESSION_EXPIRY:
+            problems.append(f"broker_session_expiry must be 0..{MAX_SESSION_EXPIRY}")
+        if self.broker_auth_secret and len(self.broker_auth_secret) < MIN_BROKER_AUTH_SECRET:
+            problems.append(f"broker_auth_secret must be empty (off) or at least {MIN_BROKER_AUTH_SECRET} characters")
+        return problems
 
     def _tls_problems(self) -> list[str]:
         wanted = [name for name in ("mqtts_port", "wss_port") if getattr(self, name) != -1]

@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVER = ROOT / "server"
 BROKER_HOOKS = sorted((ROOT / "broker_hooks").rglob("*.py"))
 CORE = sorted((SERVER / "core").glob("*.py"))
-# Neither the core nor the operator surfaces nor the store name a dialect (the app wires the bundles in).
-DIALECT_FREE = sorted([*CORE, *(SERVER / "api").glob("*.py"), *(SERVER / "store").glob("*.py")])
+EXTERNAL_BROKER = sorted((SERVER / "external_broker").glob("*.py"))
+# Neither the core nor the operator surfaces nor the store nor the external broker's client name a
+# dialect (the app wires the bundles in).
+DIALECT_FREE = sorted([*CORE, *(SERVER / "api").glob("*.py"), *(SERVER / "store").glob("*.py"), *EXTERNAL_BROKER])
 HTTP_SURFACE = sorted(
     [*(SERVER / "api").glob("http_*.py"), SERVER / "api" / "openapi.py", SERVER / "dialects" / "kaa" / "http.py"]
 )
@@ -179,6 +181,21 @@ def test_only_the_store_speaks_sqlite(path: Path) -> None:
     assert imports_of(path.read_text(), "sqlite3") == [], f"{path.relative_to(ROOT)} opens SQLite itself"
 
 
+@pytest.mark.parametrize("path", EXTERNAL_BROKER, ids=lambda p: p.relative_to(SERVER).as_posix())
+def test_the_external_broker_client_stands_on_the_core_and_broker_hooks_only(path: Path) -> None:
+    # Like the embedded broker it meets the core at DeviceSink and DeviceLink: no surface, no CLI, no store.
+    imports = imports_of(path.read_text(), "server")
+    allowed = ("server.core", "server.external_broker")
+    assert _outside(imports, allowed) == [], f"{path.relative_to(SERVER)} leans on more than the core"
+    # server.config reads the broker URL through url.py: that module needs no MQTT library.
+    if path.name == "url.py" or path.name == "__init__.py":
+        assert imports_of(path.read_text(), "paho") == []
+
+
+def test_the_external_broker_client_is_every_module_there() -> None:
+    assert {"__init__.py", "url.py", "link.py", "events.py"} <= {p.name for p in EXTERNAL_BROKER}
+
+
 @pytest.mark.parametrize("path", DIALECTS, ids=lambda p: p.relative_to(SERVER).as_posix())
 def test_a_dialect_knows_no_grpc(path: Path) -> None:
     # A dialect may bring HTTP routes (server.api.http_app's building blocks), never the gRPC surface.
@@ -194,5 +211,10 @@ def test_only_the_cli_starts_the_app(path: Path) -> None:
 
 def test_the_rules_are_written_down() -> None:
     text = (ROOT / "docs" / "architecture.md").read_text()
-    for rule in ("imports nothing from `server`", "only `server/store` imports `sqlite3`", "never the gRPC surface"):
+    for rule in (
+        "imports nothing from `server`",
+        "only `server/store` imports `sqlite3`",
+        "never the gRPC surface",
+        "`server/external_broker` imports only `server/core`",
+    ):
         assert rule in text, rule
