@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 EVENTS = f"{API_PREFIX}/events"
 # Idle streams get a comment this often: proxies keep the connection, and a client gone is noticed.
 HEARTBEAT_SECONDS = 15.0
+# How often an idle stream looks whether its client closed the connection (aiohttp tells a
+# handler nothing when that happens, and only a write would fail): a client gone is let go
+# within this, not at the next heartbeat.
+LEFT_CHECK_SECONDS = 1.0
 MAX_SEQUENCE = 2**63 - 1  # the event log's sequence is a SQLite INTEGER
 CONTENT_TYPE = "text/event-stream"
 
@@ -158,21 +162,29 @@ class EventsRest:
         batches = aiter(self._core.stream(flt, after))
         stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
         pending: asyncio.Future[Any] | None = None
+        loop = asyncio.get_running_loop()
         try:
             await response.write(b": connected\n\n")
+            written = loop.time()
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(_next(batches))
-                done, _ = await asyncio.wait({pending, stopping}, timeout=HEARTBEAT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                timeout = min(LEFT_CHECK_SECONDS, max(0.0, written + HEARTBEAT_SECONDS - loop.time()))
+                done, _ = await asyncio.wait({pending, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if pending in done:
                     batch, pending = pending.result(), None
                     if batch is None:
                         break
                     await response.write(await self._encode(batch))
+                    written = loop.time()
                 elif stopping in done:
                     raise Unavailable("the service is stopping; resume with after_sequence")
-                else:
+                elif request.transport is None or request.transport.is_closing():
+                    log.debug("event stream client %s left", request.remote)
+                    break
+                elif loop.time() >= written + HEARTBEAT_SECONDS:
                     await response.write(b": keepalive\n\n")
+                    written = loop.time()
         except ConnectionResetError:
             log.debug("event stream client %s left", request.remote)
         except FleetcmdError as exc:
