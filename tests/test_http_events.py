@@ -219,8 +219,11 @@ async def test_bad_resume_points_are_refused_by_name(app: FleetcmdApp) -> None:
     for query, headers, field in (
         ("after=-1", {}, "after"),
         ("after=1.5", {}, "after"),
+        ("after=", {}, "after"),
+        ("", {"Last-Event-ID": ""}, "Last-Event-ID"),
         (f"after={top + 1}", {}, "after"),
         ("after=1", {"Last-Event-ID": "x"}, "Last-Event-ID"),
+        (f"after={top + 1}", {"Last-Event-ID": "1"}, "after"),  # checked even when the header wins
         ("", {"Last-Event-ID": str(top + 1)}, "Last-Event-ID"),
     ):
         status, body = await refused(app, query, headers=headers)

@@ -124,6 +124,7 @@ async def test_create_names_every_bad_field_as_rest_spells_it(http: Http) -> Non
     )
     assert set(bad) == {"thingId", "thingType", "attributes['k']"}
     assert "required" in error(await http.call("POST", THINGS, json={}), 400, "INVALID_ARGUMENT")["thingId"]
+    assert "empty" in error(await http.call("POST", THINGS, json={"thingId": ""}), 400, "INVALID_ARGUMENT")["thingId"]
     unknown = error(await http.call("POST", THINGS, json={"thingId": "t", "thingType": "nope"}), 400, "INVALID_ARGUMENT")
     assert set(unknown) == {"thingType"} and "thing_type" not in unknown["thingType"]
     version = error(await http.call("POST", THINGS, json={"thingId": "t", "kaaAppVersion": "a/b"}), 400, "INVALID_ARGUMENT")
@@ -312,9 +313,12 @@ async def test_thing_type_errors_name_rest_fields(app: FleetcmdApp, http: Http) 
     at_bound = await put_type(http, "t1", commands={"c": {"defaultTtlSeconds": app.settings.max_ttl}})
     assert at_bound.status == 200
     assert set(error(await put_type(http, "bad name"), 400, "INVALID_ARGUMENT")) == {"name"}
-    error(
-        await http.call("PUT", f"{TYPES}/t2", data=b"[1]", headers={"Content-Type": "application/json"}), 400, "INVALID_ARGUMENT"
-    )
+    for body in (b"[1]", b"null"):
+        sent = await http.call("PUT", f"{TYPES}/t2", data=body, headers={"Content-Type": "application/json"})
+        assert set(error(sent, 400, "INVALID_ARGUMENT")) == {"body"}
+    # No body at all: an empty type.
+    empty = await http.call("PUT", f"{TYPES}/t2")
+    assert empty.status == 200 and empty.body["commands"] == {} and empty.body["description"] == ""
 
 
 # ---- the index behind the list --------------------------------------------------------------

@@ -39,7 +39,7 @@ from server.api.http_rest import (
 from server.core.apikeys import ApiKeys
 from server.core.authz import Operation
 from server.core.commands import CommandCore
-from server.core.errors import FailedPrecondition, FleetcmdError, InvalidArgument, Unavailable
+from server.core.errors import FailedPrecondition, FieldViolation, FleetcmdError, InvalidArgument, Unavailable
 from server.core.events import StreamBatch, check_resume
 from server.core.models import EventFilter, Execution, StateChange
 
@@ -62,19 +62,27 @@ def resume_point(request: web.Request) -> int | None:
     """The sequence to resume after; None (start live) when none is given.
 
     ``Last-Event-ID`` if sent (it wins: an EventSource repeats the URL's ``after`` on every
-    reconnect), else the ``after`` query value.
+    reconnect), else the ``after`` query value; both are checked whenever given (a bad
+    value is never ignored).
 
     Raises:
-        InvalidArgument: not a decimal integer from 0 to :data:`MAX_SEQUENCE`.
+        InvalidArgument: not a decimal integer from 0 to :data:`MAX_SEQUENCE`, naming each bad one.
     """
-    name, raw = "Last-Event-ID", request.headers.get("Last-Event-ID", "")
-    if not raw:
-        name, raw = "after", request.query.get("after", "")
-    if not raw:
+    violations: list[FieldViolation] = []
+    header = _sequence("Last-Event-ID", request.headers.get("Last-Event-ID"), violations)
+    query = _sequence("after", request.query.get("after"), violations)
+    if violations:
+        raise InvalidArgument(violations)
+    return header if header is not None else query
+
+
+def _sequence(name: str, raw: str | None, violations: list[FieldViolation]) -> int | None:
+    if raw is None:
         return None
     raw = raw.strip()
     if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_SEQUENCE:
-        raise InvalidArgument.single(name, f"{name} must be an event sequence, 0 to {MAX_SEQUENCE}")
+        violations.append(FieldViolation(name, f"{name} must be an event sequence, 0 to {MAX_SEQUENCE}"))
+        return None
     return int(raw)
 
 

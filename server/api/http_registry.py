@@ -266,10 +266,9 @@ class RegistryRest:
                 attributes[key] = value
             else:
                 body.violations.append(FieldViolation(f"attributes[{key!r}]", "attribute values are strings"))
-        if thing_id:
-            problem = level_problem(thing_id)
-            if problem:
-                body.violations.append(FieldViolation("thingId", f"thingId {problem}"))
+        problem = level_problem(thing_id) if "thingId" not in {v.field for v in body.violations} else ""
+        if problem:
+            body.violations.append(FieldViolation("thingId", f"thingId {problem}"))
         if body.violations:
             raise InvalidArgument(body.violations)
         thing, password, kaa_token = await self._registry.create_thing(
@@ -311,8 +310,11 @@ class RegistryRest:
         return web.json_response(thing_type_json(self._registry.get_type(request.match_info["name"])))
 
     async def put_type(self, request: web.Request) -> web.Response:
-        """``PUT /api/v1/thing-types/{name}``: create or replace (the version goes up by one)."""
-        body = Body(await read_json(request))
+        """``PUT /api/v1/thing-types/{name}``: create or replace (the version goes up by one); no body: an empty type."""
+        parsed = await read_json(request)
+        if parsed is None and (await request.read()).strip():
+            raise InvalidArgument.single("body", "the body must be a JSON object")  # a JSON null, not an empty body
+        body = Body(parsed)
         description = body.string("description")
         commands = _commands(body)
         allow = body.data.get("allowUndefinedActions")

@@ -645,7 +645,7 @@ def _registry_paths() -> dict[str, Any]:
                 "operationId": "putThingType",
                 "summary": "Create or replace a thing type; every schema is checked first (admin)",
                 "parameters": [_TYPE_NAME],
-                "requestBody": {"required": True, "content": _json(_ref("PutThingTypeRequest"))},
+                "requestBody": {"required": False, "content": _json(_ref("PutThingTypeRequest"))},
                 "responses": {
                     "200": {"description": "The stored thing type.", "content": _json(_ref("ThingType"))},
                     **_responses(*_AUTH_ERRORS),
