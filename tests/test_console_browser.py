@@ -30,7 +30,11 @@ CHROMIUM = shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) i
 SECTION = "### Thing types: commands with schemas"
 EXPECT_TIMEOUT_MS = 10_000
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
+)
+# The browser logs every 4xx answer; those the console expects (a bad key, a refused send) it shows itself.
+EXPECTED_REFUSAL = "Failed to load resource: the server responded with a status of 4"
 
 
 # ---- the README's dimmer example ----------------------------------------------------------
@@ -125,8 +129,7 @@ def open_page(browser: Browser, console: Console) -> Iterator[Callable[..., Page
         page.set_default_timeout(EXPECT_TIMEOUT_MS)
 
         def on_console(msg: ConsoleMessage) -> None:
-            # The browser logs every 4xx answer; those the console expects (a bad key, a refused send) it shows itself.
-            if msg.type == "error" and not msg.text.startswith("Failed to load resource: the server responded with a status of 4"):
+            if msg.type == "error" and not msg.text.startswith(EXPECTED_REFUSAL):
                 errors.append(msg.text)
 
         page.on("console", on_console)
@@ -148,8 +151,8 @@ def sign_in(page: Page, key: str) -> None:
     expect(page.get_by_role("button", name="Sign out")).to_be_visible()
 
 
-def shot(console: Console, page: Page, name: str) -> None:
-    page.screenshot(path=str(console.shots / f"{name}.png"), full_page=False)
+def shot(console: Console, page: Page, name: str, *, full_page: bool = False) -> None:
+    page.screenshot(path=str(console.shots / f"{name}.png"), full_page=full_page)
 
 
 def row(page: Page, execution_id: str) -> Any:
@@ -166,6 +169,16 @@ def rest(console: Console, method: str, path: str, body: Any = None, key: str = 
     request.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(request, timeout=10) as resp:
         return json.loads(resp.read() or b"null")
+
+
+def dim(console: Console, thing: str, output_mode: str, dimming: int) -> Any:
+    """Send the dimmer command over REST (as the operator): the execution as the answer shows it."""
+    return rest(
+        console,
+        "POST",
+        "/commands",
+        {"thingId": thing, "action": "dimming", "params": {"output_mode": output_mode, "dimming": dimming}},
+    )
 
 
 def drain(device: EmqxDevice) -> None:
@@ -225,7 +238,7 @@ def test_the_dimmer_form_sends_the_readme_payload_and_the_table_follows_it_live(
     page.locator('select[data-path="params.output_mode"]').select_option(label=params["output_mode"])
     page.locator('input[data-path="params.dimming"]').fill(str(params["dimming"]))
     page.locator('input[data-path="params.period_s"]').fill(str(params["period_s"]))
-    shot(console, page, "send-form")
+    shot(console, page, "send-form", full_page=True)
     page.get_by_role("button", name="Send", exact=True).click()
     expect(page.locator(".outcome")).to_contain_text("Sent")
 
@@ -236,7 +249,8 @@ def test_the_dimmer_form_sends_the_readme_payload_and_the_table_follows_it_live(
     new_row = row(watcher, execution_id)
     expect(new_row).to_have_attribute("data-status", re.compile("SENT|DELIVERED"))
     expect(new_row.locator("td").nth(2)).to_have_text("dimming")
-    console.device.respond(execution_id, "SUCCEEDED", {"dimming": 50}, statusReason={"reasonCode": "OK", "reasonDescription": "dimmed"})
+    reason = {"reasonCode": "OK", "reasonDescription": "dimmed"}
+    console.device.respond(execution_id, "SUCCEEDED", {"dimming": 50}, statusReason=reason)
     # ...and sees it succeed, reason code and reason included.
     expect(new_row).to_have_attribute("data-status", "SUCCEEDED")
     expect(new_row.locator('[data-col="reasonCode"]')).to_have_text("OK")
@@ -257,7 +271,7 @@ def test_server_violations_are_shown_on_the_fields_their_paths_name(open_page: C
     expect(page.locator('[data-field="params.output_mode"] .field-error')).to_contain_text("required")
     expect(page.locator('input[data-path="params.dimming"]')).to_have_attribute("aria-invalid", "true")
     expect(page.locator('[data-field="params.priority"] .field-error')).to_be_hidden()
-    shot(console, page, "send-violations")
+    shot(console, page, "send-violations", full_page=True)
     # The raw-JSON editor gets the server's violation of a value the form does not offer.
     page.get_by_role("button", name="Edit as raw JSON").click()
     raw = page.get_by_label("Params (JSON object)")
@@ -267,7 +281,7 @@ def test_server_violations_are_shown_on_the_fields_their_paths_name(open_page: C
 
 
 def test_filters_are_in_the_url_and_the_server_applies_them(open_page: Callable[..., Page], console: Console) -> None:
-    pending = rest(console, "POST", "/commands", {"thingId": "lamp-8", "action": "dimming", "params": {"output_mode": "on", "dimming": 3}})
+    pending = dim(console, "lamp-8", "on", 3)
     page = open_page("#/commands", console.keys["viewer"])
     expect(row(page, pending["executionId"])).to_be_visible()
     page.get_by_label("Thing").fill("lamp-8")
@@ -293,7 +307,7 @@ def test_filters_are_in_the_url_and_the_server_applies_them(open_page: Callable[
 
 
 def test_detail_cancel_and_rerun(open_page: Callable[..., Page], console: Console) -> None:
-    pending = rest(console, "POST", "/commands", {"thingId": "lamp-8", "action": "dimming", "params": {"output_mode": "off", "dimming": 0}})
+    pending = dim(console, "lamp-8", "off", 0)
     page = open_page("#/commands?thing=lamp-8", console.keys["operator"])
     row(page, pending["executionId"]).get_by_role("link", name=pending["executionId"]).click()
     expect(page.get_by_role("heading", name=f"Execution {pending['executionId']}")).to_be_visible()
@@ -301,7 +315,8 @@ def test_detail_cancel_and_rerun(open_page: Callable[..., Page], console: Consol
     expect(details).to_have_attribute("data-status", "QUEUED")
     # Params as sent: the type's const and default filled in.
     sent = json.loads(page.locator('[data-json="params"]').inner_text())
-    assert sent == {"f_port": 60, "priority": "LOW", "confirmed": "false", "command": "dimming", "output_mode": "off", "dimming": 0}
+    filled = {"f_port": 60, "priority": "LOW", "confirmed": "false", "command": "dimming"}
+    assert sent == {**filled, "output_mode": "off", "dimming": 0}
     expect(details.get_by_role("link", name="lamp-8")).to_have_attribute("href", "#/things/lamp-8")
     page.get_by_role("button", name="Cancel").click()
     expect(details).to_have_attribute("data-status", "CANCELED")
@@ -319,7 +334,7 @@ def test_detail_cancel_and_rerun(open_page: Callable[..., Page], console: Consol
 
 def test_a_succeeded_execution_shows_its_result_and_full_history(open_page: Callable[..., Page], console: Console) -> None:
     drain(console.device)
-    sent = rest(console, "POST", "/commands", {"thingId": "lamp-7", "action": "dimming", "params": {"output_mode": "on", "dimming": 7}})
+    sent = dim(console, "lamp-7", "on", 7)
     page = open_page(f"#/executions/{sent['executionId']}", console.keys["operator"])
     execution_id, _ = console.device.next_request(10)
     assert execution_id == sent["executionId"]
@@ -360,7 +375,7 @@ def test_things_and_types_pages(open_page: Callable[..., Page], console: Console
 
 
 def test_a_viewer_sees_no_send_cancel_or_rerun(open_page: Callable[..., Page], console: Console) -> None:
-    pending = rest(console, "POST", "/commands", {"thingId": "lamp-8", "action": "dimming", "params": {"output_mode": "on", "dimming": 1}})
+    pending = dim(console, "lamp-8", "on", 1)
     page = open_page("#/commands", console.keys["viewer"])
     expect(page.locator("#who")).to_contain_text("viewer")
     nav = page.get_by_role("navigation", name="Main")

@@ -76,9 +76,11 @@ REST_ROLES = {
     ("PUT", "/api/v1/thing-types/{name}"): Role.ADMIN,
     ("DELETE", "/api/v1/thing-types/{name}"): Role.ADMIN,
     ("GET", "/api/v1/events"): Role.VIEWER,
+    ("GET", "/api/v1/whoami"): Role.VIEWER,
 }
 # Routes without an API key: the OpenAPI document is public, KP1 devices present their endpoint token.
-PUBLIC = {OPENAPI_PATH, HEALTHZ_PATH, READYZ_PATH}
+# The console's page and files are public too: they hold no data (it signs in with a key).
+PUBLIC = {OPENAPI_PATH, HEALTHZ_PATH, READYZ_PATH, "/", "/console/{file}"}
 DEVICE_PREFIX = "/kp1/"
 
 

@@ -40,7 +40,7 @@ READYZ_PATH = "/readyz"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Every operator route (commands, registry, events), each naming its operation.
-REST_ROUTES = http_rest.ROUTES + http_registry.ROUTES + http_events.ROUTES
+REST_ROUTES = http_rest.ROUTES + http_registry.ROUTES + http_events.ROUTES + http_console.ROUTES
 # What is not ready, by part; empty when the service is ready (FleetcmdApp.readiness).
 Readiness = Callable[[], Awaitable[dict[str, str]]]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from server.api.http_rest import API_PREFIX, authorize
+from server.api.http_rest import API_PREFIX, RestRoute, authorize
 from server.core.apikeys import ApiKeys
 from server.core.authz import Operation
 
@@ -28,6 +28,9 @@ INDEX_PATH = "/"
 STATIC_PREFIX = "/console/"
 STATIC_PATH = STATIC_PREFIX + "{file}"
 WHOAMI = f"{API_PREFIX}/whoami"
+
+# The console's one API route: any valid key may ask who it is (LIST is the least role's operation).
+ROUTES: tuple[RestRoute, ...] = (RestRoute("GET", WHOAMI, "whoami", Operation.LIST),)
 
 # The shipped files and their media types; a file not listed here is not served (no directory walk).
 FILES: dict[str, str] = {
@@ -122,8 +125,8 @@ class Console:
 
     async def whoami(self, request: web.Request) -> web.Response:
         """``GET /api/v1/whoami``: the caller's key id, name and role (any valid key; 401 otherwise)."""
-        # Every key may read executions (the least role): that is "any valid key".
-        principal = await authorize(self._keys, request, Operation.LIST)
+        # Authorized here rather than by guarded_routes: the answer is the principal the check finds.
+        principal = await authorize(self._keys, request, ROUTES[0].operation)
         return web.json_response({"keyId": principal.key_id, "name": principal.name, "role": principal.role.name.lower()})
 
 

@@ -1,4 +1,4 @@
-// Small DOM helpers: elements are built with createElement and textContent only (never innerHTML),
+// Small DOM helpers: elements are built with createElement and textContent only (never parsed as HTML),
 // so no value from the server or the URL is ever parsed as markup.
 
 /**

@@ -66,6 +66,9 @@ export function sendView(main, params, ctx) {
   }
 
   async function choose(t) {
+    // A search still under way would list suggestions again under the chosen thing.
+    clearTimeout(timer);
+    searchSeq += 1;
     thing = t;
     thingInput.value = t.thingId;
     replace(thingList);
@@ -242,7 +245,13 @@ export function sendView(main, params, ctx) {
   root.addEventListener("submit", submit);
   let timer = 0;
   thingInput.addEventListener("input", () => {
-    thing = null;
+    if (thing && thingInput.value.trim() !== thing.thingId) {
+      // Another thing: its type (and so its actions and form) is not known until it is picked.
+      thing = null;
+      commands = {};
+      replace(thingInfo);
+      renderAction(true);
+    }
     clearTimeout(timer);
     timer = setTimeout(search, 150);
   });
