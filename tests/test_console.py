@@ -151,3 +151,6 @@ def test_the_console_package_is_files_read_by_http_console_alone() -> None:
     assert sorted(p.name for p in (server / "console").rglob("*.py")) == ["__init__.py"]
     readers = sorted(str(p.relative_to(server)) for p in server.rglob("*.py") if '"server.console"' in p.read_text())
     assert readers == ["api/http_console.py"]
+
+
+PAGE_SIZE = int(re.search(r"export const PAGE_SIZE = (\d+);", (STATIC / "commands.js").read_text()).group(1))  # type: ignore[union-attr]
