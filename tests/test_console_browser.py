@@ -233,6 +233,7 @@ def test_the_dimmer_form_sends_the_readme_payload_and_the_table_follows_it_live(
     expect(page.locator('[data-field="params.dimming"] .required')).to_have_count(1)
     expect(page.locator('[data-field="params.period_s"] .required')).to_have_count(0)
     expect(page.locator('input[data-path="params.dimming"]')).to_have_attribute("type", "number")
+    expect(page.get_by_label("Params (JSON object)")).to_be_hidden()  # the raw editor is the fallback, not shown too
     # Fill in what the README's `send` gives.
     priority.select_option(label=params["priority"])
     page.locator('select[data-path="params.output_mode"]').select_option(label=params["output_mode"])
@@ -274,6 +275,7 @@ def test_server_violations_are_shown_on_the_fields_their_paths_name(open_page: C
     shot(console, page, "send-violations", full_page=True)
     # The raw-JSON editor gets the server's violation of a value the form does not offer.
     page.get_by_role("button", name="Edit as raw JSON").click()
+    expect(page.locator('input[data-path="params.dimming"]')).to_be_hidden()
     raw = page.get_by_label("Params (JSON object)")
     raw.fill(json.dumps({"output_mode": "strobe", "dimming": 1}))
     page.get_by_role("button", name="Send", exact=True).click()
@@ -323,7 +325,7 @@ def test_detail_cancel_and_rerun(open_page: Callable[..., Page], console: Consol
     expect(page.locator("table.history tbody tr").last).to_have_attribute("data-status", "CANCELED")
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
     assert rest(console, "GET", f"/commands/{pending['executionId']}")["status"] == "CANCELED"
-    shot(console, page, "execution-canceled")
+    shot(console, page, "execution-canceled", full_page=True)
     page.get_by_role("button", name="Re-run").click()
     expect(page.get_by_role("heading", name=re.compile("^Execution ")).locator("code")).not_to_have_text(pending["executionId"])
     expect(page.locator("dl.fields").get_by_role("link", name=pending["executionId"])).to_be_visible()
@@ -349,7 +351,7 @@ def test_a_succeeded_execution_shows_its_result_and_full_history(open_page: Call
     console.device.respond(execution_id, "FAILED")
     expect(page.locator("table.history tbody tr.late")).to_have_count(1)
     expect(page.locator("dl.fields")).to_have_attribute("data-status", "SUCCEEDED")
-    shot(console, page, "execution")
+    shot(console, page, "execution", full_page=True)
 
 
 def test_things_and_types_pages(open_page: Callable[..., Page], console: Console) -> None:

@@ -93,8 +93,8 @@ export function thingView(main, params, ctx) {
   return () => { abort.abort(); recent.stop(); };
 }
 
-function schemaSummary(schema) {
-  if (!schema) return h("p", { class: "muted" }, "No schema: any JSON object.");
+function schemaSummary(schema, anything) {
+  if (!schema) return h("p", { class: "muted" }, `No schema: ${anything}.`);
   const props = schema.properties && typeof schema.properties === "object" ? Object.entries(schema.properties) : [];
   const required = new Set(Array.isArray(schema.required) ? schema.required : []);
   const constraint = (s) => {
@@ -144,8 +144,8 @@ export function typesView(main, params) {
         h("h3", {}, h("code", {}, action)),
         c.description ? h("p", {}, c.description) : null,
         c.defaultTtlSeconds ? h("p", { class: "muted" }, `Default TTL ${c.defaultTtlSeconds} s`) : null,
-        h("h4", {}, "Params"), schemaSummary(c.paramsSchema),
-        h("h4", {}, "Result"), schemaSummary(c.resultSchema))))) : h("p", { class: "muted" }, "No thing types."));
+        h("h4", {}, "Params"), schemaSummary(c.paramsSchema, "any JSON object"),
+        h("h4", {}, "Result"), schemaSummary(c.resultSchema, "any JSON value"))))) : h("p", { class: "muted" }, "No thing types."));
     const target = wanted && document.getElementById(`type-${wanted}`);
     if (target) { target.classList.add("highlight"); target.scrollIntoView(); }
   })().catch((err) => {
