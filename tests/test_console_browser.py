@@ -494,3 +494,58 @@ def test_the_table_keeps_up_with_a_thousand_changes_a_second(open_page: Callable
     assert len(frames) > 60 and max(frames) < 250, max(frames)
     assert stats["longTasks"] < 1000, stats["longTasks"]
     shot(console, page, "commands-under-load")
+
+
+def test_send_with_a_ttl_and_wait_for_the_result(open_page: Callable[..., Page], console: Console) -> None:
+    drain(console.device)
+    page = open_page("#/send?thing=lamp-7", console.keys["operator"])
+    expect(page.locator(".thing-info")).to_contain_text("online")
+    page.get_by_label("Action").select_option("dimming")
+    page.locator('select[data-path="params.output_mode"]').select_option(label="on")
+    page.locator('input[data-path="params.dimming"]').fill("12.5")
+    expect(page.get_by_label("TTL (seconds)")).to_have_attribute("placeholder", "3600")  # the type's default
+    page.get_by_label("TTL (seconds)").fill("120")
+    page.get_by_label("Wait for the result").check()
+    page.get_by_role("button", name="Send", exact=True).click()
+    execution_id, request = console.device.next_request(10)
+    assert request["ttl"] == 120
+    assert request["params"]["dimming"] == 12.5
+    # The page waits for the answer: nothing is shown as sent before the device answers.
+    expect(page.locator(".outcome")).to_be_empty()
+    console.device.respond(execution_id, "SUCCEEDED", {"level": 12.5})
+    outcome = page.locator(".outcome")
+    expect(outcome.locator(f'[data-execution="{execution_id}"] [data-status]')).to_have_text("SUCCEEDED")
+    expect(outcome.locator("pre")).to_have_text(json.dumps({"level": 12.5}, indent=2))
+
+
+def test_every_control_is_labelled_and_tables_have_headers(open_page: Callable[..., Page], console: Console) -> None:
+    page = open_page()
+    # Keyboard only: the key field has focus, Enter signs in.
+    expect(page.get_by_label("API key")).to_be_focused()
+    page.keyboard.type(console.keys["operator"])
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Commands")).to_be_focused()
+    unlabelled = """() => [...document.querySelectorAll("main input, main select, main textarea, main button")]
+        .filter((el) => !el.hidden && el.offsetParent !== null)
+        .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label") && !el.textContent.trim())
+        .map((el) => el.outerHTML)"""
+    headless = """() => [...document.querySelectorAll("main table")]
+        .filter((t) => !t.querySelector("caption") && !t.closest("section[aria-label], article, section.type")
+                    || !t.querySelector("thead th[scope=col]"))
+        .map((t) => t.className)"""
+    for route, ready in [
+        ("#/commands", "table.executions[aria-busy=false]"),
+        ("#/send?thing=lamp-7", "select#send-action"),
+        ("#/things", "table.things[aria-busy=false]"),
+        ("#/things/lamp-7", "table.executions[aria-busy=false]"),
+        ("#/types", "section.type"),
+    ]:
+        page.goto(console.url + route)
+        page.locator(ready).first.wait_for()
+        assert page.evaluate(unlabelled) == [], route
+        assert page.evaluate(headless) == [], route
+    # From the navigation to a page by keyboard: Tab to the link, Enter.
+    page.goto(console.url + "#/commands")
+    page.get_by_role("link", name="Things").focus()
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Things")).to_be_focused()
