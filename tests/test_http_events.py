@@ -351,6 +351,17 @@ async def test_every_role_may_stream_and_no_key_is_401(app: FleetcmdApp) -> None
         await wait_watchers(app, 0)
 
 
+async def test_head_answers_the_headers_and_holds_nothing_open(app: FleetcmdApp) -> None:
+    assert app.ports is not None
+    headers = {"Authorization": f"Bearer {admin_key(app.settings.data_dir)}"}
+    async with (
+        aiohttp.ClientSession(f"http://127.0.0.1:{app.ports.http}", timeout=TIMEOUT) as session,
+        session.head(EVENTS, headers=headers) as response,
+    ):
+        assert (response.status, response.headers["Content-Type"]) == (200, "text/event-stream")
+    assert app.core is not None and len(app.core.bus) == 0
+
+
 async def test_heartbeats_and_a_client_that_left_is_let_go(app: FleetcmdApp, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http_events, "HEARTBEAT_SECONDS", 0.05)
     async with stream(app) as sse:
