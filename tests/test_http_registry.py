@@ -125,6 +125,10 @@ async def test_create_names_every_bad_field_as_rest_spells_it(http: Http) -> Non
     assert set(bad) == {"thingId", "thingType", "attributes['k']"}
     assert "required" in error(await http.call("POST", THINGS, json={}), 400, "INVALID_ARGUMENT")["thingId"]
     assert "empty" in error(await http.call("POST", THINGS, json={"thingId": ""}), 400, "INVALID_ARGUMENT")["thingId"]
+    # Any character a topic level allows, a newline too, is a thing id; its Location is a quoted URL path.
+    odd = await http.call("POST", THINGS, json={"thingId": "a\nb c%"})
+    assert odd.status == 201 and odd.headers["Location"] == f"{THINGS}/a%0Ab%20c%25"
+    assert (await http.call("GET", odd.headers["Location"])).body["thingId"] == "a\nb c%"
     unknown = error(await http.call("POST", THINGS, json={"thingId": "t", "thingType": "nope"}), 400, "INVALID_ARGUMENT")
     assert set(unknown) == {"thingType"} and "thing_type" not in unknown["thingType"]
     version = error(await http.call("POST", THINGS, json={"thingId": "t", "kaaAppVersion": "a/b"}), 400, "INVALID_ARGUMENT")

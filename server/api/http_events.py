@@ -163,9 +163,11 @@ class EventsRest:
             check_resume(after, self._core.store.purged_through())
         except FailedPrecondition as exc:
             raise FailedPrecondition(_resume_words(str(exc))) from None
-        response = web.StreamResponse(
-            headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+        headers = {"Content-Type": CONTENT_TYPE, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if request.method == "HEAD":
+            # aiohttp answers HEAD on every GET route: the stream's headers, and no stream to hold open.
+            return web.Response(headers=headers)
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
         batches = aiter(self._core.stream(flt, after))
         stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -277,7 +278,8 @@ class RegistryRest:
         return web.json_response(
             {"thing": self._thing(thing), "credentials": credentials_json(thing_id, password, kaa_token)},
             status=201,
-            headers={"Location": f"{THINGS}/{thing_id}"},
+            # A thing id may hold any character but a topic separator or wildcard (a newline too): quoted, as a URL path.
+            headers={"Location": f"{THINGS}/{quote(thing_id, safe='')}"},
         )
 
     async def delete_thing(self, request: web.Request) -> web.Response:

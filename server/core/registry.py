@@ -152,6 +152,10 @@ class ThingIndex:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def count_of_type(self, thing_type: str) -> int:
+        """How many things are of ``thing_type``."""
+        return len(self._by_type.get(thing_type, ()))
+
     def add(self, thing: ThingRecord) -> None:
         """Index a new thing."""
         bisect.insort(self._ids, thing.thing_id)
@@ -498,7 +502,7 @@ class Registry:
             FailedPrecondition: things use it.
         """
         self.get_type(name)
-        users = sum(1 for t in self._things.values() if t.thing_type == name)
+        users = self._index.count_of_type(name)
         if users:
             raise FailedPrecondition(f"thing type {name!r} is used by {users} thing(s)")
         await self._store.delete_thing_type(name)
