@@ -412,7 +412,8 @@ FEED_SCRIPT = """
     const body = new ReadableStream({
       start(controller) {
         window.__feed.push = (events) => {
-          controller.enqueue(enc.encode(events.map((e) => `id: ${++seq}\\nevent: execution\\ndata: ${JSON.stringify(e)}\\n\\n`).join("")));
+          const text = events.map((e) => `id: ${++seq}\\nevent: execution\\ndata: ${JSON.stringify(e)}\\n\\n`);
+          controller.enqueue(enc.encode(text.join("")));
           window.__feed.sent += events.length;
         };
       },
