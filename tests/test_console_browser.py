@@ -15,6 +15,9 @@ import json
 import os
 import re
 import shutil
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -161,8 +164,6 @@ def row(page: Page, execution_id: str) -> Any:
 
 def rest(console: Console, method: str, path: str, body: Any = None, key: str = "operator") -> Any:
     """A REST call made by the test itself (to set up what the console then shows)."""
-    import urllib.request
-
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(console.url + "api/v1" + path, data=data, method=method)
     request.add_header("Authorization", f"Bearer {console.keys[key]}")
@@ -179,6 +180,15 @@ def dim(console: Console, thing: str, output_mode: str, dimming: int) -> Any:
         "/commands",
         {"thingId": thing, "action": "dimming", "params": {"output_mode": output_mode, "dimming": dimming}},
     )
+
+
+def whoami_status(console: Console, key: str) -> int:
+    request = urllib.request.Request(console.url + "api/v1/whoami", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def drain(device: EmqxDevice) -> None:
@@ -473,7 +483,10 @@ def test_the_table_keeps_up_with_a_thousand_changes_a_second(open_page: Callable
     page.add_init_script(FEED_SCRIPT)
     page.goto(console.url + "#/commands")
     page.reload()  # a hash change alone loads nothing: the init script runs on a load
-    sign_in(page, console.keys["viewer"])
+    # However large the store, the table asks the server for one page.
+    with page.expect_request(re.compile(r"/api/v1/commands\?")) as listed:
+        sign_in(page, console.keys["viewer"])
+    assert f"pageSize={PAGE_SIZE}" in listed.value.url
     expect(page.locator(".live-state")).to_have_text("● live")
     expect(page.locator("table.executions")).to_have_attribute("aria-busy", "false")
     # 3 s at 1,000 events a second: 50 events every 50 ms, 40 of them about 10 new executions.
@@ -550,3 +563,24 @@ def test_every_control_is_labelled_and_tables_have_headers(open_page: Callable[.
     page.get_by_role("link", name="Things").focus()
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name="Things")).to_be_focused()
+
+
+def test_a_revoked_key_signs_the_console_out(open_page: Callable[..., Page], console: Console) -> None:
+    assert console.service.ready is not None
+    data_dir = console.service.ready.data_dir
+    made = run_cli("apikey", "create", "--name", "temp", "--role", "operator", "--json", "--data-dir", data_dir)
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    page = open_page("#/things", created["key"])
+    expect(page.locator('tr[data-thing="lamp-7"]')).to_be_visible()
+    revoked = run_cli("apikey", "revoke", created["key_id"], "--data-dir", data_dir)
+    assert revoked.returncode == 0, revoked.stderr
+    # The service caches a key's lookup for a second (server/core/apikeys.py): wait until it refuses the key.
+    deadline = time.monotonic() + 5
+    while whoami_status(console, created["key"]) != 401:
+        assert time.monotonic() < deadline, "the revoked key still works"
+        time.sleep(0.05)
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Thing types").click()
+    expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    expect(page.locator("#status")).to_have_text("The API key was refused: sign in again.")
+    assert page.evaluate("sessionStorage.length") == 0

@@ -4,15 +4,17 @@
 
 const KEY = "fleetcmd.apiKey";
 const ROLE = "fleetcmd.role";
+const NAME = "fleetcmd.keyName";
 const ROLES = { viewer: 1, operator: 2, admin: 3 };
 
 export const session = {
   get key() { return sessionStorage.getItem(KEY); },
   get role() { return sessionStorage.getItem(ROLE) || ""; },
+  get name() { return sessionStorage.getItem(NAME) || ""; },
   /** Whether the signed-in key has at least `role`. */
   can(role) { return (ROLES[this.role] || 0) >= ROLES[role]; },
-  store(key, role) { sessionStorage.setItem(KEY, key); sessionStorage.setItem(ROLE, role); },
-  clear() { sessionStorage.removeItem(KEY); sessionStorage.removeItem(ROLE); },
+  store(key, role, name) { sessionStorage.setItem(KEY, key); sessionStorage.setItem(ROLE, role); sessionStorage.setItem(NAME, name); },
+  clear() { for (const item of [KEY, ROLE, NAME]) sessionStorage.removeItem(item); },
 };
 
 /** A refused request: the REST error body ({code, message, details: [{field, description}]}). */

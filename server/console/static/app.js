@@ -46,7 +46,7 @@ function renderNav(path) {
   replace(nav, session.key ? items : []);
   const who = document.getElementById("who");
   if (session.key) {
-    replace(who, h("span", { "data-role": session.role }, `${sessionStorage.getItem("fleetcmd.keyName") || "key"} · ${session.role}`),
+    replace(who, h("span", { "data-role": session.role }, `${session.name || "key"} · ${session.role}`),
       h("button", { type: "button", class: "secondary", onclick: signOut }, "Sign out"));
   } else {
     replace(who);
@@ -56,7 +56,6 @@ function renderNav(path) {
 
 function signOut() {
   session.clear();
-  sessionStorage.removeItem("fleetcmd.keyName");
   route();
   announce("Signed out.");
 }
@@ -79,8 +78,7 @@ function signInView(main) {
     const key = input.value.trim();
     try {
       const who = await get("/whoami", { key });
-      session.store(key, who.body.role);
-      sessionStorage.setItem("fleetcmd.keyName", who.body.name || who.body.keyId);
+      session.store(key, who.body.role, who.body.name || who.body.keyId);
       announce(`Signed in as ${who.body.name || who.body.keyId} (${who.body.role}).`);
       shownPath = null;
       route();
