@@ -584,3 +584,38 @@ def test_a_revoked_key_signs_the_console_out(open_page: Callable[..., Page], con
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     expect(page.locator("#status")).to_have_text("The API key was refused: sign in again.")
     assert page.evaluate("sessionStorage.length") == 0
+
+
+# GET /api/v1/events answered by a stand-in that ends each stream after one event: the console must
+# reconnect and resume after the last sequence it saw (Last-Event-ID), with the key in the header only.
+RESUME_SCRIPT = """
+(() => {
+  const realFetch = window.fetch.bind(window);
+  window.__streams = [];
+  window.fetch = (url, init) => {
+    if (!String(url).startsWith("/api/v1/events")) return realFetch(url, init);
+    const headers = new Headers(init.headers);
+    window.__streams.push({ url: String(url), lastEventId: headers.get("Last-Event-ID"), auth: headers.get("Authorization") });
+    const seq = 41 + window.__streams.length;
+    const now = new Date().toISOString();
+    const execution = { executionId: `resume${seq}`, commandId: "c", thingId: "lamp-9", action: "ping", params: {}, ttl: 60,
+      status: "QUEUED", result: null, statusReason: null, createdAt: now, updatedAt: now };
+    const text = `: keepalive\\n\\nid: ${seq}\\nevent: execution\\ndata: ${JSON.stringify({ seq, execution, change: {} })}\\n\\n`;
+    return Promise.resolve(new Response(text, { status: 200, headers: { "Content-Type": "text/event-stream" } }));
+  };
+})();
+"""
+
+
+def test_the_event_stream_resumes_after_the_last_event_seen(open_page: Callable[..., Page], console: Console) -> None:
+    page = open_page()
+    page.add_init_script(RESUME_SCRIPT)
+    page.reload()
+    sign_in(page, console.keys["viewer"])
+    # Each stream delivered one event and ended; the console came back for the next one, and showed them.
+    expect(row(page, "resume44")).to_be_visible()
+    streams = page.evaluate("window.__streams")
+    assert [s["lastEventId"] for s in streams[:3]] == [None, "42", "43"]
+    assert {s["auth"] for s in streams} == {f"Bearer {console.keys['viewer']}"}
+    assert all(console.keys["viewer"] not in s["url"] for s in streams)
+    expect(row(page, "resume42")).to_be_visible()
