@@ -1,7 +1,9 @@
 """The HTTP server: one aiohttp application in the service's event loop.
 
-It serves the REST API for operators (``/api/v1/...``, :mod:`server.api.http_rest`),
-its OpenAPI document (``/api/v1/openapi.json``, no key needed) and the device
+It serves the REST API for operators (``/api/v1/...``: commands :mod:`server.api.http_rest`,
+things and types :mod:`server.api.http_registry`, events :mod:`server.api.http_events`),
+its OpenAPI document (``/api/v1/openapi.json``, no key needed), the operator console at ``/``
+(:mod:`server.api.http_console`) and the device
 dialects' routes (:class:`DeviceHttp`; Kaa KP1 polling under ``/kp1/``,
 :mod:`server.dialects.kaa.http`). Every failure is answered with JSON: a dialect's
 own error body under its prefix (KP1's ``{"statusCode", "reasonPhrase"}``),
@@ -21,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from server import __version__
-from server.api import http_rest, openapi
+from server.api import http_console, http_events, http_registry, http_rest, openapi
 from server.core import metrics
 from server.core.apikeys import ApiKeys
 from server.core.authz import Operation, required_role
@@ -37,6 +39,8 @@ HEALTHZ_PATH = "/healthz"
 READYZ_PATH = "/readyz"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Every operator route (commands, registry, events), each naming its operation.
+REST_ROUTES = http_rest.ROUTES + http_registry.ROUTES + http_events.ROUTES + http_console.ROUTES
 # What is not ready, by part; empty when the service is ready (FleetcmdApp.readiness).
 Readiness = Callable[[], Awaitable[dict[str, str]]]
 
@@ -120,6 +124,7 @@ def build_app(
     app = web.Application(client_max_size=body_limit(core.settings.max_params_bytes), middlewares=middlewares)
     app[DEVICE_HTTP] = tuple(devices)
     document = openapi.document(__version__)
+    document["paths"].update(http_console.openapi_paths())
 
     async def get_openapi(request: web.Request) -> web.Response:
         return web.json_response(document)
@@ -144,6 +149,11 @@ def build_app(
     rest = http_rest.RestApi(core, keys)
     app.router.add_routes(rest.routes())
     app.on_shutdown.append(rest.on_shutdown)
+    app.router.add_routes(http_registry.RegistryRest(core.registry, core.settings, keys).routes())
+    events = http_events.EventsRest(core, keys)
+    app.router.add_routes(events.routes())
+    app.on_shutdown.append(events.on_shutdown)
+    app.router.add_routes(http_console.Console(keys).routes())
     for device in devices:
         app.router.add_routes(device.routes)
     return app

@@ -88,6 +88,8 @@ REST_FIELDS = {
     "page_token": "pageToken",
     "created_after": "createdAfter",
     "created_before": "createdBefore",
+    "thing_type": "thingType",
+    "kaa_app_version": "kaaAppVersion",
 }
 
 
@@ -280,7 +282,7 @@ def _query_int(request: web.Request, name: str, violations: list[FieldViolation]
         return None
 
 
-class _Body:
+class Body:
     """Typed access to a JSON object body, collecting every violation."""
 
     def __init__(self, body: Any) -> None:
@@ -297,6 +299,7 @@ class _Body:
         self.data: dict[str, Any] = body
 
     def string(self, name: str, *, required: bool = False) -> str:
+        """Member ``name`` as a string ("" when absent or wrong, which is recorded)."""
         value = self.data.get(name)
         if value is None:
             if required:
@@ -308,6 +311,7 @@ class _Body:
         return value
 
     def integer(self, name: str) -> int | None:
+        """Member ``name`` as an integer (None when absent or wrong, which is recorded)."""
         value = self.data.get(name)
         if value is None:
             return None
@@ -317,6 +321,7 @@ class _Body:
         return number
 
     def object(self, name: str) -> dict[str, Any] | None:
+        """Member ``name`` as a JSON object (None when absent or wrong, which is recorded)."""
         value = self.data.get(name)
         if value is None:
             return None
@@ -326,7 +331,7 @@ class _Body:
         return value
 
 
-def _wait(body: _Body, request: web.Request) -> int:
+def _wait(body: Body, request: web.Request) -> int:
     # The body's value wins, but a query value is checked whenever it is given: a bad one is never ignored.
     queried = _query_int(request, "waitSeconds", body.violations) if "waitSeconds" in request.query else None
     wait = body.integer("waitSeconds")
@@ -427,7 +432,7 @@ def bearer_token(request: web.Request) -> str:
 class RestRoute:
     """One route of the REST API and the operation a caller must be allowed."""
 
-    method: str  # GET (HEAD answered too, as aiohttp does for every GET route) or POST
+    method: str  # GET (HEAD answered too, as aiohttp does for every GET route), POST, PUT or DELETE
     path: str
     handler: str  # the name of the RestApi method that serves it
     operation: Operation
@@ -441,9 +446,51 @@ ROUTES: tuple[RestRoute, ...] = (
     RestRoute("POST", COMMANDS + "/{executionId}/cancel", "cancel", Operation.CANCEL),
     RestRoute("POST", COMMANDS + "/{executionId}/rerun", "rerun", Operation.RERUN),
 )
-_ROUTE_DEF = {"GET": web.get, "POST": web.post}
+_ROUTE_DEF = {"GET": web.get, "POST": web.post, "PUT": web.put, "DELETE": web.delete}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def authorize(keys: ApiKeys, request: web.Request, operation: Operation) -> Principal:
+    """The caller's key, if it may perform ``operation``.
+
+    Raises:
+        HttpError: 401 without a valid key, 403 when the key's role is too weak.
+    """
+    token = bearer_token(request)
+    principal = await keys.authenticate(token) if token else None
+    if principal is None:
+        raise HttpError(
+            401,
+            "UNAUTHENTICATED",
+            "a valid API key is required (Authorization: Bearer ...)",
+            {"WWW-Authenticate": 'Bearer realm="fleetcmd"'},
+        )
+    needed = required_role(operation)
+    if principal.role < needed:
+        raise HttpError(
+            403,
+            "PERMISSION_DENIED",
+            f"{request.method} {request.path} needs the {needed.name.lower()} role; "
+            f"key {principal.key_id} is {principal.role.name.lower()}",
+        )
+    return principal
+
+
+def guarded_routes(api: object, routes: Iterable[RestRoute], keys: ApiKeys) -> list[web.RouteDef]:
+    """The aiohttp routes of ``routes``, each served by ``api``'s method of its name once its operation is authorized."""
+
+    def guard(route: RestRoute) -> Handler:
+        handler: Handler = getattr(api, route.handler)
+        operation = route.operation
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            await authorize(keys, request, operation)
+            return await handler(request)
+
+        return guarded
+
+    return [_ROUTE_DEF[route.method](route.path, guard(route)) for route in routes]
 
 
 class RestApi:
@@ -479,37 +526,7 @@ class RestApi:
 
     def routes(self) -> list[web.RouteDef]:
         """The routes of the REST API (:data:`ROUTES`), each behind its operation's role check."""
-        return [_ROUTE_DEF[route.method](route.path, self._guarded(route)) for route in ROUTES]
-
-    def _guarded(self, route: RestRoute) -> Handler:
-        handler: Handler = getattr(self, route.handler)
-        operation = route.operation
-
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            await self._authorize(request, operation)
-            return await handler(request)
-
-        return guarded
-
-    async def _authorize(self, request: web.Request, operation: Operation) -> Principal:
-        token = bearer_token(request)
-        principal = await self._keys.authenticate(token) if token else None
-        if principal is None:
-            raise HttpError(
-                401,
-                "UNAUTHENTICATED",
-                "a valid API key is required (Authorization: Bearer ...)",
-                {"WWW-Authenticate": 'Bearer realm="fleetcmd"'},
-            )
-        needed = required_role(operation)
-        if principal.role < needed:
-            raise HttpError(
-                403,
-                "PERMISSION_DENIED",
-                f"{request.method} {request.path} needs the {needed.name.lower()} role; "
-                f"key {principal.key_id} is {principal.role.name.lower()}",
-            )
-        return principal
+        return guarded_routes(self, ROUTES, self._keys)
 
     @staticmethod
     def _answer(execution: Execution) -> web.Response:
@@ -521,7 +538,7 @@ class RestApi:
 
     async def send(self, request: web.Request) -> web.Response:
         """``POST /api/v1/commands``."""
-        body = _Body(await read_json(request))
+        body = Body(await read_json(request))
         thing_id = body.string("thingId", required=True)
         action = body.string("action", required=True)
         params = body.object("params")
@@ -570,7 +587,7 @@ class RestApi:
 
     async def rerun(self, request: web.Request) -> web.Response:
         """``POST /api/v1/commands/{executionId}/rerun`` (optional ``waitSeconds`` in the body or query)."""
-        body = _Body(await read_json(request))
+        body = Body(await read_json(request))
         wait = _wait(body, request)
         if body.violations:
             raise InvalidArgument(body.violations)

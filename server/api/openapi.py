@@ -6,6 +6,8 @@ from typing import Any
 
 from broker_hooks.topics import MAX_LEVEL_LENGTH
 from server.core.lifecycle import Status
+from server.core.registry import MAX_ATTRIBUTE_KEY, MAX_ATTRIBUTE_VALUE, MAX_ATTRIBUTES, MAX_DESCRIPTION, TYPE_NAME
+from server.core.schemas import MAX_SCHEMA_DEPTH
 from server.core.validation import MAX_ACTION_LENGTH, MAX_IDEMPOTENCY_KEY_LENGTH, MAX_WAIT_SECONDS
 
 
@@ -232,6 +234,30 @@ def _schemas() -> dict[str, Any]:
             },
             "required": ["code", "message", "details"],
         },
+        **_registry_schemas(),
+        "ExecutionEvent": {
+            "type": "object",
+            "description": "The data of one `event: execution` of GET /api/v1/events.",
+            "properties": {
+                "seq": {"type": "integer", "minimum": 1, "description": "The event's sequence (also its SSE id)."},
+                "execution": {
+                    "anyOf": [_ref("Execution"), {"type": "null"}],
+                    "description": "The execution as it is when the event is written (it may be past `change`); "
+                    "null when retention deleted it.",
+                },
+                "change": {
+                    "allOf": [_ref("StateChange")],
+                    "type": "object",
+                    "properties": {
+                        "executionId": {"type": "string"},
+                        "thingId": {"type": "string"},
+                        "action": {"type": "string"},
+                    },
+                    "required": ["executionId", "thingId", "action"],
+                },
+            },
+            "required": ["seq", "execution", "change"],
+        },
         "KaaPollRequest": {
             "type": "object",
             "properties": {"observe": {"type": "boolean", "description": "Accepted and ignored over HTTP."}},
@@ -259,6 +285,153 @@ def _schemas() -> dict[str, Any]:
     }
 
 
+_ATTRIBUTES = {
+    "type": "object",
+    "maxProperties": MAX_ATTRIBUTES,
+    "propertyNames": {"minLength": 1, "maxLength": MAX_ATTRIBUTE_KEY},
+    "additionalProperties": {"type": "string", "maxLength": MAX_ATTRIBUTE_VALUE},
+}
+_JSON_SCHEMA = {
+    "type": ["object", "boolean", "null"],
+    "description": f"A JSON Schema (draft 2020-12), at most {MAX_SCHEMA_DEPTH} levels deep; null: none. "
+    "A schema the server cannot use (unknown $ref, bad pattern, ...) is a 400 naming it.",
+}
+
+
+def _registry_schemas() -> dict[str, Any]:
+    command = {
+        "type": "object",
+        "properties": {
+            "description": {"type": "string"},
+            "paramsSchema": _JSON_SCHEMA,
+            "resultSchema": _JSON_SCHEMA,
+            "defaultTtlSeconds": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "0: the service default; at most the service's max_ttl.",
+            },
+        },
+        "required": ["description", "paramsSchema", "resultSchema", "defaultTtlSeconds"],
+    }
+    command_input = {
+        "type": "object",
+        "properties": {
+            "description": {"type": ["string", "null"], "maxLength": MAX_DESCRIPTION},
+            "paramsSchema": _JSON_SCHEMA,
+            "resultSchema": _JSON_SCHEMA,
+            "defaultTtlSeconds": {"type": ["integer", "null"], "minimum": 0, "description": "At most the service's max_ttl."},
+        },
+    }
+    action_names = {"minLength": 1, "maxLength": 128}
+    return {
+        "Thing": {
+            "type": "object",
+            "properties": {
+                "thingId": {"type": "string"},
+                "thingType": {"type": "string", "description": "Empty: no type."},
+                "attributes": {"type": "object", "additionalProperties": {"type": "string"}},
+                "online": {"type": "boolean"},
+                "lastSeen": {**_NULLABLE_TIME, "description": "When the device last sent anything (null: never)."},
+                "connectedAt": _NULLABLE_TIME,
+                "clientId": {"type": "string", "description": "MQTT client id of the last connection."},
+                "remoteAddress": {"type": "string"},
+                "createdAt": _TIME,
+                "updatedAt": _TIME,
+                "credentialsRotatedAt": _TIME,
+                "kaaAppVersion": {"type": "string", "description": "Kaa endpoints: the application version."},
+            },
+            "required": [
+                "thingId",
+                "thingType",
+                "attributes",
+                "online",
+                "lastSeen",
+                "connectedAt",
+                "clientId",
+                "remoteAddress",
+                "createdAt",
+                "updatedAt",
+                "credentialsRotatedAt",
+                "kaaAppVersion",
+            ],
+        },
+        "Credentials": {
+            "type": "object",
+            "description": "Shown once: the server keeps only hashes.",
+            "properties": {
+                "clientId": {"type": "string"},
+                "username": {"type": "string"},
+                "password": {"type": "string"},
+                "kaaEndpointToken": {"type": "string", "description": "Kaa endpoints only; else empty."},
+            },
+            "required": ["clientId", "username", "password", "kaaEndpointToken"],
+        },
+        "CreateThingRequest": {
+            "type": "object",
+            "properties": {
+                "thingId": _LEVEL,
+                "thingType": {"type": ["string", "null"], "description": "An existing thing type; empty: none."},
+                "attributes": {**_ATTRIBUTES, "type": ["object", "null"]},
+                "kaaAppVersion": {
+                    "anyOf": [_LEVEL, {"type": ["string", "null"], "maxLength": 0}, {"type": "null"}],
+                    "description": "Register a Kaa endpoint of this application version (the answer carries its token).",
+                },
+            },
+            "required": ["thingId"],
+        },
+        "CreateThingResponse": {
+            "type": "object",
+            "properties": {"thing": _ref("Thing"), "credentials": _ref("Credentials")},
+            "required": ["thing", "credentials"],
+        },
+        "ListThingsResponse": {
+            "type": "object",
+            "properties": {
+                "things": {"type": "array", "items": _ref("Thing")},
+                "nextPageToken": {"type": "string", "description": "Empty on the last page."},
+            },
+            "required": ["things", "nextPageToken"],
+        },
+        "CommandDefinition": command,
+        "ThingType": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "description": {"type": "string"},
+                "commands": {"type": "object", "additionalProperties": _ref("CommandDefinition")},
+                "allowUndefinedActions": {"type": "boolean"},
+                "version": {"type": "integer", "description": "One more on every PUT."},
+                "createdAt": _TIME,
+                "updatedAt": _TIME,
+            },
+            "required": ["name", "description", "commands", "allowUndefinedActions", "version", "createdAt", "updatedAt"],
+        },
+        "PutThingTypeRequest": {
+            "type": "object",
+            "properties": {
+                "description": {"type": ["string", "null"], "maxLength": MAX_DESCRIPTION},
+                "commands": {
+                    "type": ["object", "null"],
+                    "propertyNames": action_names,
+                    "additionalProperties": command_input,
+                },
+                "allowUndefinedActions": {
+                    "type": ["boolean", "null"],
+                    "description": "Accept actions the type does not define (unchecked).",
+                },
+            },
+        },
+        "ListThingTypesResponse": {
+            "type": "object",
+            "properties": {
+                "thingTypes": {"type": "array", "items": _ref("ThingType")},
+                "nextPageToken": {"type": "string", "description": "Empty on the last page."},
+            },
+            "required": ["thingTypes", "nextPageToken"],
+        },
+    }
+
+
 def _responses_component() -> dict[str, Any]:
     return {
         "BadRequest": _error("Invalid request: details names each bad field (code INVALID_ARGUMENT)."),
@@ -267,9 +440,11 @@ def _responses_component() -> dict[str, Any]:
             {"WWW-Authenticate": {"schema": {"type": "string"}}},
         ),
         "Forbidden": _error("The key's role is too weak (code PERMISSION_DENIED)."),
-        "NotFound": _error("No such execution or thing (code NOT_FOUND)."),
+        "NotFound": _error("No such execution, thing or thing type (code NOT_FOUND)."),
         "Conflict": _error(
-            "ALREADY_EXISTS: the idempotency key belongs to another request; FAILED_PRECONDITION: the execution is already final."
+            "ALREADY_EXISTS: the idempotency key belongs to another request, or the thing id is taken; "
+            "FAILED_PRECONDITION: the execution is already final, the thing type is in use, or (events) "
+            "retention deleted events after the resume point."
         ),
         "PayloadTooLarge": _error("The body is larger than the server accepts (1 MiB by default; code PAYLOAD_TOO_LARGE)."),
         "TooManyRequests": _error(
@@ -332,6 +507,211 @@ def _kaa_path(kind: str) -> dict[str, Any]:
     }
 
 
+_PAGE_QUERY = [
+    {
+        "name": "pageSize",
+        "in": "query",
+        "description": "Default 50.",
+        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+    },
+    {
+        "name": "pageToken",
+        "in": "query",
+        "description": "nextPageToken of the previous page (with the same filters).",
+        "schema": {"type": "string"},
+    },
+]
+_THING_ID = {"name": "thingId", "in": "path", "required": True, "schema": _LEVEL}
+_TYPE_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": TYPE_NAME.pattern}}
+_READ_ERRORS = ("400:BadRequest", "401:Unauthorized", "403:Forbidden", "503:Unavailable")
+
+
+def _registry_paths() -> dict[str, Any]:
+    thing = _json(_ref("Thing"))
+    deleted = {"204": {"description": "Deleted."}}
+    return {
+        "/api/v1/things": {
+            "get": {
+                "tags": ["things"],
+                "operationId": "listThings",
+                "summary": "List things sorted by id, filters ANDed (viewer)",
+                "parameters": [
+                    {"name": "thingType", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "attribute",
+                        "in": "query",
+                        "description": "Repeatable key=value (the first '=' splits): things with every one of them.",
+                        "schema": {
+                            "type": "array",
+                            "maxItems": MAX_ATTRIBUTES,
+                            "items": {
+                                "type": "string",
+                                "pattern": f"^[^=]{{1,{MAX_ATTRIBUTE_KEY}}}=[\\s\\S]{{0,{MAX_ATTRIBUTE_VALUE}}}$",
+                            },
+                        },
+                        "style": "form",
+                        "explode": True,
+                    },
+                    {
+                        "name": "presence",
+                        "in": "query",
+                        "description": "online or offline; empty: both.",
+                        "schema": {"type": "string", "enum": ["", "online", "offline"]},
+                    },
+                    {
+                        "name": "q",
+                        "in": "query",
+                        "description": "Only ids starting with this.",
+                        "schema": {"type": "string", "maxLength": MAX_LEVEL_LENGTH},
+                    },
+                    *_PAGE_QUERY,
+                ],
+                "responses": {
+                    "200": {"description": "A page of things.", "content": _json(_ref("ListThingsResponse"))},
+                    **_responses(*_READ_ERRORS),
+                },
+            },
+            "post": {
+                "tags": ["things"],
+                "operationId": "createThing",
+                "summary": "Register a thing; the answer carries its credentials, shown once (admin)",
+                "requestBody": {"required": True, "content": _json(_ref("CreateThingRequest"))},
+                "responses": {
+                    "201": {
+                        "description": "Registered.",
+                        "headers": {"Location": {"description": "/api/v1/things/{thingId}", "schema": {"type": "string"}}},
+                        "content": _json(_ref("CreateThingResponse")),
+                    },
+                    **_responses(*_AUTH_ERRORS, "409:Conflict"),
+                },
+            },
+        },
+        "/api/v1/things/{thingId}": {
+            "get": {
+                "tags": ["things"],
+                "operationId": "getThing",
+                "summary": "One thing with its presence (viewer)",
+                "parameters": [_THING_ID],
+                "responses": {
+                    "200": {"description": "The thing.", "content": thing},
+                    **_responses(*_READ_ERRORS, "404:NotFound"),
+                },
+            },
+            "delete": {
+                "tags": ["things"],
+                "operationId": "deleteThing",
+                "summary": "Unregister a thing and end its connection; its executions stay (admin)",
+                "parameters": [_THING_ID],
+                "responses": {**deleted, **_responses(*_AUTH_ERRORS, "404:NotFound")},
+            },
+        },
+        "/api/v1/things/{thingId}/credentials": {
+            "post": {
+                "tags": ["things"],
+                "operationId": "rotateCredentials",
+                "summary": "New credentials; the old ones stop working and the connection ends (admin)",
+                "parameters": [_THING_ID],
+                "responses": {
+                    "200": {"description": "The new credentials, shown once.", "content": _json(_ref("Credentials"))},
+                    **_responses(*_AUTH_ERRORS, "404:NotFound"),
+                },
+            }
+        },
+        "/api/v1/thing-types": {
+            "get": {
+                "tags": ["thing-types"],
+                "operationId": "listThingTypes",
+                "summary": "List thing types sorted by name (viewer)",
+                "parameters": _PAGE_QUERY,
+                "responses": {
+                    "200": {"description": "A page of thing types.", "content": _json(_ref("ListThingTypesResponse"))},
+                    **_responses(*_READ_ERRORS),
+                },
+            }
+        },
+        "/api/v1/thing-types/{name}": {
+            "get": {
+                "tags": ["thing-types"],
+                "operationId": "getThingType",
+                "summary": "One thing type with its commands and their schemas (viewer)",
+                "parameters": [_TYPE_NAME],
+                "responses": {
+                    "200": {"description": "The thing type.", "content": _json(_ref("ThingType"))},
+                    **_responses(*_READ_ERRORS, "404:NotFound"),
+                },
+            },
+            "put": {
+                "tags": ["thing-types"],
+                "operationId": "putThingType",
+                "summary": "Create or replace a thing type; every schema is checked first (admin)",
+                "parameters": [_TYPE_NAME],
+                "requestBody": {"required": False, "content": _json(_ref("PutThingTypeRequest"))},
+                "responses": {
+                    "200": {"description": "The stored thing type.", "content": _json(_ref("ThingType"))},
+                    **_responses(*_AUTH_ERRORS),
+                },
+            },
+            "delete": {
+                "tags": ["thing-types"],
+                "operationId": "deleteThingType",
+                "summary": "Delete a thing type no thing uses (admin)",
+                "parameters": [_TYPE_NAME],
+                "responses": {**deleted, **_responses(*_AUTH_ERRORS, "404:NotFound", "409:Conflict")},
+            },
+        },
+    }
+
+
+def _events_path() -> dict[str, Any]:
+    sequence = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+    event = {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "description": "The event's sequence (execution events)."},
+            "event": {"type": "string", "enum": ["execution", "error"]},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": {"anyOf": [_ref("ExecutionEvent"), _ref("Error")]},
+            },
+        },
+    }
+    return {
+        "get": {
+            "tags": ["events"],
+            "operationId": "streamEvents",
+            "summary": "Live execution events as Server-Sent Events, resumable with Last-Event-ID (viewer)",
+            "description": "The same filters, order, resume and cut-off rules as gRPC Stream. Each event: `id: <sequence>`, "
+            "`event: execution`, `data: <ExecutionEvent>`; `: keepalive` comments every 15 s. Resume after the "
+            "last sequence received with the Last-Event-ID header (or `after`): no gap, no duplicate; without either "
+            "the stream starts live. A client further behind than the server's stream_buffer events, or a service "
+            "stopping, ends the stream with one `event: error` (data: Error, RESOURCE_EXHAUSTED or UNAVAILABLE): "
+            "reconnect with Last-Event-ID.",
+            "parameters": [
+                {"name": "thingId", "in": "query", "schema": {"type": "string"}},
+                {"name": "executionId", "in": "query", "schema": {"type": "string"}},
+                {"name": "action", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "after",
+                    "in": "query",
+                    "description": "Replay the events after this sequence, then go on live (Last-Event-ID wins).",
+                    "schema": sequence,
+                },
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "description": "The sequence of the last event received (what an EventSource sends).",
+                    "schema": sequence,
+                },
+            ],
+            "responses": {
+                "200": {"description": "The event stream.", "content": {"text/event-stream": {"schema": event}}},
+                **_responses(*_READ_ERRORS, "409:Conflict"),
+            },
+        }
+    }
+
+
 def document(version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document."""
     return {
@@ -346,7 +726,14 @@ def document(version: str) -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearerAuth": []}],
-        "tags": [{"name": "commands"}, {"name": "kaa"}, {"name": "meta"}],
+        "tags": [
+            {"name": "commands"},
+            {"name": "things"},
+            {"name": "thing-types"},
+            {"name": "events"},
+            {"name": "kaa"},
+            {"name": "meta"},
+        ],
         "paths": {
             "/api/v1/commands": {
                 "post": {
@@ -436,6 +823,8 @@ def document(version: str) -> dict[str, Any]:
                     },
                 }
             },
+            **_registry_paths(),
+            "/api/v1/events": _events_path(),
             "/api/v1/openapi.json": {
                 "get": {
                     "tags": ["meta"],

@@ -29,7 +29,7 @@ from server.core.errors import (
     ThingMismatch,
     Unavailable,
 )
-from server.core.events import EventBus, StreamBatch
+from server.core.events import EventBus, StreamBatch, check_resume
 from server.core.ids import new_execution_ids
 from server.core.lifecycle import Outcome, Status, Trigger, initial_status
 from server.core.metrics import ServiceMetrics
@@ -445,12 +445,7 @@ class CommandCore:
             ResourceExhausted: the subscriber fell behind; resume from the last sequence.
             FailedPrecondition: retention deleted events after ``after_sequence``: a replay would have a gap.
         """
-        purged = self.store.purged_through()
-        if after_sequence is not None and after_sequence < purged:
-            raise FailedPrecondition(
-                f"events up to sequence {purged} were deleted by retention (retention_days); "
-                f"resume with after_sequence >= {purged} (the oldest sequence available is {purged + 1})"
-            )
+        check_resume(after_sequence, self.store.purged_through())
         sub = self.bus.subscribe(flt, self.settings.stream_buffer)
         try:
             last = 0

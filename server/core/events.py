@@ -12,8 +12,28 @@ from collections import deque
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from server.core.errors import ResourceExhausted, Unavailable
+from server.core.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from server.core.models import EventFilter, StateChange
+
+
+def check_resume(after_sequence: int | None, purged_through: int) -> None:
+    """Refuse to resume a stream from a sequence whose successors retention deleted (the replay would have a gap).
+
+    Every stream surface calls it before subscribing (``CommandCore.stream``), and the
+    HTTP one also before its answer starts, so the refusal can be an HTTP error.
+
+    Args:
+        after_sequence: The last sequence the caller received (None: start live, always allowed).
+        purged_through: The highest sequence retention deleted (``Store.purged_through``).
+
+    Raises:
+        FailedPrecondition: events after ``after_sequence`` were deleted.
+    """
+    if after_sequence is not None and after_sequence < purged_through:
+        raise FailedPrecondition(
+            f"events up to sequence {purged_through} were deleted by retention (retention_days); "
+            f"resume with after_sequence >= {purged_through} (the oldest sequence available is {purged_through + 1})"
+        )
 
 
 class StreamBatch(NamedTuple):
