@@ -204,6 +204,8 @@ class PostgresStore:
             self._wconn = await asyncpg.connect(self.url)
             await migrate(self._wconn)
             self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=READ_POOL_SIZE)
+            # Listening before reading where the log ends: no commit falls between the two.
+            await self._listen()
         except (OSError, asyncpg.PostgresError) as exc:
             await self._disconnect()
             raise Unavailable(f"cannot open {self._safe_url()}: {exc}") from exc
@@ -356,8 +358,10 @@ class PostgresStore:
         while True:
             if self._listen_conn is None or self._listen_conn.is_closed():
                 await self._listen()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow the cancel that ends this loop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._follow.wait(), POLL_SECONDS)
+                async with asyncio.timeout(POLL_SECONDS):
+                    await self._follow.wait()
             self._follow.clear()
             try:
                 await self._catch_up()
