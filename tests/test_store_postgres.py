@@ -284,9 +284,9 @@ async def test_an_idle_replica_is_woken_by_notify(url: str, monkeypatch: pytest.
 async def test_without_notify_a_replica_still_follows_by_polling(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pg, "POLL_SECONDS", 0.05)
     async with replicas(url, 2) as (a, b):
-        listener = b.store._listen_conn  # noqa: SLF001 - the test drops the notifications on purpose
+        listener = b.store._listen_conn  # the test drops the notifications on purpose
         assert listener is not None
-        await listener.remove_listener(pg.CHANNEL, b.store._notified)  # noqa: SLF001
+        await listener.remove_listener(pg.CHANNEL, b.store._notified)
         monkeypatch.setattr(b.store, "_listen", _never_listen)
         for i in range(3):
             await a.store.create(new(i))
@@ -302,9 +302,9 @@ async def test_a_replica_announces_other_replicas_events_before_its_own_commit(u
     monkeypatch.setattr(pg, "POLL_SECONDS", 60.0)
     async with replicas(url, 2) as (a, b):
         # b hears nothing of a's commits (no notification, no poll): its own commit must bring them first.
-        listener = b.store._listen_conn  # noqa: SLF001
+        listener = b.store._listen_conn
         assert listener is not None
-        await listener.remove_listener(pg.CHANNEL, b.store._notified)  # noqa: SLF001
+        await listener.remove_listener(pg.CHANNEL, b.store._notified)
         for i in range(3):
             await a.store.create(new(i))
         assert b.seen == []
