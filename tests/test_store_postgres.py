@@ -374,3 +374,32 @@ async def test_the_service_runs_on_postgresql(tmp_path: Path, url: str) -> None:
     async with PostgresStore(url) as reopened:
         got = await reopened.get(sent.execution_id)
         assert got is not None and got.thing_id == "t1"
+
+
+# ---- the throwaway server: skipped only without binaries, never in CI ----------------------------
+
+
+def test_without_binaries_the_tests_skip_with_the_reason_or_fail_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pgserver.require_binaries() == pgserver.find_bindir()  # here they are found
+    monkeypatch.setattr(pgserver, "find_bindir", lambda: None)
+    monkeypatch.delenv(pgserver.REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="PostgreSQL binaries not found"):
+        pgserver.require_binaries()
+    monkeypatch.setenv(pgserver.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="FLEETCMD_REQUIRE_POSTGRES=1 and PostgreSQL binaries not found"):
+        pgserver.require_binaries()
+
+
+def test_ci_installs_postgresql_and_requires_its_tests() -> None:
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert 'missing="$missing postgresql"' in ci
+    assert f"export {pgserver.REQUIRE_ENV}=1" in ci
+    assert ci.index(f"export {pgserver.REQUIRE_ENV}=1") < ci.index("\nmake test")
+
+
+def test_the_server_runs_as_the_postgres_user_on_loopback(url: str) -> None:
+    server = pgserver.server()
+    assert server.process.poll() is None and f"127.0.0.1:{server.port}/" in url
+    if server.user is not None:  # as root: PostgreSQL refuses root
+        assert server.user == "postgres"
+        assert (server.root / "data").stat().st_uid == pgserver.pwd.getpwnam("postgres").pw_uid
