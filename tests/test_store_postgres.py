@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from server.app import FleetcmdApp
-from server.core.errors import FleetcmdError
+from server.core.errors import FleetcmdError, Unavailable
 from server.core.lifecycle import Outcome, Status, Trigger
 from server.core.models import DeviceReport, EventFilter, StateChange
 from server.core.validation import SendCommand
@@ -403,3 +403,27 @@ def test_the_server_runs_as_the_postgres_user_on_loopback(url: str) -> None:
     if server.user is not None:  # as root: PostgreSQL refuses root
         assert server.user == "postgres"
         assert (server.root / "data").stat().st_uid == pgserver.pwd.getpwnam("postgres").pw_uid
+
+
+async def test_lost_connections_make_the_store_unavailable_then_it_reconnects(url: str) -> None:
+    async with replicas(url, 1) as (a,):
+        await a.store.create(new(1))
+        admin = await asyncpg.connect(url)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        assert killed >= 2  # the writer and at least one reader
+        # The first write on the dead connection fails as Unavailable (nothing half-done); the next reconnects.
+        outcomes = []
+        for i in range(2, 5):
+            try:
+                outcomes.append((await a.store.create(new(i))).created)
+            except Unavailable:
+                outcomes.append(None)
+        assert outcomes[-1] is True and outcomes.count(None) <= 1
+        got = await a.store.get("e4")
+        assert got is not None

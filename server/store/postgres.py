@@ -106,6 +106,8 @@ FOLLOW_PAGE = 1_000
 # How long a replica holds a request it claimed (and one it created) before another may publish it.
 DEFAULT_LEASE_MS = 30_000
 READ_POOL_SIZE = 4
+# What a lost or refused connection raises (the database restarted, a network cut): the store is unavailable.
+DOWN = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError)
 _E_EXEC_COLUMNS = ", ".join("e." + c for c in EXEC_COLUMNS.split(", "))
 
 
@@ -366,7 +368,7 @@ class PostgresStore:
             try:
                 await self._catch_up()
                 await self._refresh_purged()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Unavailable) as exc:
+            except (*DOWN, asyncpg.PostgresError, Unavailable) as exc:
                 log.warning("following the event log failed (%s); polling again", exc)
 
     async def _listen(self) -> None:
@@ -409,14 +411,14 @@ class PostgresStore:
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:
             rows: list[asyncpg.Record] = await self._readers().fetch(sql, *args)
-        except (OSError, asyncpg.InterfaceError) as exc:
+        except DOWN as exc:
             raise Unavailable(f"store read failed: {exc}") from exc
         return rows
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         try:
             return await self._readers().fetchval(sql, *args)
-        except (OSError, asyncpg.InterfaceError) as exc:
+        except DOWN as exc:
             raise Unavailable(f"store read failed: {exc}") from exc
 
     # ---- writes --------------------------------------------------------------------------
@@ -490,15 +492,19 @@ class PostgresStore:
 
     async def get(self, execution_id: str, *, with_history: bool = False) -> Execution | None:
         """See :meth:`server.store.Store.get`."""
-        async with self._readers().acquire() as conn:
-            row = await conn.fetchrow(f"SELECT {EXEC_COLUMNS} FROM executions WHERE execution_id = $1", execution_id)
-            if row is None:
-                return None
-            if not with_history:
-                return execution_from_row(row)
-            events = await conn.fetch(f"SELECT {EVENT_COLUMNS} FROM events WHERE execution_id = $1 ORDER BY seq", execution_id)
-            reruns = await conn.fetch("SELECT execution_id FROM executions WHERE rerun_of = $1 ORDER BY idx", execution_id)
-            return execution_from_row(row, tuple(event_from_row(e) for e in events), tuple(r[0] for r in reruns))
+        try:
+            async with self._readers().acquire() as conn:
+                row = await conn.fetchrow(f"SELECT {EXEC_COLUMNS} FROM executions WHERE execution_id = $1", execution_id)
+                if row is None:
+                    return None
+                if not with_history:
+                    return execution_from_row(row)
+                sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE execution_id = $1 ORDER BY seq"
+                events = await conn.fetch(sql, execution_id)
+                reruns = await conn.fetch("SELECT execution_id FROM executions WHERE rerun_of = $1 ORDER BY idx", execution_id)
+        except DOWN as exc:
+            raise Unavailable(f"store read failed: {exc}") from exc
+        return execution_from_row(row, tuple(event_from_row(e) for e in events), tuple(r[0] for r in reruns))
 
     async def get_many(self, execution_ids: Sequence[str]) -> list[Execution]:
         """See :meth:`server.store.Store.get_many`."""
