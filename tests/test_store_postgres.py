@@ -9,8 +9,10 @@ service itself on PostgreSQL. Every test gets a new database on the test run's t
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
+import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -19,6 +21,7 @@ import asyncpg
 import pytest
 
 from server.app import FleetcmdApp
+from server.cli import admin as admin_cli
 from server.core.errors import FleetcmdError, Unavailable
 from server.core.lifecycle import Outcome, Status, Trigger
 from server.core.models import DeviceReport, EventFilter, StateChange
@@ -427,3 +430,17 @@ async def test_lost_connections_make_the_store_unavailable_then_it_reconnects(ur
         assert outcomes[-1] is True and outcomes.count(None) <= 1
         got = await a.store.get("e4")
         assert got is not None
+
+
+def test_the_admin_cli_manages_api_keys_in_postgresql(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLEETCMD_DATABASE_URL", url)
+    local = {"data_dir": tmp_path / "unused", "json": True}
+    assert admin_cli.cmd_apikey(argparse.Namespace(apikey_command="create", name="ci", role="operator", **local)) == 0
+    key_id = json.loads(capsys.readouterr().out)["key_id"]
+    assert admin_cli.cmd_apikey(argparse.Namespace(apikey_command="revoke", key_id=key_id, **local)) == 0
+    assert admin_cli.cmd_apikey(argparse.Namespace(apikey_command="list", **local)) == 0
+    listed = capsys.readouterr().out
+    assert key_id in listed and "revoked" in listed
+    assert not (tmp_path / "unused" / "fleetcmd.db").exists()
