@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -444,3 +445,15 @@ def test_the_admin_cli_manages_api_keys_in_postgresql(
     listed = capsys.readouterr().out
     assert key_id in listed and "revoked" in listed
     assert not (tmp_path / "unused" / "fleetcmd.db").exists()
+
+
+async def test_a_value_the_database_refuses_fails_its_write_alone(url: str) -> None:
+    async with replicas(url, 1) as (a,):
+        bad = dataclasses.replace(new(2), params_json='{"n":"\x00"}')  # PostgreSQL text cannot hold NUL
+        outcomes = await asyncio.gather(
+            a.store.create(new(1)), a.store.create(bad), a.store.create(new(3)), return_exceptions=True
+        )
+        assert isinstance(outcomes[1], asyncpg.PostgresError)
+        assert [e.execution_id for e in await a.store.get_many(["e1", "e2", "e3"])] == ["e1", "e3"]
+        assert [e.sequence for e in a.seen] == [1, 2]  # no gap left by the refused write
+        assert len(a.commits) == 1  # still one commit for the batch

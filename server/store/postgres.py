@@ -73,7 +73,7 @@ from server.store import (
     ServiceStore,
     TransitionResult,
 )
-from server.store.postgres_batch import CHANNEL, Batch, Op, Retry
+from server.store.postgres_batch import CHANNEL, LOST, Batch, Op, Retry
 from server.store.postgres_schema import (
     EVENT_COLUMNS,
     EXEC_COLUMNS,
@@ -106,8 +106,6 @@ FOLLOW_PAGE = 1_000
 # How long a replica holds a request it claimed (and one it created) before another may publish it.
 DEFAULT_LEASE_MS = 30_000
 READ_POOL_SIZE = 4
-# What a lost or refused connection raises (the database restarted, a network cut): the store is unavailable.
-DOWN = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError)
 _E_EXEC_COLUMNS = ", ".join("e." + c for c in EXEC_COLUMNS.split(", "))
 
 
@@ -298,18 +296,26 @@ class PostgresStore:
 
     async def _commit(self, ops: list[Op]) -> Batch:
         conn = await self._writer_conn()
+        isolate = False
         for attempt in range(RETRIES + 1):
-            batch = Batch(conn, self.replica, self.lease_ms)
+            isolate = isolate or attempt == RETRIES
+            batch = Batch(conn, self.replica, self.lease_ms, isolate=isolate)
             try:
                 async with conn.transaction():
-                    await batch.run(ops, isolate=attempt == RETRIES)
+                    await batch.run(ops)
                 return batch
             except Retry as conflict:
                 self.retries += 1
                 log.debug("batch conflicted with another writer (%s); running it again", conflict)
                 # Replicas that collided should not collide again in lock step.
                 await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-        raise AssertionError("unreachable: the isolated run does not retry")
+            except asyncpg.PostgresError as exc:
+                if isolate or isinstance(exc, LOST):
+                    raise
+                # A write only the database could refuse (a value it cannot store): find it, alone.
+                log.warning("batch of %d writes failed as a whole (%s); running each in its own savepoint", len(ops), exc)
+                isolate = True
+        raise Unavailable(f"a batch of {len(ops)} writes kept conflicting with other replicas")
 
     def _complete(self, ops: list[Op], events: list[StateChange], seconds: float) -> None:
         # As SqliteStore._complete: the callers marked ``ahead`` resume first, then the listener
@@ -368,7 +374,7 @@ class PostgresStore:
             try:
                 await self._catch_up()
                 await self._refresh_purged()
-            except (*DOWN, asyncpg.PostgresError, Unavailable) as exc:
+            except (*LOST, asyncpg.PostgresError, Unavailable) as exc:
                 log.warning("following the event log failed (%s); polling again", exc)
 
     async def _listen(self) -> None:
@@ -411,14 +417,14 @@ class PostgresStore:
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:
             rows: list[asyncpg.Record] = await self._readers().fetch(sql, *args)
-        except DOWN as exc:
+        except LOST as exc:
             raise Unavailable(f"store read failed: {exc}") from exc
         return rows
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         try:
             return await self._readers().fetchval(sql, *args)
-        except DOWN as exc:
+        except LOST as exc:
             raise Unavailable(f"store read failed: {exc}") from exc
 
     # ---- writes --------------------------------------------------------------------------
@@ -502,7 +508,7 @@ class PostgresStore:
                 sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE execution_id = $1 ORDER BY seq"
                 events = await conn.fetch(sql, execution_id)
                 reruns = await conn.fetch("SELECT execution_id FROM executions WHERE rerun_of = $1 ORDER BY idx", execution_id)
-        except DOWN as exc:
+        except LOST as exc:
             raise Unavailable(f"store read failed: {exc}") from exc
         return execution_from_row(row, tuple(event_from_row(e) for e in events), tuple(r[0] for r in reruns))
 
