@@ -32,6 +32,7 @@ from server.store.postgres import PostgresStore
 from server.store.postgres_schema import SCHEMA_VERSION
 from tests import pgserver
 from tests.conftest import make_settings
+from tests.pgserver import postgres_server  # noqa: F401 - the session fixture
 from tests.test_store_contract import new
 
 
@@ -401,8 +402,8 @@ def test_ci_installs_postgresql_and_requires_its_tests() -> None:
     assert ci.index(f"export {pgserver.REQUIRE_ENV}=1") < ci.index("\nmake test")
 
 
-def test_the_server_runs_as_the_postgres_user_on_loopback(url: str) -> None:
-    server = pgserver.server()
+def test_the_server_runs_as_the_postgres_user_on_loopback(url: str, postgres_server: pgserver.PgServer) -> None:  # noqa: F811
+    server = postgres_server
     assert server.process.poll() is None and f"127.0.0.1:{server.port}/" in url
     if server.user is not None:  # as root: PostgreSQL refuses root
         assert server.user == "postgres"
