@@ -291,7 +291,12 @@ class PostgresStore:
             return
         # Other replicas' events numbered below this batch's are announced first.
         if batch.first_seq and batch.first_seq - 1 > self._delivered:
-            await self._catch_up(batch.first_seq - 1)
+            try:
+                await self._catch_up(batch.first_seq - 1)
+            except (*LOST, asyncpg.PostgresError, Unavailable) as exc:
+                # Committed all the same: the callers get their results; this store's watchers miss
+                # the other replicas' events below this batch (a Stream that resumes reads them).
+                log.error("could not read other replicas' events below sequence %d: %s", batch.first_seq, exc)
         self._complete(ops, batch.events, time.perf_counter() - started)
 
     async def _commit(self, ops: list[Op]) -> Batch:
