@@ -28,6 +28,7 @@ from server.core.lifecycle import Outcome, Status, Trigger
 from server.core.models import DeviceReport, EventFilter, StateChange
 from server.core.validation import SendCommand
 from server.store import postgres as pg
+from server.store import postgres_batch as pg_batch
 from server.store.postgres import PostgresStore
 from server.store.postgres_schema import SCHEMA_VERSION
 from tests import pgserver
@@ -458,3 +459,26 @@ async def test_a_value_the_database_refuses_fails_its_write_alone(url: str) -> N
         assert [e.execution_id for e in await a.store.get_many(["e1", "e2", "e3"])] == ["e1", "e3"]
         assert [e.sequence for e in a.seen] == [1, 2]  # no gap left by the refused write
         assert len(a.commits) == 1  # still one commit for the batch
+
+
+async def test_a_replica_catches_up_page_by_page(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pg, "FOLLOW_PAGE", 3)
+    async with replicas(url, 2) as (a, b):
+        await asyncio.gather(*(a.store.create(new(i)) for i in range(10)))  # one commit, more than three pages
+        await b.wait_for(10)
+        assert_gap_free(b.seen, 10)
+
+
+async def test_a_batch_that_keeps_conflicting_runs_retries_times_then_isolated(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = pg_batch.Batch._write_rows
+
+    async def conflicting(self: pg_batch.Batch) -> None:
+        if not self.isolate:
+            raise pg_batch.Retry("another writer got there first")
+        await real(self)
+
+    async with replicas(url, 1) as (a,):
+        monkeypatch.setattr(pg_batch.Batch, "_write_rows", conflicting)
+        done = await asyncio.gather(a.store.create(new(1)), a.store.create(new(2)))
+        assert a.store.retries == pg.RETRIES  # the last run is the isolated one, which commits
+        assert [r.event.sequence for r in done if r.event] == [1, 2]
