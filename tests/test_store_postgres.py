@@ -463,6 +463,7 @@ async def test_a_value_the_database_refuses_fails_its_write_alone(url: str) -> N
 
 async def test_a_replica_catches_up_page_by_page(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pg, "FOLLOW_PAGE", 3)
+    monkeypatch.setattr(pg, "POLL_SECONDS", 60.0)  # one notification, one catch-up: it must read every page
     async with replicas(url, 2) as (a, b):
         await asyncio.gather(*(a.store.create(new(i)) for i in range(10)))  # one commit, more than three pages
         await b.wait_for(10)
