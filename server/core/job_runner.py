@@ -591,8 +591,8 @@ class JobsCore:
             rows = [r for r in rows if r.thing_id not in self._busy]
         wake = math.inf
         if rows:
-            await self._start(run, rows)
-            run.pacer.took(now)
+            # Paced from the executions' own creation times: what a reader of the store sees is spaced too.
+            run.pacer.took(await self._start(run, rows))
             self._wake.set()  # maybe more may start: look again right after the finals are settled
         if counts.get("RETRYING"):
             run.next_due_ms = await self.store.next_due_ms(run.job_id)
@@ -615,8 +615,8 @@ class JobsCore:
             after = page[-1].seq
         return out[:want]
 
-    async def _start(self, run: _Run, rows: builtins.list[TargetRow]) -> None:
-        """Create the executions of ``rows`` (one store transaction) and hand them to delivery."""
+    async def _start(self, run: _Run, rows: builtins.list[TargetRow]) -> int:
+        """Create the executions of ``rows`` (one store transaction) and hand them to delivery; returns the time of the last."""
         spec = run.spec
         dispatches: builtins.list[JobDispatch] = []
         rejections: builtins.list[tuple[str, int, str]] = []
@@ -634,7 +634,8 @@ class JobsCore:
             )
             dispatches.append(JobDispatch(new))
             seq_of[row.thing_id] = row
-        results = await self.store.dispatch(run.job_id, dispatches, rejections, now_ms())
+        last = max((d.new.created_at_ms for d in dispatches), default=now_ms())
+        results = await self.store.dispatch(run.job_id, dispatches, rejections, last)
         canary_size = self._canary_size(run)
         for thing_id, _attempt, _reason in rejections:
             row = next(r for r in rows if r.thing_id == thing_id)
@@ -661,6 +662,7 @@ class JobsCore:
             self.stats["dispatched"] += 1
             self.core.track(execution)
         self._changed(run)
+        return last
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -826,6 +828,8 @@ class JobsCore:
         )
         log.info("job %s: %s -> %s%s", run.job_id, event.value, target.name, f" ({reason})" if reason else "")
         self._changed(run)
+        if target.final:
+            self._wake.set()  # the loop settles it (stores its counts) once nothing of it is in flight
 
     async def _stop(self, run: _Run, reason: str, *, only_undelivered: bool) -> None:
         """Nothing new starts; the job's executions not final are canceled (or only those not delivered)."""
