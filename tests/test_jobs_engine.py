@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -155,7 +156,7 @@ async def test_max_per_minute_spaces_the_dispatches(app: FleetcmdApp) -> None:
         done = await final(app, job.job_id)
     assert done.counts == {"SUCCEEDED": 6}
     created = sorted(e.created_at_ms for e in await executions(app, job.job_id))
-    gaps = [b - a for a, b in zip(created, created[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(created)]
     assert min(gaps) >= 199, gaps
     assert created[-1] - created[0] < 5 * 200 + 800  # and not much slower than the rate
 
@@ -167,7 +168,7 @@ async def test_ramp_speeds_up_after_each_step(app: FleetcmdApp) -> None:
         job = await jobs_of(app).create(spec(tuple(ids), rollout=jb.Rollout(ramp=ramp)))
         await final(app, job.job_id)
     created = sorted(e.created_at_ms for e in await executions(app, job.job_id))
-    gaps = [b - a for a, b in zip(created, created[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(created)]
     assert gaps[0] >= 999  # 2 notified: still the base rate between the first two
     assert 249 <= gaps[2] < 900 and 62 <= gaps[4] < 600, gaps
 
@@ -223,7 +224,7 @@ async def test_sequential_per_thing_waits_for_the_previous_job(app: FleetcmdApp)
         rollout = jb.Rollout(sequential_per_thing=True)
         first = await jobs_of(app).create(spec(("seq-0",), rollout=rollout))
         second = await jobs_of(app).create(spec(("seq-0",), rollout=rollout, action="update"))
-        eid, body = await dev.wait_request()
+        eid, _body = await dev.wait_request()
         await asyncio.sleep(0.5)
         assert dev.requests.empty()  # the second job's execution waits
         assert (await jobs_of(app).get(second.job_id)).counts == {"PENDING": 1}
