@@ -68,6 +68,7 @@ async def run_job(jobs: JobsCore, spec: jb.JobSpec, timeout: float) -> tuple[jb.
 
 
 async def scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Start the service and the fleet, run the unpaced and the paced job; returns the figures."""
     settings = Settings(
         bind="127.0.0.1",
         mqtt_port=0,
