@@ -369,3 +369,20 @@ async def test_watch_sees_state_and_counts_live(app: FleetcmdApp) -> None:
                 snapshots.append(snap)
     assert snapshots[-1].state is jb.JobState.COMPLETED and snapshots[-1].counts == {"SUCCEEDED": 3}
     assert len({tuple(sorted(s.counts.items())) for s in snapshots}) >= 3  # progress seen on the way
+
+
+async def test_jobs_not_final_are_bounded(app: FleetcmdApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.core import job_runner
+    from server.core.errors import ResourceExhausted
+
+    monkeypatch.setattr(job_runner, "MAX_ACTIVE_JOBS", 2)
+    jobs = jobs_of(app)
+    # Scheduled far ahead: they stay not final.
+    later = jb.Schedule(start_at_ms=now_ms() + 3_600_000)
+    first = await jobs.create(spec(("b-0",), schedule=later))
+    await jobs.create(spec(("b-1",), schedule=later))
+    with pytest.raises(ResourceExhausted):
+        await jobs.create(spec(("b-2",), schedule=later))
+    await jobs.cancel(first.job_id)
+    await final(app, first.job_id)
+    await jobs.create(spec(("b-3",), schedule=later))
