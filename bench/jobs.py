@@ -45,9 +45,14 @@ def max_per_window(times_ms: list[int], window_ms: int = 1000) -> int:
     return max((bisect.bisect_left(times, t + window_ms) - i for i, t in enumerate(times)), default=0)
 
 
-async def run_job(jobs: JobsCore, spec: jb.JobSpec, timeout: float) -> tuple[jb.Job, float, int]:
-    """Create a job and wait until it is final; returns it, the seconds it took and the peak RSS seen meanwhile."""
+async def run_job(jobs: JobsCore, spec: jb.JobSpec, timeout: float) -> tuple[jb.Job, float, int, float]:
+    """Create a job and wait until it is final.
+
+    Returns:
+        The job, the seconds it took, the peak RSS seen meanwhile, the seconds until every target had started.
+    """
     peak = rss_bytes(os.getpid())
+    dispatched: float | None = None
     started = time.perf_counter()
     job = await jobs.create(spec)
 
@@ -62,9 +67,11 @@ async def run_job(jobs: JobsCore, spec: jb.JobSpec, timeout: float) -> tuple[jb.
         async with asyncio.timeout(timeout):
             async for snap in jobs.watch(job.job_id):
                 job = snap
+                if dispatched is None and not job.counts.get("PENDING"):
+                    dispatched = time.perf_counter() - started
     finally:
         sampler.cancel()
-    return job, time.perf_counter() - started, peak
+    return job, time.perf_counter() - started, peak, dispatched or 0.0
 
 
 async def scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -91,13 +98,14 @@ async def scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 targets = jb.Targets(attributes=(("fleet", "bench"),))  # registered things only (not used by default)
             before = rss_bytes(os.getpid())
 
-            job, seconds, peak = await run_job(app.jobs, jb.JobSpec("bench", {"n": 1}, 60, targets), args.timeout)
+            job, seconds, peak, dispatch_s = await run_job(app.jobs, jb.JobSpec("bench", {"n": 1}, 60, targets), args.timeout)
             await asyncio.sleep(1.0)
             after = rss_bytes(os.getpid())
             out["unpaced"] = {
                 "state": job.state.name,
                 "counts": dict(job.counts),
                 "seconds": round(seconds, 3),
+                "all_started_s": round(dispatch_s, 3),
                 "dispatch_to_final_per_s": round(job.targets_total / seconds, 1),
                 "rss_mb": {"before": round(before / MB, 1), "peak": round(peak / MB, 1), "after": round(after / MB, 1)},
                 "rss_growth_mb": round((peak - before) / MB, 1),
@@ -106,7 +114,7 @@ async def scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             rate = args.paced_rate
             paced_targets = jb.Targets(thing_ids=tuple(ids[: args.paced]))
             paced_spec = jb.JobSpec("bench-paced", {"n": 2}, 60, paced_targets, rollout=jb.Rollout(max_per_minute=rate))
-            job, seconds, _peak = await run_job(app.jobs, paced_spec, args.timeout + job.targets_total * 60 / rate)
+            job, seconds, _peak, _dispatch_s = await run_job(app.jobs, paced_spec, args.timeout + job.targets_total * 60 / rate)
             created: list[int] = []
             token: int | None = None
             while True:
@@ -137,10 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paced", type=int, default=1_000, help="targets of the paced job")
     parser.add_argument("--paced-rate", type=int, default=6_000, help="max_per_minute of the paced job")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a job may take")
+    parser.add_argument("--profile", action="store_true", help="profile the service (cProfile, to stderr)")
     args = parser.parse_args(argv)
     raise_nofile(args.fleet * 2 + 2000)
     with tempfile.TemporaryDirectory(prefix="fleetcmd-bench-jobs-") as tmp:
-        result = asyncio.run(scenario(args, Path(tmp)))
+        if args.profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            result = profiler.runcall(asyncio.run, scenario(args, Path(tmp)))
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(40)
+        else:
+            result = asyncio.run(scenario(args, Path(tmp)))
     print(json.dumps(result, indent=2))
     return 0
 

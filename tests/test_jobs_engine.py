@@ -182,9 +182,11 @@ async def test_abort_after_failures_cancels_what_is_not_final(app: FleetcmdApp) 
         job = await jobs_of(app).create(spec(tuple(ids), rollout=jb.Rollout(max_in_flight=2), abort=(criterion,)))
         done = await final(app, job.job_id)
     assert done.state is jb.JobState.ABORTED
-    assert "FAILED" in done.abort_reason and "of 2 finished" in done.abort_reason
-    assert done.counts["FAILED"] == 2
-    assert done.counts.get("SKIPPED", 0) == 8
+    assert "FAILED" in done.abort_reason
+    # The third failing target may start after the first failure (1 finished: below the minimum).
+    assert done.counts["FAILED"] in (2, 3)
+    started = 10 - done.counts["SKIPPED"]
+    assert started <= 4 and done.counts["FAILED"] + done.counts.get("CANCELED", 0) == started
     assert sum(done.counts.values()) == 10
 
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # Targets resolved (read and written) per store round trip.
 RESOLVE_PAGE = 1_000
 # Executions one dispatch transaction creates at most; the loop dispatches again at once if more may start.
-DISPATCH_BATCH = 256
+DISPATCH_BATCH = 500
 # Pages of pending targets one pass reads to find some whose thing is not busy (sequential_per_thing).
 SEQUENTIAL_SCAN_PAGES = 8
 # Executions canceled per round when a job is canceled or aborted.
@@ -147,6 +147,7 @@ class JobsCore:
         self._closed = False
         # Things that started to match a CONTINUOUS job, by job, for the loop to add.
         self._pending_adds: dict[str, set[str]] = {}
+        self._retries_settled = False  # the last settle round made a target RETRY
         self.stats = {"dispatched": 0, "rejected": 0, "retried": 0}
 
     # ---- the commit hook and the registry hook ----------------------------------------------
@@ -446,8 +447,22 @@ class JobsCore:
 
     async def _step(self) -> float | None:
         """One round over every job; returns when (ms) the loop must look again without being woken."""
-        await self._settle_finals()
-        await self._continuous_adds()
+        # The settle write is not awaited before the dispatches: submitted in the same loop turn, they
+        # share the store's commit (the writer keeps their order).
+        settling = self._settle_finals()
+        if settling is not None and self._retries_settled:
+            # A retry is read back from the store when due: its RETRY mark must be committed first.
+            await settling
+            settling = None
+        try:
+            await self._continuous_adds()
+            wake = await self._advance_all()
+        finally:
+            if settling is not None:
+                await settling
+        return wake
+
+    async def _advance_all(self) -> float | None:
         wake: float = math.inf
         for run in list(self._runs.values()):
             try:
@@ -459,10 +474,12 @@ class JobsCore:
             wake = min(wake, at)
         return None if wake == math.inf else wake
 
-    async def _settle_finals(self) -> None:
+    def _settle_finals(self) -> asyncio.Future[builtins.list[None]] | None:
+        """Decide (in memory, at once) what becomes of the targets whose execution is final; returns the store writes."""
         if not self._finals:
-            return
+            return None
         finals, self._finals = self._finals, []
+        self._retries_settled = False
         by_job: dict[str, list[TargetSettle]] = {}
         for tracked, execution_id, status, at_ms in finals:
             if self._busy.get(tracked.thing_id) == execution_id:
@@ -482,13 +499,15 @@ class JobsCore:
                 if tracked.seq < self._canary_size(run):
                     run.canary.move(status.name, "RETRYING")
                 run.next_due_ms = due if run.next_due_ms is None else min(run.next_due_ms, due)
+                self._retries_settled = True
             else:
                 by_job.setdefault(run.job_id, []).append(
                     TargetSettle(tracked.thing_id, tracked.attempt, TargetState.DONE, status)
                 )
             self._changed(run)
-        for job_id, settles in by_job.items():
-            await self.store.settle(job_id, settles)
+        if not by_job:
+            return None
+        return asyncio.gather(*(self.store.settle(job_id, settles) for job_id, settles in by_job.items()))
 
     async def _continuous_adds(self) -> None:
         adds, self._pending_adds = self._pending_adds, {}
