@@ -88,6 +88,9 @@ class _Run:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     version: int = 0
 
+    def __post_init__(self) -> None:
+        self.matcher = jb.Matcher.of(self.spec.targets)
+
     @property
     def job_id(self) -> str:
         return self.rec.job_id
@@ -182,7 +185,7 @@ class JobsCore:
         for run in self._runs.values():
             t = run.spec.targets
             continuous = t.mode is TargetMode.CONTINUOUS and not run.state.final and not run.ended and not t.from_job
-            if continuous and jb.matches(t, thing.thing_id, thing.thing_type, thing.attributes, online):
+            if continuous and run.matcher(thing.thing_id, thing.thing_type, thing.attributes, online):
                 self._pending_adds.setdefault(run.job_id, set()).add(thing.thing_id)
                 self._wake.set()
 
@@ -722,6 +725,7 @@ class JobsCore:
     async def _candidates(self, targets: jb.Targets, cursor: str) -> AsyncIterator[tuple[builtins.list[str], str]]:
         """Pages of matching thing ids after ``cursor`` (by id), with the cursor after each page; never all at once."""
         presence = self.registry.presence
+        match = jb.Matcher.of(targets)
         if targets.from_job:
             statuses = [Status[name] for name in targets.from_statuses]
             while True:
@@ -729,14 +733,14 @@ class JobsCore:
                 if not ids:
                     return
                 cursor = ids[-1]
-                yield [i for i in ids if self._matches_known(targets, i)], cursor
+                yield [i for i in ids if self._matches_known(match, i)], cursor
                 if len(ids) < RESOLVE_PAGE:
                     return
         elif targets.thing_ids:
             ids = sorted(i for i in set(targets.thing_ids) if i > cursor)
             for start in range(0, len(ids), RESOLVE_PAGE):
                 chunk = ids[start : start + RESOLVE_PAGE]
-                yield [i for i in chunk if self._matches_known(targets, i)], chunk[-1]
+                yield [i for i in chunk if self._matches_known(match, i)], chunk[-1]
         else:
             while True:
                 rows = await self.store.thing_page(cursor, RESOLVE_PAGE, targets.thing_type)
@@ -747,25 +751,21 @@ class JobsCore:
                     [
                         thing_id
                         for thing_id, thing_type, attributes in rows
-                        if jb.matches(targets, thing_id, thing_type, attributes, presence(thing_id).online)
+                        if match(thing_id, thing_type, attributes, presence(thing_id).online)
                     ],
                     cursor,
                 )
                 if len(rows) < RESOLVE_PAGE:
                     return
 
-    def _matches_known(self, targets: jb.Targets, thing_id: str) -> bool:
-        # A listed thing nobody registered stays a target (its dispatch records why it is refused).
+    def _matches_known(self, match: jb.Matcher, thing_id: str) -> bool:
+        # A listed thing nobody registered stays a target unless a type or attributes are asked for
+        # (its dispatch records why it is refused).
         thing = self._thing(thing_id)
         online = self.registry.presence(thing_id).online
         if thing is None:
-            bare = (
-                dataclasses.replace(targets, thing_type="", attributes=())
-                if not (targets.thing_type or targets.attributes)
-                else targets
-            )
-            return jb.matches(bare, thing_id, "", {}, online)
-        return jb.matches(targets, thing_id, thing.thing_type, thing.attributes, online)
+            return not (match.thing_type or match.attributes) and match(thing_id, "", {}, online)
+        return match(thing_id, thing.thing_type, thing.attributes, online)
 
     async def _resolve(self, run: _Run) -> None:
         """Resolve the job's targets into the store, a page per transaction, resuming at the stored cursor."""
