@@ -388,3 +388,15 @@ async def test_jobs_not_final_are_bounded(app: FleetcmdApp, monkeypatch: pytest.
     await jobs.cancel(first.job_id)
     await final(app, first.job_id)
     await jobs.create(spec(("b-3",), schedule=later))
+
+
+async def test_a_paused_job_completes_at_its_end_time(app: FleetcmdApp) -> None:
+    ids = [f"pe-{i}" for i in range(5)]
+    async with fleet(app, ids):
+        sched = jb.Schedule(end_at_ms=now_ms() + 1_000)
+        job = await jobs_of(app).create(spec(tuple(ids), rollout=jb.Rollout(max_per_minute=120), schedule=sched))
+        await until(app, job.job_id, lambda j: j.counts.get("SUCCEEDED", 0) >= 1)
+        await jobs_of(app).pause(job.job_id)
+        done = await final(app, job.job_id)
+    assert done.state is jb.JobState.COMPLETED
+    assert done.counts.get("SKIPPED", 0) >= 3 and sum(done.counts.values()) == 5

@@ -421,7 +421,8 @@ class JobsCore:
                     status = row.status or Status.QUEUED
                     tracked = _Tracked(rec.job_id, row.thing_id, row.attempt, row.seq, status)
                     if status.final:
-                        self._finals.append((tracked, row.execution_id, status, row.dispatched_at_ms or now_ms()))
+                        ended_at = row.completed_at_ms or row.dispatched_at_ms or now_ms()
+                        self._finals.append((tracked, row.execution_id, status, ended_at))
                     else:
                         self._inflight[row.execution_id] = tracked
                         run.recancel = rec.state.final
@@ -549,15 +550,15 @@ class JobsCore:
             if now < spec.schedule.start_at_ms:
                 return spec.schedule.start_at_ms
             await self._move(run, JobEvent.START)
-        if run.state is JobState.PAUSED:
-            return end_at if end_at and not run.ended else math.inf
-        if not run.rec.resolved:
-            await self._resolve(run)
-        if run.ended:
+        if run.ended:  # (paused or not) it completes once nothing of it is in flight
             if not run.counts.in_flight() and not self._has_finals(run):
                 await self._move(run, JobEvent.COMPLETE)
                 await self._finish(run)
             return math.inf
+        if run.state is JobState.PAUSED:
+            return end_at or math.inf
+        if not run.rec.resolved:
+            await self._resolve(run)
         reason = jb.abort_reason(spec.abort, run.counts.by_name)
         if not reason and spec.canary is not None and not run.canary_passed:
             verdict = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run))
