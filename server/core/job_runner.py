@@ -744,6 +744,8 @@ class JobsCore:
         async def commit() -> None:
             try:
                 results = await self.store.dispatch(run.job_id, dispatches, rejections, last)
+            except Unavailable:  # the store is closing: the target is still pending in the store
+                return
             except FleetcmdError:
                 log.exception("job %s: a dispatch failed; its target is read again", run.job_id)
                 run.buffer.clear()
