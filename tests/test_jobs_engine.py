@@ -400,3 +400,24 @@ async def test_a_paused_job_completes_at_its_end_time(app: FleetcmdApp) -> None:
         done = await final(app, job.job_id)
     assert done.state is jb.JobState.COMPLETED
     assert done.counts.get("SKIPPED", 0) >= 3 and sum(done.counts.values()) == 5
+
+
+@pytest.mark.parametrize("n", [999, 1000, 1001, 2001])
+async def test_resolution_pages_through_the_targets_and_the_sample_is_bounded(app: FleetcmdApp, n: int) -> None:
+    from server.core import job_runner
+
+    assert job_runner.RESOLVE_PAGE == 1000
+    assert app.registry is not None
+    for i in range(n):
+        await app.registry.create_thing(f"page-{i:05d}", "", {"ring": "p"})
+    jobs = jobs_of(app)
+    by_attr = spec(targets=jb.Targets(attributes=(("ring", "p"),)))
+    dry = await jobs.dry_run(by_attr)
+    assert dry.targets_total == n and len(dry.sample) == jb.MAX_SAMPLE
+    later = jb.Schedule(start_at_ms=now_ms() + 600)
+    job = await jobs.create(dataclasses.replace(by_attr, schedule=later, ttl_seconds=1))
+    started = await until(app, job.job_id, lambda j: j.resolved and j.state is jb.JobState.IN_PROGRESS)
+    assert started.targets_total == n
+    listed = await jobs.dry_run(spec(tuple(f"page-{i:05d}" for i in range(n))))
+    assert listed.targets_total == n
+    await jobs.cancel(job.job_id)
