@@ -189,11 +189,18 @@ class JobsCore:
                 self._finals.append((tracked, event.execution_id, event.status, event.at_ms))
                 self._wake.set()
 
-    def thing_changed(self, thing: ThingRecord) -> None:
-        """Registry hook: a thing was created or changed; CONTINUOUS jobs it now matches get it (in the loop)."""
-        online = self.registry.presence(thing.thing_id).online
+    def thing_changed(self, thing: ThingRecord, came_online: bool = False) -> None:
+        """Registry hook: a thing was created or changed, or came online; CONTINUOUS jobs it now matches get it (in the loop).
+
+        Coming online only matters to ``online_only`` jobs (to the others the thing already was a target).
+        """
+        if not self._runs:
+            return
+        online = came_online or self.registry.presence(thing.thing_id).online
         for run in self._runs.values():
             t = run.spec.targets
+            if came_online and not t.online_only:
+                continue
             continuous = t.mode is TargetMode.CONTINUOUS and not run.state.final and not run.ended and not t.from_job
             if continuous and run.matcher(thing.thing_id, thing.thing_type, thing.attributes, online):
                 self._pending_adds.setdefault(run.job_id, set()).add(thing.thing_id)
