@@ -38,6 +38,7 @@ from server.core.apikeys import ApiKeys
 from server.core.clock import now_ms
 from server.core.commands import CommandCore
 from server.core.errors import ListenError
+from server.core.job_runner import JobsCore
 from server.core.lifecycle import Status
 from server.core.metrics import Kind, Sample, ServiceMetrics, counters
 from server.core.registry import Registry
@@ -45,7 +46,7 @@ from server.dialects import DIALECTS
 from server.dialects.bundle import DialectBundle, DialectContext, DialectRuntime, install
 from server.external_broker.link import ExternalBroker
 from server.external_broker.url import parse_broker_url
-from server.store import ServiceStore, store_from_url
+from server.store import ServiceStore, job_store, store_from_url
 
 log = logging.getLogger("fleetcmd")
 
@@ -112,6 +113,7 @@ class FleetcmdApp:
         self._cancellable: set[asyncio.Task[None]] = set()
         self.store: ServiceStore | None = None
         self.core: CommandCore | None = None
+        self.jobs: JobsCore | None = None
         self.registry: Registry | None = None
         self.keys: ApiKeys | None = None
         self.broker: FleetBroker | None = None
@@ -183,6 +185,18 @@ class FleetcmdApp:
         core.histograms = self.service_metrics
         self.core = core
         restored = await core.restore()
+        # Jobs follow their executions from the commit hook on; restored before anything can change them.
+        jobs_store = job_store(store)
+        if jobs_store is not None:
+            jobs = JobsCore(core, jobs_store, registry)
+            core.job_hook = jobs.on_commit
+            registry.thing_changed = jobs.thing_changed
+            await jobs.restore()
+            self.jobs = jobs
+            stack.callback(jobs.close)
+            self._spawn(jobs.run(), "jobs")
+        else:
+            log.warning("the %s store keeps no jobs: the jobs API answers UNIMPLEMENTED", type(store).__name__)
         self._spawn(core.run_ingest(), "device-ingest", drains=True)
         self._spawn(core.run_expiry(), "ttl-expiry")
         stack.push_async_callback(self._stop_core, core)
