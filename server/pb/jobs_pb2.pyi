@@ -205,15 +205,15 @@ class JobTargets(_message.Message):
     mode: Global___TargetMode.ValueType
     @_builtins.property
     def thing_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Explicit thing ids (each one MQTT topic level)."""
+        """Explicit thing ids (each one MQTT topic level), at most 10,000."""
 
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Things whose attributes all have these values."""
+        """Things whose attributes all have these values (at most 16)."""
 
     @_builtins.property
     def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Things that never get the job."""
+        """Things that never get the job (at most 10,000)."""
 
     def __init__(
         self,
@@ -235,8 +235,9 @@ Global___JobTargets: _TypeAlias = JobTargets  # noqa: Y015
 
 @_typing.final
 class JobRamp(_message.Message):
-    """An exponential ramp: the rate starts at base_per_minute and is multiplied by
-    factor after every every_notified started (or every_succeeded succeeded) executions.
+    """An exponential ramp: the rate starts at base_per_minute (1-6,000,000) and is
+    multiplied by factor (above 1, at most 100) after every every_notified started
+    or every_succeeded succeeded executions (exactly one of the two is set).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -274,9 +275,11 @@ class JobRollout(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     SEQUENTIAL_PER_THING_FIELD_NUMBER: _builtins.int
     max_per_minute: _builtins.int
-    """Executions started per minute; 0: as fast as the service goes."""
+    """Executions started per minute, at most 6,000,000; 0: as fast as the service goes."""
     max_in_flight: _builtins.int
-    """At most this many executions of the job not final at once; 0: no limit."""
+    """At most this many executions of the job not final at once (at most
+    1,000,000); 0: no limit.
+    """
     sequential_per_thing: _builtins.bool
     """A thing never has two executions of jobs with this flag in flight: the
     next waits until the previous one is final.
@@ -303,8 +306,8 @@ Global___JobRollout: _TypeAlias = JobRollout  # noqa: Y015
 
 @_typing.final
 class AbortCriterion(_message.Message):
-    """Abort the job when, among at least min_finished final executions, the share
-    of failure kind is at least threshold_pct percent.
+    """Abort the job when, among at least min_finished (>= 1) final targets, the
+    share of this kind of failure is at least threshold_pct percent (above 0, at most 100).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -332,8 +335,8 @@ Global___AbortCriterion: _TypeAlias = AbortCriterion  # noqa: Y015
 
 @_typing.final
 class Canary(_message.Message):
-    """A first stage of count targets that must reach success_pct percent of
-    successes before the rest starts.
+    """A first stage of count (>= 1) targets that must reach success_pct percent
+    (0-100) of successes before the rest starts.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -375,6 +378,7 @@ class RetryPolicy(_message.Message):
     """0-10 retries per target."""
     backoff: Global___Backoff.ValueType
     base_seconds: _builtins.float
+    """0-86,400 each; max_seconds 0: no cap below 86,400."""
     max_seconds: _builtins.float
     jitter: _builtins.bool
     """Randomize each wait (exponential backoff)."""
@@ -410,7 +414,7 @@ class JobSchedule(_message.Message):
 
     @_builtins.property
     def end_at(self) -> _timestamp_pb2.Timestamp:
-        """Stop at this time (unset: never)."""
+        """Stop at this time (unset: never); after the start and in the future."""
 
     def __init__(
         self,
@@ -454,8 +458,9 @@ class JobSpec(_message.Message):
     params (otherwise such a target's execution is REJECTED with the reason).
     """
     description: _builtins.str
+    """At most 4,096 characters."""
     idempotency_key: _builtins.str
-    """A retry with the same key and spec returns the same job; another spec is ALREADY_EXISTS."""
+    """At most 256 characters. A retry with the same key and spec returns the same job; another spec is ALREADY_EXISTS."""
     @_builtins.property
     def params(self) -> _struct_pb2.Struct:
         """Optional parameters (a JSON object, at most max_params_bytes as JSON)."""
@@ -465,11 +470,15 @@ class JobSpec(_message.Message):
     @_builtins.property
     def rollout(self) -> Global___JobRollout: ...
     @_builtins.property
-    def abort(self) -> _containers.RepeatedCompositeFieldContainer[Global___AbortCriterion]: ...
+    def abort(self) -> _containers.RepeatedCompositeFieldContainer[Global___AbortCriterion]:
+        """At most 8 criteria; the first met aborts the job."""
+
     @_builtins.property
     def canary(self) -> Global___Canary: ...
     @_builtins.property
-    def retries(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetryPolicy]: ...
+    def retries(self) -> _containers.RepeatedCompositeFieldContainer[Global___RetryPolicy]:
+        """At most 4 policies, one per failure type (ANY alone)."""
+
     @_builtins.property
     def schedule(self) -> Global___JobSchedule: ...
     def __init__(
@@ -498,7 +507,9 @@ Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
 
 @_typing.final
 class JobCounts(_message.Message):
-    """How many of a job's targets are in each state."""
+    """How many of a job's targets are in each state (by their latest execution; a
+    target whose thing type refused the action or params counts as rejected).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -512,6 +523,8 @@ class JobCounts(_message.Message):
     REJECTED_FIELD_NUMBER: _builtins.int
     TIMED_OUT_FIELD_NUMBER: _builtins.int
     CANCELED_FIELD_NUMBER: _builtins.int
+    RETRYING_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
     pending: _builtins.int
     """Targets without an execution yet."""
     queued: _builtins.int
@@ -523,6 +536,10 @@ class JobCounts(_message.Message):
     rejected: _builtins.int
     timed_out: _builtins.int
     canceled: _builtins.int
+    retrying: _builtins.int
+    """Waiting for the backoff of a retry."""
+    skipped: _builtins.int
+    """Never started: the job ended first."""
     def __init__(
         self,
         *,
@@ -536,10 +553,12 @@ class JobCounts(_message.Message):
         rejected: _builtins.int = ...,
         timed_out: _builtins.int = ...,
         canceled: _builtins.int = ...,
+        retrying: _builtins.int = ...,
+        skipped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "delivered", b"delivered", "failed", b"failed", "in_progress", b"in_progress", "pending", b"pending", "queued", b"queued", "rejected", b"rejected", "sent", b"sent", "succeeded", b"succeeded", "timed_out", b"timed_out"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "delivered", b"delivered", "failed", b"failed", "in_progress", b"in_progress", "pending", b"pending", "queued", b"queued", "rejected", b"rejected", "retrying", b"retrying", "sent", b"sent", "skipped", b"skipped", "succeeded", b"succeeded", "timed_out", b"timed_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
