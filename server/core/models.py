@@ -122,8 +122,6 @@ class ListQuery:
     page_size: int = 50
     # Keyset position: only executions inserted before this one (exclusive).
     before_index: int | None = None
-    # Only the executions of this job ("" = any).
-    job_id: str = ""
 
 
 @dataclass(frozen=True)
