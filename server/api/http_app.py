@@ -21,12 +21,13 @@ from typing import Any
 from aiohttp import web
 
 from server import __version__
-from server.api import http_rest, openapi
+from server.api import http_jobs, http_rest, openapi
 from server.core import metrics
 from server.core.apikeys import ApiKeys
 from server.core.authz import Operation, required_role
 from server.core.commands import CommandCore
 from server.core.errors import FleetcmdError
+from server.core.job_runner import JobsCore
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,12 @@ def build_app(
     devices: Sequence[DeviceHttp] = (),
     service_metrics: metrics.ServiceMetrics | None = None,
     ready: Readiness | None = None,
+    jobs: JobsCore | None = None,
 ) -> web.Application:
-    """The aiohttp application with every route (``/metrics`` only with ``service_metrics``, ``/readyz`` with ``ready``)."""
+    """The aiohttp application with every route.
+
+    ``/metrics`` only with ``service_metrics``, ``/readyz`` with ``ready``, ``/api/v1/jobs`` with ``jobs``.
+    """
     middlewares: list[Any] = [errors_as_json]
     if service_metrics is not None:
         middlewares.insert(0, request_timer(service_metrics))
@@ -144,6 +149,8 @@ def build_app(
     rest = http_rest.RestApi(core, keys)
     app.router.add_routes(rest.routes())
     app.on_shutdown.append(rest.on_shutdown)
+    if jobs is not None:
+        app.router.add_routes(http_jobs.JobsRestApi(jobs, keys).routes())
     for device in devices:
         app.router.add_routes(device.routes)
     return app
@@ -186,8 +193,9 @@ class HttpServer:
         metrics: metrics.ServiceMetrics | None = None,
         ready: Readiness | None = None,
         shutdown_timeout: float = 2.0,
+        jobs: JobsCore | None = None,
     ) -> None:
-        self.app = build_app(core, keys, devices, metrics, ready)
+        self.app = build_app(core, keys, devices, metrics, ready, jobs)
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
 

@@ -216,6 +216,8 @@ def execution_json(e: Execution, *, detail: bool = False) -> dict[str, Any]:
         "resultViolations": list(e.result_violations),
         "rerunOf": e.rerun_of or None,
         "kaaCommandId": e.kaa_id,
+        "jobId": e.job_id or None,
+        "retryOf": e.retry_of or None,
     }
     if detail:
         out["reruns"] = list(e.reruns)
@@ -411,6 +413,7 @@ def list_filters(request: web.Request) -> pagination.ListFilters:
         created_before_ms=times["createdBefore"],
         page_size=page_size,
         page_token=q.get("pageToken", ""),
+        job_id=q.get("jobId", ""),
     )
 
 
@@ -421,6 +424,32 @@ def bearer_token(request: web.Request) -> str:
     """The token of an ``Authorization: Bearer ...`` header ("" when there is none)."""
     header = request.headers.get("Authorization", "")
     return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
+async def authorize(keys: ApiKeys, request: web.Request, operation: Operation) -> Principal:
+    """The caller of ``request``, allowed ``operation`` (every REST surface checks its routes with this).
+
+    Raises:
+        HttpError: 401 without a valid key, 403 when its role is too weak.
+    """
+    token = bearer_token(request)
+    principal = await keys.authenticate(token) if token else None
+    if principal is None:
+        raise HttpError(
+            401,
+            "UNAUTHENTICATED",
+            "a valid API key is required (Authorization: Bearer ...)",
+            {"WWW-Authenticate": 'Bearer realm="fleetcmd"'},
+        )
+    needed = required_role(operation)
+    if principal.role < needed:
+        raise HttpError(
+            403,
+            "PERMISSION_DENIED",
+            f"{request.method} {request.path} needs the {needed.name.lower()} role; "
+            f"key {principal.key_id} is {principal.role.name.lower()}",
+        )
+    return principal
 
 
 @dataclass(frozen=True)
@@ -492,24 +521,7 @@ class RestApi:
         return guarded
 
     async def _authorize(self, request: web.Request, operation: Operation) -> Principal:
-        token = bearer_token(request)
-        principal = await self._keys.authenticate(token) if token else None
-        if principal is None:
-            raise HttpError(
-                401,
-                "UNAUTHENTICATED",
-                "a valid API key is required (Authorization: Bearer ...)",
-                {"WWW-Authenticate": 'Bearer realm="fleetcmd"'},
-            )
-        needed = required_role(operation)
-        if principal.role < needed:
-            raise HttpError(
-                403,
-                "PERMISSION_DENIED",
-                f"{request.method} {request.path} needs the {needed.name.lower()} role; "
-                f"key {principal.key_id} is {principal.role.name.lower()}",
-            )
-        return principal
+        return await authorize(self._keys, request, operation)
 
     @staticmethod
     def _answer(execution: Execution) -> web.Response:
