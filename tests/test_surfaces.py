@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 import server
-from server.api import grpc_errors, http_rest, pagination
+from server.api import grpc_errors, http_jobs, http_rest, pagination
 from server.api.grpc_auth import METHOD_OPERATION
 from server.api.http_app import HEALTHZ_PATH, METRICS_PATH, OPENAPI_PATH, READYZ_PATH
 from server.app import FleetcmdApp
@@ -36,10 +36,12 @@ from server.core.errors import (
 from server.dialects.kaa.cex import KaaError
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
+from server.pb import jobs_pb2 as jpb
 from server.pb import registry_pb2 as rpb
 from tests.clients import admin_key, app_channel
 
 COMMANDS = "/api/v1/commands"
+JOBS = "/api/v1/jobs"
 
 # ---- authorization --------------------------------------------------------------------------
 
@@ -52,7 +54,7 @@ def test_every_operation_needs_a_role() -> None:
 def test_every_grpc_method_is_an_operation() -> None:
     methods = {
         f"/{service.full_name}/{method.name}"
-        for file in (pb.DESCRIPTOR, rpb.DESCRIPTOR)
+        for file in (pb.DESCRIPTOR, rpb.DESCRIPTOR, jpb.DESCRIPTOR)
         for service in file.services_by_name.values()
         for method in service.methods
     }
@@ -66,6 +68,13 @@ REST_ROLES = {
     ("GET", COMMANDS + "/{executionId}"): Role.VIEWER,
     ("POST", COMMANDS + "/{executionId}/cancel"): Role.OPERATOR,
     ("POST", COMMANDS + "/{executionId}/rerun"): Role.OPERATOR,
+    ("POST", JOBS): Role.OPERATOR,
+    ("GET", JOBS): Role.VIEWER,
+    ("GET", JOBS + "/{jobId}"): Role.VIEWER,
+    ("POST", JOBS + "/{jobId}/pause"): Role.OPERATOR,
+    ("POST", JOBS + "/{jobId}/resume"): Role.OPERATOR,
+    ("POST", JOBS + "/{jobId}/cancel"): Role.OPERATOR,
+    ("POST", JOBS + "/{jobId}/rerun-failed"): Role.OPERATOR,
 }
 # Routes without an API key: the OpenAPI document is public, KP1 devices present their endpoint token.
 PUBLIC = {OPENAPI_PATH, HEALTHZ_PATH, READYZ_PATH}
@@ -73,12 +82,13 @@ DEVICE_PREFIX = "/kp1/"
 
 
 def test_every_rest_route_names_the_role_of_today() -> None:
-    assert {(r.method, r.path): required_role(r.operation) for r in http_rest.ROUTES} == REST_ROLES
+    routes = (*http_rest.ROUTES, *http_jobs.ROUTES)
+    assert {(r.method, r.path): required_role(r.operation) for r in routes} == REST_ROLES
 
 
 async def test_every_http_route_resolves_to_an_operation_or_is_public(app: FleetcmdApp) -> None:
     assert app.http is not None
-    declared = {(r.method, r.path) for r in http_rest.ROUTES}
+    declared = {(r.method, r.path) for r in (*http_rest.ROUTES, *http_jobs.ROUTES)}
     served = set()
     for route in app.http.app.router.routes():
         path = route.resource.canonical if route.resource is not None else ""
@@ -99,7 +109,7 @@ async def session(app: FleetcmdApp) -> AsyncIterator[aiohttp.ClientSession]:
 
 async def _status(session: aiohttp.ClientSession, method: str, path: str, key: str | None) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with session.request(method, path.replace("{executionId}", "0" * 32), headers=headers, json={}) as resp:
+    async with session.request(method, path.replace("{executionId}", "0" * 32).replace("{jobId}", "0" * 32), headers=headers, json={}) as resp:
         await resp.read()
         return resp.status
 

@@ -19,14 +19,14 @@ from server.api import convert
 from server.core import jobs
 from server.core.errors import FieldViolation, InvalidArgument
 from server.core.lifecycle import Status
-from server.pb import commands_pb2 as pb
 from server.pb import jobs_pb2 as jpb
 
 E = TypeVar("E", bound=enum.Enum)
 
-# Final statuses a rerun may select (a rerun of the succeeded ones is a new job, not a rerun of failures).
-RERUN_STATUSES = (Status.FAILED, Status.REJECTED, Status.TIMED_OUT, Status.CANCELED)
-DEFAULT_RERUN_STATUSES = (Status.FAILED, Status.REJECTED, Status.TIMED_OUT)
+# The statuses a rerun selects when the request names none: the failures.
+DEFAULT_RERUN_STATUSES = tuple(s.name for s in sorted(jobs.FAILURE_STATUSES))
+# The engine's spec fields (milliseconds) as the proto names them (Timestamps).
+_GRPC_RENAMED = {"start_at_ms": "start_at", "end_at_ms": "end_at"}
 
 
 def _domain_enum(kind: type[E], proto_enum: Any, prefix: str, number: int, field: str, default: E | None) -> E:
@@ -291,20 +291,27 @@ def job_states(numbers: Iterable[int], field: str = "states") -> tuple[jobs.JobS
 
 
 def rerun_statuses(numbers: Iterable[int], field: str = "statuses") -> tuple[str, ...]:
-    """RerunFailedRequest.statuses as status names (empty: :data:`DEFAULT_RERUN_STATUSES`).
+    """RerunFailedRequest.statuses as status names (none: the failures, FAILED, REJECTED and TIMED_OUT).
+
+    Which statuses a rerun may select is the engine's rule (:meth:`~server.core.job_runner.JobsCore.rerun_failed`).
 
     Raises:
-        InvalidArgument: a status that is not one of :data:`RERUN_STATUSES`.
+        InvalidArgument: a number that is no ExecutionStatus.
     """
-    out: dict[str, None] = {}
-    allowed = ", ".join(s.name for s in RERUN_STATUSES)
+    names: dict[str, None] = {}
     for number in numbers:
         try:
-            status = Status(number)
+            names[Status(number).name] = None
         except ValueError:
-            status = None
-        if status not in RERUN_STATUSES:
-            name = pb.ExecutionStatus.Name(number) if number in pb.ExecutionStatus.values() else str(number)  # type: ignore[arg-type]
-            raise InvalidArgument.single(field, f"{name} is not one of {allowed}")
-        out[status.name] = None
-    return tuple(out) or tuple(s.name for s in DEFAULT_RERUN_STATUSES)
+            raise InvalidArgument.single(field, f"{number} is not a valid ExecutionStatus") from None
+    return tuple(names) or DEFAULT_RERUN_STATUSES
+
+
+def grpc_field(field: str) -> str:
+    """A spec field as the engine names it (``schedule.end_at_ms``) as CreateJobRequest does (``spec.schedule.end_at``)."""
+    return "spec." + ".".join(_GRPC_RENAMED.get(part, part) for part in field.split("."))
+
+
+def spec_error(exc: InvalidArgument) -> InvalidArgument:
+    """The engine's refusal of a spec with its fields named as in CreateJobRequest."""
+    return InvalidArgument([FieldViolation(grpc_field(v.field), v.description) for v in exc.violations])

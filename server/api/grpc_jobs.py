@@ -7,11 +7,12 @@ from typing import Any
 
 import grpc
 
-from server.api import convert_jobs, pagination
+from server.api import convert_jobs
 from server.api.grpc_auth import bearer
 from server.api.grpc_errors import maps_errors
 from server.api.grpc_metrics import CallTimer
 from server.core.apikeys import parse_key
+from server.core.errors import InvalidArgument
 from server.core.job_runner import JobsCore
 from server.core.validation import check_execution_id
 from server.pb import jobs_pb2 as jpb
@@ -47,9 +48,13 @@ class JobServicer(jpb_grpc.JobServiceServicer):
     async def CreateJob(self, request: jpb.CreateJobRequest, context: Context) -> jpb.CreateJobResponse:  # noqa: N802
         """See the proto."""
         spec = convert_jobs.job_spec(request.spec)
-        if request.dry_run:
-            return jpb.CreateJobResponse(dry_run=convert_jobs.dry_run(await self._jobs.dry_run(spec)))
-        return jpb.CreateJobResponse(job=convert_jobs.job(await self._jobs.create(spec, created_by=caller(context))))
+        try:
+            if request.dry_run:
+                return jpb.CreateJobResponse(dry_run=convert_jobs.dry_run(await self._jobs.dry_run(spec)))
+            job = await self._jobs.create(spec, created_by=caller(context))
+        except InvalidArgument as exc:
+            raise convert_jobs.spec_error(exc) from None
+        return jpb.CreateJobResponse(job=convert_jobs.job(job))
 
     @maps_errors
     async def GetJob(self, request: jpb.GetJobRequest, context: Context) -> jpb.Job:  # noqa: N802
@@ -60,9 +65,7 @@ class JobServicer(jpb_grpc.JobServiceServicer):
     async def ListJobs(self, request: jpb.ListJobsRequest, context: Context) -> jpb.ListJobsResponse:  # noqa: N802
         """See the proto."""
         states = convert_jobs.job_states(request.states)
-        page = await self._jobs.list(
-            states=states, page_size=pagination.page_size(request.page_size), page_token=request.page_token
-        )
+        page = await self._jobs.list(states=states, page_size=request.page_size, page_token=request.page_token)
         return jpb.ListJobsResponse(jobs=[convert_jobs.job(j) for j in page.jobs], next_page_token=page.next_page_token)
 
     @maps_errors

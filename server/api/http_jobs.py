@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from server.api import pagination
 from server.api.http_rest import API_PREFIX, RestRoute, authorize, read_json, rfc3339
 from server.api.http_rest import _parse_time as parse_time  # the one parser of REST times
 from server.core import jobs
@@ -35,9 +34,8 @@ JOB = JOBS + "/{jobId}"
 E = TypeVar("E", bound=enum.Enum)
 
 UINT32_MAX = 2**32 - 1  # the range of the gRPC API's counts: both surfaces take the same numbers
-# Final statuses a rerun may select; none given: the failures.
-RERUN_STATUSES = (Status.FAILED, Status.REJECTED, Status.TIMED_OUT, Status.CANCELED)
-DEFAULT_RERUN_STATUSES = (Status.FAILED, Status.REJECTED, Status.TIMED_OUT)
+# The statuses a rerun selects when the request names none: the failures.
+DEFAULT_RERUN_STATUSES = tuple(s.name for s in sorted(jobs.FAILURE_STATUSES))
 BACKOFFS = ("FIXED", "EXPONENTIAL")  # RetryPolicy.backoff, lower-cased there
 
 # The domain's field names (as the engine's validation names them) where this API does not just camelCase them.
@@ -315,31 +313,23 @@ def _query_states(request: web.Request) -> tuple[jobs.JobState, ...]:
 
 
 def _page_size(request: web.Request) -> int:
+    """``pageSize`` as an integer (its range is the engine's to check; 0: the default)."""
     raw = request.query.get("pageSize", "")
-    if raw == "":
-        return pagination.page_size(0)
     try:
-        size = int(raw)
+        return int(raw) if raw else 0
     except ValueError:
         raise InvalidArgument.single("pageSize", "pageSize must be an integer") from None
-    if size < 0:
-        raise InvalidArgument.single("pageSize", "pageSize must not be negative")
-    try:
-        return pagination.page_size(size)
-    except InvalidArgument:
-        raise InvalidArgument.single("pageSize", f"pageSize must be at most {pagination.MAX_PAGE_SIZE}") from None
 
 
 def rerun_statuses(body: _Object) -> tuple[str, ...]:
-    """``statuses`` of a rerun-failed body (none: :data:`DEFAULT_RERUN_STATUSES`)."""
+    """``statuses`` of a rerun-failed body (none: the failures, FAILED, REJECTED and TIMED_OUT).
+
+    Which statuses a rerun may select is the engine's rule (:meth:`~server.core.job_runner.JobsCore.rerun_failed`).
+    """
     names = body.strings("statuses")
-    allowed = tuple(s.name for s in RERUN_STATUSES)
-    for i, name in enumerate(names):
-        if name not in allowed:
-            body.refuse(f"statuses[{i}]", f"statuses[{i}] must be one of {', '.join(allowed)}")
     if body.violations:
         raise InvalidArgument(body.violations)
-    return tuple(dict.fromkeys(names)) or tuple(s.name for s in DEFAULT_RERUN_STATUSES)
+    return tuple(dict.fromkeys(names)) or DEFAULT_RERUN_STATUSES
 
 
 # ---- JSON representation ------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker_hooks.topics import MAX_LEVEL_LENGTH
-from server.core import jobs
+from server.core import job_runner, jobs
 from server.core.lifecycle import Status
 from server.core.validation import MAX_ACTION_LENGTH, MAX_IDEMPOTENCY_KEY_LENGTH, MAX_WAIT_SECONDS
 
@@ -472,7 +472,7 @@ def _job_schemas() -> dict[str, Any]:
             {
                 "statuses": {
                     "type": ["array", "null"],
-                    "items": {"type": "string", "enum": ["FAILED", "REJECTED", "TIMED_OUT", "CANCELED"]},
+                    "items": {"type": "string", "enum": [s.name for s in Status if s.final]},
                     "description": "Default FAILED, REJECTED, TIMED_OUT.",
                 }
             }
@@ -528,7 +528,11 @@ def _job_paths() -> dict[str, Any]:
                         "style": "form",
                         "explode": True,
                     },
-                    {"name": "pageSize", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 1000}},
+                    {
+                        "name": "pageSize",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": job_runner.MAX_PAGE_SIZE},
+                    },
                     {"name": "pageToken", "in": "query", "schema": {"type": "string"}},
                 ],
                 "responses": {

@@ -726,7 +726,7 @@ class ListJobsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Default 50, at most 1000."""
+    """Default 50, at most 500."""
     page_token: _builtins.str
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___JobState.ValueType]:
@@ -843,8 +843,8 @@ class RerunFailedRequest(_message.Message):
     job_id: _builtins.str
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_commands_pb2.ExecutionStatus.ValueType]:
-        """Final statuses whose targets get the new job (not SUCCEEDED); empty:
-        FAILED, REJECTED and TIMED_OUT.
+        """Final statuses whose targets get the new job; empty: FAILED, REJECTED
+        and TIMED_OUT.
         """
 
     def __init__(
