@@ -33,6 +33,7 @@ from server.core.apikeys import ApiKeys
 from server.core.clock import now_ms
 from server.core.commands import CommandCore
 from server.core.errors import ListenError
+from server.core.job_runner import JobsCore
 from server.core.metrics import Kind, Sample, ServiceMetrics, counters
 from server.core.registry import Registry
 from server.dialects import DIALECTS
@@ -104,6 +105,7 @@ class FleetcmdApp:
         self._cancellable: set[asyncio.Task[None]] = set()
         self.store: ServiceStore | None = None
         self.core: CommandCore | None = None
+        self.jobs: JobsCore | None = None
         self.registry: Registry | None = None
         self.keys: ApiKeys | None = None
         self.broker: FleetBroker | None = None
@@ -173,6 +175,14 @@ class FleetcmdApp:
         core.histograms = self.service_metrics
         self.core = core
         restored = await core.restore()
+        # Jobs follow their executions from the commit hook on; restored before anything can change them.
+        jobs = JobsCore(core, store, registry)
+        core.job_hook = jobs.on_commit
+        registry.thing_changed = jobs.thing_changed
+        await jobs.restore()
+        self.jobs = jobs
+        stack.callback(jobs.close)
+        self._spawn(jobs.run(), "jobs")
         self._spawn(core.run_ingest(), "device-ingest", drains=True)
         self._spawn(core.run_expiry(), "ttl-expiry")
         stack.push_async_callback(self._stop_core, core)

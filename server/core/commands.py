@@ -42,7 +42,7 @@ from server.core.models import (
     NewExecution,
     StateChange,
 )
-from server.core.registry import PresenceChange, Registry
+from server.core.registry import PreparedSend, PresenceChange, Registry
 from server.core.scheduler import TtlScheduler
 from server.core.validation import SendCommand, check_execution_id, fingerprint
 from server.logformat import log_fields
@@ -108,6 +108,8 @@ class CommandCore:
         self.stats: collections.Counter[str] = collections.Counter()
         # Histograms the commit listener observes (set by the app; None in bare tests).
         self.histograms: ServiceMetrics | None = None
+        # The jobs runner's commit hook (server.core.job_runner.JobsCore.on_commit), when jobs run.
+        self.job_hook: Callable[[Sequence[StateChange]], None] | None = None
         self._stopping = False
         self._ingest_done = asyncio.Event()
         self._reports_in_flight = 0
@@ -131,6 +133,8 @@ class CommandCore:
                     observe.observe_final(event.action, status.name, (event.at_ms - int(event.execution_id[:12], 16)) / 1000)
                 elif status is Status.SENT or status is Status.DELIVERED:
                     observe.observe_delivery(status is Status.DELIVERED, (event.at_ms - int(event.execution_id[:12], 16)) / 1000)
+        if self.job_hook is not None:
+            self.job_hook(events)
         # The store calls this after resolving the Sends it committed, so they still resume
         # (and publish their requests) ahead of the watchers woken here; every watcher gets
         # every event, in commit order.
@@ -339,34 +343,50 @@ class CommandCore:
         if len(self.scheduler) >= self.settings.max_active_executions:
             raise ResourceExhausted(f"{len(self.scheduler)} executions are active (limit {self.settings.max_active_executions})")
         prepared = self.registry.prepare_send(cmd.thing_id, cmd.action, cmd.params, cmd.ttl_seconds)
+        new = self.new_execution(cmd.thing_id, cmd.action, prepared, cmd.idempotency_key, rerun_of)
+        result = await self.store.create(new)
+        if result.created and self.track(result.execution):
+            # Let the publish task write the request to the device before this caller
+            # goes on to build its answer: the device's round trip is the longer path.
+            await asyncio.sleep(0)
+        return result.execution
+
+    def new_execution(
+        self, thing_id: str, action: str, prepared: PreparedSend, idempotency_key: str = "", rerun_of: str = ""
+    ) -> NewExecution:
+        """The execution a Send (or a job's dispatch) of ``action`` to ``thing_id`` creates, not stored yet.
+
+        ``prepared``: what :meth:`Registry.prepare_send` made of the request for the thing's type.
+        """
         ttl = prepared.ttl_seconds or self.settings.default_ttl
         created = now_ms()
         execution_id, command_id = new_execution_ids(created)
-        new = NewExecution(
+        return NewExecution(
             execution_id=execution_id,
             command_id=command_id,
-            thing_id=cmd.thing_id,
-            action=cmd.action,
+            thing_id=thing_id,
+            action=action,
             params_json=prepared.params_json,
             ttl_seconds=ttl,
-            status=initial_status(self.outbox.ready(cmd.thing_id)),
+            status=initial_status(self.outbox.ready(thing_id)),
             created_at_ms=created,
             expires_at_ms=created + ttl * 1000,
-            idempotency_key=cmd.idempotency_key,
-            fingerprint=fingerprint(cmd.thing_id, cmd.action, prepared.params_json, ttl) if cmd.idempotency_key else "",
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint(thing_id, action, prepared.params_json, ttl) if idempotency_key else "",
             thing_type=prepared.thing_type,
             kaa=prepared.kaa,
             rerun_of=rerun_of,
         )
-        result = await self.store.create(new)
-        if result.created:
-            self.stats["sent"] += 1
-            self.scheduler.schedule(new.execution_id, new.expires_at_ms)
-            if self.outbox.add(result.execution):
-                # Let the publish task write the request to the device before this caller
-                # goes on to build its answer: the device's round trip is the longer path.
-                await asyncio.sleep(0)
-        return result.execution
+
+    def track(self, execution: Execution) -> bool:
+        """Start the TTL and the delivery of a newly stored execution; True when its request is being published now."""
+        self.stats["sent"] += 1
+        self.scheduler.schedule(execution.execution_id, execution.expires_at_ms)
+        return self.outbox.add(execution)
+
+    def room(self) -> int:
+        """How many more executions may be active (``max_active_executions``)."""
+        return max(0, self.settings.max_active_executions - len(self.scheduler))
 
     async def wait(self, execution: Execution, seconds: float) -> Execution:
         """Wait until ``execution`` is final or ``seconds`` pass; return it as it stands then."""

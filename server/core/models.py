@@ -62,6 +62,10 @@ class Execution:
     # Kaa endpoints: the integer id the device sees (per thing and command type).
     kaa_id: int | None = None
     rerun_of: str = ""
+    # Jobs: the job this execution belongs to, and the execution of the same target it retries.
+    job_id: str = ""
+    retry_of: str = ""
+    job_attempt: int = 0  # 1 for a job's first execution of a target, 2 for its first retry, ...
     reruns: tuple[str, ...] = field(default=(), compare=False)
     history: tuple[StateChange, ...] = field(default=(), compare=False)
 
@@ -86,6 +90,10 @@ class NewExecution:
     # Allocate a Kaa integer command id (the thing is a Kaa endpoint).
     kaa: bool = False
     rerun_of: str = ""
+    # Jobs: the job, the retried execution and the attempt number (written by the job dispatch only).
+    job_id: str = ""
+    retry_of: str = ""
+    job_attempt: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,7 @@ class ListQuery:
     thing_id: str = ""
     action: str = ""
     statuses: frozenset[Status] = frozenset()
+    job_id: str = ""
     created_after_ms: int | None = None
     created_before_ms: int | None = None
     page_size: int = 50

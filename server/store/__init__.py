@@ -27,13 +27,15 @@ implementation must pass.
 from __future__ import annotations
 
 import asyncio
+import enum
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
 from server.core.errors import FleetcmdError
-from server.core.lifecycle import Decision, Trigger
+from server.core.jobs import JobState
+from server.core.lifecycle import Decision, Status, Trigger
 from server.core.models import (
     ActiveExecution,
     ApiKeyRecord,
@@ -255,7 +257,155 @@ class RegistryStore(Protocol):
         """Every key."""
 
 
-class ServiceStore(Store, RegistryStore, Protocol):
+# ---- jobs ---------------------------------------------------------------------------------
+
+
+class TargetState(enum.IntEnum):
+    """What became of one target of a job (``job_targets.state``)."""
+
+    PENDING = 0  # not started yet
+    DISPATCHED = 1  # its latest execution exists (final or not: the runner settles it)
+    DONE = 2  # its latest execution is final and nothing follows
+    RETRY = 3  # waiting for its backoff to start the next attempt
+    REJECTED = 4  # the thing's type refused the action or params (no execution)
+    SKIPPED = 5  # never started: the job ended first
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as stored; ``spec_json`` is :func:`server.core.jobs.spec_to_json`, ``counts_json`` its final counts."""
+
+    job_id: str
+    spec_json: str
+    state: JobState
+    created_at_ms: int
+    started_at_ms: int | None = None
+    ended_at_ms: int | None = None
+    abort_reason: str = ""
+    created_by: str = ""
+    targets_total: int = 0
+    resolved: bool = False
+    resolve_cursor: str = ""
+    counts_json: str = ""
+    idempotency_key: str = ""
+    sequential: bool = False
+
+
+@dataclass(frozen=True)
+class TargetRow:
+    """One target of a job as stored."""
+
+    thing_id: str
+    seq: int
+    state: TargetState
+    attempt: int
+    execution_id: str
+    status: Status | None  # the latest execution's status (DISPATCHED: as the store holds it now)
+    due_at_ms: int | None
+    dispatched_at_ms: int | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class JobDispatch:
+    """Start one target: its execution (``new.job_id``, ``new.job_attempt`` set) and the attempt it is."""
+
+    new: NewExecution
+
+
+@dataclass(frozen=True)
+class TargetSettle:
+    """What the runner decided for a target whose execution became final: DONE, or RETRY at ``due_at_ms``."""
+
+    thing_id: str
+    attempt: int
+    state: TargetState
+    status: Status
+    due_at_ms: int | None = None
+
+
+class JobStore(Protocol):
+    """Durable jobs and their targets (in the same store and transaction log as the executions).
+
+    The one write that matters for durability is :meth:`dispatch`: a target's execution and its mark
+    "dispatched" are one transaction, and the store refuses a second execution for the same
+    (job, thing, attempt), so a crash at any point neither duplicates nor skips a target.
+    """
+
+    async def insert_job(self, rec: JobRecord, fingerprint: str) -> tuple[JobRecord, bool]:
+        """Store a new job; with an idempotency key already used by the same spec, that job and False.
+
+        Raises:
+            AlreadyExists: the idempotency key was used for a different spec.
+        """
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        """One job."""
+
+    async def list_jobs(self, states: Sequence[JobState], limit: int, before_idx: int | None) -> list[tuple[int, JobRecord]]:
+        """Jobs newest first (with their keyset position), optionally only in ``states``."""
+
+    async def unfinished_jobs(self) -> list[JobRecord]:
+        """Every job not in a final state, or final but not settled (no final counts yet), oldest first."""
+
+    async def update_job(
+        self,
+        job_id: str,
+        *,
+        state: JobState,
+        started_at_ms: int | None,
+        ended_at_ms: int | None,
+        abort_reason: str,
+        counts_json: str = "",
+    ) -> None:
+        """Record a job's new state (and, when it ended, its final counts)."""
+
+    async def add_targets(self, job_id: str, thing_ids: Sequence[str], *, cursor: str, resolved: bool) -> int:
+        """Add targets after the existing ones (a thing already a target is ignored) and move the resolution cursor.
+
+        Returns how many were added; the job's ``targets_total`` grows by as many, in the same transaction.
+        """
+
+    async def thing_page(self, after: str, limit: int, thing_type: str) -> list[tuple[str, str, dict[str, str]]]:
+        """Registered things after ``after`` by id, of ``thing_type`` if given: ``(thing_id, thing_type, attributes)``."""
+
+    async def target_ids(self, job_id: str, statuses: Sequence[Status], after: str, limit: int) -> list[str]:
+        """Thing ids of a job's settled targets whose latest status is in ``statuses``, after ``after`` by id."""
+
+    async def targets(
+        self, job_id: str, states: Sequence[TargetState], limit: int, *, after_seq: int = -1, due_by_ms: int | None = None
+    ) -> list[TargetRow]:
+        """A job's targets in ``states`` by their order (RETRY ones by due time when ``due_by_ms`` is given)."""
+
+    async def next_due_ms(self, job_id: str) -> int | None:
+        """When the first RETRY target of a job is due."""
+
+    async def dispatch(
+        self, job_id: str, dispatches: Sequence[JobDispatch], rejections: Sequence[tuple[str, int, str]], at_ms: int
+    ) -> list[Execution | None]:
+        """Create the executions of ``dispatches`` and mark their targets DISPATCHED, in one transaction.
+
+        ``rejections``: ``(thing_id, attempt, reason)`` of targets whose thing type refused the job (REJECTED).
+        A target that is not PENDING/RETRY at ``new.job_attempt - 1`` any more is left alone (None in the result).
+        """
+
+    async def settle(self, job_id: str, settles: Sequence[TargetSettle]) -> None:
+        """Record the runner's decision for targets whose execution became final."""
+
+    async def skip_unstarted(self, job_id: str, reason: str) -> int:
+        """Mark every PENDING and RETRY target of a job SKIPPED; returns how many."""
+
+    async def job_counts(self, job_id: str, *, below_seq: int | None = None) -> dict[str, int]:
+        """Per-target counts of a job as stored (see :class:`server.core.jobs.Job`); of the first ``below_seq`` only if given."""
+
+    async def last_dispatch_ms(self, job_id: str) -> int | None:
+        """When the job last started an execution (pacing after a restart)."""
+
+    async def sequential_busy(self) -> list[tuple[str, str]]:
+        """``(thing_id, execution_id)`` of every DISPATCHED target of an unfinished sequential job."""
+
+
+class ServiceStore(Store, RegistryStore, JobStore, Protocol):
     """What the service opens: the executions and the registry in one store (one transaction log, one writer)."""
 
 

@@ -65,6 +65,7 @@ from server.store import (
     TransitionResult,
 )
 from server.store.sqlite_batch import Op, Tx, Undo, plan_create, plan_transition, rollback
+from server.store.sqlite_jobs import SqliteJobs
 from server.store.sqlite_schema import (
     EVENT_COLUMNS,
     EXEC_COLUMNS,
@@ -107,8 +108,8 @@ def _resolve(op: Op) -> None:
         future.set_result(op.result)
 
 
-class SqliteStore:
-    """Executions and their event log in one SQLite file.
+class SqliteStore(SqliteJobs):
+    """Executions and their event log in one SQLite file (and the jobs: :class:`server.store.sqlite_jobs.SqliteJobs`).
 
     Use as an async context manager, and run :meth:`run_writer` as a background
     task for as long as the store is open.
@@ -510,6 +511,9 @@ class SqliteStore:
         if query.action:
             where.append("action = ?")
             args.append(query.action)
+        if query.job_id:
+            where.append("job_id = ?")
+            args.append(query.job_id)
         if query.statuses:
             where.append(f"status IN ({','.join('?' * len(query.statuses))})")
             args += sorted(int(s) for s in query.statuses)

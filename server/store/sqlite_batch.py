@@ -98,7 +98,7 @@ class Tx:
         row = self.conn.execute(SELECT_BY_KEY, (key,)).fetchone()
         if row is None:
             return None
-        return self.rows.get(row[1]) or execution_from_row(row), row[20] or ""
+        return self.rows.get(row[1]) or execution_from_row(row), row[-1] or ""
 
     def highest_kaa_id(self, thing_id: str, action: str) -> int:
         """The highest Kaa command id of ``thing_id``/``action`` so far (this transaction's included), 0 for none."""
@@ -194,6 +194,9 @@ class Tx:
             violations_column(ex),
             ex.kaa_id,
             ex.rerun_of or None,
+            ex.job_id or None,
+            ex.retry_of or None,
+            ex.job_attempt or None,
         )
 
     def _update_row(self, execution_id: str) -> tuple[Any, ...]:

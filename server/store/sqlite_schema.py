@@ -15,7 +15,7 @@ from typing import Any
 from server.core.lifecycle import Status
 from server.core.models import ApiKeyRecord, CommandDef, Execution, Reason, StateChange, ThingRecord, ThingTypeRecord
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -39,7 +39,10 @@ CREATE TABLE IF NOT EXISTS executions (
     thing_type         TEXT,
     result_violations  TEXT,
     kaa_id             INTEGER,
-    rerun_of           TEXT
+    rerun_of           TEXT,
+    job_id             TEXT,
+    retry_of           TEXT,
+    job_attempt        INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS executions_idempotency
     ON executions(idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -94,6 +97,47 @@ CREATE TABLE IF NOT EXISTS thing_types (
     created_at  INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL
 );
+-- Jobs (server/store/sqlite_jobs.py): one execution per (job, thing, attempt), enforced here.
+CREATE UNIQUE INDEX IF NOT EXISTS executions_job_attempt
+    ON executions(job_id, thing_id, job_attempt) WHERE job_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS executions_job ON executions(job_id, idx) WHERE job_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS jobs (
+    idx             INTEGER PRIMARY KEY,
+    job_id          TEXT NOT NULL UNIQUE,
+    spec            TEXT NOT NULL,
+    state           INTEGER NOT NULL,
+    created_at      INTEGER NOT NULL,
+    started_at      INTEGER,
+    ended_at        INTEGER,
+    abort_reason    TEXT NOT NULL DEFAULT '',
+    created_by      TEXT NOT NULL DEFAULT '',
+    targets_total   INTEGER NOT NULL DEFAULT 0,
+    resolved        INTEGER NOT NULL DEFAULT 0,
+    resolve_cursor  TEXT NOT NULL DEFAULT '',
+    counts          TEXT,
+    idempotency_key TEXT,
+    fingerprint     TEXT NOT NULL DEFAULT '',
+    sequential      INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, idx);
+-- One row per (job, thing): its order, its latest attempt and what became of it (TargetState).
+CREATE TABLE IF NOT EXISTS job_targets (
+    job_id        TEXT NOT NULL,
+    thing_id      TEXT NOT NULL,
+    seq           INTEGER NOT NULL,
+    state         INTEGER NOT NULL,
+    attempt       INTEGER NOT NULL DEFAULT 0,
+    execution_id  TEXT,
+    status        INTEGER,
+    due_at        INTEGER,
+    dispatched_at INTEGER,
+    reason        TEXT,
+    PRIMARY KEY (job_id, thing_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS job_targets_state ON job_targets(job_id, state, seq);
+CREATE INDEX IF NOT EXISTS job_targets_due ON job_targets(job_id, due_at) WHERE state = 3;
+CREATE INDEX IF NOT EXISTS job_targets_thing ON job_targets(thing_id) WHERE state = 1;
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id      TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -112,12 +156,15 @@ MIGRATIONS = (
     (3, "executions", "rerun_of TEXT"),
     (3, "things", "kaa_app_version TEXT NOT NULL DEFAULT ''"),
     (3, "things", "kaa_token_hash TEXT"),
+    (4, "executions", "job_id TEXT"),
+    (4, "executions", "retry_of TEXT"),
+    (4, "executions", "job_attempt INTEGER"),
 )
 
 EXEC_COLUMNS = (
     "idx, execution_id, command_id, thing_id, action, params, ttl_seconds, status, result, "
     "reason_code, reason_description, created_at, updated_at, completed_at, expires_at, idempotency_key, "
-    "thing_type, result_violations, kaa_id, rerun_of"
+    "thing_type, result_violations, kaa_id, rerun_of, job_id, retry_of, job_attempt"
 )
 EVENT_COLUMNS = (
     "seq, execution_id, thing_id, action, status, previous_status, at, late, result, reason_code, reason_description, note"
@@ -134,7 +181,8 @@ SELECT_MAX_KAA = "SELECT COALESCE(MAX(kaa_id), 0) FROM executions WHERE thing_id
 INSERT_EXECUTION = (
     "INSERT INTO executions (execution_id, command_id, thing_id, action, params, ttl_seconds, status, result,"
     " reason_code, reason_description, created_at, updated_at, completed_at, expires_at, idempotency_key,"
-    " fingerprint, thing_type, result_violations, kaa_id, rerun_of) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    " fingerprint, thing_type, result_violations, kaa_id, rerun_of, job_id, retry_of, job_attempt)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 UPDATE_EXECUTION = (
     "UPDATE executions SET status = ?, updated_at = ?, completed_at = ?, result = ?,"
@@ -182,6 +230,9 @@ def execution_from_row(row: Sequence[Any], history: tuple[StateChange, ...] = ()
         result_violations=tuple(json.loads(violations)) if violations else (),
         kaa_id=row[18],
         rerun_of=row[19] or "",
+        job_id=row[20] or "",
+        retry_of=row[21] or "",
+        job_attempt=row[22] or 0,
         reruns=reruns,
         history=history,
     )

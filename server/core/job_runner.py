@@ -1,0 +1,865 @@
+"""The jobs service: :class:`JobsCore` (the operator API) and the one background loop that rolls jobs out.
+
+A job's targets are resolved into the store page by page (``job_targets``), never held in memory;
+the loop starts executions in batches through the normal command path (the registry checks each
+target's params against its thing type exactly as a Send does; the executions are delivered, timed
+out and retried by the device rules of single commands) with :meth:`server.store.JobStore.dispatch`,
+which creates the executions and marks their targets in one transaction.
+
+The loop never polls: it sleeps until the earliest timer (a paced job's next slot, a schedule's start
+or end, a retry's backoff) or until something wakes it: an execution of a job became final (the
+store's commit listener calls :meth:`JobsCore.on_commit`; for an execution of no job that is one
+dictionary lookup), an operator acted, a thing started to match a CONTINUOUS job. Everything it
+keeps in memory (counts, the in-flight executions of jobs, the last dispatch time for pacing, the
+things busy with a sequential job) is rebuilt from the store by :meth:`JobsCore.restore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from server.core import jobs as jb
+from server.core.clock import now_ms
+from server.core.commands import CommandCore
+from server.core.errors import FailedPrecondition, FleetcmdError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from server.core.ids import time_ordered_id
+from server.core.jobs import DryRun, Job, JobEvent, JobPage, JobSpec, JobState, TargetMode
+from server.core.lifecycle import Status
+from server.core.models import StateChange, ThingRecord
+from server.core.registry import Registry
+from server.core.validation import validate_send
+from server.store import JobDispatch, JobRecord, JobStore, TargetRow, TargetSettle, TargetState
+
+log = logging.getLogger(__name__)
+
+# Targets resolved (read and written) per store round trip.
+RESOLVE_PAGE = 1_000
+# Executions one dispatch transaction creates at most; the loop dispatches again at once if more may start.
+DISPATCH_BATCH = 256
+# Pages of pending targets one pass reads to find some whose thing is not busy (sequential_per_thing).
+SEQUENTIAL_SCAN_PAGES = 8
+# Executions canceled per round when a job is canceled or aborted.
+CANCEL_BATCH = 500
+# When the service holds max_active_executions, look again after this long (no job event frees room).
+FULL_RETRY_SECONDS = 1.0
+# A watcher gets at most one snapshot per this many seconds (changes in between are coalesced).
+WATCH_INTERVAL = 0.25
+MAX_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 50
+# Jobs not final at once; creating one more is refused (each holds a little state in memory).
+MAX_ACTIVE_JOBS = 1_000
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """A job's execution that is not final yet (or not settled yet)."""
+
+    job_id: str
+    thing_id: str
+    attempt: int
+    seq: int
+    status: Status
+
+
+@dataclass(eq=False)
+class _Run:
+    """The in-memory state of a job that is not final, or final with executions still in flight."""
+
+    rec: JobRecord
+    spec: JobSpec
+    counts: jb.Counts
+    pacer: jb.Pacer
+    canary: jb.Counts = field(default_factory=jb.Counts)
+    canary_passed: bool = False
+    ended: bool = False  # the schedule's end came: nothing new starts
+    # Restored final (canceled, aborted) with executions not final: cancel them again (the first cancel may not have committed).
+    recancel: bool = False
+    next_due_ms: int | None = None  # the first retry's due time
+    resolve_cursor: str = ""
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    version: int = 0
+
+    @property
+    def job_id(self) -> str:
+        return self.rec.job_id
+
+    @property
+    def state(self) -> JobState:
+        return self.rec.state
+
+    def to_job(self) -> Job:
+        r = self.rec
+        return Job(
+            job_id=r.job_id,
+            spec=self.spec,
+            state=r.state,
+            counts=dict(self.counts.by_name),
+            targets_total=r.targets_total,
+            created_at_ms=r.created_at_ms,
+            started_at_ms=r.started_at_ms,
+            ended_at_ms=r.ended_at_ms,
+            abort_reason=r.abort_reason,
+            created_by=r.created_by,
+            resolved=r.resolved,
+        )
+
+
+def _job_from_record(rec: JobRecord, counts: dict[str, int]) -> Job:
+    return Job(
+        job_id=rec.job_id,
+        spec=jb.spec_from_json(rec.spec_json),
+        state=rec.state,
+        counts=counts,
+        targets_total=rec.targets_total,
+        created_at_ms=rec.created_at_ms,
+        started_at_ms=rec.started_at_ms,
+        ended_at_ms=rec.ended_at_ms,
+        abort_reason=rec.abort_reason,
+        created_by=rec.created_by,
+        resolved=rec.resolved,
+    )
+
+
+class JobsCore:
+    """Jobs: the operator API and the rollout loop (run :meth:`run` in the app's TaskGroup)."""
+
+    def __init__(self, core: CommandCore, store: JobStore, registry: Registry) -> None:
+        self.core = core
+        self.store = store
+        self.registry = registry
+        self._runs: dict[str, _Run] = {}
+        # Executions of jobs that are not final yet: the commit hook's one lookup per event.
+        self._inflight: dict[str, _Tracked] = {}
+        self._finals: builtins.list[tuple[_Tracked, str, Status, int]] = []
+        # Things with a not-final execution of a sequential_per_thing job -> that execution.
+        self._busy: dict[str, str] = {}
+        self._wake = asyncio.Event()
+        self._watchers: dict[str, set[asyncio.Event]] = {}
+        self._closed = False
+        # Things that started to match a CONTINUOUS job, by job, for the loop to add.
+        self._pending_adds: dict[str, set[str]] = {}
+        self.stats = {"dispatched": 0, "rejected": 0, "retried": 0}
+
+    # ---- the commit hook and the registry hook ----------------------------------------------
+
+    def on_commit(self, events: Sequence[StateChange]) -> None:
+        """Store commit hook (through :attr:`CommandCore.job_hook`): follow the executions of jobs.
+
+        One dictionary lookup per event; nothing at all while no job has an execution in flight.
+        """
+        inflight = self._inflight
+        if not inflight:
+            return
+        for event in events:
+            tracked = inflight.get(event.execution_id)
+            if tracked is None or event.late or event.status is tracked.status:
+                continue
+            run = self._runs.get(tracked.job_id)
+            if run is not None:
+                run.counts.move(tracked.status.name, event.status.name)
+                if tracked.seq < self._canary_size(run):
+                    run.canary.move(tracked.status.name, event.status.name)
+                self._changed(run)
+            tracked.status = event.status
+            if event.status.final:
+                del inflight[event.execution_id]
+                self._finals.append((tracked, event.execution_id, event.status, event.at_ms))
+                self._wake.set()
+
+    def thing_changed(self, thing: ThingRecord) -> None:
+        """Registry hook: a thing was created or changed; CONTINUOUS jobs it now matches get it (in the loop)."""
+        online = self.registry.presence(thing.thing_id).online
+        for run in self._runs.values():
+            t = run.spec.targets
+            continuous = t.mode is TargetMode.CONTINUOUS and not run.state.final and not run.ended and not t.from_job
+            if continuous and jb.matches(t, thing.thing_id, thing.thing_type, thing.attributes, online):
+                self._pending_adds.setdefault(run.job_id, set()).add(thing.thing_id)
+                self._wake.set()
+
+    # ---- operator API ---------------------------------------------------------------------
+
+    async def create(self, spec: JobSpec, *, created_by: str = "") -> Job:
+        """Create a job (it starts at once unless scheduled later).
+
+        Raises:
+            InvalidArgument: a bad field, or with ``strict`` a target whose thing type refuses the action or params.
+            AlreadyExists: the idempotency key was used for a different spec.
+            ResourceExhausted: too many jobs are not final.
+        """
+        now = now_ms()
+        self._validate(spec, now)
+        if spec.strict:
+            await self._check_strict(spec)
+        active = sum(1 for r in self._runs.values() if not r.state.final)
+        if active >= MAX_ACTIVE_JOBS:
+            raise ResourceExhausted(f"{active} jobs are not final (limit {MAX_ACTIVE_JOBS})")
+        start = spec.schedule.start_at_ms
+        state = JobState.SCHEDULED if start > now else JobState.IN_PROGRESS
+        rec = JobRecord(
+            job_id=time_ordered_id(now, os.urandom(10)),
+            spec_json=jb.spec_to_json(spec),
+            state=state,
+            created_at_ms=now,
+            started_at_ms=now if state is JobState.IN_PROGRESS else None,
+            created_by=created_by,
+            idempotency_key=spec.idempotency_key,
+            sequential=spec.rollout.sequential_per_thing,
+        )
+        stored, created = await self.store.insert_job(rec, jb.spec_fingerprint(spec))
+        if not created:
+            return await self.get(stored.job_id)
+        run = _Run(stored, spec, jb.Counts(), jb.Pacer())
+        self._runs[run.job_id] = run
+        if state is JobState.IN_PROGRESS:
+            async with run.lock:
+                await self._resolve(run)
+        self._wake.set()
+        return run.to_job()
+
+    async def dry_run(self, spec: JobSpec) -> DryRun:
+        """How many things the job would target now, and the first few; creates nothing.
+
+        Raises:
+            InvalidArgument: a bad field (with ``strict``, also a refusing thing type).
+        """
+        self._validate(spec, now_ms())
+        if spec.strict:
+            await self._check_strict(spec)
+        total = 0
+        sample: builtins.list[str] = []
+        async for page, _cursor in self._candidates(spec.targets, ""):
+            total += len(page)
+            sample += page[: jb.MAX_SAMPLE - len(sample)]
+        return DryRun(total, tuple(sample))
+
+    async def get(self, job_id: str) -> Job:
+        """One job with its counts.
+
+        Raises:
+            NotFound: no such job.
+        """
+        run = self._runs.get(job_id)
+        if run is not None:
+            return run.to_job()
+        rec = await self.store.get_job(job_id)
+        if rec is None:
+            raise NotFound(f"job {job_id!r} not found")
+        counts = json.loads(rec.counts_json) if rec.counts_json else await self.store.job_counts(job_id)
+        return _job_from_record(rec, counts)
+
+    async def list(self, *, states: tuple[JobState, ...] = (), page_size: int = 0, page_token: str = "") -> JobPage:
+        """Jobs newest first.
+
+        Raises:
+            InvalidArgument: a bad page size or token.
+        """
+        if not 0 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidArgument.single("page_size", f"must be 0 (default {DEFAULT_PAGE_SIZE}) to {MAX_PAGE_SIZE}")
+        size = page_size or DEFAULT_PAGE_SIZE
+        before: int | None = None
+        if page_token:
+            if not page_token.isdigit() or len(page_token) > 18:
+                raise InvalidArgument.single("page_token", "not a token this service gave")
+            before = int(page_token)
+        rows = await self.store.list_jobs(states, size + 1, before)
+        more = len(rows) > size
+        rows = rows[:size]
+        jobs: builtins.list[Job] = []
+        for _idx, rec in rows:
+            run = self._runs.get(rec.job_id)
+            if run is not None:
+                jobs.append(run.to_job())
+            else:
+                counts = json.loads(rec.counts_json) if rec.counts_json else await self.store.job_counts(rec.job_id)
+                jobs.append(_job_from_record(rec, counts))
+        return JobPage(tuple(jobs), str(rows[-1][0]) if more and rows else "")
+
+    async def pause(self, job_id: str) -> Job:
+        """Start nothing new until :meth:`resume` (executions in flight go on).
+
+        Raises:
+            NotFound: no such job.
+            FailedPrecondition: the job is not SCHEDULED or IN_PROGRESS.
+        """
+        run = await self._run_for(job_id)
+        async with run.lock:
+            await self._move(run, JobEvent.PAUSE)
+        return run.to_job()
+
+    async def resume(self, job_id: str) -> Job:
+        """Go on with a paused job.
+
+        Raises:
+            NotFound: no such job.
+            FailedPrecondition: the job is not PAUSED.
+        """
+        run = await self._run_for(job_id)
+        async with run.lock:
+            await self._move(run, JobEvent.RESUME, started=run.rec.started_at_ms is not None)
+        self._wake.set()
+        return run.to_job()
+
+    async def cancel(self, job_id: str, *, only_undelivered: bool = False) -> Job:
+        """Cancel a job: nothing new starts, and its executions not final are CANCELED.
+
+        Args:
+            job_id: The job.
+            only_undelivered: Cancel only the executions not delivered to their device yet
+                (QUEUED, SENT); those a device holds run to their end.
+
+        Raises:
+            NotFound: no such job.
+            FailedPrecondition: the job is already final.
+        """
+        run = await self._run_for(job_id)
+        async with run.lock:
+            await self._move(run, JobEvent.CANCEL)
+            await self._stop(run, "job canceled", only_undelivered=only_undelivered)
+        self._wake.set()
+        return run.to_job()
+
+    async def rerun_failed(self, job_id: str, statuses: tuple[str, ...]) -> Job:
+        """A new job (same action, params, rollout) over the targets of ``job_id`` whose latest execution ended in ``statuses``.
+
+        Raises:
+            NotFound: no such job.
+            InvalidArgument: no statuses, or a name that is not a final execution status.
+        """
+        original = await self.get(job_id)
+        if not statuses:
+            raise InvalidArgument.single("statuses", "name at least one final execution status")
+        for name in statuses:
+            if name not in Status.__members__ or not Status[name].final:
+                raise InvalidArgument.single("statuses", f"{name!r} is not a final execution status")
+        spec = dataclasses.replace(
+            original.spec,
+            targets=jb.Targets(from_job=job_id, from_statuses=tuple(statuses)),
+            schedule=jb.Schedule(),
+            idempotency_key="",
+        )
+        return await self.create(spec, created_by=original.created_by)
+
+    async def watch(self, job_id: str) -> AsyncIterator[Job]:
+        """The job now, then again whenever its state or counts change (at most every ``WATCH_INTERVAL`` s).
+
+        Ends after the snapshot in which the job is final and settled.
+
+        Raises:
+            NotFound: no such job.
+            Unavailable: the service is shutting down.
+        """
+        wakeup = asyncio.Event()
+        watchers = self._watchers.setdefault(job_id, set())
+        watchers.add(wakeup)
+        try:
+            while True:
+                wakeup.clear()
+                job = await self.get(job_id)
+                yield job
+                if job.state.final and job_id not in self._runs:
+                    return
+                await wakeup.wait()
+                if self._closed:
+                    raise Unavailable("service is shutting down")
+                await asyncio.sleep(WATCH_INTERVAL)
+        finally:
+            watchers.discard(wakeup)
+            if not watchers:
+                self._watchers.pop(job_id, None)
+
+    def close(self) -> None:
+        """End every watcher (shutdown)."""
+        self._closed = True
+        for watchers in self._watchers.values():
+            for wakeup in watchers:
+                wakeup.set()
+
+    def metrics(self) -> dict[str, int]:
+        """Counters for logs and tests."""
+        return {"jobs_running": len(self._runs), "job_executions_in_flight": len(self._inflight), **self.stats}
+
+    # ---- restore ----------------------------------------------------------------------------
+
+    async def restore(self) -> int:
+        """Rebuild the runner's memory from the store after a (re)start; returns how many jobs go on.
+
+        Counts come from the targets and their executions; executions that became final while nobody
+        settled them are settled now (retries then wait their backoff from the execution's end); a paced
+        job's next slot follows its last durable dispatch.
+        """
+        for rec in await self.store.unfinished_jobs():
+            spec = jb.spec_from_json(rec.spec_json)
+            run = _Run(
+                rec,
+                spec,
+                jb.Counts(await self.store.job_counts(rec.job_id)),
+                jb.Pacer(await self.store.last_dispatch_ms(rec.job_id)),
+            )
+            run.resolve_cursor = rec.resolve_cursor
+            if spec.canary is not None:
+                run.canary = jb.Counts(await self.store.job_counts(rec.job_id, below_seq=spec.canary.count))
+                run.canary_passed = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run)) is True
+            run.next_due_ms = await self.store.next_due_ms(rec.job_id)
+            self._runs[rec.job_id] = run
+            after = -1
+            while True:
+                rows = await self.store.targets(rec.job_id, (TargetState.DISPATCHED,), RESOLVE_PAGE, after_seq=after)
+                for row in rows:
+                    status = row.status or Status.QUEUED
+                    tracked = _Tracked(rec.job_id, row.thing_id, row.attempt, row.seq, status)
+                    if status.final:
+                        self._finals.append((tracked, row.execution_id, status, row.dispatched_at_ms or now_ms()))
+                    else:
+                        self._inflight[row.execution_id] = tracked
+                        run.recancel = rec.state.final
+                if len(rows) < RESOLVE_PAGE:
+                    break
+                after = rows[-1].seq
+        for thing_id, execution_id in await self.store.sequential_busy():
+            if execution_id in self._inflight:
+                self._busy[thing_id] = execution_id
+        self._wake.set()
+        return len(self._runs)
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Background loop: settle finished executions, start what may start, sleep until the next timer."""
+        while True:
+            wake_at = await self._step()
+            timeout = None if wake_at is None else max(0.0, wake_at / 1000 - now_ms() / 1000)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def _step(self) -> float | None:
+        """One round over every job; returns when (ms) the loop must look again without being woken."""
+        await self._settle_finals()
+        await self._continuous_adds()
+        wake: float = math.inf
+        for run in list(self._runs.values()):
+            try:
+                async with run.lock:
+                    at = await self._advance(run)
+            except FleetcmdError:
+                log.exception("job %s: a step failed; trying again shortly", run.job_id)
+                at = now_ms() + FULL_RETRY_SECONDS * 1000
+            wake = min(wake, at)
+        return None if wake == math.inf else wake
+
+    async def _settle_finals(self) -> None:
+        if not self._finals:
+            return
+        finals, self._finals = self._finals, []
+        by_job: dict[str, list[TargetSettle]] = {}
+        for tracked, execution_id, status, at_ms in finals:
+            if self._busy.get(tracked.thing_id) == execution_id:
+                del self._busy[tracked.thing_id]
+            run = self._runs.get(tracked.job_id)
+            if run is None:
+                continue
+            policy = jb.retry_policy(run.spec.retries, status)
+            retry = policy is not None and tracked.attempt <= policy.max_attempts and not run.state.final and not run.ended
+            if retry and policy is not None:
+                delay = jb.retry_delay(policy, tracked.attempt, f"{run.job_id}/{tracked.thing_id}/{tracked.attempt}")
+                due = at_ms + int(delay * 1000)
+                by_job.setdefault(run.job_id, []).append(
+                    TargetSettle(tracked.thing_id, tracked.attempt, TargetState.RETRY, status, due)
+                )
+                run.counts.move(status.name, "RETRYING")
+                if tracked.seq < self._canary_size(run):
+                    run.canary.move(status.name, "RETRYING")
+                run.next_due_ms = due if run.next_due_ms is None else min(run.next_due_ms, due)
+            else:
+                by_job.setdefault(run.job_id, []).append(
+                    TargetSettle(tracked.thing_id, tracked.attempt, TargetState.DONE, status)
+                )
+            self._changed(run)
+        for job_id, settles in by_job.items():
+            await self.store.settle(job_id, settles)
+
+    async def _continuous_adds(self) -> None:
+        adds, self._pending_adds = self._pending_adds, {}
+        for job_id, thing_ids in adds.items():
+            run = self._runs.get(job_id)
+            if run is None or run.state.final or run.ended:
+                continue
+            ids = sorted(thing_ids)
+            for start in range(0, len(ids), RESOLVE_PAGE):
+                added = await self.store.add_targets(
+                    job_id, ids[start : start + RESOLVE_PAGE], cursor=run.resolve_cursor, resolved=run.rec.resolved
+                )
+                self._added(run, added)
+
+    async def _advance(self, run: _Run) -> float:
+        """Move one job on; returns when (ms) it wants to be looked at again (inf: only when woken)."""
+        now = now_ms()
+        spec = run.spec
+        if run.state.final:
+            if run.recancel:
+                run.recancel = False
+                # Not knowing whether the cancel spared delivered executions, a restart cancels only the undelivered
+                # ones of a CANCELED job, and all of an ABORTED one.
+                await self._stop(run, run.rec.abort_reason or "job canceled", only_undelivered=run.state is JobState.CANCELED)
+            if not run.counts.in_flight() and not self._has_finals(run):
+                await self._finish(run)
+            return math.inf
+        end_at = spec.schedule.end_at_ms
+        if end_at and now >= end_at and not run.ended:
+            run.ended = True
+            await self.store.skip_unstarted(run.job_id, "schedule ended")
+            self._skip_counts(run)
+            if spec.schedule.end_behavior is jb.EndBehavior.CANCEL_NOT_FINAL:
+                await self._stop(run, "schedule ended", only_undelivered=False)
+        if run.state is JobState.SCHEDULED:
+            if now < spec.schedule.start_at_ms:
+                return spec.schedule.start_at_ms
+            await self._move(run, JobEvent.START)
+        if run.state is JobState.PAUSED:
+            return end_at if end_at and not run.ended else math.inf
+        if not run.rec.resolved:
+            await self._resolve(run)
+        if run.ended:
+            if not run.counts.in_flight() and not self._has_finals(run):
+                await self._move(run, JobEvent.COMPLETE)
+                await self._finish(run)
+            return math.inf
+        reason = jb.abort_reason(spec.abort, run.counts.by_name)
+        if not reason and spec.canary is not None and not run.canary_passed:
+            verdict = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run))
+            if verdict is False:
+                succeeded = run.canary.get(Status.SUCCEEDED.name)
+                reason = (
+                    f"canary failed: {succeeded} of {self._canary_total(run)} succeeded (needed {spec.canary.success_pct:g}%)"
+                )
+            run.canary_passed = verdict is True
+        if reason:
+            await self._move(run, JobEvent.ABORT, reason=reason)
+            await self._stop(run, reason, only_undelivered=False)
+            return math.inf
+        wake = await self._dispatch(run, now)
+        pending = run.counts.get("PENDING") + run.counts.get("RETRYING")
+        if spec.targets.mode is TargetMode.SNAPSHOT and not pending and not run.counts.in_flight() and not self._has_finals(run):
+            await self._move(run, JobEvent.COMPLETE)
+            await self._finish(run)
+            return math.inf
+        if end_at:
+            wake = min(wake, end_at)
+        return wake
+
+    async def _dispatch(self, run: _Run, now: int) -> float:
+        """Start what may start now; returns when to look again."""
+        spec = run.spec
+        counts = run.counts
+        rate = jb.rate_per_minute(spec.rollout, notified=self._notified(run), succeeded=counts.get(Status.SUCCEEDED.name))
+        want = DISPATCH_BATCH
+        paced = run.pacer.allowed(now, rate)
+        if paced == 0:
+            return run.pacer.next_at(rate)
+        if paced > 0:
+            want = min(want, paced)
+        room = jb.room(spec.rollout, counts.in_flight())
+        if room >= 0:
+            want = min(want, room)
+        core_room = self.core.room()
+        if want <= 0:
+            return math.inf  # woken when one of its executions is final
+        if core_room <= 0:
+            return now + FULL_RETRY_SECONDS * 1000
+        want = min(want, core_room)
+        canary_only = spec.canary is not None and not run.canary_passed
+        rows: builtins.list[TargetRow] = []
+        if counts.get("RETRYING") and run.next_due_ms is not None and run.next_due_ms <= now:
+            rows = await self.store.targets(run.job_id, (), want, due_by_ms=now)
+        if len(rows) < want and counts.get("PENDING"):
+            rows += await self._pending(run, want - len(rows), canary_only)
+        if canary_only:
+            rows = [r for r in rows if r.seq < self._canary_size(run)]
+        if spec.rollout.sequential_per_thing:
+            rows = [r for r in rows if r.thing_id not in self._busy]
+        wake = math.inf
+        if rows:
+            await self._start(run, rows)
+            run.pacer.took(now)
+            self._wake.set()  # maybe more may start: look again right after the finals are settled
+        if counts.get("RETRYING"):
+            run.next_due_ms = await self.store.next_due_ms(run.job_id)
+            if run.next_due_ms is not None:
+                wake = min(wake, run.next_due_ms)
+        if paced > 0 and (counts.get("PENDING") or counts.get("RETRYING")):
+            wake = min(wake, run.pacer.next_at(rate))
+        return wake
+
+    async def _pending(self, run: _Run, want: int, canary_only: bool) -> builtins.list[TargetRow]:
+        if not run.spec.rollout.sequential_per_thing:
+            return await self.store.targets(run.job_id, (TargetState.PENDING,), want)
+        out: builtins.list[TargetRow] = []
+        after = -1
+        for _ in range(SEQUENTIAL_SCAN_PAGES):
+            page = await self.store.targets(run.job_id, (TargetState.PENDING,), DISPATCH_BATCH, after_seq=after)
+            out += [r for r in page if r.thing_id not in self._busy]
+            if len(out) >= want or len(page) < DISPATCH_BATCH or (canary_only and page[-1].seq >= self._canary_size(run)):
+                break
+            after = page[-1].seq
+        return out[:want]
+
+    async def _start(self, run: _Run, rows: builtins.list[TargetRow]) -> None:
+        """Create the executions of ``rows`` (one store transaction) and hand them to delivery."""
+        spec = run.spec
+        dispatches: builtins.list[JobDispatch] = []
+        rejections: builtins.list[tuple[str, int, str]] = []
+        seq_of: dict[str, TargetRow] = {}
+        for row in rows:
+            attempt = row.attempt + 1
+            try:
+                prepared = self.core.registry.prepare_send(row.thing_id, spec.action, spec.params, spec.ttl_seconds)
+            except (InvalidArgument, NotFound) as exc:
+                rejections.append((row.thing_id, attempt, str(exc)))
+                continue
+            new = self.core.new_execution(row.thing_id, spec.action, prepared)
+            new = dataclasses.replace(
+                new, job_id=run.job_id, job_attempt=attempt, retry_of=row.execution_id if row.attempt else ""
+            )
+            dispatches.append(JobDispatch(new))
+            seq_of[row.thing_id] = row
+        results = await self.store.dispatch(run.job_id, dispatches, rejections, now_ms())
+        canary_size = self._canary_size(run)
+        for thing_id, _attempt, _reason in rejections:
+            row = next(r for r in rows if r.thing_id == thing_id)
+            source = "RETRYING" if row.state is TargetState.RETRY else "PENDING"
+            run.counts.move(source, Status.REJECTED.name)
+            if row.seq < canary_size:
+                run.canary.move(source, Status.REJECTED.name)
+            self.stats["rejected"] += 1
+        for execution in results:
+            if execution is None:
+                continue
+            row = seq_of[execution.thing_id]
+            source = "RETRYING" if row.state is TargetState.RETRY else "PENDING"
+            if row.state is TargetState.RETRY:
+                self.stats["retried"] += 1
+            self._inflight[execution.execution_id] = _Tracked(
+                run.job_id, execution.thing_id, execution.job_attempt, row.seq, execution.status
+            )
+            run.counts.move(source, execution.status.name)
+            if row.seq < canary_size:
+                run.canary.move(source, execution.status.name)
+            if spec.rollout.sequential_per_thing:
+                self._busy[execution.thing_id] = execution.execution_id
+            self.stats["dispatched"] += 1
+            self.core.track(execution)
+        self._changed(run)
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _validate(self, spec: JobSpec, now: int) -> None:
+        jb.validate_spec(spec, now_ms=now)
+        validate_send(
+            self.core.settings,
+            thing_id="job",
+            action=spec.action,
+            params=spec.params,
+            ttl_seconds=spec.ttl_seconds,
+            idempotency_key="",
+        )
+        if spec.targets.from_job and spec.targets.mode is TargetMode.CONTINUOUS:
+            raise InvalidArgument.single("targets.mode", "a job over another job's targets is a SNAPSHOT")
+
+    async def _check_strict(self, spec: JobSpec) -> None:
+        """Refuse the job if any target's thing type refuses the action or params (each (type, Kaa) checked once)."""
+        checked: set[tuple[str, bool]] = set()
+        async for page, _cursor in self._candidates(spec.targets, ""):
+            for thing_id in page:
+                thing = self._thing(thing_id)
+                key = (thing.thing_type, bool(thing.kaa_app_version)) if thing is not None else ("", False)
+                if key in checked and thing is not None:
+                    continue
+                try:
+                    self.core.registry.prepare_send(thing_id, spec.action, spec.params, spec.ttl_seconds)
+                except (InvalidArgument, NotFound) as exc:
+                    raise InvalidArgument.single("targets", f"strict: thing {thing_id!r} refuses the job: {exc}") from None
+                checked.add(key)
+
+    def _thing(self, thing_id: str) -> ThingRecord | None:
+        try:
+            return self.registry.get_thing(thing_id)
+        except NotFound:
+            return None
+
+    async def _candidates(self, targets: jb.Targets, cursor: str) -> AsyncIterator[tuple[builtins.list[str], str]]:
+        """Pages of matching thing ids after ``cursor`` (by id), with the cursor after each page; never all at once."""
+        presence = self.registry.presence
+        if targets.from_job:
+            statuses = [Status[name] for name in targets.from_statuses]
+            while True:
+                ids = await self.store.target_ids(targets.from_job, statuses, cursor, RESOLVE_PAGE)
+                if not ids:
+                    return
+                cursor = ids[-1]
+                yield [i for i in ids if self._matches_known(targets, i)], cursor
+                if len(ids) < RESOLVE_PAGE:
+                    return
+        elif targets.thing_ids:
+            ids = sorted(i for i in set(targets.thing_ids) if i > cursor)
+            for start in range(0, len(ids), RESOLVE_PAGE):
+                chunk = ids[start : start + RESOLVE_PAGE]
+                yield [i for i in chunk if self._matches_known(targets, i)], chunk[-1]
+        else:
+            while True:
+                rows = await self.store.thing_page(cursor, RESOLVE_PAGE, targets.thing_type)
+                if not rows:
+                    return
+                cursor = rows[-1][0]
+                yield (
+                    [
+                        thing_id
+                        for thing_id, thing_type, attributes in rows
+                        if jb.matches(targets, thing_id, thing_type, attributes, presence(thing_id).online)
+                    ],
+                    cursor,
+                )
+                if len(rows) < RESOLVE_PAGE:
+                    return
+
+    def _matches_known(self, targets: jb.Targets, thing_id: str) -> bool:
+        # A listed thing nobody registered stays a target (its dispatch records why it is refused).
+        thing = self._thing(thing_id)
+        online = self.registry.presence(thing_id).online
+        if thing is None:
+            bare = (
+                dataclasses.replace(targets, thing_type="", attributes=())
+                if not (targets.thing_type or targets.attributes)
+                else targets
+            )
+            return jb.matches(bare, thing_id, "", {}, online)
+        return jb.matches(targets, thing_id, thing.thing_type, thing.attributes, online)
+
+    async def _resolve(self, run: _Run) -> None:
+        """Resolve the job's targets into the store, a page per transaction, resuming at the stored cursor."""
+        cursor = run.resolve_cursor
+        added_any = False
+        async for page, page_end in self._candidates(run.spec.targets, run.resolve_cursor):
+            added = await self.store.add_targets(run.job_id, page, cursor=page_end, resolved=False)
+            run.resolve_cursor = cursor = page_end
+            self._added(run, added)
+            added_any = True
+        await self.store.add_targets(run.job_id, [], cursor=cursor, resolved=True)
+        run.rec = dataclasses.replace(run.rec, resolved=True, resolve_cursor=cursor)
+        if not added_any:
+            self._changed(run)
+
+    def _added(self, run: _Run, added: int) -> None:
+        if not added:
+            return
+        before = run.rec.targets_total
+        run.rec = dataclasses.replace(run.rec, targets_total=before + added)
+        run.counts.move(None, "PENDING", added)
+        size = self._canary_size(run)
+        if before < size:
+            run.canary.move(None, "PENDING", min(added, size - before))
+        self._changed(run)
+        self._wake.set()
+
+    def _canary_size(self, run: _Run) -> int:
+        return run.spec.canary.count if run.spec.canary is not None else 0
+
+    def _canary_total(self, run: _Run) -> int:
+        return min(self._canary_size(run), run.rec.targets_total) if run.rec.resolved else self._canary_size(run)
+
+    def _notified(self, run: _Run) -> int:
+        # Targets started at least once (their latest execution exists or they were refused by their type).
+        c = run.counts.by_name
+        return sum(n for name, n in c.items() if name not in ("PENDING", "RETRYING", "SKIPPED"))
+
+    def _has_finals(self, run: _Run) -> bool:
+        return any(t.job_id == run.job_id for t, *_ in self._finals)
+
+    def _skip_counts(self, run: _Run) -> None:
+        for name in ("PENDING", "RETRYING"):
+            n = run.counts.get(name)
+            if n:
+                run.counts.move(name, "SKIPPED", n)
+            n = run.canary.get(name)
+            if n:
+                run.canary.move(name, "SKIPPED", n)
+        self._changed(run)
+
+    async def _run_for(self, job_id: str) -> _Run:
+        run = self._runs.get(job_id)
+        if run is not None:
+            return run
+        if await self.store.get_job(job_id) is None:
+            raise NotFound(f"job {job_id!r} not found")
+        raise FailedPrecondition(f"job {job_id!r} is already final")
+
+    async def _move(self, run: _Run, event: JobEvent, *, started: bool = True, reason: str = "") -> None:
+        """Apply ``event`` to the job durably, then in memory.
+
+        Raises:
+            FailedPrecondition: the event is not allowed in the job's state.
+        """
+        target = jb.next_state(run.state, event, started=started)
+        if target is None:
+            raise FailedPrecondition(f"job {run.job_id} is {run.state.name}: cannot {event.value}")
+        now = now_ms()
+        started_at = run.rec.started_at_ms
+        if target is JobState.IN_PROGRESS and started_at is None:
+            started_at = now
+        ended_at = now if target.final else None
+        await self.store.update_job(
+            run.job_id, state=target, started_at_ms=started_at, ended_at_ms=ended_at, abort_reason=reason or run.rec.abort_reason
+        )
+        run.rec = dataclasses.replace(
+            run.rec, state=target, started_at_ms=started_at, ended_at_ms=ended_at, abort_reason=reason or run.rec.abort_reason
+        )
+        log.info("job %s: %s -> %s%s", run.job_id, event.value, target.name, f" ({reason})" if reason else "")
+        self._changed(run)
+
+    async def _stop(self, run: _Run, reason: str, *, only_undelivered: bool) -> None:
+        """Nothing new starts; the job's executions not final are canceled (or only those not delivered)."""
+        await self.store.skip_unstarted(run.job_id, reason)
+        self._skip_counts(run)
+        ids = [
+            eid
+            for eid, t in self._inflight.items()
+            if t.job_id == run.job_id and (not only_undelivered or t.status <= Status.SENT)
+        ]
+        for start in range(0, len(ids), CANCEL_BATCH):
+            await self._cancel_executions(ids[start : start + CANCEL_BATCH])
+
+    async def _cancel_executions(self, ids: Sequence[str]) -> None:
+        async def one(execution_id: str) -> None:
+            with contextlib.suppress(FailedPrecondition, NotFound):  # final meanwhile: its own status stands
+                await self.core.cancel(execution_id)
+
+        await asyncio.gather(*(one(i) for i in ids))
+
+    async def _finish(self, run: _Run) -> None:
+        """The job is final and nothing of it is in flight: store its counts and forget it."""
+        await self.store.update_job(
+            run.job_id,
+            state=run.state,
+            started_at_ms=run.rec.started_at_ms,
+            ended_at_ms=run.rec.ended_at_ms,
+            abort_reason=run.rec.abort_reason,
+            counts_json=json.dumps(run.counts.by_name, sort_keys=True),
+        )
+        self._runs.pop(run.job_id, None)
+        self._changed(run)
+
+    def _changed(self, run: _Run) -> None:
+        run.version += 1
+        for wakeup in self._watchers.get(run.job_id, ()):
+            wakeup.set()
