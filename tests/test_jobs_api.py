@@ -20,9 +20,9 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from server.api import convert_jobs, http_jobs, pagination
+from server.api import convert_jobs, http_jobs
 from server.app import FleetcmdApp
-from server.core import jobs
+from server.core import job_runner, jobs
 from server.core.apikeys import Role
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
@@ -167,13 +167,14 @@ async def test_grpc_watch_job_follows_it_until_final(app: FleetcmdApp, job_stub:
     assert await call.code() == grpc.StatusCode.OK
 
 
-async def test_grpc_rerun_failed_takes_final_failure_statuses(app: FleetcmdApp, job_stub: jpb_grpc.JobServiceStub) -> None:
+async def test_grpc_rerun_failed_takes_final_statuses(app: FleetcmdApp, job_stub: jpb_grpc.JobServiceStub) -> None:
     ids = await things(app, 1)
     job = (await job_stub.CreateJob(jpb.CreateJobRequest(spec=later_spec(ids)))).job
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await job_stub.RerunFailed(jpb.RerunFailedRequest(job_id=job.job_id, statuses=[pb.SUCCEEDED]))
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert list(violations(refused.value)) == ["statuses"]
+    for statuses in ([pb.QUEUED], [42]):  # not final (the engine's rule), not a status (the edge's)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await job_stub.RerunFailed(jpb.RerunFailedRequest(job_id=job.job_id, statuses=statuses))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert list(violations(refused.value)) == ["statuses"]
     await job_stub.CancelJob(jpb.CancelJobRequest(job_id=job.job_id))
     rerun = await job_stub.RerunFailed(jpb.RerunFailedRequest(job_id=job.job_id, statuses=[pb.CANCELED, pb.TIMED_OUT]))
     assert rerun.job_id != job.job_id and rerun.spec.action == "reboot"
@@ -183,7 +184,7 @@ async def test_grpc_rerun_failed_takes_final_failure_statuses(app: FleetcmdApp, 
     ("mutate", "fields"),
     [
         (lambda s: setattr(s.targets, "mode", 7), {"spec.targets.mode"}),
-        (lambda s: s.abort.add(failure=jpb.FAILURE_TYPE_FAILED, threshold_pct=math.nan, min_finished=1), {"spec.abort[0].threshold_pct"}),
+        (lambda s: s.abort.add(failure=jpb.FAILURE_TYPE_FAILED, threshold_pct=math.nan), {"spec.abort[0].threshold_pct"}),
         (lambda s: s.retries.add(max_attempts=1), {"spec.retries[0].failure"}),
         (lambda s: s.retries.add(failure=jpb.FAILURE_TYPE_ANY, backoff=9), {"spec.retries[0].backoff"}),
         (lambda s: setattr(s.rollout, "max_per_minute", jobs.MAX_PER_MINUTE + 1), {"spec.rollout.max_per_minute"}),
@@ -233,9 +234,9 @@ async def test_grpc_every_bad_field_at_once_and_ids_checked(job_stub: jpb_grpc.J
 
 
 async def test_grpc_list_page_size_and_states_are_bounded(job_stub: jpb_grpc.JobServiceStub) -> None:
-    await job_stub.ListJobs(jpb.ListJobsRequest(page_size=pagination.MAX_PAGE_SIZE))
+    await job_stub.ListJobs(jpb.ListJobsRequest(page_size=job_runner.MAX_PAGE_SIZE))
     with pytest.raises(grpc.aio.AioRpcError) as too_big:
-        await job_stub.ListJobs(jpb.ListJobsRequest(page_size=pagination.MAX_PAGE_SIZE + 1))
+        await job_stub.ListJobs(jpb.ListJobsRequest(page_size=job_runner.MAX_PAGE_SIZE + 1))
     assert list(violations(too_big.value)) == ["page_size"]
     for state in (jpb.JOB_STATE_UNSPECIFIED, 42):
         with pytest.raises(grpc.aio.AioRpcError) as bad_state:
@@ -291,7 +292,7 @@ async def test_rest_create_get_list_control(app: FleetcmdApp, http: aiohttp.Clie
         assert resp.status == 200 and (await resp.json())["jobId"] == job["jobId"]
     async with http.post(f"{JOBS}/{job['jobId']}/pause") as resp:
         assert resp.status == 200 and (await resp.json())["state"] == "PAUSED"
-    async with http.get(JOBS, params=[("state", "paused,scheduled"), ("pageSize", "1000")]) as resp:
+    async with http.get(JOBS, params=[("state", "paused,scheduled"), ("pageSize", str(job_runner.MAX_PAGE_SIZE))]) as resp:
         assert resp.status == 200
         listed = await resp.json()
         assert [j["jobId"] for j in listed["jobs"]] == [job["jobId"]] and listed["nextPageToken"] == ""
@@ -301,6 +302,8 @@ async def test_rest_create_get_list_control(app: FleetcmdApp, http: aiohttp.Clie
         assert resp.status == 200 and (await resp.json())["state"] == "CANCELED"
     async with http.post(f"{JOBS}/{job['jobId']}/pause") as resp:
         assert resp.status == 409 and (await resp.json())["code"] == "FAILED_PRECONDITION"
+    async with http.post(f"{JOBS}/{job['jobId']}/rerun-failed", json={"statuses": ["QUEUED"]}) as resp:
+        assert resp.status == 400 and [d["field"] for d in (await resp.json())["details"]] == ["statuses"]
     async with http.post(f"{JOBS}/{job['jobId']}/rerun-failed", json={"statuses": ["CANCELED"]}) as resp:
         assert resp.status == 201, await resp.text()
         assert (await resp.json())["jobId"] != job["jobId"]
@@ -329,23 +332,28 @@ async def _refused(http: aiohttp.ClientSession, body: Any) -> dict[str, str]:
     return {d["field"]: d["description"] for d in answer["details"]}
 
 
+def one(**fields: Any) -> dict[str, Any]:
+    """A body with one target thing and ``fields`` on top."""
+    return {"action": "a", "targets": {"thingIds": ["t"]}, **fields}
+
+
 @pytest.mark.parametrize(
     ("body", "fields"),
     [
         ([], {"body"}),
         ({"targets": {"thingIds": ["t"]}}, {"action"}),
-        ({"action": "a", "targets": {"thingIds": "t"}}, {"targets.thingIds"}),
-        ({"action": "a", "targets": {"thingIds": ["t"], "mode": "snapshot"}}, {"targets.mode"}),
-        ({"action": "a", "targets": {"thingIds": ["t"]}, "ttl": -1}, {"ttl"}),
-        ({"action": "a", "targets": {"thingIds": ["t"]}, "rollout": {"maxPerMinute": jobs.MAX_PER_MINUTE + 1}}, {"rollout.maxPerMinute"}),
-        ({"action": "a", "targets": {"thingIds": ["t"]}, "abort": [{"failure": "ALL", "thresholdPct": 5, "minFinished": 1}]}, {"abort[0].failure"}),
-        ({"action": "a", "targets": {"thingIds": ["t"]}, "retries": [{"failure": "FAILED", "maxAttempts": 11}]}, {"retries[0].maxAttempts"}),
-        ({"action": "a", "targets": {"thingIds": ["t"]}, "retries": [{"failure": "FAILED", "backoff": "linear"}]}, {"retries[0].backoff"}),
-        ({"action": "a", "targets": {"thingIds": ["t"]}, "schedule": {"startAt": "yesterday"}}, {"schedule.startAt"}),
-        ({"action": "a", "targets": {"thingIds": ["t"]}, "schedule": {"endAt": "2001-01-01T00:00:00Z"}}, {"schedule.endAt"}),
+        (one(targets={"thingIds": "t"}), {"targets.thingIds"}),
+        (one(targets={"thingIds": ["t"], "mode": "snapshot"}), {"targets.mode"}),
+        (one(ttl=-1), {"ttl"}),
+        (one(rollout={"maxPerMinute": jobs.MAX_PER_MINUTE + 1}), {"rollout.maxPerMinute"}),
+        (one(abort=[{"failure": "ALL", "thresholdPct": 5, "minFinished": 1}]), {"abort[0].failure"}),
+        (one(retries=[{"failure": "FAILED", "maxAttempts": jobs.MAX_RETRY_ATTEMPTS + 1}]), {"retries[0].maxAttempts"}),
+        (one(retries=[{"failure": "FAILED", "maxAttempts": 1, "backoff": "linear"}]), {"retries[0].backoff"}),
+        (one(schedule={"startAt": "yesterday"}), {"schedule.startAt"}),
+        (one(schedule={"endAt": "2001-01-01T00:00:00Z"}), {"schedule.endAt"}),
         ({"action": "a", "targets": {}}, {"targets"}),
-        ({"action": "a", "targets": {"thingIds": ["t"]}, "dryRun": "yes"}, {"dryRun"}),
-        ({"action": "a", "targets": {"thingIds": ["t"]}, "canary": {"count": 1.5, "successPct": 90}}, {"canary.count"}),
+        (one(dryRun="yes"), {"dryRun"}),
+        (one(canary={"count": 1.5, "successPct": 90}), {"canary.count"}),
     ],
     ids=[
         "not-an-object",
@@ -378,9 +386,9 @@ async def test_rest_counts_are_uint32_like_the_proto(http: aiohttp.ClientSession
 
 
 async def test_rest_list_and_ids_are_checked(http: aiohttp.ClientSession) -> None:
-    async with http.get(JOBS, params={"pageSize": str(pagination.MAX_PAGE_SIZE)}) as resp:
+    async with http.get(JOBS, params={"pageSize": str(job_runner.MAX_PAGE_SIZE)}) as resp:
         assert resp.status == 200
-    for query, field in (({"pageSize": str(pagination.MAX_PAGE_SIZE + 1)}, "pageSize"), ({"state": "running"}, "state")):
+    for query, field in (({"pageSize": str(job_runner.MAX_PAGE_SIZE + 1)}, "pageSize"), ({"state": "running"}, "state")):
         async with http.get(JOBS, params=query) as resp:
             assert resp.status == 400
             assert [d["field"] for d in (await resp.json())["details"]] == [field]
@@ -388,8 +396,8 @@ async def test_rest_list_and_ids_are_checked(http: aiohttp.ClientSession) -> Non
         assert resp.status == 400 and [d["field"] for d in (await resp.json())["details"]] == ["jobId"]
     async with http.get(f"{JOBS}/{'0' * 32}") as resp:
         assert resp.status == 404
-    async with http.post(f"{JOBS}/{'0' * 32}/rerun-failed", json={"statuses": ["SUCCEEDED"]}) as resp:
-        assert resp.status == 400 and [d["field"] for d in (await resp.json())["details"]] == ["statuses[0]"]
+    async with http.post(f"{JOBS}/{'0' * 32}/rerun-failed", json={"statuses": "FAILED"}) as resp:
+        assert resp.status == 400 and [d["field"] for d in (await resp.json())["details"]] == ["statuses"]
 
 
 async def test_rest_roles(app: FleetcmdApp, http: aiohttp.ClientSession) -> None:

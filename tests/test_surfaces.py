@@ -109,7 +109,8 @@ async def session(app: FleetcmdApp) -> AsyncIterator[aiohttp.ClientSession]:
 
 async def _status(session: aiohttp.ClientSession, method: str, path: str, key: str | None) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    async with session.request(method, path.replace("{executionId}", "0" * 32).replace("{jobId}", "0" * 32), headers=headers, json={}) as resp:
+    path = path.replace("{executionId}", "0" * 32).replace("{jobId}", "0" * 32)
+    async with session.request(method, path, headers=headers, json={}) as resp:
         await resp.read()
         return resp.status
 

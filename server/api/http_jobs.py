@@ -425,7 +425,7 @@ ROUTES: tuple[RestRoute, ...] = (
 )
 _ROUTE_DEF = {"GET": web.get, "POST": web.post}
 # The caller of a request (its API key id), set by the role check.
-CALLER = "fleetcmd.caller"
+CALLER = web.RequestKey("caller", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -437,7 +437,10 @@ def _job_id(request: web.Request) -> str:
 
 
 async def _body(request: web.Request) -> _Object:
-    return _Object(await read_json(request), "", [])
+    body = _Object(await read_json(request), "", [])
+    if body.violations:  # not an object: nothing in it can be named
+        raise InvalidArgument(body.violations)
+    return body
 
 
 def _created(j: jobs.Job) -> web.Response:

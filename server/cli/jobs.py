@@ -451,7 +451,9 @@ def register(sub: Any, client_flags: argparse.ArgumentParser) -> None:
     p.set_defaults(jobs_func=cmd_control)
     p = jobs.add_parser("rerun-failed", parents=[client_flags], help="a new job over the targets that failed")
     p.add_argument("job_id")
-    p.add_argument("--status", action="append", default=[], help="a final status, repeatable (default FAILED, REJECTED, TIMED_OUT)")
+    p.add_argument(
+        "--status", action="append", default=[], help="a final status, repeatable (default: FAILED, REJECTED, TIMED_OUT)"
+    )
     p.set_defaults(jobs_func=cmd_control)
     p = jobs.add_parser("watch", parents=[client_flags], help="follow a job live until it ends", epilog=WATCH_EXIT_HELP)
     p.add_argument("job_id")
