@@ -14,7 +14,7 @@ from server.api.grpc_metrics import CallTimer
 from server.core.apikeys import parse_key
 from server.core.errors import InvalidArgument
 from server.core.job_runner import JobsCore
-from server.core.validation import check_execution_id
+from server.core.validation import check_execution_id, check_job_targets
 from server.pb import jobs_pb2 as jpb
 from server.pb import jobs_pb2_grpc as jpb_grpc
 
@@ -49,6 +49,7 @@ class JobServicer(jpb_grpc.JobServiceServicer):
         """See the proto."""
         spec = convert_jobs.job_spec(request.spec)
         try:
+            check_job_targets(spec.targets)
             if request.dry_run:
                 return jpb.CreateJobResponse(dry_run=convert_jobs.dry_run(await self._jobs.dry_run(spec)))
             job = await self._jobs.create(spec, created_by=caller(context))

@@ -26,7 +26,7 @@ from server.core.authz import Operation
 from server.core.errors import FieldViolation, InvalidArgument
 from server.core.job_runner import JobsCore
 from server.core.lifecycle import Status
-from server.core.validation import check_execution_id
+from server.core.validation import check_execution_id, check_job_targets
 
 JOBS = f"{API_PREFIX}/jobs"
 JOB = JOBS + "/{jobId}"
@@ -313,10 +313,10 @@ def _query_states(request: web.Request) -> tuple[jobs.JobState, ...]:
 
 
 def _page_size(request: web.Request) -> int:
-    """``pageSize`` as an integer (its range is the engine's to check; 0: the default)."""
-    raw = request.query.get("pageSize", "")
+    """``pageSize`` as an integer (its range is the engine's to check; absent or 0: the default)."""
+    raw = request.query.get("pageSize")
     try:
-        return int(raw) if raw else 0
+        return int(raw) if raw is not None else 0
     except ValueError:
         raise InvalidArgument.single("pageSize", "pageSize must be an integer") from None
 
@@ -476,6 +476,7 @@ class JobsRestApi:
         body = await _body(request)
         dry = body.boolean("dryRun")
         spec = job_spec(body)
+        check_job_targets(spec.targets)
         if dry:
             result = await self._jobs.dry_run(spec)
             return web.json_response({"targetsTotal": result.targets_total, "sample": list(result.sample)})

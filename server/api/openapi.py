@@ -7,6 +7,7 @@ from typing import Any
 from broker_hooks.topics import MAX_LEVEL_LENGTH
 from server.core import job_runner, jobs
 from server.core.lifecycle import Status
+from server.core.registry import MAX_ATTRIBUTE_KEY, MAX_ATTRIBUTE_VALUE
 from server.core.validation import MAX_ACTION_LENGTH, MAX_IDEMPOTENCY_KEY_LENGTH, MAX_WAIT_SECONDS
 
 UINT32_MAX = 2**32 - 1
@@ -349,13 +350,26 @@ def _job_schemas() -> dict[str, Any]:
     number = {"type": "number"}
     pct = {"type": "number", "minimum": 0, "maximum": 100}
 
+    def or_null(schema: dict[str, Any]) -> dict[str, Any]:
+        # An optional member may be null (as if absent), as in the commands API.
+        types = schema["type"] if isinstance(schema.get("type"), list) else [schema.get("type")]
+        if None in types or "null" in types:
+            return schema
+        out = {**schema, "type": [*types, "null"]}
+        if "enum" in out:
+            out["enum"] = [*out["enum"], None]
+        return out
+
     def obj(properties: dict[str, Any], required: tuple[str, ...] = (), nullable: bool = False) -> dict[str, Any]:
-        return {"type": ["object", "null"] if nullable else "object", "properties": properties, "required": list(required)}
+        members = {name: p if name in required else or_null(p) for name, p in properties.items()}
+        return {"type": ["object", "null"] if nullable else "object", "properties": members, "required": list(required)}
 
     def enum(kind: Any) -> dict[str, Any]:
         return {"type": "string", "enum": [m.name for m in kind]}
 
     ids = {"type": "array", "items": _LEVEL, "maxItems": jobs.MAX_TARGET_IDS}
+    # Unset: absent, null or "".
+    time = {"anyOf": [_NULLABLE_TIME, {"type": "string", "maxLength": 0}]}
     failure = enum(jobs.FailureType)
     return {
         "JobState": {**enum(jobs.JobState), "description": "COMPLETED, CANCELED and ABORTED are final."},
@@ -367,18 +381,26 @@ def _job_schemas() -> dict[str, Any]:
                 "targets": obj(
                     {
                         "thingIds": ids,
-                        "thingType": {"type": "string"},
+                        "thingType": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{0,128}$"},
                         "attributes": {
                             "type": "object",
-                            "additionalProperties": {"type": "string"},
+                            "additionalProperties": {"type": "string", "maxLength": MAX_ATTRIBUTE_VALUE},
                             "maxProperties": jobs.MAX_SELECTOR_ATTRIBUTES,
-                            "propertyNames": {"minLength": 1},
+                            "propertyNames": {"minLength": 1, "maxLength": MAX_ATTRIBUTE_KEY},
                         },
                         "onlineOnly": {"type": "boolean"},
                         "exclude": ids,
                         "mode": enum(jobs.TargetMode),
                     },
-                ),
+                )
+                | {
+                    "description": "Every given selector must match; at least one of thingIds, thingType, attributes.",
+                    "anyOf": [
+                        {"required": ["thingIds"], "properties": {"thingIds": {"minItems": 1}}},
+                        {"required": ["thingType"], "properties": {"thingType": {"minLength": 1}}},
+                        {"required": ["attributes"], "properties": {"attributes": {"minProperties": 1}}},
+                    ],
+                },
                 "rollout": obj(
                     {
                         "maxPerMinute": {**count, "maximum": jobs.MAX_PER_MINUTE, "description": "0: unpaced."},
@@ -391,7 +413,23 @@ def _job_schemas() -> dict[str, Any]:
                             },
                             ("basePerMinute", "factor"),
                             nullable=True,
-                        ),
+                        )
+                        | {
+                            "description": "Exactly one of everyNotified and everySucceeded is above 0.",
+                            "oneOf": [
+                                {"type": "null"},
+                                {
+                                    "type": "object",
+                                    "required": ["everyNotified"],
+                                    "properties": {"everyNotified": {"minimum": 1}},
+                                },
+                                {
+                                    "type": "object",
+                                    "required": ["everySucceeded"],
+                                    "properties": {"everySucceeded": {"minimum": 1}},
+                                },
+                            ],
+                        },
                         "maxInFlight": {**count, "maximum": jobs.MAX_IN_FLIGHT, "description": "0: no limit."},
                         "sequentialPerThing": {"type": "boolean"},
                     },
@@ -408,7 +446,7 @@ def _job_schemas() -> dict[str, Any]:
                         ("failure", "thresholdPct", "minFinished"),
                     ),
                 },
-                "canary": obj({"count": {**count, "minimum": 1}, "successPct": pct}, ("count", "successPct"), nullable=True),
+                "canary": obj({"count": {**count, "minimum": 1}, "successPct": pct}, ("count",), nullable=True),
                 "retries": {
                     "type": "array",
                     "maxItems": jobs.MAX_RETRY_POLICIES,
@@ -421,11 +459,11 @@ def _job_schemas() -> dict[str, Any]:
                             "maxSeconds": {**number, "minimum": 0, "maximum": jobs.MAX_BACKOFF_SECONDS},
                             "jitter": {"type": "boolean"},
                         },
-                        ("failure", "maxAttempts"),
+                        ("failure",),
                     ),
                 },
                 "schedule": obj(
-                    {"startAt": _NULLABLE_TIME, "endAt": _NULLABLE_TIME, "endBehavior": enum(jobs.EndBehavior)},
+                    {"startAt": time, "endAt": time, "endBehavior": enum(jobs.EndBehavior)},
                 ),
                 "strict": {"type": "boolean"},
                 "description": {"type": "string", "maxLength": jobs.MAX_DESCRIPTION},
