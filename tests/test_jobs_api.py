@@ -20,10 +20,12 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from broker_hooks.topics import MAX_LEVEL_LENGTH
 from server.api import convert_jobs, http_jobs
 from server.app import FleetcmdApp
 from server.core import job_runner, jobs
 from server.core.apikeys import Role
+from server.core.registry import MAX_ATTRIBUTE_KEY, MAX_ATTRIBUTE_VALUE
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import jobs_pb2 as jpb
@@ -193,6 +195,9 @@ async def test_grpc_rerun_failed_takes_final_statuses(app: FleetcmdApp, job_stub
         (lambda s: s.params.update({"deep": math.inf}), {"spec.params"}),
         (lambda s: s.ClearField("targets"), {"spec.targets"}),
         (lambda s: setattr(s, "description", "d" * (jobs.MAX_DESCRIPTION + 1)), {"spec.description"}),
+        (lambda s: s.targets.thing_ids.extend(["ok", "a/b"]), {"spec.targets.thing_ids[2]"}),
+        (lambda s: s.targets.exclude.append("#"), {"spec.targets.exclude[0]"}),
+        (lambda s: setattr(s.targets, "thing_type", "no spaces"), {"spec.targets.thing_type"}),
     ],
     ids=[
         "mode-number",
@@ -205,6 +210,9 @@ async def test_grpc_rerun_failed_takes_final_statuses(app: FleetcmdApp, job_stub
         "params",
         "no-targets",
         "description",
+        "thing-id",
+        "excluded-id",
+        "type-name",
     ],
 )
 async def test_grpc_a_bad_spec_field_is_named(job_stub: jpb_grpc.JobServiceStub, mutate: Any, fields: set[str]) -> None:
@@ -383,6 +391,31 @@ async def test_rest_counts_are_uint32_like_the_proto(http: aiohttp.ClientSession
         assert resp.status == 200, await resp.text()
     ramp["everyNotified"] = 2**32
     assert set(await _refused(http, body)) == {"rollout.ramp.everyNotified"}
+
+
+def _target_bound(name: str, n: int) -> dict[str, Any]:
+    return {
+        "thing-id": {"thingIds": ["t" * n]},
+        "type-name": {"thingType": "T" * n},
+        "attribute-name": {"attributes": {"k" * n: "v"}},
+        "attribute-value": {"attributes": {"k": "v" * n}},
+    }[name]
+
+
+@pytest.mark.parametrize(
+    ("name", "bound", "field"),
+    [
+        ("thing-id", MAX_LEVEL_LENGTH, "targets.thingIds[0]"),
+        ("type-name", 128, "targets.thingType"),
+        ("attribute-name", MAX_ATTRIBUTE_KEY, "targets.attributes"),
+        ("attribute-value", MAX_ATTRIBUTE_VALUE, "targets.attributes"),
+    ],
+)
+async def test_rest_target_names_are_bounded(http: aiohttp.ClientSession, name: str, bound: int, field: str) -> None:
+    async with http.post(JOBS, json={"action": "a", "targets": _target_bound(name, bound), "dryRun": True}) as resp:
+        assert resp.status == 200, await resp.text()
+    over = {"action": "a", "targets": _target_bound(name, bound + 1), "dryRun": True}
+    assert set(await _refused(http, over)) == {field}
 
 
 async def test_rest_list_and_ids_are_checked(http: aiohttp.ClientSession) -> None:
