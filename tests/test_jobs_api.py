@@ -186,7 +186,10 @@ async def test_grpc_rerun_failed_takes_final_statuses(app: FleetcmdApp, job_stub
     ("mutate", "fields"),
     [
         (lambda s: setattr(s.targets, "mode", 7), {"spec.targets.mode"}),
-        (lambda s: s.abort.add(failure=jpb.FAILURE_TYPE_FAILED, threshold_pct=math.nan), {"spec.abort[0].threshold_pct"}),
+        (
+            lambda s: s.abort.add(failure=jpb.FAILURE_TYPE_FAILED, threshold_pct=math.nan, min_finished=1),
+            {"spec.abort[0].threshold_pct"},
+        ),
         (lambda s: s.retries.add(max_attempts=1), {"spec.retries[0].failure"}),
         (lambda s: s.retries.add(failure=jpb.FAILURE_TYPE_ANY, backoff=9), {"spec.retries[0].backoff"}),
         (lambda s: setattr(s.rollout, "max_per_minute", jobs.MAX_PER_MINUTE + 1), {"spec.rollout.max_per_minute"}),
@@ -226,11 +229,18 @@ async def test_grpc_a_bad_spec_field_is_named(job_stub: jpb_grpc.JobServiceStub,
 
 
 async def test_grpc_every_bad_field_at_once_and_ids_checked(job_stub: jpb_grpc.JobServiceStub) -> None:
-    spec = jpb.JobSpec(action="", targets=jpb.JobTargets(thing_ids=["t-1"], mode=9))
-    spec.retries.add(failure=jpb.FAILURE_TYPE_FAILED, base_seconds=math.inf)
+    spec = jpb.JobSpec(action="a", targets=jpb.JobTargets(thing_ids=["t-1"], mode=9))
+    spec.retries.add(max_attempts=1)
+    spec.abort.add(failure=jpb.FAILURE_TYPE_ANY, threshold_pct=5, min_finished=1)
+    spec.abort.add(failure=11, threshold_pct=5, min_finished=1)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await job_stub.CreateJob(jpb.CreateJobRequest(spec=spec))
-    assert {"spec.targets.mode", "spec.retries[0].base_seconds"} <= set(violations(refused.value))
+    assert set(violations(refused.value)) == {"spec.targets.mode", "spec.retries[0].failure", "spec.abort[1].failure"}
+    engine = jpb.JobSpec(action="a", targets=jpb.JobTargets(thing_ids=["t-1"]))
+    engine.retries.add(failure=jpb.FAILURE_TYPE_FAILED, base_seconds=math.inf, max_attempts=jobs.MAX_RETRY_ATTEMPTS + 1)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await job_stub.CreateJob(jpb.CreateJobRequest(spec=engine))
+    assert set(violations(refused.value)) == {"spec.retries[0].base_seconds", "spec.retries[0].max_attempts"}
     for call, request in (
         (job_stub.GetJob, jpb.GetJobRequest(job_id="a/b")),
         (job_stub.PauseJob, jpb.PauseJobRequest(job_id="")),

@@ -2,14 +2,13 @@
 
 A request becomes a :class:`~server.core.jobs.JobSpec` here, with only the checks a protobuf message
 needs to become one (an enum number the proto does not name, a Timestamp out of range, params that are
-not JSON); the spec's bounds are checked once, by the engine's validation, for both surfaces.
+not JSON); the spec's bounds (NaN and infinities too) are checked once, by the engine's validation, for both surfaces.
 Field names in errors are the request's (``spec.targets.thing_ids``).
 """
 
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -61,12 +60,6 @@ def _millis(holder: Any, name: str, field: str) -> int:
     return value
 
 
-def _finite(value: float, field: str) -> float:
-    if not math.isfinite(value):
-        raise InvalidArgument.single(field, f"{field} must be a finite number")
-    return value
-
-
 def _failure(number: int, field: str) -> jobs.FailureType:
     return _domain_enum(jobs.FailureType, jpb.FailureType, "FAILURE_TYPE_", number, field, None)
 
@@ -82,12 +75,12 @@ def _targets(t: jpb.JobTargets, field: str) -> jobs.Targets:
     )
 
 
-def _rollout(r: jpb.JobRollout, field: str) -> jobs.Rollout:
+def _rollout(r: jpb.JobRollout) -> jobs.Rollout:
     ramp = None
     if r.HasField("ramp"):
         ramp = jobs.Ramp(
             base_per_minute=r.ramp.base_per_minute,
-            factor=_finite(r.ramp.factor, f"{field}.ramp.factor"),
+            factor=r.ramp.factor,
             every_notified=r.ramp.every_notified,
             every_succeeded=r.ramp.every_succeeded,
         )
@@ -111,8 +104,8 @@ def _retry(p: jpb.RetryPolicy, field: str) -> jobs.RetryPolicy:
         failure=_failure(p.failure, f"{field}.failure"),
         max_attempts=p.max_attempts,
         backoff=backoff,
-        base_seconds=_finite(p.base_seconds, f"{field}.base_seconds"),
-        max_seconds=_finite(p.max_seconds, f"{field}.max_seconds"),
+        base_seconds=p.base_seconds,
+        max_seconds=p.max_seconds,
         jitter=p.jitter,
     )
 
@@ -122,8 +115,8 @@ def job_spec(spec: jpb.JobSpec, field: str = "spec") -> jobs.JobSpec:
 
     Raises:
         InvalidArgument: every field the message cannot be converted for (an enum number the proto does
-            not name, a required enum left UNSPECIFIED, a bad Timestamp, a number that is not finite,
-            params JSON refuses), named as in the request.
+            not name, a required enum left UNSPECIFIED, a bad Timestamp, params JSON refuses), named as in
+            the request.
     """
     violations: list[FieldViolation] = []
 
@@ -136,12 +129,12 @@ def job_spec(spec: jpb.JobSpec, field: str = "spec") -> jobs.JobSpec:
 
     params = attempt(convert.struct_to_dict, spec.params, f"{field}.params") if spec.HasField("params") else None
     targets = attempt(_targets, spec.targets, f"{field}.targets")
-    rollout = attempt(_rollout, spec.rollout, f"{field}.rollout")
+    rollout = _rollout(spec.rollout)
     abort = [
         attempt(
             lambda c, f: jobs.AbortCriterion(
                 failure=_failure(c.failure, f"{f}.failure"),
-                threshold_pct=_finite(c.threshold_pct, f"{f}.threshold_pct"),
+                threshold_pct=c.threshold_pct,
                 min_finished=c.min_finished,
             ),
             c,
@@ -149,13 +142,7 @@ def job_spec(spec: jpb.JobSpec, field: str = "spec") -> jobs.JobSpec:
         )
         for i, c in enumerate(spec.abort)
     ]
-    canary = None
-    if spec.HasField("canary"):
-        canary = attempt(
-            lambda c, f: jobs.Canary(count=c.count, success_pct=_finite(c.success_pct, f"{f}.success_pct")),
-            spec.canary,
-            f"{field}.canary",
-        )
+    canary = jobs.Canary(count=spec.canary.count, success_pct=spec.canary.success_pct) if spec.HasField("canary") else None
     retries = [attempt(_retry, p, f"{field}.retries[{i}]") for i, p in enumerate(spec.retries)]
     s = spec.schedule
     start = attempt(_millis, s, "start_at", f"{field}.schedule.start_at")

@@ -11,7 +11,6 @@ validation, as for gRPC, and its field names are given back as this API spells t
 from __future__ import annotations
 
 import enum
-import math
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -124,11 +123,11 @@ class _Object:
         return value
 
     def number(self, key: str) -> float:
-        """A finite number member (0 when absent or null)."""
+        """A number member (0 when absent or null; its range is the engine's to check)."""
         value = self.data.get(key)
         if value is None:
             return 0.0
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.refuse(self.name(key), f"{self.name(key)} must be a number")
             return 0.0
         return float(value)
