@@ -485,3 +485,8 @@ def test_a_job_converts_to_proto_and_back() -> None:
         idempotency_key="k",
     )
     assert convert_jobs.job_spec(convert_jobs.job_spec_pb(spec)) == spec
+
+
+async def test_rest_names_the_engines_fields_in_its_own_words(app: FleetcmdApp, http: aiohttp.ClientSession) -> None:
+    refused = await _refused(http, one(ttl=app.settings.max_ttl + 1))
+    assert refused == {"ttl": f"ttl must be 0 (default) to {app.settings.max_ttl}"}

@@ -64,13 +64,10 @@ def _rest_error(exc: InvalidArgument) -> InvalidArgument:
     """``exc`` with its fields (and their mentions in the descriptions) as this API names them."""
     renamed = []
     for v in exc.violations:
-        field = rest_path(v.field)
-        description = v.description
-        if field != v.field:
-            description = description.replace(v.field, field)
-            for plain in {v.field.rpartition(".")[2].partition("[")[0]}:
-                description = description.replace(plain, rest_path(plain))
-        renamed.append(FieldViolation(field, description))
+        # A description names at most the field's own name ("ttl_seconds must be 0 (default) to 86400").
+        name = v.field.rpartition(".")[2].partition("[")[0]
+        description = v.description.replace(name, rest_path(name)) if name else v.description
+        renamed.append(FieldViolation(rest_path(v.field), description))
     return InvalidArgument(renamed)
 
 
