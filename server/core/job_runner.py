@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # Targets resolved (read and written) per store round trip.
 RESOLVE_PAGE = 1_000
 # Executions one dispatch transaction creates at most; the loop dispatches again at once if more may start.
-DISPATCH_BATCH = 256
+DISPATCH_BATCH = 500
 # Pages of pending targets one pass reads to find some whose thing is not busy (sequential_per_thing).
 SEQUENTIAL_SCAN_PAGES = 8
 # Executions canceled per round when a job is canceled or aborted.
@@ -87,6 +87,9 @@ class _Run:
     resolve_cursor: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     version: int = 0
+
+    def __post_init__(self) -> None:
+        self.matcher = jb.Matcher.of(self.spec.targets)
 
     @property
     def job_id(self) -> str:
@@ -147,6 +150,7 @@ class JobsCore:
         self._closed = False
         # Things that started to match a CONTINUOUS job, by job, for the loop to add.
         self._pending_adds: dict[str, set[str]] = {}
+        self._retries_settled = False  # the last settle round made a target RETRY
         self.stats = {"dispatched": 0, "rejected": 0, "retried": 0}
 
     # ---- the commit hook and the registry hook ----------------------------------------------
@@ -181,7 +185,7 @@ class JobsCore:
         for run in self._runs.values():
             t = run.spec.targets
             continuous = t.mode is TargetMode.CONTINUOUS and not run.state.final and not run.ended and not t.from_job
-            if continuous and jb.matches(t, thing.thing_id, thing.thing_type, thing.attributes, online):
+            if continuous and run.matcher(thing.thing_id, thing.thing_type, thing.attributes, online):
                 self._pending_adds.setdefault(run.job_id, set()).add(thing.thing_id)
                 self._wake.set()
 
@@ -446,8 +450,22 @@ class JobsCore:
 
     async def _step(self) -> float | None:
         """One round over every job; returns when (ms) the loop must look again without being woken."""
-        await self._settle_finals()
-        await self._continuous_adds()
+        # The settle write is not awaited before the dispatches: submitted in the same loop turn, they
+        # share the store's commit (the writer keeps their order).
+        settling = self._settle_finals()
+        if settling is not None and self._retries_settled:
+            # A retry is read back from the store when due: its RETRY mark must be committed first.
+            await settling
+            settling = None
+        try:
+            await self._continuous_adds()
+            wake = await self._advance_all()
+        finally:
+            if settling is not None:
+                await settling
+        return wake
+
+    async def _advance_all(self) -> float | None:
         wake: float = math.inf
         for run in list(self._runs.values()):
             try:
@@ -459,10 +477,12 @@ class JobsCore:
             wake = min(wake, at)
         return None if wake == math.inf else wake
 
-    async def _settle_finals(self) -> None:
+    def _settle_finals(self) -> asyncio.Future[builtins.list[None]] | None:
+        """Decide (in memory, at once) what becomes of the targets whose execution is final; returns the store writes."""
         if not self._finals:
-            return
+            return None
         finals, self._finals = self._finals, []
+        self._retries_settled = False
         by_job: dict[str, list[TargetSettle]] = {}
         for tracked, execution_id, status, at_ms in finals:
             if self._busy.get(tracked.thing_id) == execution_id:
@@ -482,13 +502,15 @@ class JobsCore:
                 if tracked.seq < self._canary_size(run):
                     run.canary.move(status.name, "RETRYING")
                 run.next_due_ms = due if run.next_due_ms is None else min(run.next_due_ms, due)
+                self._retries_settled = True
             else:
                 by_job.setdefault(run.job_id, []).append(
                     TargetSettle(tracked.thing_id, tracked.attempt, TargetState.DONE, status)
                 )
             self._changed(run)
-        for job_id, settles in by_job.items():
-            await self.store.settle(job_id, settles)
+        if not by_job:
+            return None
+        return asyncio.gather(*(self.store.settle(job_id, settles) for job_id, settles in by_job.items()))
 
     async def _continuous_adds(self) -> None:
         adds, self._pending_adds = self._pending_adds, {}
@@ -591,8 +613,8 @@ class JobsCore:
             rows = [r for r in rows if r.thing_id not in self._busy]
         wake = math.inf
         if rows:
-            await self._start(run, rows)
-            run.pacer.took(now)
+            # Paced from the executions' own creation times: what a reader of the store sees is spaced too.
+            run.pacer.took(await self._start(run, rows))
             self._wake.set()  # maybe more may start: look again right after the finals are settled
         if counts.get("RETRYING"):
             run.next_due_ms = await self.store.next_due_ms(run.job_id)
@@ -615,8 +637,8 @@ class JobsCore:
             after = page[-1].seq
         return out[:want]
 
-    async def _start(self, run: _Run, rows: builtins.list[TargetRow]) -> None:
-        """Create the executions of ``rows`` (one store transaction) and hand them to delivery."""
+    async def _start(self, run: _Run, rows: builtins.list[TargetRow]) -> int:
+        """Create the executions of ``rows`` (one store transaction) and hand them to delivery; returns the time of the last."""
         spec = run.spec
         dispatches: builtins.list[JobDispatch] = []
         rejections: builtins.list[tuple[str, int, str]] = []
@@ -634,7 +656,8 @@ class JobsCore:
             )
             dispatches.append(JobDispatch(new))
             seq_of[row.thing_id] = row
-        results = await self.store.dispatch(run.job_id, dispatches, rejections, now_ms())
+        last = max((d.new.created_at_ms for d in dispatches), default=now_ms())
+        results = await self.store.dispatch(run.job_id, dispatches, rejections, last)
         canary_size = self._canary_size(run)
         for thing_id, _attempt, _reason in rejections:
             row = next(r for r in rows if r.thing_id == thing_id)
@@ -661,6 +684,7 @@ class JobsCore:
             self.stats["dispatched"] += 1
             self.core.track(execution)
         self._changed(run)
+        return last
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -701,6 +725,7 @@ class JobsCore:
     async def _candidates(self, targets: jb.Targets, cursor: str) -> AsyncIterator[tuple[builtins.list[str], str]]:
         """Pages of matching thing ids after ``cursor`` (by id), with the cursor after each page; never all at once."""
         presence = self.registry.presence
+        match = jb.Matcher.of(targets)
         if targets.from_job:
             statuses = [Status[name] for name in targets.from_statuses]
             while True:
@@ -708,14 +733,14 @@ class JobsCore:
                 if not ids:
                     return
                 cursor = ids[-1]
-                yield [i for i in ids if self._matches_known(targets, i)], cursor
+                yield [i for i in ids if self._matches_known(match, i)], cursor
                 if len(ids) < RESOLVE_PAGE:
                     return
         elif targets.thing_ids:
             ids = sorted(i for i in set(targets.thing_ids) if i > cursor)
             for start in range(0, len(ids), RESOLVE_PAGE):
                 chunk = ids[start : start + RESOLVE_PAGE]
-                yield [i for i in chunk if self._matches_known(targets, i)], chunk[-1]
+                yield [i for i in chunk if self._matches_known(match, i)], chunk[-1]
         else:
             while True:
                 rows = await self.store.thing_page(cursor, RESOLVE_PAGE, targets.thing_type)
@@ -726,25 +751,21 @@ class JobsCore:
                     [
                         thing_id
                         for thing_id, thing_type, attributes in rows
-                        if jb.matches(targets, thing_id, thing_type, attributes, presence(thing_id).online)
+                        if match(thing_id, thing_type, attributes, presence(thing_id).online)
                     ],
                     cursor,
                 )
                 if len(rows) < RESOLVE_PAGE:
                     return
 
-    def _matches_known(self, targets: jb.Targets, thing_id: str) -> bool:
-        # A listed thing nobody registered stays a target (its dispatch records why it is refused).
+    def _matches_known(self, match: jb.Matcher, thing_id: str) -> bool:
+        # A listed thing nobody registered stays a target unless a type or attributes are asked for
+        # (its dispatch records why it is refused).
         thing = self._thing(thing_id)
         online = self.registry.presence(thing_id).online
         if thing is None:
-            bare = (
-                dataclasses.replace(targets, thing_type="", attributes=())
-                if not (targets.thing_type or targets.attributes)
-                else targets
-            )
-            return jb.matches(bare, thing_id, "", {}, online)
-        return jb.matches(targets, thing_id, thing.thing_type, thing.attributes, online)
+            return not (match.thing_type or match.attributes) and match(thing_id, "", {}, online)
+        return match(thing_id, thing.thing_type, thing.attributes, online)
 
     async def _resolve(self, run: _Run) -> None:
         """Resolve the job's targets into the store, a page per transaction, resuming at the stored cursor."""
@@ -826,6 +847,8 @@ class JobsCore:
         )
         log.info("job %s: %s -> %s%s", run.job_id, event.value, target.name, f" ({reason})" if reason else "")
         self._changed(run)
+        if target.final:
+            self._wake.set()  # the loop settles it (stores its counts) once nothing of it is in flight
 
     async def _stop(self, run: _Run, reason: str, *, only_undelivered: bool) -> None:
         """Nothing new starts; the job's executions not final are canceled (or only those not delivered)."""

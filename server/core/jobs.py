@@ -365,17 +365,38 @@ def validate_spec(spec: JobSpec, *, now_ms: int) -> None:
 # ---- targets ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Matcher:
+    """A job's selectors ready to test many things (id lists as sets: a test is O(1) in their length)."""
+
+    thing_ids: frozenset[str] | None
+    thing_type: str
+    attributes: tuple[tuple[str, str], ...]
+    online_only: bool
+    exclude: frozenset[str]
+
+    @classmethod
+    def of(cls, targets: Targets) -> Matcher:
+        """The matcher of ``targets`` (``from_job`` is resolved by the store, not here)."""
+        ids = frozenset(targets.thing_ids) if targets.thing_ids else None
+        return cls(ids, targets.thing_type, targets.attributes, targets.online_only, frozenset(targets.exclude))
+
+    def __call__(self, thing_id: str, thing_type: str, attributes: Mapping[str, str], online: bool) -> bool:
+        """Whether this thing is a target."""
+        if thing_id in self.exclude:
+            return False
+        if self.thing_ids is not None and thing_id not in self.thing_ids:
+            return False
+        if self.thing_type and thing_type != self.thing_type:
+            return False
+        if any(attributes.get(k) != value for k, value in self.attributes):
+            return False
+        return not self.online_only or online
+
+
 def matches(targets: Targets, thing_id: str, thing_type: str, attributes: Mapping[str, str], online: bool) -> bool:
-    """Whether a thing is a target of a job with these selectors (``from_job`` is resolved by the store)."""
-    if thing_id in targets.exclude:
-        return False
-    if targets.thing_ids and thing_id not in targets.thing_ids:
-        return False
-    if targets.thing_type and thing_type != targets.thing_type:
-        return False
-    if any(attributes.get(k) != value for k, value in targets.attributes):
-        return False
-    return not targets.online_only or online
+    """Whether a thing is a target of a job with these selectors (one test; use :class:`Matcher` for many)."""
+    return Matcher.of(targets)(thing_id, thing_type, attributes, online)
 
 
 # ---- pacing -----------------------------------------------------------------------------------

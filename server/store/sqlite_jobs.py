@@ -194,13 +194,12 @@ class SqliteJobs:
             total = conn.execute("SELECT targets_total FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
             if total is None:
                 raise NotFound(f"job {job_id!r} not found")
-            before = conn.total_changes
-            # seq continues after the highest given (targets_total counts every row ever added).
-            conn.executemany(
-                "INSERT OR IGNORE INTO job_targets (job_id, thing_id, seq, state) VALUES (?, ?, ?, 0)",
-                [(job_id, thing_id, total[0] + i) for i, thing_id in enumerate(ids)],
-            )
-            added = conn.total_changes - before
+            # seq numbers the targets without gaps (targets_total counts every row ever added): the
+            # canary is the targets below its count.
+            added = 0
+            insert = "INSERT OR IGNORE INTO job_targets (job_id, thing_id, seq, state) VALUES (?, ?, ?, 0)"
+            for thing_id in ids:
+                added += conn.execute(insert, (job_id, thing_id, total[0] + added)).rowcount
             conn.execute(
                 "UPDATE jobs SET targets_total = targets_total + ?, resolve_cursor = ?, resolved = ? WHERE job_id = ?",
                 (added, cursor, int(resolved), job_id),

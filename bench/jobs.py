@@ -1,0 +1,166 @@
+"""The jobs scenario (issue 16 §5): ``.venv/bin/python bench/jobs.py [--fleet 10000] [--paced 1000] [--paced-rate 6000]``.
+
+Runs the service in this process (the jobs engine through its Python API, ``JobsCore``; so the RSS
+measured is the service's own, plus this script's few kilobytes) and ``--fleet`` devices in
+load-generator processes (``bench.loadgen.DeviceAgent``, answering SUCCEEDED at once). Then:
+
+1. an unpaced job to every device: the dispatch-to-final rate (targets / seconds from create to
+   the last final execution) and the service RSS before, during (peak, sampled every 100 ms) and after;
+2. a job paced at ``--paced-rate`` per minute to the first ``--paced`` devices: the pacing accuracy, the most
+   executions created in any 1-second window against ``rate / 60`` (bound: one more), from the
+   executions' creation times in the store.
+
+Prints one JSON document; figures go to BENCHMARKS.md by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.procs import Procs, rss_bytes
+from bench.run import connect_fleet, device_agents, raise_nofile, thing_ids
+from server.app import FleetcmdApp
+from server.config import Settings
+from server.core import jobs as jb
+from server.core.job_runner import JobsCore
+from server.core.models import ListQuery
+
+MB = 1024 * 1024
+
+
+def max_per_window(times_ms: list[int], window_ms: int = 1000) -> int:
+    """The most timestamps in any half-open window ``[t, t + window_ms)`` (windows start at a timestamp)."""
+    times = sorted(times_ms)
+    return max((bisect.bisect_left(times, t + window_ms) - i for i, t in enumerate(times)), default=0)
+
+
+async def run_job(jobs: JobsCore, spec: jb.JobSpec, timeout: float) -> tuple[jb.Job, float, int, float]:
+    """Create a job and wait until it is final.
+
+    Returns:
+        The job, the seconds it took, the peak RSS seen meanwhile, the seconds until every target had started.
+    """
+    peak = rss_bytes(os.getpid())
+    dispatched: float | None = None
+    started = time.perf_counter()
+    job = await jobs.create(spec)
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, rss_bytes(os.getpid()))
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        async with asyncio.timeout(timeout):
+            async for snap in jobs.watch(job.job_id):
+                job = snap
+                if dispatched is None and not job.counts.get("PENDING"):
+                    dispatched = time.perf_counter() - started
+    finally:
+        sampler.cancel()
+    return job, time.perf_counter() - started, peak, dispatched or 0.0
+
+
+async def scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Start the service and the fleet, run the unpaced and the paced job; returns the figures."""
+    settings = Settings(
+        bind="127.0.0.1",
+        mqtt_port=0,
+        grpc_port=0,
+        http_port=-1,
+        data_dir=workdir / "data",
+        allow_anonymous=True,
+        default_ttl=60,
+    )
+    out: dict[str, Any] = {"fleet": args.fleet}
+    with Procs(workdir) as procs:
+        async with FleetcmdApp(settings) as app:
+            assert app.jobs is not None and app.ports is not None and app.ports.mqtt is not None and app.core is not None
+            ids = thing_ids(args.fleet)
+            agents = device_agents(procs, ids, max(1, args.fleet // 5000))
+            connected = await asyncio.to_thread(connect_fleet, agents, app.ports.mqtt, 120.0)
+            out["connected"] = connected["connected"]
+            targets = jb.Targets(thing_ids=tuple(ids[: jb.MAX_TARGET_IDS]))
+            if args.fleet > jb.MAX_TARGET_IDS:
+                targets = jb.Targets(attributes=(("fleet", "bench"),))  # registered things only (not used by default)
+            before = rss_bytes(os.getpid())
+
+            job, seconds, peak, dispatch_s = await run_job(app.jobs, jb.JobSpec("bench", {"n": 1}, 60, targets), args.timeout)
+            await asyncio.sleep(1.0)
+            after = rss_bytes(os.getpid())
+            out["unpaced"] = {
+                "state": job.state.name,
+                "counts": dict(job.counts),
+                "seconds": round(seconds, 3),
+                "all_started_s": round(dispatch_s, 3),
+                "dispatch_to_final_per_s": round(job.targets_total / seconds, 1),
+                "rss_mb": {"before": round(before / MB, 1), "peak": round(peak / MB, 1), "after": round(after / MB, 1)},
+                "rss_growth_mb": round((peak - before) / MB, 1),
+            }
+
+            rate = args.paced_rate
+            paced_targets = jb.Targets(thing_ids=tuple(ids[: args.paced]))
+            paced_spec = jb.JobSpec("bench-paced", {"n": 2}, 60, paced_targets, rollout=jb.Rollout(max_per_minute=rate))
+            job, seconds, _peak, _dispatch_s = await run_job(app.jobs, paced_spec, args.timeout + job.targets_total * 60 / rate)
+            created: list[int] = []
+            token: int | None = None
+            while True:
+                page = await app.core.list_executions(ListQuery(job_id=job.job_id, page_size=1000, before_index=token))
+                created += [e.created_at_ms for e in page.executions]
+                token = page.next_before_index
+                if token is None:
+                    break
+            busiest = max_per_window(created)
+            out["paced"] = {
+                "state": job.state.name,
+                "max_per_minute": rate,
+                "seconds": round(seconds, 3),
+                "achieved_per_s": round(job.targets_total / seconds, 1),
+                "busiest_1s_window": busiest,
+                "allowed_1s": rate / 60,
+                "excess_over_rate": round(busiest - rate / 60, 2),
+            }
+            for agent in agents:
+                procs.stop(agent)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the scenario and print its figures as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fleet", type=int, default=10_000, help="devices and targets (at most 10,000: one explicit list)")
+    parser.add_argument("--paced", type=int, default=1_000, help="targets of the paced job")
+    parser.add_argument("--paced-rate", type=int, default=6_000, help="max_per_minute of the paced job")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a job may take")
+    parser.add_argument("--profile", action="store_true", help="profile the service (cProfile, to stderr)")
+    args = parser.parse_args(argv)
+    raise_nofile(args.fleet * 2 + 2000)
+    with tempfile.TemporaryDirectory(prefix="fleetcmd-bench-jobs-") as tmp:
+        if args.profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            result = profiler.runcall(asyncio.run, scenario(args, Path(tmp)))
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(40)
+        else:
+            result = asyncio.run(scenario(args, Path(tmp)))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
