@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import contextlib
 import dataclasses
 import json
@@ -34,7 +35,7 @@ from server.core.errors import FailedPrecondition, FleetcmdError, InvalidArgumen
 from server.core.ids import time_ordered_id
 from server.core.jobs import DryRun, Job, JobEvent, JobPage, JobSpec, JobState, TargetMode
 from server.core.lifecycle import Status
-from server.core.models import StateChange, ThingRecord
+from server.core.models import Execution, StateChange, ThingRecord
 from server.core.registry import Registry
 from server.core.validation import validate_send
 from server.store import JobDispatch, JobRecord, JobStore, TargetRow, TargetSettle, TargetState
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 RESOLVE_PAGE = 1_000
 # Executions one dispatch transaction creates at most; the loop dispatches again at once if more may start.
 DISPATCH_BATCH = 500
+# Dispatch writes of a paced job that may wait for their commit at once (the job does not wait for each).
+PIPELINE = 8
 # Pages of pending targets one pass reads to find some whose thing is not busy (sequential_per_thing).
 SEQUENTIAL_SCAN_PAGES = 8
 # Executions canceled per round when a job is canceled or aborted.
@@ -87,6 +90,13 @@ class _Run:
     resolve_cursor: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     version: int = 0
+    # Paced jobs: pending targets read ahead (by seq, after ``buffer_after``), and the dispatch writes not
+    # committed yet (a paced job does not wait for one commit before its next slot).
+    buffer: collections.deque[TargetRow] = field(default_factory=collections.deque)
+    buffer_after: int = -1
+    dispatching: set[asyncio.Future[None]] = field(default_factory=set)
+    starting: set[str] = field(default_factory=set)  # things of those writes
+    outstanding: int = 0
 
     def __post_init__(self) -> None:
         self.matcher = jb.Matcher.of(self.spec.targets)
@@ -421,7 +431,8 @@ class JobsCore:
                     status = row.status or Status.QUEUED
                     tracked = _Tracked(rec.job_id, row.thing_id, row.attempt, row.seq, status)
                     if status.final:
-                        self._finals.append((tracked, row.execution_id, status, row.dispatched_at_ms or now_ms()))
+                        ended_at = row.completed_at_ms or row.dispatched_at_ms or now_ms()
+                        self._finals.append((tracked, row.execution_id, status, ended_at))
                     else:
                         self._inflight[row.execution_id] = tracked
                         run.recancel = rec.state.final
@@ -535,7 +546,7 @@ class JobsCore:
                 # Not knowing whether the cancel spared delivered executions, a restart cancels only the undelivered
                 # ones of a CANCELED job, and all of an ABORTED one.
                 await self._stop(run, run.rec.abort_reason or "job canceled", only_undelivered=run.state is JobState.CANCELED)
-            if not run.counts.in_flight() and not self._has_finals(run):
+            if self._idle(run):
                 await self._finish(run)
             return math.inf
         end_at = spec.schedule.end_at_ms
@@ -549,15 +560,15 @@ class JobsCore:
             if now < spec.schedule.start_at_ms:
                 return spec.schedule.start_at_ms
             await self._move(run, JobEvent.START)
-        if run.state is JobState.PAUSED:
-            return end_at if end_at and not run.ended else math.inf
-        if not run.rec.resolved:
-            await self._resolve(run)
-        if run.ended:
-            if not run.counts.in_flight() and not self._has_finals(run):
+        if run.ended:  # (paused or not) it completes once nothing of it is in flight
+            if self._idle(run):
                 await self._move(run, JobEvent.COMPLETE)
                 await self._finish(run)
             return math.inf
+        if run.state is JobState.PAUSED:
+            return end_at or math.inf
+        if not run.rec.resolved:
+            await self._resolve(run)
         reason = jb.abort_reason(spec.abort, run.counts.by_name)
         if not reason and spec.canary is not None and not run.canary_passed:
             verdict = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run))
@@ -573,7 +584,7 @@ class JobsCore:
             return math.inf
         wake = await self._dispatch(run, now)
         pending = run.counts.get("PENDING") + run.counts.get("RETRYING")
-        if spec.targets.mode is TargetMode.SNAPSHOT and not pending and not run.counts.in_flight() and not self._has_finals(run):
+        if spec.targets.mode is TargetMode.SNAPSHOT and not pending and self._idle(run):
             await self._move(run, JobEvent.COMPLETE)
             await self._finish(run)
             return math.inf
@@ -592,7 +603,7 @@ class JobsCore:
             return run.pacer.next_at(rate)
         if paced > 0:
             want = min(want, paced)
-        room = jb.room(spec.rollout, counts.in_flight())
+        room = jb.room(spec.rollout, counts.in_flight() + run.outstanding)
         if room >= 0:
             want = min(want, room)
         core_room = self.core.room()
@@ -602,6 +613,8 @@ class JobsCore:
             return now + FULL_RETRY_SECONDS * 1000
         want = min(want, core_room)
         canary_only = spec.canary is not None and not run.canary_passed
+        if paced > 0 and not spec.rollout.sequential_per_thing:
+            return await self._dispatch_paced(run, now, rate, canary_only)
         rows: builtins.list[TargetRow] = []
         if counts.get("RETRYING") and run.next_due_ms is not None and run.next_due_ms <= now:
             rows = await self.store.targets(run.job_id, (), want, due_by_ms=now)
@@ -624,6 +637,28 @@ class JobsCore:
             wake = min(wake, run.pacer.next_at(rate))
         return wake
 
+    async def _dispatch_paced(self, run: _Run, now: int, rate: float, canary_only: bool) -> float:
+        """One slot of a paced job: start one target, not waiting for the commit (at most ``PIPELINE`` outstanding)."""
+        if run.outstanding >= PIPELINE:
+            return math.inf  # woken when one commits
+        counts = run.counts
+        row: TargetRow | None = None
+        if counts.get("RETRYING") and run.next_due_ms is not None and run.next_due_ms <= now:
+            due = await self.store.targets(run.job_id, (), PIPELINE + 1, due_by_ms=now)
+            row = next((r for r in due if r.thing_id not in run.starting), None)
+        if row is None and counts.get("PENDING"):
+            row = await self._buffered(run, canary_only)
+        wake = math.inf
+        if row is not None:
+            run.pacer.took(self._start_pipelined(run, row))
+        if counts.get("RETRYING"):
+            run.next_due_ms = await self.store.next_due_ms(run.job_id)
+            if run.next_due_ms is not None:
+                wake = min(wake, run.next_due_ms)
+        if counts.get("PENDING") or counts.get("RETRYING"):
+            wake = min(wake, run.pacer.next_at(rate))
+        return wake
+
     async def _pending(self, run: _Run, want: int, canary_only: bool) -> builtins.list[TargetRow]:
         if not run.spec.rollout.sequential_per_thing:
             return await self.store.targets(run.job_id, (TargetState.PENDING,), want)
@@ -639,10 +674,18 @@ class JobsCore:
 
     async def _start(self, run: _Run, rows: builtins.list[TargetRow]) -> int:
         """Create the executions of ``rows`` (one store transaction) and hand them to delivery; returns the time of the last."""
+        dispatches, rejections, last = self._prepare(run, rows)
+        results = await self.store.dispatch(run.job_id, dispatches, rejections, last)
+        self._started(run, rows, rejections, results)
+        return last
+
+    def _prepare(
+        self, run: _Run, rows: builtins.list[TargetRow]
+    ) -> tuple[builtins.list[JobDispatch], builtins.list[tuple[str, int, str]], int]:
+        """Check each target like a Send and build its execution; returns them, the refusals and the last creation time."""
         spec = run.spec
         dispatches: builtins.list[JobDispatch] = []
         rejections: builtins.list[tuple[str, int, str]] = []
-        seq_of: dict[str, TargetRow] = {}
         for row in rows:
             attempt = row.attempt + 1
             try:
@@ -655,12 +698,21 @@ class JobsCore:
                 new, job_id=run.job_id, job_attempt=attempt, retry_of=row.execution_id if row.attempt else ""
             )
             dispatches.append(JobDispatch(new))
-            seq_of[row.thing_id] = row
-        last = max((d.new.created_at_ms for d in dispatches), default=now_ms())
-        results = await self.store.dispatch(run.job_id, dispatches, rejections, last)
+        return dispatches, rejections, max((d.new.created_at_ms for d in dispatches), default=now_ms())
+
+    def _started(
+        self,
+        run: _Run,
+        rows: builtins.list[TargetRow],
+        rejections: builtins.list[tuple[str, int, str]],
+        results: builtins.list[Execution | None],
+    ) -> None:
+        """Count and track what a committed dispatch created, and hand the executions to delivery."""
+        spec = run.spec
+        by_thing = {r.thing_id: r for r in rows}
         canary_size = self._canary_size(run)
         for thing_id, _attempt, _reason in rejections:
-            row = next(r for r in rows if r.thing_id == thing_id)
+            row = by_thing[thing_id]
             source = "RETRYING" if row.state is TargetState.RETRY else "PENDING"
             run.counts.move(source, Status.REJECTED.name)
             if row.seq < canary_size:
@@ -669,7 +721,7 @@ class JobsCore:
         for execution in results:
             if execution is None:
                 continue
-            row = seq_of[execution.thing_id]
+            row = by_thing[execution.thing_id]
             source = "RETRYING" if row.state is TargetState.RETRY else "PENDING"
             if row.state is TargetState.RETRY:
                 self.stats["retried"] += 1
@@ -684,7 +736,48 @@ class JobsCore:
             self.stats["dispatched"] += 1
             self.core.track(execution)
         self._changed(run)
+
+    def _start_pipelined(self, run: _Run, row: TargetRow) -> int:
+        """Start one target of a paced job without waiting for the commit; returns its creation time."""
+        dispatches, rejections, last = self._prepare(run, [row])
+
+        async def commit() -> None:
+            try:
+                results = await self.store.dispatch(run.job_id, dispatches, rejections, last)
+            except Unavailable:  # the store is closing: the target is still pending in the store
+                return
+            except FleetcmdError:
+                log.exception("job %s: a dispatch failed; its target is read again", run.job_id)
+                run.buffer.clear()
+                run.buffer_after = -1
+                return
+            self._started(run, [row], rejections, results)
+
+        task = asyncio.ensure_future(commit())
+        run.dispatching.add(task)
+        run.starting.add(row.thing_id)
+        run.outstanding += 1
+
+        def done(_task: asyncio.Future[None]) -> None:
+            run.dispatching.discard(task)
+            run.starting.discard(row.thing_id)
+            run.outstanding -= 1
+            self._wake.set()
+
+        task.add_done_callback(done)
         return last
+
+    async def _buffered(self, run: _Run, canary_only: bool) -> TargetRow | None:
+        """The next pending target of a paced job, read a page ahead."""
+        if not run.buffer:
+            page = await self.store.targets(run.job_id, (TargetState.PENDING,), DISPATCH_BATCH, after_seq=run.buffer_after)
+            if not page:
+                return None
+            run.buffer.extend(page)
+            run.buffer_after = page[-1].seq
+        if canary_only and run.buffer[0].seq >= self._canary_size(run):
+            return None
+        return run.buffer.popleft()
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -804,6 +897,10 @@ class JobsCore:
         c = run.counts.by_name
         return sum(n for name, n in c.items() if name not in ("PENDING", "RETRYING", "SKIPPED"))
 
+    def _idle(self, run: _Run) -> bool:
+        """Nothing of the job is in flight: no execution, no final one to settle, no dispatch to commit."""
+        return not run.counts.in_flight() and not run.dispatching and not self._has_finals(run)
+
     def _has_finals(self, run: _Run) -> bool:
         return any(t.job_id == run.job_id for t, *_ in self._finals)
 
@@ -852,6 +949,8 @@ class JobsCore:
 
     async def _stop(self, run: _Run, reason: str, *, only_undelivered: bool) -> None:
         """Nothing new starts; the job's executions not final are canceled (or only those not delivered)."""
+        if run.dispatching:  # executions being created are canceled too
+            await asyncio.gather(*run.dispatching, return_exceptions=True)
         await self.store.skip_unstarted(run.job_id, reason)
         self._skip_counts(run)
         ids = [

@@ -304,6 +304,7 @@ class TargetRow:
     due_at_ms: int | None
     dispatched_at_ms: int | None
     reason: str = ""
+    completed_at_ms: int | None = None  # when the latest execution became final
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ JOB_COLUMNS = (
     " resolved, resolve_cursor, counts, idempotency_key, sequential"
 )
 TARGET_COLUMNS = (
-    "t.thing_id, t.seq, t.state, t.attempt, t.execution_id, COALESCE(e.status, t.status), t.due_at, t.dispatched_at, t.reason"
+    "t.thing_id, t.seq, t.state, t.attempt, t.execution_id, COALESCE(e.status, t.status), t.due_at, t.dispatched_at, t.reason,"
+    " e.completed_at"
 )
 TARGET_FROM = "job_targets t LEFT JOIN executions e ON t.state = 1 AND e.execution_id = t.execution_id"
 
@@ -79,6 +80,7 @@ def _target(row: Sequence[Any]) -> TargetRow:
         due_at_ms=row[6],
         dispatched_at_ms=row[7],
         reason=row[8] or "",
+        completed_at_ms=row[9],
     )
 
 
