@@ -7,7 +7,6 @@ WatchJob, and the executions List filter by job.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import uuid
@@ -82,6 +81,14 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+async def started(job_stub: jpb_grpc.JobServiceStub, job_id: str, n: int) -> jpb.Job:
+    """The job once WatchJob shows ``n`` of its targets with an execution (their devices are offline: QUEUED)."""
+    async for job in job_stub.WatchJob(jpb.WatchJobRequest(job_id=job_id), timeout=20):
+        if job.counts.queued >= n:
+            return job
+    raise AssertionError(f"job {job_id} ended before {n} executions started")
+
+
 # ---- gRPC ---------------------------------------------------------------------------------------
 
 
@@ -140,10 +147,7 @@ async def test_grpc_a_started_job_has_executions_that_list_filters_by_job(
     async def executions() -> list[pb.Execution]:
         return list((await stub.List(pb.ListRequest(job_id=job.job_id))).executions)
 
-    for _ in range(500):
-        if len(await executions()) == 3:
-            break
-        await asyncio.sleep(0.01)
+    await started(job_stub, job.job_id, 3)
     listed = await executions()
     assert sorted(e.thing_id for e in listed) == sorted(ids)
     assert {e.job_id for e in listed} == {job.job_id} and {e.retry_of for e in listed} == {""}
@@ -329,15 +333,15 @@ async def test_rest_create_get_list_control(app: FleetcmdApp, http: aiohttp.Clie
 
 async def test_rest_execution_json_names_its_job_and_list_filters_by_it(app: FleetcmdApp, http: aiohttp.ClientSession) -> None:
     ids = await things(app, 2)
+    async with http.post("/api/v1/commands", json={"thingId": ids[0], "action": "reboot"}) as resp:
+        assert resp.status == 202  # not the job's
     async with http.post(JOBS, json={"action": "reboot", "targets": {"thingIds": ids}}) as resp:
         assert resp.status == 201, await resp.text()
         job_id = (await resp.json())["jobId"]
-    for _ in range(500):
-        async with http.get("/api/v1/commands", params={"jobId": job_id}) as resp:
-            executions = (await resp.json())["executions"]
-        if len(executions) == 2:
-            break
-        await asyncio.sleep(0.01)
+    async with app_channel(app) as channel:
+        await started(jpb_grpc.JobServiceStub(channel), job_id, 2)
+    async with http.get("/api/v1/commands", params={"jobId": job_id}) as resp:
+        executions = (await resp.json())["executions"]
     assert sorted(e["thingId"] for e in executions) == sorted(ids)
     assert {e["jobId"] for e in executions} == {job_id} and {e["retryOf"] for e in executions} == {None}
 
