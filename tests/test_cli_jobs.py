@@ -179,3 +179,25 @@ def test_watch_on_a_terminal_draws_a_progress_bar(svc: Service) -> None:
     text = screen.decode(errors="replace")
     assert "COMPLETED" in text and "2/2" in text and "succeeded=2" in text
     assert "━" in text  # rich's bar
+
+
+def test_create_from_a_spec_file_with_flags_on_top(svc: Service, tmp_path: Any) -> None:
+    ids = things(svc, 2)
+    spec = {
+        "action": "reboot",
+        "targets": {"thingIds": ids},
+        "rollout": {"maxPerMinute": 30},
+        "retries": [{"failure": "FAILURE_TYPE_ANY"}],
+    }
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(spec))
+    dry = ok_json(cli(svc, "jobs", "create", "--spec", str(path), "--exclude", ids[0], "--dry-run", "--json"))
+    assert dry == {"targets_total": 1, "sample": [ids[1]]}
+    job = ok_json(
+        cli(svc, "jobs", "create", "ping", "--spec", str(path), "--max-per-minute", "6", "--start-at", in_an_hour(), "--json")
+    )
+    assert job["spec"]["action"] == "ping" and job["spec"]["rollout"] == {"max_per_minute": 6}
+    assert job["spec"]["retries"] == [{"failure": "FAILURE_TYPE_ANY", "backoff": "BACKOFF_FIXED"}]  # unspecified: fixed
+    path.write_text("{not json")
+    broken = cli(svc, "jobs", "create", "--spec", str(path))
+    assert broken.returncode == 2 and "--spec" in broken.stderr
