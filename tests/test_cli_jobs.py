@@ -71,7 +71,7 @@ def test_dry_run_create_get_list_control(svc: Service) -> None:
     job_id = job["job_id"]
 
     shown = ok(cli(svc, "jobs", "get", job_id))
-    assert job_id in shown and "SCHEDULED" in shown and "cli job" in shown
+    assert job_id in shown and "SCHEDULED" in shown and "cli job" in shown and '{"level":2}' in shown
     assert ok_json(cli(svc, "jobs", "pause", job_id, "--json"))["state"] == "JOB_STATE_PAUSED"
     listed = ok_json(cli(svc, "jobs", "list", "--state", "paused", "--json"))
     assert job_id in [j["job_id"] for j in listed["jobs"]]

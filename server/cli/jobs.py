@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
+from server.api import convert
 from server.cli import client
 from server.pb import commands_pb2 as pb
 from server.pb import jobs_pb2 as jpb
@@ -74,7 +75,7 @@ def _print_job(job: jpb.Job) -> None:
     print(f"state      {_state(job.state)}")
     print(f"action     {spec.action}")
     if spec.HasField("params"):
-        print(f"params     {json.dumps(json_format.MessageToDict(spec.params), separators=(',', ':'))}")
+        print(f"params     {json.dumps(convert.to_python(spec.params), separators=(',', ':'))}")
     if spec.description:
         print(f"about      {spec.description}")
     print(f"targets    {job.targets_total} ({_targets_text(spec.targets)})")
