@@ -184,6 +184,11 @@ async def test_grpc_rerun_failed_takes_final_statuses(app: FleetcmdApp, job_stub
     await job_stub.CancelJob(jpb.CancelJobRequest(job_id=job.job_id))
     rerun = await job_stub.RerunFailed(jpb.RerunFailedRequest(job_id=job.job_id, statuses=[pb.CANCELED, pb.TIMED_OUT]))
     assert rerun.job_id != job.job_id and rerun.spec.action == "reboot"
+    assert rerun.spec.targets.from_job == job.job_id and list(rerun.spec.targets.from_statuses) == [pb.CANCELED, pb.TIMED_OUT]
+    # Output only: a create that sets them is refused.
+    with pytest.raises(grpc.aio.AioRpcError) as output_only:
+        await job_stub.CreateJob(jpb.CreateJobRequest(spec=rerun.spec))
+    assert list(violations(output_only.value)) == ["spec.targets.from_job"]
 
 
 @pytest.mark.parametrize(
@@ -328,7 +333,10 @@ async def test_rest_create_get_list_control(app: FleetcmdApp, http: aiohttp.Clie
         assert resp.status == 400 and [d["field"] for d in (await resp.json())["details"]] == ["statuses"]
     async with http.post(f"{JOBS}/{job['jobId']}/rerun-failed", json={"statuses": ["CANCELED"]}) as resp:
         assert resp.status == 201, await resp.text()
-        assert (await resp.json())["jobId"] != job["jobId"]
+        rerun = await resp.json()
+    assert rerun["jobId"] != job["jobId"]
+    assert (rerun["spec"]["targets"]["fromJob"], rerun["spec"]["targets"]["fromStatuses"]) == (job["jobId"], ["CANCELED"])
+    assert set(await _refused(http, rerun["spec"])) == {"targets.fromJob", "targets.fromStatuses"}
 
 
 async def test_rest_execution_json_names_its_job_and_list_filters_by_it(app: FleetcmdApp, http: aiohttp.ClientSession) -> None:

@@ -18,6 +18,7 @@ from server.api import convert
 from server.core import jobs
 from server.core.errors import FieldViolation, InvalidArgument
 from server.core.lifecycle import Status
+from server.pb import commands_pb2 as pb
 from server.pb import jobs_pb2 as jpb
 
 E = TypeVar("E", bound=enum.Enum)
@@ -65,6 +66,9 @@ def _failure(number: int, field: str) -> jobs.FailureType:
 
 
 def _targets(t: jpb.JobTargets, field: str) -> jobs.Targets:
+    if t.from_job or t.from_statuses:
+        name = "from_job" if t.from_job else "from_statuses"
+        raise InvalidArgument.single(f"{field}.{name}", "output only: RerunFailed sets it")
     return jobs.Targets(
         thing_ids=tuple(t.thing_ids),
         thing_type=t.thing_type,
@@ -191,6 +195,8 @@ def job_spec_pb(spec: jobs.JobSpec) -> jpb.JobSpec:
             online_only=t.online_only,
             exclude=list(t.exclude),
             mode=_proto_enum(jpb.TargetMode, "TARGET_MODE_", t.mode),
+            from_job=t.from_job,
+            from_statuses=[pb.ExecutionStatus.Value(name) for name in t.from_statuses],
         ),
         rollout=jpb.JobRollout(
             max_per_minute=r.max_per_minute, max_in_flight=r.max_in_flight, sequential_per_thing=r.sequential_per_thing

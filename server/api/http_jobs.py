@@ -217,6 +217,9 @@ def job_spec(body: _Object) -> jobs.JobSpec:
         InvalidArgument: every member of the wrong JSON type, an enum name that is not one, a bad time.
     """
     targets = body.child("targets") or _Object({}, "targets", body.violations)
+    for output_only in ("fromJob", "fromStatuses"):
+        if targets.data.get(output_only) not in (None, [], ""):
+            targets.refuse(targets.name(output_only), "output only: rerun-failed sets it")
     rollout = body.child("rollout") or _Object({}, "rollout", body.violations)
     schedule = body.child("schedule") or _Object({}, "schedule", body.violations)
     ramp = rollout.child("ramp")
@@ -346,6 +349,8 @@ def spec_json(spec: jobs.JobSpec) -> dict[str, Any]:
             "onlineOnly": t.online_only,
             "exclude": list(t.exclude),
             "mode": t.mode.name,
+            "fromJob": t.from_job or None,
+            "fromStatuses": list(t.from_statuses),
         },
         "rollout": {
             "maxPerMinute": r.max_per_minute,

@@ -391,6 +391,12 @@ def _job_schemas() -> dict[str, Any]:
                         "onlineOnly": {"type": "boolean"},
                         "exclude": ids,
                         "mode": enum(jobs.TargetMode),
+                        "fromJob": {
+                            "type": ["string", "null"],
+                            "readOnly": True,
+                            "description": "Set by rerun-failed: the job whose targets ended in fromStatuses.",
+                        },
+                        "fromStatuses": {"type": "array", "items": _ref("ExecutionStatus"), "readOnly": True},
                     },
                 )
                 | {

@@ -198,11 +198,17 @@ class JobTargets(_message.Message):
     ONLINE_ONLY_FIELD_NUMBER: _builtins.int
     EXCLUDE_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    FROM_JOB_FIELD_NUMBER: _builtins.int
+    FROM_STATUSES_FIELD_NUMBER: _builtins.int
     thing_type: _builtins.str
     """Things of this type."""
     online_only: _builtins.bool
     """Only things connected when their turn comes."""
     mode: Global___TargetMode.ValueType
+    from_job: _builtins.str
+    """Output only, set by RerunFailed: the targets of this job whose latest
+    execution ended in from_statuses (a request that sets them is refused).
+    """
     @_builtins.property
     def thing_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Explicit thing ids (each one MQTT topic level), at most 10,000."""
@@ -215,6 +221,8 @@ class JobTargets(_message.Message):
     def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Things that never get the job (at most 10,000)."""
 
+    @_builtins.property
+    def from_statuses(self) -> _containers.RepeatedScalarFieldContainer[_commands_pb2.ExecutionStatus.ValueType]: ...
     def __init__(
         self,
         *,
@@ -224,10 +232,12 @@ class JobTargets(_message.Message):
         online_only: _builtins.bool = ...,
         exclude: _abc.Iterable[_builtins.str] | None = ...,
         mode: Global___TargetMode.ValueType = ...,
+        from_job: _builtins.str = ...,
+        from_statuses: _abc.Iterable[_commands_pb2.ExecutionStatus.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "exclude", b"exclude", "mode", b"mode", "online_only", b"online_only", "thing_ids", b"thing_ids", "thing_type", b"thing_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "exclude", b"exclude", "from_job", b"from_job", "from_statuses", b"from_statuses", "mode", b"mode", "online_only", b"online_only", "thing_ids", b"thing_ids", "thing_type", b"thing_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
