@@ -148,3 +148,23 @@ async def test_sigkill_mid_rollout_neither_duplicates_nor_skips(tmp_path: Path) 
     # Paced across the kill: creation times at least 10 ms apart (the slot follows the last durable dispatch).
     created = [r[3] for r in rows]
     assert min(b - a for a, b in itertools.pairwise(created)) >= 10
+
+
+async def test_a_cancel_cut_short_by_a_crash_is_finished_after_the_restart(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    ids = [f"cc-{i}" for i in range(6)]
+    async with FleetcmdApp(settings) as app:
+        # Paced: two start (and stay QUEUED: nobody is connected); one is a target resolved but not started.
+        job = await jobs_of(app).create(spec(tuple(ids), rollout=jb.Rollout(max_per_minute=120)))
+        await until(app, job.job_id, lambda j: j.counts.get("QUEUED", 0) == 2, timeout=10)
+    conn = sqlite3.connect(tmp_path / "data" / "fleetcmd.db")
+    with conn:
+        # As if the process died right after the job's CANCELED state committed and its executions were
+        # canceled, before its unstarted targets were skipped.
+        conn.execute("UPDATE jobs SET state = ?, ended_at = 1 WHERE job_id = ?", (jb.JobState.CANCELED.value, job.job_id))
+        conn.execute("UPDATE executions SET status = ?, completed_at = 1 WHERE job_id = ?", (int(Status.CANCELED), job.job_id))
+    conn.close()
+    async with FleetcmdApp(settings) as app:
+        done = await final(app, job.job_id)
+    assert done.state is jb.JobState.CANCELED
+    assert done.counts == {"CANCELED": 2, "SKIPPED": 4}

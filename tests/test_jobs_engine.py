@@ -428,3 +428,18 @@ async def test_resolution_pages_through_the_targets_and_the_sample_is_bounded(ap
     listed = await jobs.dry_run(spec(tuple(f"page-{i:05d}" for i in range(n))))
     assert listed.targets_total == n
     await jobs.cancel(job.job_id)
+
+
+async def test_continuous_online_only_reaches_a_thing_when_it_connects(app: FleetcmdApp) -> None:
+    assert app.registry is not None
+    await app.registry.create_thing("on-0", "", {"ring": "gamma"})
+    await app.registry.create_thing("on-1", "", {"ring": "gamma"})
+    targets = jb.Targets(attributes=(("ring", "gamma"),), online_only=True, mode=jb.TargetMode.CONTINUOUS)
+    async with fleet(app, ["on-0"]):
+        job = await jobs_of(app).create(spec(targets=targets))
+        await until(app, job.job_id, lambda j: j.counts.get("SUCCEEDED", 0) == 1)
+        assert (await jobs_of(app).get(job.job_id)).targets_total == 1  # on-1 is offline: not a target
+        async with fleet(app, ["on-1"]) as late:
+            await until(app, job.job_id, lambda j: j.counts.get("SUCCEEDED", 0) == 2)
+            assert late["on-1"].requests.qsize() == 1
+        await jobs_of(app).cancel(job.job_id)

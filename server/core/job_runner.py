@@ -84,7 +84,8 @@ class _Run:
     canary: jb.Counts = field(default_factory=jb.Counts)
     canary_passed: bool = False
     ended: bool = False  # the schedule's end came: nothing new starts
-    # Restored final (canceled, aborted) with executions not final: cancel them again (the first cancel may not have committed).
+    # Restored final but not settled: skip its unstarted targets and cancel its executions again (the first stop may not
+    # have been committed whole).
     recancel: bool = False
     next_due_ms: int | None = None  # the first retry's due time
     resolve_cursor: str = ""
@@ -189,11 +190,18 @@ class JobsCore:
                 self._finals.append((tracked, event.execution_id, event.status, event.at_ms))
                 self._wake.set()
 
-    def thing_changed(self, thing: ThingRecord) -> None:
-        """Registry hook: a thing was created or changed; CONTINUOUS jobs it now matches get it (in the loop)."""
-        online = self.registry.presence(thing.thing_id).online
+    def thing_changed(self, thing: ThingRecord, came_online: bool = False) -> None:
+        """Registry hook: a thing was created or changed, or came online; CONTINUOUS jobs it now matches get it (in the loop).
+
+        Coming online only matters to ``online_only`` jobs (to the others the thing already was a target).
+        """
+        if not self._runs:
+            return
+        online = came_online or self.registry.presence(thing.thing_id).online
         for run in self._runs.values():
             t = run.spec.targets
+            if came_online and not t.online_only:
+                continue
             continuous = t.mode is TargetMode.CONTINUOUS and not run.state.final and not run.ended and not t.from_job
             if continuous and run.matcher(thing.thing_id, thing.thing_type, thing.attributes, online):
                 self._pending_adds.setdefault(run.job_id, set()).add(thing.thing_id)
@@ -424,6 +432,8 @@ class JobsCore:
                 run.canary_passed = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run)) is True
             run.next_due_ms = await self.store.next_due_ms(rec.job_id)
             self._runs[rec.job_id] = run
+            # Ended (canceled, aborted) but not settled: its stop may not have been committed whole.
+            run.recancel = rec.state.final
             after = -1
             while True:
                 rows = await self.store.targets(rec.job_id, (TargetState.DISPATCHED,), RESOLVE_PAGE, after_seq=after)
@@ -435,7 +445,6 @@ class JobsCore:
                         self._finals.append((tracked, row.execution_id, status, ended_at))
                     else:
                         self._inflight[row.execution_id] = tracked
-                        run.recancel = rec.state.final
                 if len(rows) < RESOLVE_PAGE:
                     break
                 after = rows[-1].seq

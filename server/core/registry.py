@@ -146,8 +146,9 @@ class Registry:
         self._watchers: set[_Watcher] = set()
         # Called with a thing id whose connection must end (deleted thing, rotated credentials).
         self.disconnect: Callable[[str], None] = lambda _thing_id: None
-        # Called with a thing just created or changed (type, attributes): CONTINUOUS jobs match it.
-        self.thing_changed: Callable[[ThingRecord], None] = lambda _thing: None
+        # Called with a thing just created or changed (type, attributes), or (True) that came online:
+        # CONTINUOUS jobs match it.
+        self.thing_changed: Callable[[ThingRecord, bool], None] = lambda _thing, _online: None
 
     async def load(self) -> None:
         """Read every thing and type from the store and compile the types."""
@@ -224,7 +225,7 @@ class Registry:
         if record.kaa_token_hash:
             self._kaa_tokens[record.kaa_token_hash] = thing_id
         self._presence.setdefault(thing_id, Presence())
-        self.thing_changed(record)
+        self.thing_changed(record, False)
         return record, token, kaa_token
 
     def kaa_endpoint(self, app_version: str, endpoint_token: str) -> ThingRecord | None:
@@ -260,7 +261,7 @@ class Registry:
         await self._store.update_thing(thing_id, thing_type=new_type, attributes=new_attributes, at_ms=at)
         updated = replace(current, thing_type=new_type, attributes=new_attributes, updated_at_ms=at)
         self._things[thing_id] = updated
-        self.thing_changed(updated)
+        self.thing_changed(updated, False)
         return updated
 
     async def delete_thing(self, thing_id: str) -> None:
@@ -472,6 +473,7 @@ class Registry:
         at = now_ms()
         presence = Presence(True, thing_id, remote_address, at, at)
         self._presence[thing_id] = presence
+        self.thing_changed(self._things[thing_id], True)
         return self._announce(thing_id, presence)
 
     def device_disconnected(self, thing_id: str) -> PresenceChange | None:
