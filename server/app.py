@@ -224,7 +224,7 @@ class FleetcmdApp:
         admin_key_file = await keys.ensure_admin_key(s.data_dir)
         if admin_key_file is not None:
             log.warning("no API key existed: created an admin key in %s (readable only by this user)", admin_key_file)
-        grpc_server = GrpcServer(core, registry, keys, call_duration=self.service_metrics.grpc_duration)
+        grpc_server = GrpcServer(core, registry, keys, call_duration=self.service_metrics.grpc_duration, jobs=self.jobs)
         grpc_tls = None
         if s.grpc_tls:
             grpc_tls = (await asyncio.to_thread(_read, s.tls_key_file), await asyncio.to_thread(_read, s.tls_cert_file))
@@ -249,6 +249,7 @@ class FleetcmdApp:
                 metrics=self.service_metrics,
                 ready=self.readiness,
                 shutdown_timeout=min(2.0, s.shutdown_timeout / 4),
+                jobs=self.jobs,
             )
             http_ssl = None
             if s.http_tls:

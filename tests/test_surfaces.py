@@ -36,10 +36,12 @@ from server.core.errors import (
 from server.dialects.kaa.cex import KaaError
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
+from server.pb import jobs_pb2 as jpb
 from server.pb import registry_pb2 as rpb
 from tests.clients import admin_key, app_channel
 
 COMMANDS = "/api/v1/commands"
+JOBS = "/api/v1/jobs"
 
 # ---- authorization --------------------------------------------------------------------------
 
@@ -52,7 +54,7 @@ def test_every_operation_needs_a_role() -> None:
 def test_every_grpc_method_is_an_operation() -> None:
     methods = {
         f"/{service.full_name}/{method.name}"
-        for file in (pb.DESCRIPTOR, rpb.DESCRIPTOR)
+        for file in (pb.DESCRIPTOR, rpb.DESCRIPTOR, jpb.DESCRIPTOR)
         for service in file.services_by_name.values()
         for method in service.methods
     }
@@ -77,6 +79,13 @@ REST_ROLES = {
     ("DELETE", "/api/v1/thing-types/{name}"): Role.ADMIN,
     ("GET", "/api/v1/events"): Role.VIEWER,
     ("GET", "/api/v1/whoami"): Role.VIEWER,
+    ("POST", JOBS): Role.OPERATOR,
+    ("GET", JOBS): Role.VIEWER,
+    ("GET", JOBS + "/{jobId}"): Role.VIEWER,
+    ("POST", JOBS + "/{jobId}/pause"): Role.OPERATOR,
+    ("POST", JOBS + "/{jobId}/resume"): Role.OPERATOR,
+    ("POST", JOBS + "/{jobId}/cancel"): Role.OPERATOR,
+    ("POST", JOBS + "/{jobId}/rerun-failed"): Role.OPERATOR,
 }
 # Routes without an API key: the OpenAPI document is public, KP1 devices present their endpoint token.
 # The console's page and files are public too: they hold no data (it signs in with a key).
@@ -112,6 +121,7 @@ async def session(app: FleetcmdApp) -> AsyncIterator[aiohttp.ClientSession]:
 async def _status(session: aiohttp.ClientSession, method: str, path: str, key: str | None) -> int:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     path = path.replace("{executionId}", "0" * 32).replace("{thingId}", "no-such-thing").replace("{name}", "no-such-type")
+    path = path.replace("{jobId}", "0" * 32)
     async with session.request(method, path, headers=headers, json={}) as resp:
         if resp.content_type != "text/event-stream":  # an event stream never ends: its status is enough
             await resp.read()

@@ -178,6 +178,8 @@ def execution(e: Execution) -> pb.Execution:
         rerun_of=e.rerun_of,
         reruns=list(e.reruns),
         kaa_command_id=e.kaa_id or 0,
+        job_id=e.job_id,
+        retry_of=e.retry_of,
     )
 
 
@@ -351,6 +353,7 @@ def list_filters(req: pb.ListRequest) -> pagination.ListFilters:
         created_before_ms=before,
         page_size=req.page_size,
         page_token=req.page_token,
+        job_id=req.job_id,
     )
 
 

@@ -13,7 +13,7 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from server.api import convert, pagination
+from server.api import convert, grpc_jobs, pagination
 from server.api.grpc_auth import AuthInterceptor
 from server.api.grpc_errors import (
     Undecodable,
@@ -31,11 +31,13 @@ from server.api.registry_api import ThingServicer, ThingTypeServicer
 from server.core.apikeys import ApiKeys
 from server.core.commands import CommandCore
 from server.core.errors import FleetcmdError, InvalidArgument
+from server.core.job_runner import JobsCore
 from server.core.metrics import PlainHistogram
 from server.core.models import EventFilter, Execution
 from server.core.registry import Registry
 from server.core.validation import SendCommand, check_wait, validate_send
 from server.pb import commands_pb2 as pb
+from server.pb import jobs_pb2_grpc as jpb_grpc
 from server.pb import registry_pb2 as rpb
 from server.pb import registry_pb2_grpc as rpb_grpc
 
@@ -331,6 +333,7 @@ class GrpcServer:
         registry: Registry,
         keys: ApiKeys,
         call_duration: PlainHistogram | None = None,
+        jobs: JobsCore | None = None,
     ) -> None:
         self.server = grpc.aio.server(
             interceptors=[AuthInterceptor(keys)],
@@ -356,11 +359,17 @@ class GrpcServer:
         types.call_timer = timer("fleetcmd.v1.ThingTypeService")
         rpb_grpc.add_ThingServiceServicer_to_server(things, generic_only)
         rpb_grpc.add_ThingTypeServiceServicer_to_server(types, generic_only)
+        self.service_names: tuple[str, ...] = SERVICE_NAMES
+        if jobs is not None:
+            job_servicer = grpc_jobs.JobServicer(jobs)
+            job_servicer.call_timer = timer(grpc_jobs.SERVICE_NAME)
+            jpb_grpc.add_JobServiceServicer_to_server(job_servicer, generic_only)
+            self.service_names += (grpc_jobs.SERVICE_NAME,)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, generic_only)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]
-                (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+                (*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
             ),
             generic_only,
         )
@@ -381,7 +390,7 @@ class GrpcServer:
         if bound == 0:
             raise OSError(f"cannot bind gRPC to {bind}:{port}")
         await self.server.start()
-        for name in ("", *SERVICE_NAMES):
+        for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return bound
 

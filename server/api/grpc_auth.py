@@ -23,6 +23,7 @@ PUBLIC_PREFIXES = (
 _COMMANDS = "/fleetcmd.v1.CommandService/"
 _THINGS = "/fleetcmd.v1.ThingService/"
 _TYPES = "/fleetcmd.v1.ThingTypeService/"
+_JOBS = "/fleetcmd.v1.JobService/"
 
 # The operation each method is; the role it needs is the operation's (server.core.authz). Every
 # method of the fleetcmd services is listed (tests/test_surfaces.py checks it against the protos).
@@ -46,6 +47,14 @@ METHOD_OPERATION: dict[str, Operation] = {
     _TYPES + "GetThingType": Operation.READ_THING_TYPES,
     _TYPES + "ListThingTypes": Operation.READ_THING_TYPES,
     _TYPES + "DeleteThingType": Operation.MANAGE_THING_TYPES,
+    _JOBS + "CreateJob": Operation.MANAGE_JOBS,
+    _JOBS + "GetJob": Operation.READ_JOBS,
+    _JOBS + "ListJobs": Operation.READ_JOBS,
+    _JOBS + "PauseJob": Operation.MANAGE_JOBS,
+    _JOBS + "ResumeJob": Operation.MANAGE_JOBS,
+    _JOBS + "CancelJob": Operation.MANAGE_JOBS,
+    _JOBS + "RerunFailed": Operation.MANAGE_JOBS,
+    _JOBS + "WatchJob": Operation.READ_JOBS,
 }
 # Resolved once: the interceptor runs on every call.
 _METHOD_ROLE: dict[str, Role] = {method: required_role(operation) for method, operation in METHOD_OPERATION.items()}

@@ -23,12 +23,13 @@ from typing import Any
 from aiohttp import web
 
 from server import __version__
-from server.api import http_console, http_events, http_registry, http_rest, openapi
+from server.api import http_console, http_events, http_jobs, http_registry, http_rest, openapi
 from server.core import metrics
 from server.core.apikeys import ApiKeys
 from server.core.authz import Operation, required_role
 from server.core.commands import CommandCore
 from server.core.errors import FleetcmdError
+from server.core.job_runner import JobsCore
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ READYZ_PATH = "/readyz"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Every operator route (commands, registry, events), each naming its operation.
-REST_ROUTES = http_rest.ROUTES + http_registry.ROUTES + http_events.ROUTES + http_console.ROUTES
+REST_ROUTES = http_rest.ROUTES + http_registry.ROUTES + http_events.ROUTES + http_console.ROUTES + http_jobs.ROUTES
 # What is not ready, by part; empty when the service is ready (FleetcmdApp.readiness).
 Readiness = Callable[[], Awaitable[dict[str, str]]]
 
@@ -116,8 +117,12 @@ def build_app(
     devices: Sequence[DeviceHttp] = (),
     service_metrics: metrics.ServiceMetrics | None = None,
     ready: Readiness | None = None,
+    jobs: JobsCore | None = None,
 ) -> web.Application:
-    """The aiohttp application with every route (``/metrics`` only with ``service_metrics``, ``/readyz`` with ``ready``)."""
+    """The aiohttp application with every route.
+
+    ``/metrics`` only with ``service_metrics``, ``/readyz`` with ``ready``, ``/api/v1/jobs`` with ``jobs``.
+    """
     middlewares: list[Any] = [errors_as_json]
     if service_metrics is not None:
         middlewares.insert(0, request_timer(service_metrics))
@@ -154,6 +159,8 @@ def build_app(
     app.router.add_routes(events.routes())
     app.on_shutdown.append(events.on_shutdown)
     app.router.add_routes(http_console.Console(keys).routes())
+    if jobs is not None:
+        app.router.add_routes(http_jobs.JobsRestApi(jobs, keys).routes())
     for device in devices:
         app.router.add_routes(device.routes)
     return app
@@ -196,8 +203,9 @@ class HttpServer:
         metrics: metrics.ServiceMetrics | None = None,
         ready: Readiness | None = None,
         shutdown_timeout: float = 2.0,
+        jobs: JobsCore | None = None,
     ) -> None:
-        self.app = build_app(core, keys, devices, metrics, ready)
+        self.app = build_app(core, keys, devices, metrics, ready, jobs)
         self._shutdown_timeout = shutdown_timeout
         self._runner: web.AppRunner | None = None
 

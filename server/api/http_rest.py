@@ -218,6 +218,8 @@ def execution_json(e: Execution, *, detail: bool = False) -> dict[str, Any]:
         "resultViolations": list(e.result_violations),
         "rerunOf": e.rerun_of or None,
         "kaaCommandId": e.kaa_id,
+        "jobId": e.job_id or None,
+        "retryOf": e.retry_of or None,
     }
     if detail:
         out["reruns"] = list(e.reruns)
@@ -416,6 +418,7 @@ def list_filters(request: web.Request) -> pagination.ListFilters:
         created_before_ms=times["createdBefore"],
         page_size=page_size,
         page_token=q.get("pageToken", ""),
+        job_id=q.get("jobId", ""),
     )
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from broker_hooks.topics import MAX_LEVEL_LENGTH
+from server.core import job_runner, jobs
 from server.core.lifecycle import Status
 from server.core.registry import MAX_ATTRIBUTE_KEY, MAX_ATTRIBUTE_VALUE, MAX_ATTRIBUTES, MAX_DESCRIPTION, TYPE_NAME
 from server.core.schemas import MAX_SCHEMA_DEPTH
 from server.core.validation import MAX_ACTION_LENGTH, MAX_IDEMPOTENCY_KEY_LENGTH, MAX_WAIT_SECONDS
+
+UINT32_MAX = 2**32 - 1
 
 
 def _any_case(word: str) -> str:
@@ -18,6 +21,8 @@ def _any_case(word: str) -> str:
 # One ``status`` query value: ExecutionStatus names in any case, comma-separated, blanks ignored.
 _STATUS_NAME = "(" + "|".join(_any_case(s.name) for s in Status) + ")"
 _STATUS_LIST = rf"^\s*{_STATUS_NAME}?\s*(,\s*{_STATUS_NAME}?\s*)*$"
+_JOB_STATE_NAME = "(" + "|".join(_any_case(s.name) for s in jobs.JobState) + ")"
+_JOB_STATE_LIST = rf"^\s*{_JOB_STATE_NAME}?\s*(,\s*{_JOB_STATE_NAME}?\s*)*$"
 
 
 ERROR_CODES = [
@@ -155,6 +160,8 @@ def _schemas() -> dict[str, Any]:
                     "type": ["integer", "null"],
                     "description": "Kaa endpoints: the integer command id the device sees.",
                 },
+                "jobId": {"type": ["string", "null"], "description": "The job that created this execution."},
+                "retryOf": {"type": ["string", "null"], "description": "A job's retry: the execution it repeats."},
                 "reruns": {
                     "type": "array",
                     "items": {"type": "string"},
@@ -185,6 +192,8 @@ def _schemas() -> dict[str, Any]:
                 "resultViolations",
                 "rerunOf",
                 "kaaCommandId",
+                "jobId",
+                "retryOf",
             ],
         },
         "SendRequest": {
@@ -712,6 +721,274 @@ def _events_path() -> dict[str, Any]:
     }
 
 
+# ---- jobs (issue 16): /api/v1/jobs, served by server.api.http_jobs -------------------------------
+
+
+def _job_schemas() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0, "maximum": UINT32_MAX}
+    number = {"type": "number"}
+    pct = {"type": "number", "minimum": 0, "maximum": 100}
+
+    def or_null(schema: dict[str, Any]) -> dict[str, Any]:
+        # An optional member may be null (as if absent), as in the commands API.
+        types = schema["type"] if isinstance(schema.get("type"), list) else [schema.get("type")]
+        if None in types or "null" in types:
+            return schema
+        out = {**schema, "type": [*types, "null"]}
+        if "enum" in out:
+            out["enum"] = [*out["enum"], None]
+        return out
+
+    def obj(properties: dict[str, Any], required: tuple[str, ...] = (), nullable: bool = False) -> dict[str, Any]:
+        members = {name: p if name in required else or_null(p) for name, p in properties.items()}
+        return {"type": ["object", "null"] if nullable else "object", "properties": members, "required": list(required)}
+
+    def enum(kind: Any) -> dict[str, Any]:
+        return {"type": "string", "enum": [m.name for m in kind]}
+
+    ids = {"type": "array", "items": _LEVEL, "maxItems": jobs.MAX_TARGET_IDS}
+    # Unset: absent, null or "".
+    time = {"anyOf": [_NULLABLE_TIME, {"type": "string", "maxLength": 0}]}
+    failure = enum(jobs.FailureType)
+    return {
+        "JobState": {**enum(jobs.JobState), "description": "COMPLETED, CANCELED and ABORTED are final."},
+        "JobSpec": obj(
+            {
+                "action": {"type": "string", "minLength": 1, "maxLength": MAX_ACTION_LENGTH},
+                "params": {"type": ["object", "null"], "description": "At most 64 KiB as JSON (max_params_bytes)."},
+                "ttl": {**count, "description": "Seconds each execution has; 0: the action's or the server's default."},
+                "targets": obj(
+                    {
+                        "thingIds": ids,
+                        "thingType": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{0,128}$"},
+                        "attributes": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string", "maxLength": MAX_ATTRIBUTE_VALUE},
+                            "maxProperties": jobs.MAX_SELECTOR_ATTRIBUTES,
+                            "propertyNames": {"minLength": 1, "maxLength": MAX_ATTRIBUTE_KEY},
+                        },
+                        "onlineOnly": {"type": "boolean"},
+                        "exclude": ids,
+                        "mode": enum(jobs.TargetMode),
+                        "fromJob": {
+                            "type": ["string", "null"],
+                            "readOnly": True,
+                            "description": "Set by rerun-failed: the job whose targets ended in fromStatuses.",
+                        },
+                        "fromStatuses": {"type": "array", "items": _ref("ExecutionStatus"), "readOnly": True},
+                    },
+                )
+                | {
+                    "description": "Every given selector must match; at least one of thingIds, thingType, attributes.",
+                    "anyOf": [
+                        {"required": ["thingIds"], "properties": {"thingIds": {"minItems": 1}}},
+                        {"required": ["thingType"], "properties": {"thingType": {"minLength": 1}}},
+                        {"required": ["attributes"], "properties": {"attributes": {"minProperties": 1}}},
+                    ],
+                },
+                "rollout": obj(
+                    {
+                        "maxPerMinute": {**count, "maximum": jobs.MAX_PER_MINUTE, "description": "0: unpaced."},
+                        "ramp": obj(
+                            {
+                                "basePerMinute": {**count, "minimum": 1, "maximum": jobs.MAX_PER_MINUTE},
+                                "factor": {**number, "exclusiveMinimum": 1, "maximum": jobs.MAX_RAMP_FACTOR},
+                                "everyNotified": count,
+                                "everySucceeded": count,
+                            },
+                            ("basePerMinute", "factor"),
+                            nullable=True,
+                        )
+                        | {
+                            "description": "Exactly one of everyNotified and everySucceeded is above 0.",
+                            "oneOf": [
+                                {"type": "null"},
+                                {
+                                    "type": "object",
+                                    "required": ["everyNotified"],
+                                    "properties": {"everyNotified": {"minimum": 1}},
+                                },
+                                {
+                                    "type": "object",
+                                    "required": ["everySucceeded"],
+                                    "properties": {"everySucceeded": {"minimum": 1}},
+                                },
+                            ],
+                        },
+                        "maxInFlight": {**count, "maximum": jobs.MAX_IN_FLIGHT, "description": "0: no limit."},
+                        "sequentialPerThing": {"type": "boolean"},
+                    },
+                ),
+                "abort": {
+                    "type": "array",
+                    "maxItems": jobs.MAX_ABORT_CRITERIA,
+                    "items": obj(
+                        {
+                            "failure": failure,
+                            "thresholdPct": {**pct, "exclusiveMinimum": 0},
+                            "minFinished": {**count, "minimum": 1},
+                        },
+                        ("failure", "thresholdPct", "minFinished"),
+                    ),
+                },
+                "canary": obj({"count": {**count, "minimum": 1}, "successPct": pct}, ("count",), nullable=True),
+                "retries": {
+                    "type": "array",
+                    "maxItems": jobs.MAX_RETRY_POLICIES,
+                    "items": obj(
+                        {
+                            "failure": failure,
+                            "maxAttempts": {**count, "maximum": jobs.MAX_RETRY_ATTEMPTS},
+                            "backoff": {"type": "string", "enum": ["FIXED", "EXPONENTIAL"]},
+                            "baseSeconds": {**number, "minimum": 0, "maximum": jobs.MAX_BACKOFF_SECONDS},
+                            "maxSeconds": {**number, "minimum": 0, "maximum": jobs.MAX_BACKOFF_SECONDS},
+                            "jitter": {"type": "boolean"},
+                        },
+                        ("failure",),
+                    ),
+                },
+                "schedule": obj(
+                    {"startAt": time, "endAt": time, "endBehavior": enum(jobs.EndBehavior)},
+                ),
+                "strict": {"type": "boolean"},
+                "description": {"type": "string", "maxLength": jobs.MAX_DESCRIPTION},
+                "idempotencyKey": {"type": ["string", "null"], "maxLength": jobs.MAX_IDEMPOTENCY_KEY},
+            },
+            ("action", "targets"),
+        ),
+        "CreateJobRequest": {
+            "allOf": [
+                _ref("JobSpec"),
+                obj({"dryRun": {"type": "boolean", "description": "Only count the targets (200); nothing is created."}}),
+            ]
+        },
+        "DryRun": obj(
+            {"targetsTotal": {"type": "integer"}, "sample": {"type": "array", "items": {"type": "string"}}},
+            ("targetsTotal", "sample"),
+        ),
+        "Job": obj(
+            {
+                "jobId": {"type": "string"},
+                "state": _ref("JobState"),
+                "spec": _ref("JobSpec"),
+                "counts": {
+                    "type": "object",
+                    "additionalProperties": {"type": "integer"},
+                    "description": "Targets by the status of their latest execution, plus PENDING (not started), "
+                    "RETRYING (waiting for a retry's backoff), SKIPPED (never started: the job ended first).",
+                },
+                "targetsTotal": {"type": "integer"},
+                "createdAt": _TIME,
+                "startedAt": _NULLABLE_TIME,
+                "endedAt": _NULLABLE_TIME,
+                "abortReason": {"type": ["string", "null"]},
+                "createdBy": {"type": ["string", "null"], "description": "The API key id that created it."},
+            },
+            ("jobId", "state", "spec", "counts", "targetsTotal", "createdAt", "startedAt", "endedAt", "abortReason", "createdBy"),
+        ),
+        "ListJobsResponse": obj(
+            {"jobs": {"type": "array", "items": _ref("Job")}, "nextPageToken": {"type": "string"}},
+            ("jobs", "nextPageToken"),
+        ),
+        "CancelJobRequest": obj({"onlyUndelivered": {"type": ["boolean", "null"]}}),
+        "RerunFailedRequest": obj(
+            {
+                "statuses": {
+                    "type": ["array", "null"],
+                    "items": {"type": "string", "enum": [s.name for s in Status if s.final]},
+                    "description": "Default FAILED, REJECTED, TIMED_OUT.",
+                }
+            }
+        ),
+    }
+
+
+def _job_paths() -> dict[str, Any]:
+    job_id = {"name": "jobId", "in": "path", "required": True, "schema": _LEVEL}
+    job = {"description": "The job.", "content": _json(_ref("Job"))}
+    created = {
+        "description": "The job created.",
+        "headers": {"Location": {"description": "/api/v1/jobs/{jobId}", "schema": {"type": "string"}}},
+        "content": _json(_ref("Job")),
+    }
+    read_errors = _responses("400:BadRequest", "401:Unauthorized", "403:Forbidden", "404:NotFound", "503:Unavailable")
+
+    def control(operation_id: str, summary: str, body: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tags": ["jobs"],
+            "operationId": operation_id,
+            "summary": summary,
+            "parameters": [job_id],
+            "responses": {"200": job, **_responses(*_AUTH_ERRORS, "404:NotFound", "409:Conflict")},
+        }
+        if body:
+            out["requestBody"] = {"required": False, "content": _json(_ref(body))}
+        return out
+
+    return {
+        "/api/v1/jobs": {
+            "post": {
+                "tags": ["jobs"],
+                "operationId": "createJob",
+                "summary": "Create a job, or with dryRun count its targets (operator)",
+                "requestBody": {"required": True, "content": _json(_ref("CreateJobRequest"))},
+                "responses": {
+                    "200": {"description": "dryRun: the targets it would have now.", "content": _json(_ref("DryRun"))},
+                    "201": created,
+                    **_responses(*_AUTH_ERRORS, "404:NotFound", "409:Conflict", "429:TooManyRequests"),
+                },
+            },
+            "get": {
+                "tags": ["jobs"],
+                "operationId": "listJobs",
+                "summary": "List jobs, newest first (viewer)",
+                "parameters": [
+                    {
+                        "name": "state",
+                        "in": "query",
+                        "description": "Repeatable, or comma-separated: JobState names in any case.",
+                        "schema": {"type": "array", "items": {"type": "string", "pattern": _JOB_STATE_LIST}},
+                        "style": "form",
+                        "explode": True,
+                    },
+                    {
+                        "name": "pageSize",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": job_runner.MAX_PAGE_SIZE},
+                    },
+                    {"name": "pageToken", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {"description": "A page of jobs.", "content": _json(_ref("ListJobsResponse"))},
+                    **_responses("400:BadRequest", "401:Unauthorized", "403:Forbidden", "503:Unavailable"),
+                },
+            },
+        },
+        "/api/v1/jobs/{jobId}": {
+            "get": {
+                "tags": ["jobs"],
+                "operationId": "getJob",
+                "summary": "One job with its counts (viewer)",
+                "parameters": [job_id],
+                "responses": {"200": job, **read_errors},
+            }
+        },
+        "/api/v1/jobs/{jobId}/pause": {"post": control("pauseJob", "Start nothing new until resumed (operator)")},
+        "/api/v1/jobs/{jobId}/resume": {"post": control("resumeJob", "Continue a paused job (operator)")},
+        "/api/v1/jobs/{jobId}/cancel": {
+            "post": control("cancelJob", "End the job; not-final executions become CANCELED (operator)", "CancelJobRequest")
+        },
+        "/api/v1/jobs/{jobId}/rerun-failed": {
+            "post": {
+                **control(
+                    "rerunFailedJob", "A new job over the targets that ended in the statuses (operator)", "RerunFailedRequest"
+                ),
+                "responses": {"201": created, **_responses(*_AUTH_ERRORS, "404:NotFound", "409:Conflict")},
+            }
+        },
+    }
+
+
 def document(version: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document."""
     return {
@@ -731,6 +1008,7 @@ def document(version: str) -> dict[str, Any]:
             {"name": "things"},
             {"name": "thing-types"},
             {"name": "events"},
+            {"name": "jobs"},
             {"name": "kaa"},
             {"name": "meta"},
         ],
@@ -754,6 +1032,12 @@ def document(version: str) -> dict[str, Any]:
                     "parameters": [
                         {"name": "thingId", "in": "query", "schema": {"type": "string"}},
                         {"name": "action", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "jobId",
+                            "in": "query",
+                            "description": "Only this job's executions.",
+                            "schema": {"type": "string"},
+                        },
                         {
                             "name": "status",
                             "in": "query",
@@ -880,11 +1164,12 @@ def document(version: str) -> dict[str, Any]:
                     },
                 }
             },
+            **_job_paths(),
             "/kp1/{appVersion}/cex/{token}/command/{commandType}": _kaa_path("command"),
             "/kp1/{appVersion}/cex/{token}/result/{commandType}": _kaa_path("result"),
         },
         "components": {
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **_job_schemas()},
             "responses": _responses_component(),
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer", "description": "A fleetcmd API key (fck_...)."}

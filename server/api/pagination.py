@@ -41,19 +41,21 @@ class ListFilters:
     created_before_ms: int | None = None
     page_size: int = 0
     page_token: str = ""
+    job_id: str = ""
 
 
 def _filter_digest(filters: ListFilters) -> str:
     # An unset time counts as 0, as an unset protobuf Timestamp always did.
-    key = json.dumps(
-        [
-            filters.thing_id,
-            filters.action,
-            sorted(filters.statuses),
-            filters.created_after_ms or 0,
-            filters.created_before_ms or 0,
-        ]
-    )
+    bound: list[Any] = [
+        filters.thing_id,
+        filters.action,
+        sorted(filters.statuses),
+        filters.created_after_ms or 0,
+        filters.created_before_ms or 0,
+    ]
+    if filters.job_id:  # only when set: the tokens issued before the filter existed stay good
+        bound.append(filters.job_id)
+    key = json.dumps(bound)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -127,6 +129,7 @@ def list_query(filters: ListFilters, default_page_size: int = DEFAULT_PAGE_SIZE,
         created_before_ms=filters.created_before_ms,
         page_size=size,
         before_index=_before_index(filters),
+        job_id=filters.job_id,
     )
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
+from server.api import convert
 from server.config import ENV_PREFIX
 from server.core.apikeys import ADMIN_KEY_FILE
 
@@ -92,3 +96,31 @@ def channel(args: argparse.Namespace) -> Iterator[grpc.Channel]:
     key = api_key(args)
     with grpc.insecure_channel(args.server) as raw:
         yield grpc.intercept_channel(raw, _Bearer(key))
+
+
+_JSON_VALUES = {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
+_INT64 = {FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64}
+
+
+def _plain(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Undo protobuf's JSON mapping where it misleads a script: int64 as strings, integers as doubles."""
+    for f in descriptor.fields:
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        repeated = f.is_repeated
+        if f.message_type is not None:
+            if f.message_type.full_name in _JSON_VALUES:
+                data[f.name] = convert.integral(value)
+            elif not f.message_type.full_name.startswith("google.protobuf.") and not f.message_type.GetOptions().map_entry:
+                for item in value if repeated else [value]:
+                    _plain(f.message_type, item)
+        elif f.cpp_type in _INT64:
+            data[f.name] = [int(v) for v in value] if repeated else int(value)
+    return data
+
+
+def plain_json(message: Any) -> str:
+    """A message as one line of JSON, field names as in the proto, integers as JSON integers (``--json`` output)."""
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json.dumps(_plain(message.DESCRIPTOR, data), separators=(",", ":"))

@@ -24,10 +24,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from google.protobuf.descriptor import FieldDescriptor
 
 from server.api import convert
-from server.cli import admin, client
+from server.cli import admin, client, jobs
 from server.config import ENV_PREFIX, Settings, SettingsError
 from server.core.errors import ListenError
 from server.core.validation import MAX_WAIT_SECONDS
@@ -171,31 +170,7 @@ def _ts(ts: timestamp_pb2.Timestamp) -> str:
     return datetime.fromtimestamp(ts.ToMilliseconds() / 1000, UTC).isoformat(timespec="milliseconds")
 
 
-_JSON_VALUES = {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
-_INT64 = {FieldDescriptor.CPPTYPE_INT64, FieldDescriptor.CPPTYPE_UINT64}
-
-
-def _plain(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """Undo protobuf's JSON mapping where it misleads a script: int64 as strings, integers as doubles."""
-    for f in descriptor.fields:
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        repeated = f.is_repeated
-        if f.message_type is not None:
-            if f.message_type.full_name in _JSON_VALUES:
-                data[f.name] = convert.integral(value)
-            elif not f.message_type.full_name.startswith("google.protobuf.") and not f.message_type.GetOptions().map_entry:
-                for item in value if repeated else [value]:
-                    _plain(f.message_type, item)
-        elif f.cpp_type in _INT64:
-            data[f.name] = [int(v) for v in value] if repeated else int(value)
-    return data
-
-
-def _to_json(message: Any) -> str:
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(_plain(message.DESCRIPTOR, data), separators=(",", ":"))
+_to_json = client.plain_json
 
 
 def _value_text(holder: Any, field: str) -> str:
@@ -440,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     rerun_p.set_defaults(func=cmd_rerun)
 
     admin.register(sub, client_flags)
+    jobs.register(sub, client_flags)
     return parser
 
 

@@ -27,6 +27,8 @@ class Operation(enum.Enum):
     READ_THING_TYPES = "read thing types"
     MANAGE_THING_TYPES = "manage thing types"  # put, delete
     READ_METRICS = "read metrics"
+    READ_JOBS = "read jobs"  # get, list, watch
+    MANAGE_JOBS = "manage jobs"  # create (and its dry run), pause, resume, cancel, rerun failed
 
 
 # The least role each operation needs; every operation is listed (tests/test_surfaces.py checks it).
@@ -34,12 +36,14 @@ REQUIRED_ROLE: dict[Operation, Role] = {
     Operation.SEND: Role.OPERATOR,
     Operation.CANCEL: Role.OPERATOR,
     Operation.RERUN: Role.OPERATOR,
+    Operation.MANAGE_JOBS: Role.OPERATOR,  # a job is many commands: the role that sends them
     Operation.GET: Role.VIEWER,
     Operation.LIST: Role.VIEWER,
     Operation.STREAM: Role.VIEWER,
     Operation.READ_THINGS: Role.VIEWER,
     Operation.WATCH_PRESENCE: Role.VIEWER,
     Operation.READ_THING_TYPES: Role.VIEWER,
+    Operation.READ_JOBS: Role.VIEWER,
     Operation.READ_METRICS: Role.VIEWER,  # counters say how the fleet behaves: any key may read them
     Operation.MANAGE_THINGS: Role.ADMIN,
     Operation.MANAGE_THING_TYPES: Role.ADMIN,

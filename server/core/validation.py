@@ -11,6 +11,8 @@ from broker_hooks import jsonvalue
 from broker_hooks.topics import level_problem
 from server.config import Settings
 from server.core.errors import FieldViolation, InvalidArgument
+from server.core.jobs import Targets
+from server.core.registry import MAX_ATTRIBUTE_KEY, MAX_ATTRIBUTE_VALUE, TYPE_NAME
 
 MAX_ACTION_LENGTH = 128
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
@@ -104,3 +106,35 @@ def validate_send(
     if violations:
         raise InvalidArgument(violations)
     return SendCommand(thing_id, action, params, ttl_seconds, idempotency_key)
+
+
+def check_job_targets(targets: Targets) -> None:
+    """Check the names a job's target selectors hold (:func:`server.core.jobs.validate_spec` bounds how many).
+
+    Each thing id (and excluded id) must be one MQTT topic level, as a Send's; the type a valid type
+    name; each attribute as a thing's may be. The first bad id of each list is named (``targets.thing_ids[3]``).
+
+    Raises:
+        InvalidArgument: one violation per bad selector.
+    """
+    violations: list[FieldViolation] = []
+    for name, ids in (("thing_ids", targets.thing_ids), ("exclude", targets.exclude)):
+        for i, thing_id in enumerate(ids):
+            problem = level_problem(thing_id)
+            if problem:
+                violations.append(FieldViolation(f"targets.{name}[{i}]", f"thing id {problem}"))
+                break
+    if targets.thing_type and not TYPE_NAME.match(targets.thing_type):
+        violations.append(FieldViolation("targets.thing_type", "a type name is 1-128 characters of [A-Za-z0-9_.-]"))
+    for key, value in targets.attributes:
+        if not key or len(key) > MAX_ATTRIBUTE_KEY or len(value) > MAX_ATTRIBUTE_VALUE:
+            violations.append(
+                FieldViolation(
+                    "targets.attributes",
+                    f"attribute {key[:MAX_ATTRIBUTE_KEY]!r}: names are 1-{MAX_ATTRIBUTE_KEY} characters, "
+                    f"values at most {MAX_ATTRIBUTE_VALUE}",
+                )
+            )
+            break
+    if violations:
+        raise InvalidArgument(violations)

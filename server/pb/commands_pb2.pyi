@@ -177,6 +177,8 @@ class Execution(_message.Message):
     RERUN_OF_FIELD_NUMBER: _builtins.int
     RERUNS_FIELD_NUMBER: _builtins.int
     KAA_COMMAND_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    RETRY_OF_FIELD_NUMBER: _builtins.int
     execution_id: _builtins.str
     command_id: _builtins.str
     thing_id: _builtins.str
@@ -193,6 +195,10 @@ class Execution(_message.Message):
     endpoint and command type). Kaa's statusCode and reasonPhrase arrive in
     status_reason (reason_code "200", reason_description "OK"), its payload in result.
     """
+    job_id: _builtins.str
+    """Set when a job created this execution (see jobs.proto)."""
+    retry_of: _builtins.str
+    """Set on a job's retry: the execution of the same job and thing it repeats."""
     @_builtins.property
     def params(self) -> _struct_pb2.Struct: ...
     @_builtins.property
@@ -246,10 +252,12 @@ class Execution(_message.Message):
         rerun_of: _builtins.str = ...,
         reruns: _abc.Iterable[_builtins.str] | None = ...,
         kaa_command_id: _builtins.int = ...,
+        job_id: _builtins.str = ...,
+        retry_of: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "expires_at", b"expires_at", "params", b"params", "result", b"result", "status_reason", b"status_reason", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "command_id", b"command_id", "completed_at", b"completed_at", "created_at", b"created_at", "execution_id", b"execution_id", "expires_at", b"expires_at", "history", b"history", "idempotency_key", b"idempotency_key", "kaa_command_id", b"kaa_command_id", "params", b"params", "rerun_of", b"rerun_of", "reruns", b"reruns", "result", b"result", "result_violations", b"result_violations", "status", b"status", "status_reason", b"status_reason", "thing_id", b"thing_id", "thing_type", b"thing_type", "ttl_seconds", b"ttl_seconds", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "command_id", b"command_id", "completed_at", b"completed_at", "created_at", b"created_at", "execution_id", b"execution_id", "expires_at", b"expires_at", "history", b"history", "idempotency_key", b"idempotency_key", "job_id", b"job_id", "kaa_command_id", b"kaa_command_id", "params", b"params", "rerun_of", b"rerun_of", "reruns", b"reruns", "result", b"result", "result_violations", b"result_violations", "retry_of", b"retry_of", "status", b"status", "status_reason", b"status_reason", "thing_id", b"thing_id", "thing_type", b"thing_type", "ttl_seconds", b"ttl_seconds", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -450,11 +458,14 @@ class ListRequest(_message.Message):
     CREATED_BEFORE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
     thing_id: _builtins.str
     action: _builtins.str
     page_size: _builtins.int
     """Default 50, at most 1000."""
     page_token: _builtins.str
+    job_id: _builtins.str
+    """Only the executions of this job (retries included)."""
     @_builtins.property
     def status(self) -> _containers.RepeatedScalarFieldContainer[Global___ExecutionStatus.ValueType]: ...
     @_builtins.property
@@ -473,10 +484,11 @@ class ListRequest(_message.Message):
         created_before: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_after", b"created_after", "created_before", b"created_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "created_after", b"created_after", "created_before", b"created_before", "page_size", b"page_size", "page_token", b"page_token", "status", b"status", "thing_id", b"thing_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "created_after", b"created_after", "created_before", b"created_before", "job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "status", b"status", "thing_id", b"thing_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
