@@ -23,51 +23,52 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from server.pb import status_pb2 as fleetcmd_dot_v1_dot_status__pb2
+from server.pb import jobs_pb2 as fleetcmd_dot_v1_dot_jobs__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
+from server.pb.status_pb2 import *
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66leetcmd/v1/commands.proto\x12\x0b\x66leetcmd.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x0cStatusReason\x12\x13\n\x0breason_code\x18\x01 \x01(\t\x12\x1a\n\x12reason_description\x18\x02 \x01(\t\"\xa2\x02\n\x0bStateChange\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12\x35\n\x0fprevious_status\x18\x03 \x01(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04late\x18\x05 \x01(\x08\x12&\n\x06result\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x30\n\rstatus_reason\x18\x07 \x01(\x0b\x32\x19.fleetcmd.v1.StatusReason\x12\x0c\n\x04note\x18\x08 \x01(\t\"\xae\x05\n\tExecution\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x10\n\x08thing_id\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\x12,\n\x06status\x18\x07 \x01(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12&\n\x06result\x18\x08 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x30\n\rstatus_reason\x18\t \x01(\x0b\x32\x19.fleetcmd.v1.StatusReason\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x0e \x01(\t\x12)\n\x07history\x18\x0f \x03(\x0b\x32\x18.fleetcmd.v1.StateChange\x12\x12\n\nthing_type\x18\x10 \x01(\t\x12\x19\n\x11result_violations\x18\x11 \x03(\t\x12\x10\n\x08rerun_of\x18\x12 \x01(\t\x12\x0e\n\x06reruns\x18\x13 \x03(\t\x12\x16\n\x0ekaa_command_id\x18\x14 \x01(\x04\x12\x0e\n\x06job_id\x18\x15 \x01(\t\x12\x10\n\x08retry_of\x18\x16 \x01(\t\"\x9c\x01\n\x0bSendRequest\x12\x10\n\x08thing_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x06 \x01(\r\"O\n\x11SendStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x04send\x18\x02 \x01(\x0b\x32\x18.fleetcmd.v1.SendRequest\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"W\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\nviolations\x18\x03 \x03(\x0b\x32\x1b.fleetcmd.v1.FieldViolation\"\x85\x01\n\x12SendStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\texecution\x18\x02 \x01(\x0b\x32\x16.fleetcmd.v1.ExecutionH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.fleetcmd.v1.ErrorH\x00\x42\t\n\x07outcome\"\"\n\nGetRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"\xfb\x01\n\x0bListRequest\x12\x10\n\x08thing_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12,\n\x06status\x18\x03 \x03(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x0e\n\x06job_id\x18\x08 \x01(\t\"S\n\x0cListResponse\x12*\n\nexecutions\x18\x01 \x03(\x0b\x32\x16.fleetcmd.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"w\n\rStreamRequest\x12\x10\n\x08thing_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65xecution_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x11\n\x0f_after_sequence\"\xdd\x02\n\x0e\x45xecutionEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0c\x65xecution_id\x18\x02 \x01(\t\x12\x10\n\x08thing_id\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12,\n\x06status\x18\x05 \x01(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12\x35\n\x0fprevious_status\x18\x06 \x01(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04late\x18\x08 \x01(\x08\x12&\n\x06result\x18\t \x01(\x0b\x32\x16.google.protobuf.Value\x12\x30\n\rstatus_reason\x18\n \x01(\x0b\x32\x19.fleetcmd.v1.StatusReason\x12\x0c\n\x04note\x18\x0b \x01(\t\"9\n\nEventBatch\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.fleetcmd.v1.ExecutionEvent\"%\n\rCancelRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\":\n\x0cRerunRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\r*\xaf\x01\n\x0f\x45xecutionStatus\x12 \n\x1c\x45XECUTION_STATUS_UNSPECIFIED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x08\n\x04SENT\x10\x02\x12\r\n\tDELIVERED\x10\x03\x12\x0f\n\x0bIN_PROGRESS\x10\x04\x12\r\n\tSUCCEEDED\x10\x05\x12\n\n\x06\x46\x41ILED\x10\x06\x12\x0c\n\x08REJECTED\x10\x07\x12\r\n\tTIMED_OUT\x10\x08\x12\x0c\n\x08\x43\x41NCELED\x10\t2\x99\x04\n\x0e\x43ommandService\x12\x38\n\x04Send\x12\x18.fleetcmd.v1.SendRequest\x1a\x16.fleetcmd.v1.Execution\x12Q\n\nSendStream\x12\x1e.fleetcmd.v1.SendStreamRequest\x1a\x1f.fleetcmd.v1.SendStreamResponse(\x01\x30\x01\x12\x36\n\x03Get\x12\x17.fleetcmd.v1.GetRequest\x1a\x16.fleetcmd.v1.Execution\x12;\n\x04List\x12\x18.fleetcmd.v1.ListRequest\x1a\x19.fleetcmd.v1.ListResponse\x12\x43\n\x06Stream\x12\x1a.fleetcmd.v1.StreamRequest\x1a\x1b.fleetcmd.v1.ExecutionEvent0\x01\x12\x46\n\rStreamBatches\x12\x1a.fleetcmd.v1.StreamRequest\x1a\x17.fleetcmd.v1.EventBatch0\x01\x12<\n\x06\x43\x61ncel\x12\x1a.fleetcmd.v1.CancelRequest\x1a\x16.fleetcmd.v1.Execution\x12:\n\x05Rerun\x12\x19.fleetcmd.v1.RerunRequest\x1a\x16.fleetcmd.v1.Executionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66leetcmd/v1/commands.proto\x12\x0b\x66leetcmd.v1\x1a\x18\x66leetcmd/v1/status.proto\x1a\x16\x66leetcmd/v1/jobs.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x0cStatusReason\x12\x13\n\x0breason_code\x18\x01 \x01(\t\x12\x1a\n\x12reason_description\x18\x02 \x01(\t\"\xa2\x02\n\x0bStateChange\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12,\n\x06status\x18\x02 \x01(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12\x35\n\x0fprevious_status\x18\x03 \x01(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04late\x18\x05 \x01(\x08\x12&\n\x06result\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x30\n\rstatus_reason\x18\x07 \x01(\x0b\x32\x19.fleetcmd.v1.StatusReason\x12\x0c\n\x04note\x18\x08 \x01(\t\"\xae\x05\n\tExecution\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x10\n\x08thing_id\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\'\n\x06params\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\r\x12,\n\x06status\x18\x07 \x01(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12&\n\x06result\x18\x08 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x30\n\rstatus_reason\x18\t \x01(\x0b\x32\x19.fleetcmd.v1.StatusReason\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x63ompleted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x0e \x01(\t\x12)\n\x07history\x18\x0f \x03(\x0b\x32\x18.fleetcmd.v1.StateChange\x12\x12\n\nthing_type\x18\x10 \x01(\t\x12\x19\n\x11result_violations\x18\x11 \x03(\t\x12\x10\n\x08rerun_of\x18\x12 \x01(\t\x12\x0e\n\x06reruns\x18\x13 \x03(\t\x12\x16\n\x0ekaa_command_id\x18\x14 \x01(\x04\x12\x0e\n\x06job_id\x18\x15 \x01(\t\x12\x10\n\x08retry_of\x18\x16 \x01(\t\"\x9c\x01\n\x0bSendRequest\x12\x10\n\x08thing_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x06 \x01(\r\"O\n\x11SendStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x04send\x18\x02 \x01(\x0b\x32\x18.fleetcmd.v1.SendRequest\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"W\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12/\n\nviolations\x18\x03 \x03(\x0b\x32\x1b.fleetcmd.v1.FieldViolation\"\x85\x01\n\x12SendStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\texecution\x18\x02 \x01(\x0b\x32\x16.fleetcmd.v1.ExecutionH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.fleetcmd.v1.ErrorH\x00\x42\t\n\x07outcome\"\"\n\nGetRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"\xfb\x01\n\x0bListRequest\x12\x10\n\x08thing_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12,\n\x06status\x18\x03 \x03(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12\x31\n\rcreated_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x06 \x01(\r\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x0e\n\x06job_id\x18\x08 \x01(\t\"S\n\x0cListResponse\x12*\n\nexecutions\x18\x01 \x03(\x0b\x32\x16.fleetcmd.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\rStreamRequest\x12\x10\n\x08thing_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65xecution_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x1b\n\x0e\x61\x66ter_sequence\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x0e\n\x06job_id\x18\x05 \x01(\tB\x11\n\x0f_after_sequence\"\x8c\x03\n\x0e\x45xecutionEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x14\n\x0c\x65xecution_id\x18\x02 \x01(\t\x12\x10\n\x08thing_id\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12,\n\x06status\x18\x05 \x01(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12\x35\n\x0fprevious_status\x18\x06 \x01(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04late\x18\x08 \x01(\x08\x12&\n\x06result\x18\t \x01(\x0b\x32\x16.google.protobuf.Value\x12\x30\n\rstatus_reason\x18\n \x01(\x0b\x32\x19.fleetcmd.v1.StatusReason\x12\x0c\n\x04note\x18\x0b \x01(\t\x12\x0e\n\x06job_id\x18\x0c \x01(\t\x12\x1d\n\x03job\x18\r \x01(\x0b\x32\x10.fleetcmd.v1.Job\"9\n\nEventBatch\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.fleetcmd.v1.ExecutionEvent\"%\n\rCancelRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\":\n\x0cRerunRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\r2\x99\x04\n\x0e\x43ommandService\x12\x38\n\x04Send\x12\x18.fleetcmd.v1.SendRequest\x1a\x16.fleetcmd.v1.Execution\x12Q\n\nSendStream\x12\x1e.fleetcmd.v1.SendStreamRequest\x1a\x1f.fleetcmd.v1.SendStreamResponse(\x01\x30\x01\x12\x36\n\x03Get\x12\x17.fleetcmd.v1.GetRequest\x1a\x16.fleetcmd.v1.Execution\x12;\n\x04List\x12\x18.fleetcmd.v1.ListRequest\x1a\x19.fleetcmd.v1.ListResponse\x12\x43\n\x06Stream\x12\x1a.fleetcmd.v1.StreamRequest\x1a\x1b.fleetcmd.v1.ExecutionEvent0\x01\x12\x46\n\rStreamBatches\x12\x1a.fleetcmd.v1.StreamRequest\x1a\x17.fleetcmd.v1.EventBatch0\x01\x12<\n\x06\x43\x61ncel\x12\x1a.fleetcmd.v1.CancelRequest\x1a\x16.fleetcmd.v1.Execution\x12:\n\x05Rerun\x12\x19.fleetcmd.v1.RerunRequest\x1a\x16.fleetcmd.v1.ExecutionP\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetcmd.v1.commands_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTIONSTATUS']._serialized_start=2679
-  _globals['_EXECUTIONSTATUS']._serialized_end=2854
-  _globals['_STATUSREASON']._serialized_start=106
-  _globals['_STATUSREASON']._serialized_end=169
-  _globals['_STATECHANGE']._serialized_start=172
-  _globals['_STATECHANGE']._serialized_end=462
-  _globals['_EXECUTION']._serialized_start=465
-  _globals['_EXECUTION']._serialized_end=1151
-  _globals['_SENDREQUEST']._serialized_start=1154
-  _globals['_SENDREQUEST']._serialized_end=1310
-  _globals['_SENDSTREAMREQUEST']._serialized_start=1312
-  _globals['_SENDSTREAMREQUEST']._serialized_end=1391
-  _globals['_FIELDVIOLATION']._serialized_start=1393
-  _globals['_FIELDVIOLATION']._serialized_end=1445
-  _globals['_ERROR']._serialized_start=1447
-  _globals['_ERROR']._serialized_end=1534
-  _globals['_SENDSTREAMRESPONSE']._serialized_start=1537
-  _globals['_SENDSTREAMRESPONSE']._serialized_end=1670
-  _globals['_GETREQUEST']._serialized_start=1672
-  _globals['_GETREQUEST']._serialized_end=1706
-  _globals['_LISTREQUEST']._serialized_start=1709
-  _globals['_LISTREQUEST']._serialized_end=1960
-  _globals['_LISTRESPONSE']._serialized_start=1962
-  _globals['_LISTRESPONSE']._serialized_end=2045
-  _globals['_STREAMREQUEST']._serialized_start=2047
-  _globals['_STREAMREQUEST']._serialized_end=2166
-  _globals['_EXECUTIONEVENT']._serialized_start=2169
-  _globals['_EXECUTIONEVENT']._serialized_end=2518
-  _globals['_EVENTBATCH']._serialized_start=2520
-  _globals['_EVENTBATCH']._serialized_end=2577
-  _globals['_CANCELREQUEST']._serialized_start=2579
-  _globals['_CANCELREQUEST']._serialized_end=2616
-  _globals['_RERUNREQUEST']._serialized_start=2618
-  _globals['_RERUNREQUEST']._serialized_end=2676
-  _globals['_COMMANDSERVICE']._serialized_start=2857
-  _globals['_COMMANDSERVICE']._serialized_end=3394
+  _globals['_STATUSREASON']._serialized_start=156
+  _globals['_STATUSREASON']._serialized_end=219
+  _globals['_STATECHANGE']._serialized_start=222
+  _globals['_STATECHANGE']._serialized_end=512
+  _globals['_EXECUTION']._serialized_start=515
+  _globals['_EXECUTION']._serialized_end=1201
+  _globals['_SENDREQUEST']._serialized_start=1204
+  _globals['_SENDREQUEST']._serialized_end=1360
+  _globals['_SENDSTREAMREQUEST']._serialized_start=1362
+  _globals['_SENDSTREAMREQUEST']._serialized_end=1441
+  _globals['_FIELDVIOLATION']._serialized_start=1443
+  _globals['_FIELDVIOLATION']._serialized_end=1495
+  _globals['_ERROR']._serialized_start=1497
+  _globals['_ERROR']._serialized_end=1584
+  _globals['_SENDSTREAMRESPONSE']._serialized_start=1587
+  _globals['_SENDSTREAMRESPONSE']._serialized_end=1720
+  _globals['_GETREQUEST']._serialized_start=1722
+  _globals['_GETREQUEST']._serialized_end=1756
+  _globals['_LISTREQUEST']._serialized_start=1759
+  _globals['_LISTREQUEST']._serialized_end=2010
+  _globals['_LISTRESPONSE']._serialized_start=2012
+  _globals['_LISTRESPONSE']._serialized_end=2095
+  _globals['_STREAMREQUEST']._serialized_start=2098
+  _globals['_STREAMREQUEST']._serialized_end=2233
+  _globals['_EXECUTIONEVENT']._serialized_start=2236
+  _globals['_EXECUTIONEVENT']._serialized_end=2632
+  _globals['_EVENTBATCH']._serialized_start=2634
+  _globals['_EVENTBATCH']._serialized_end=2691
+  _globals['_CANCELREQUEST']._serialized_start=2693
+  _globals['_CANCELREQUEST']._serialized_end=2730
+  _globals['_RERUNREQUEST']._serialized_start=2732
+  _globals['_RERUNREQUEST']._serialized_end=2790
+  _globals['_COMMANDSERVICE']._serialized_start=2793
+  _globals['_COMMANDSERVICE']._serialized_end=3330
 # @@protoc_insertion_point(module_scope)

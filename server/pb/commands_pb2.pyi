@@ -10,12 +10,24 @@ every state change durably in an append-only event log.
 """
 
 from collections import abc as _abc
+from server.pb import jobs_pb2 as _jobs_pb2
+from server.pb import status_pb2 as _status_pb2
+from server.pb.status_pb2 import CANCELED as CANCELED
+from server.pb.status_pb2 import DELIVERED as DELIVERED
+from server.pb.status_pb2 import EXECUTION_STATUS_UNSPECIFIED as EXECUTION_STATUS_UNSPECIFIED
+from server.pb.status_pb2 import ExecutionStatus as ExecutionStatus
+from server.pb.status_pb2 import FAILED as FAILED
+from server.pb.status_pb2 import IN_PROGRESS as IN_PROGRESS
+from server.pb.status_pb2 import QUEUED as QUEUED
+from server.pb.status_pb2 import REJECTED as REJECTED
+from server.pb.status_pb2 import SENT as SENT
+from server.pb.status_pb2 import SUCCEEDED as SUCCEEDED
+from server.pb.status_pb2 import TIMED_OUT as TIMED_OUT
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -26,56 +38,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _ExecutionStatus:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _ExecutionStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExecutionStatus.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    EXECUTION_STATUS_UNSPECIFIED: _ExecutionStatus.ValueType  # 0
-    QUEUED: _ExecutionStatus.ValueType  # 1
-    """Accepted; the device is not connected (or not subscribed) yet."""
-    SENT: _ExecutionStatus.ValueType  # 2
-    """Published to the connected device."""
-    DELIVERED: _ExecutionStatus.ValueType  # 3
-    """The device acknowledged the QoS 1 publish (PUBACK)."""
-    IN_PROGRESS: _ExecutionStatus.ValueType  # 4
-    """The device reported that it is working on it (not final)."""
-    SUCCEEDED: _ExecutionStatus.ValueType  # 5
-    """Final: the device reported success."""
-    FAILED: _ExecutionStatus.ValueType  # 6
-    """Final: the device reported failure."""
-    REJECTED: _ExecutionStatus.ValueType  # 7
-    """Final: the device refused the command."""
-    TIMED_OUT: _ExecutionStatus.ValueType  # 8
-    """Final: no final response within the TTL."""
-    CANCELED: _ExecutionStatus.ValueType  # 9
-    """Final: canceled by an operator before it ended."""
-
-class ExecutionStatus(_ExecutionStatus, metaclass=_ExecutionStatusEnumTypeWrapper):
-    """Lifecycle status of an execution."""
-
-EXECUTION_STATUS_UNSPECIFIED: ExecutionStatus.ValueType  # 0
-QUEUED: ExecutionStatus.ValueType  # 1
-"""Accepted; the device is not connected (or not subscribed) yet."""
-SENT: ExecutionStatus.ValueType  # 2
-"""Published to the connected device."""
-DELIVERED: ExecutionStatus.ValueType  # 3
-"""The device acknowledged the QoS 1 publish (PUBACK)."""
-IN_PROGRESS: ExecutionStatus.ValueType  # 4
-"""The device reported that it is working on it (not final)."""
-SUCCEEDED: ExecutionStatus.ValueType  # 5
-"""Final: the device reported success."""
-FAILED: ExecutionStatus.ValueType  # 6
-"""Final: the device reported failure."""
-REJECTED: ExecutionStatus.ValueType  # 7
-"""Final: the device refused the command."""
-TIMED_OUT: ExecutionStatus.ValueType  # 8
-"""Final: no final response within the TTL."""
-CANCELED: ExecutionStatus.ValueType  # 9
-"""Final: canceled by an operator before it ended."""
-Global___ExecutionStatus: _TypeAlias = ExecutionStatus  # noqa: Y015
 
 @_typing.final
 class StatusReason(_message.Message):
@@ -117,8 +79,8 @@ class StateChange(_message.Message):
     NOTE_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Position in the global, gap-free event log."""
-    status: Global___ExecutionStatus.ValueType
-    previous_status: Global___ExecutionStatus.ValueType
+    status: _status_pb2.ExecutionStatus.ValueType
+    previous_status: _status_pb2.ExecutionStatus.ValueType
     late: _builtins.bool
     """True when the device reported after the execution was already final; the
     report is kept for the record but did not change the status.
@@ -137,8 +99,8 @@ class StateChange(_message.Message):
         self,
         *,
         sequence: _builtins.int = ...,
-        status: Global___ExecutionStatus.ValueType = ...,
-        previous_status: Global___ExecutionStatus.ValueType = ...,
+        status: _status_pb2.ExecutionStatus.ValueType = ...,
+        previous_status: _status_pb2.ExecutionStatus.ValueType = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
         late: _builtins.bool = ...,
         result: _struct_pb2.Value | None = ...,
@@ -184,7 +146,7 @@ class Execution(_message.Message):
     thing_id: _builtins.str
     action: _builtins.str
     ttl_seconds: _builtins.int
-    status: Global___ExecutionStatus.ValueType
+    status: _status_pb2.ExecutionStatus.ValueType
     idempotency_key: _builtins.str
     thing_type: _builtins.str
     """The thing's type when the execution was created (empty: no type)."""
@@ -238,7 +200,7 @@ class Execution(_message.Message):
         action: _builtins.str = ...,
         params: _struct_pb2.Struct | None = ...,
         ttl_seconds: _builtins.int = ...,
-        status: Global___ExecutionStatus.ValueType = ...,
+        status: _status_pb2.ExecutionStatus.ValueType = ...,
         result: _struct_pb2.Value | None = ...,
         status_reason: Global___StatusReason | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
@@ -467,7 +429,7 @@ class ListRequest(_message.Message):
     job_id: _builtins.str
     """Only the executions of this job (retries included)."""
     @_builtins.property
-    def status(self) -> _containers.RepeatedScalarFieldContainer[Global___ExecutionStatus.ValueType]: ...
+    def status(self) -> _containers.RepeatedScalarFieldContainer[_status_pb2.ExecutionStatus.ValueType]: ...
     @_builtins.property
     def created_after(self) -> _timestamp_pb2.Timestamp:
         """Inclusive lower and exclusive upper bound on created_at."""
@@ -479,7 +441,7 @@ class ListRequest(_message.Message):
         *,
         thing_id: _builtins.str = ...,
         action: _builtins.str = ...,
-        status: _abc.Iterable[Global___ExecutionStatus.ValueType] | None = ...,
+        status: _abc.Iterable[_status_pb2.ExecutionStatus.ValueType] | None = ...,
         created_after: _timestamp_pb2.Timestamp | None = ...,
         created_before: _timestamp_pb2.Timestamp | None = ...,
         page_size: _builtins.int = ...,
@@ -526,6 +488,7 @@ class StreamRequest(_message.Message):
     EXECUTION_ID_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
     thing_id: _builtins.str
     execution_id: _builtins.str
     action: _builtins.str
@@ -534,6 +497,11 @@ class StreamRequest(_message.Message):
     this (0 replays the whole log), then continue live with no gap and no
     duplicate. When unset, the stream starts live.
     """
+    job_id: _builtins.str
+    """Only this job's events and its executions' events. A watcher that filters
+    by thing_id, execution_id or action gets no job events; one without any
+    filter gets everything.
+    """
     def __init__(
         self,
         *,
@@ -541,10 +509,11 @@ class StreamRequest(_message.Message):
         execution_id: _builtins.str = ...,
         action: _builtins.str = ...,
         after_sequence: _builtins.int | None = ...,
+        job_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "after_sequence", b"after_sequence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "action", b"action", "after_sequence", b"after_sequence", "execution_id", b"execution_id", "thing_id", b"thing_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence", "action", b"action", "after_sequence", b"after_sequence", "execution_id", b"execution_id", "job_id", b"job_id", "thing_id", b"thing_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__after_sequence: _TypeAlias = _typing.Literal["after_sequence"]  # noqa: Y015
     _WhichOneofArgType__after_sequence: _TypeAlias = _typing.Literal["_after_sequence", b"_after_sequence"]  # noqa: Y015
@@ -554,7 +523,10 @@ Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
 
 @_typing.final
 class ExecutionEvent(_message.Message):
-    """One state change, as it is committed to the event log."""
+    """One entry of the event log, as it is committed: an execution's state change
+    or, when `job` is set, a job's state or count change (then the execution
+    fields are empty and `status` is unspecified).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -569,20 +541,30 @@ class ExecutionEvent(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     STATUS_REASON_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     execution_id: _builtins.str
     thing_id: _builtins.str
     action: _builtins.str
-    status: Global___ExecutionStatus.ValueType
-    previous_status: Global___ExecutionStatus.ValueType
+    status: _status_pb2.ExecutionStatus.ValueType
+    previous_status: _status_pb2.ExecutionStatus.ValueType
     late: _builtins.bool
     note: _builtins.str
+    job_id: _builtins.str
+    """The job of the execution, or of the job event."""
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def result(self) -> _struct_pb2.Value: ...
     @_builtins.property
     def status_reason(self) -> Global___StatusReason: ...
+    @_builtins.property
+    def job(self) -> _jobs_pb2.Job:
+        """A job event: the job as JobService.GetJob returns it, right after the
+        change (count changes of one commit come as one event per job).
+        """
+
     def __init__(
         self,
         *,
@@ -590,17 +572,19 @@ class ExecutionEvent(_message.Message):
         execution_id: _builtins.str = ...,
         thing_id: _builtins.str = ...,
         action: _builtins.str = ...,
-        status: Global___ExecutionStatus.ValueType = ...,
-        previous_status: Global___ExecutionStatus.ValueType = ...,
+        status: _status_pb2.ExecutionStatus.ValueType = ...,
+        previous_status: _status_pb2.ExecutionStatus.ValueType = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
         late: _builtins.bool = ...,
         result: _struct_pb2.Value | None = ...,
         status_reason: Global___StatusReason | None = ...,
         note: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        job: _jobs_pb2.Job | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "result", b"result", "status_reason", b"status_reason"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "job", b"job", "result", b"result", "status_reason", b"status_reason"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at", b"at", "execution_id", b"execution_id", "late", b"late", "note", b"note", "previous_status", b"previous_status", "result", b"result", "sequence", b"sequence", "status", b"status", "status_reason", b"status_reason", "thing_id", b"thing_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at", b"at", "execution_id", b"execution_id", "job", b"job", "job_id", b"job_id", "late", b"late", "note", b"note", "previous_status", b"previous_status", "result", b"result", "sequence", b"sequence", "status", b"status", "status_reason", b"status_reason", "thing_id", b"thing_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

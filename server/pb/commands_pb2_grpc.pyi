@@ -11,6 +11,17 @@ every state change durably in an append-only event log.
 
 from collections import abc as _abc
 from server.pb import commands_pb2 as _commands_pb2
+from server.pb.status_pb2 import CANCELED as CANCELED
+from server.pb.status_pb2 import DELIVERED as DELIVERED
+from server.pb.status_pb2 import EXECUTION_STATUS_UNSPECIFIED as EXECUTION_STATUS_UNSPECIFIED
+from server.pb.status_pb2 import ExecutionStatus as ExecutionStatus
+from server.pb.status_pb2 import FAILED as FAILED
+from server.pb.status_pb2 import IN_PROGRESS as IN_PROGRESS
+from server.pb.status_pb2 import QUEUED as QUEUED
+from server.pb.status_pb2 import REJECTED as REJECTED
+from server.pb.status_pb2 import SENT as SENT
+from server.pb.status_pb2 import SUCCEEDED as SUCCEEDED
+from server.pb.status_pb2 import TIMED_OUT as TIMED_OUT
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc

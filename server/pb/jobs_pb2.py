@@ -23,12 +23,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from server.pb import commands_pb2 as fleetcmd_dot_v1_dot_commands__pb2
+from server.pb import status_pb2 as fleetcmd_dot_v1_dot_status__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66leetcmd/v1/jobs.proto\x12\x0b\x66leetcmd.v1\x1a\x1a\x66leetcmd/v1/commands.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x02\n\nJobTargets\x12\x11\n\tthing_ids\x18\x01 \x03(\t\x12\x12\n\nthing_type\x18\x02 \x01(\t\x12;\n\nattributes\x18\x03 \x03(\x0b\x32\'.fleetcmd.v1.JobTargets.AttributesEntry\x12\x13\n\x0bonline_only\x18\x04 \x01(\x08\x12\x0f\n\x07\x65xclude\x18\x05 \x03(\t\x12%\n\x04mode\x18\x06 \x01(\x0e\x32\x17.fleetcmd.v1.TargetMode\x12\x10\n\x08\x66rom_job\x18\x07 \x01(\t\x12\x33\n\rfrom_statuses\x18\x08 \x03(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x07JobRamp\x12\x17\n\x0f\x62\x61se_per_minute\x18\x01 \x01(\r\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\x12\x16\n\x0e\x65very_notified\x18\x03 \x01(\r\x12\x17\n\x0f\x65very_succeeded\x18\x04 \x01(\r\"}\n\nJobRollout\x12\x16\n\x0emax_per_minute\x18\x01 \x01(\r\x12\"\n\x04ramp\x18\x02 \x01(\x0b\x32\x14.fleetcmd.v1.JobRamp\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\x12\x1c\n\x14sequential_per_thing\x18\x04 \x01(\x08\"h\n\x0e\x41\x62ortCriterion\x12)\n\x07\x66\x61ilure\x18\x01 \x01(\x0e\x32\x18.fleetcmd.v1.FailureType\x12\x15\n\rthreshold_pct\x18\x02 \x01(\x01\x12\x14\n\x0cmin_finished\x18\x03 \x01(\r\",\n\x06\x43\x61nary\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x13\n\x0bsuccess_pct\x18\x02 \x01(\x01\"\xb0\x01\n\x0bRetryPolicy\x12)\n\x07\x66\x61ilure\x18\x01 \x01(\x0e\x32\x18.fleetcmd.v1.FailureType\x12\x14\n\x0cmax_attempts\x18\x02 \x01(\r\x12%\n\x07\x62\x61\x63koff\x18\x03 \x01(\x0e\x32\x14.fleetcmd.v1.Backoff\x12\x14\n\x0c\x62\x61se_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bmax_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06jitter\x18\x06 \x01(\x08\"\x97\x01\n\x0bJobSchedule\x12,\n\x08start_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x65nd_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0c\x65nd_behavior\x18\x03 \x01(\x0e\x32\x18.fleetcmd.v1.EndBehavior\"\x91\x03\n\x07JobSpec\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12(\n\x07targets\x18\x04 \x01(\x0b\x32\x17.fleetcmd.v1.JobTargets\x12(\n\x07rollout\x18\x05 \x01(\x0b\x32\x17.fleetcmd.v1.JobRollout\x12*\n\x05\x61\x62ort\x18\x06 \x03(\x0b\x32\x1b.fleetcmd.v1.AbortCriterion\x12#\n\x06\x63\x61nary\x18\x07 \x01(\x0b\x32\x13.fleetcmd.v1.Canary\x12)\n\x07retries\x18\x08 \x03(\x0b\x32\x18.fleetcmd.v1.RetryPolicy\x12*\n\x08schedule\x18\t \x01(\x0b\x32\x18.fleetcmd.v1.JobSchedule\x12\x0e\n\x06strict\x18\n \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0c \x01(\t\"\xdf\x01\n\tJobCounts\x12\x0f\n\x07pending\x18\x01 \x01(\x04\x12\x0e\n\x06queued\x18\x02 \x01(\x04\x12\x0c\n\x04sent\x18\x03 \x01(\x04\x12\x11\n\tdelivered\x18\x04 \x01(\x04\x12\x13\n\x0bin_progress\x18\x05 \x01(\x04\x12\x11\n\tsucceeded\x18\x06 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12\x10\n\x08rejected\x18\x08 \x01(\x04\x12\x11\n\ttimed_out\x18\t \x01(\x04\x12\x10\n\x08\x63\x61nceled\x18\n \x01(\x04\x12\x10\n\x08retrying\x18\x0b \x01(\x04\x12\x0f\n\x07skipped\x18\x0c \x01(\x04\"\xd6\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.fleetcmd.v1.JobSpec\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.fleetcmd.v1.JobState\x12&\n\x06\x63ounts\x18\x04 \x01(\x0b\x32\x16.fleetcmd.v1.JobCounts\x12\x15\n\rtargets_total\x18\x05 \x01(\x04\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x62ort_reason\x18\t \x01(\t\x12\x12\n\ncreated_by\x18\n \x01(\t\"5\n\x0c\x44ryRunResult\x12\x15\n\rtargets_total\x18\x01 \x01(\x04\x12\x0e\n\x06sample\x18\x02 \x03(\t\"G\n\x10\x43reateJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.fleetcmd.v1.JobSpec\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"m\n\x11\x43reateJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x10.fleetcmd.v1.JobH\x00\x12,\n\x07\x64ry_run\x18\x02 \x01(\x0b\x32\x19.fleetcmd.v1.DryRunResultH\x00\x42\t\n\x07outcome\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"_\n\x0fListJobsRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.fleetcmd.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.fleetcmd.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0fPauseJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10ResumeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10only_undelivered\x18\x02 \x01(\x08\"T\n\x12RerunFailedRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x08statuses\x18\x02 \x03(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\xb7\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13JOB_STATE_SCHEDULED\x10\x01\x12\x19\n\x15JOB_STATE_IN_PROGRESS\x10\x02\x12\x14\n\x10JOB_STATE_PAUSED\x10\x03\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x04\x12\x16\n\x12JOB_STATE_CANCELED\x10\x05\x12\x15\n\x11JOB_STATE_ABORTED\x10\x06*_\n\nTargetMode\x12\x1b\n\x17TARGET_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14TARGET_MODE_SNAPSHOT\x10\x01\x12\x1a\n\x16TARGET_MODE_CONTINUOUS\x10\x02*\x91\x01\n\x0b\x46\x61ilureType\x12\x1c\n\x18\x46\x41ILURE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46\x41ILURE_TYPE_FAILED\x10\x01\x12\x19\n\x15\x46\x41ILURE_TYPE_REJECTED\x10\x02\x12\x1a\n\x16\x46\x41ILURE_TYPE_TIMED_OUT\x10\x03\x12\x14\n\x10\x46\x41ILURE_TYPE_ANY\x10\x04*i\n\x0b\x45ndBehavior\x12\x1c\n\x18\x45ND_BEHAVIOR_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45ND_BEHAVIOR_STOP_NEW\x10\x01\x12!\n\x1d\x45ND_BEHAVIOR_CANCEL_NOT_FINAL\x10\x02*N\n\x07\x42\x61\x63koff\x12\x17\n\x13\x42\x41\x43KOFF_UNSPECIFIED\x10\x00\x12\x11\n\rBACKOFF_FIXED\x10\x01\x12\x17\n\x13\x42\x41\x43KOFF_EXPONENTIAL\x10\x02\x32\x91\x04\n\nJobService\x12J\n\tCreateJob\x12\x1d.fleetcmd.v1.CreateJobRequest\x1a\x1e.fleetcmd.v1.CreateJobResponse\x12\x36\n\x06GetJob\x12\x1a.fleetcmd.v1.GetJobRequest\x1a\x10.fleetcmd.v1.Job\x12G\n\x08ListJobs\x12\x1c.fleetcmd.v1.ListJobsRequest\x1a\x1d.fleetcmd.v1.ListJobsResponse\x12:\n\x08PauseJob\x12\x1c.fleetcmd.v1.PauseJobRequest\x1a\x10.fleetcmd.v1.Job\x12<\n\tResumeJob\x12\x1d.fleetcmd.v1.ResumeJobRequest\x1a\x10.fleetcmd.v1.Job\x12<\n\tCancelJob\x12\x1d.fleetcmd.v1.CancelJobRequest\x1a\x10.fleetcmd.v1.Job\x12@\n\x0bRerunFailed\x12\x1f.fleetcmd.v1.RerunFailedRequest\x1a\x10.fleetcmd.v1.Job\x12<\n\x08WatchJob\x12\x1c.fleetcmd.v1.WatchJobRequest\x1a\x10.fleetcmd.v1.Job0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66leetcmd/v1/jobs.proto\x12\x0b\x66leetcmd.v1\x1a\x18\x66leetcmd/v1/status.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb7\x02\n\nJobTargets\x12\x11\n\tthing_ids\x18\x01 \x03(\t\x12\x12\n\nthing_type\x18\x02 \x01(\t\x12;\n\nattributes\x18\x03 \x03(\x0b\x32\'.fleetcmd.v1.JobTargets.AttributesEntry\x12\x13\n\x0bonline_only\x18\x04 \x01(\x08\x12\x0f\n\x07\x65xclude\x18\x05 \x03(\t\x12%\n\x04mode\x18\x06 \x01(\x0e\x32\x17.fleetcmd.v1.TargetMode\x12\x10\n\x08\x66rom_job\x18\x07 \x01(\t\x12\x33\n\rfrom_statuses\x18\x08 \x03(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x07JobRamp\x12\x17\n\x0f\x62\x61se_per_minute\x18\x01 \x01(\r\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\x12\x16\n\x0e\x65very_notified\x18\x03 \x01(\r\x12\x17\n\x0f\x65very_succeeded\x18\x04 \x01(\r\"}\n\nJobRollout\x12\x16\n\x0emax_per_minute\x18\x01 \x01(\r\x12\"\n\x04ramp\x18\x02 \x01(\x0b\x32\x14.fleetcmd.v1.JobRamp\x12\x15\n\rmax_in_flight\x18\x03 \x01(\r\x12\x1c\n\x14sequential_per_thing\x18\x04 \x01(\x08\"h\n\x0e\x41\x62ortCriterion\x12)\n\x07\x66\x61ilure\x18\x01 \x01(\x0e\x32\x18.fleetcmd.v1.FailureType\x12\x15\n\rthreshold_pct\x18\x02 \x01(\x01\x12\x14\n\x0cmin_finished\x18\x03 \x01(\r\",\n\x06\x43\x61nary\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x13\n\x0bsuccess_pct\x18\x02 \x01(\x01\"\xb0\x01\n\x0bRetryPolicy\x12)\n\x07\x66\x61ilure\x18\x01 \x01(\x0e\x32\x18.fleetcmd.v1.FailureType\x12\x14\n\x0cmax_attempts\x18\x02 \x01(\r\x12%\n\x07\x62\x61\x63koff\x18\x03 \x01(\x0e\x32\x14.fleetcmd.v1.Backoff\x12\x14\n\x0c\x62\x61se_seconds\x18\x04 \x01(\x01\x12\x13\n\x0bmax_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06jitter\x18\x06 \x01(\x08\"\x97\x01\n\x0bJobSchedule\x12,\n\x08start_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x65nd_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x0c\x65nd_behavior\x18\x03 \x01(\x0e\x32\x18.fleetcmd.v1.EndBehavior\"\x91\x03\n\x07JobSpec\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\r\x12(\n\x07targets\x18\x04 \x01(\x0b\x32\x17.fleetcmd.v1.JobTargets\x12(\n\x07rollout\x18\x05 \x01(\x0b\x32\x17.fleetcmd.v1.JobRollout\x12*\n\x05\x61\x62ort\x18\x06 \x03(\x0b\x32\x1b.fleetcmd.v1.AbortCriterion\x12#\n\x06\x63\x61nary\x18\x07 \x01(\x0b\x32\x13.fleetcmd.v1.Canary\x12)\n\x07retries\x18\x08 \x03(\x0b\x32\x18.fleetcmd.v1.RetryPolicy\x12*\n\x08schedule\x18\t \x01(\x0b\x32\x18.fleetcmd.v1.JobSchedule\x12\x0e\n\x06strict\x18\n \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0c \x01(\t\"\xdf\x01\n\tJobCounts\x12\x0f\n\x07pending\x18\x01 \x01(\x04\x12\x0e\n\x06queued\x18\x02 \x01(\x04\x12\x0c\n\x04sent\x18\x03 \x01(\x04\x12\x11\n\tdelivered\x18\x04 \x01(\x04\x12\x13\n\x0bin_progress\x18\x05 \x01(\x04\x12\x11\n\tsucceeded\x18\x06 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x04\x12\x10\n\x08rejected\x18\x08 \x01(\x04\x12\x11\n\ttimed_out\x18\t \x01(\x04\x12\x10\n\x08\x63\x61nceled\x18\n \x01(\x04\x12\x10\n\x08retrying\x18\x0b \x01(\x04\x12\x0f\n\x07skipped\x18\x0c \x01(\x04\"\xd6\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x04spec\x18\x02 \x01(\x0b\x32\x14.fleetcmd.v1.JobSpec\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.fleetcmd.v1.JobState\x12&\n\x06\x63ounts\x18\x04 \x01(\x0b\x32\x16.fleetcmd.v1.JobCounts\x12\x15\n\rtargets_total\x18\x05 \x01(\x04\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x62ort_reason\x18\t \x01(\t\x12\x12\n\ncreated_by\x18\n \x01(\t\"5\n\x0c\x44ryRunResult\x12\x15\n\rtargets_total\x18\x01 \x01(\x04\x12\x0e\n\x06sample\x18\x02 \x03(\t\"G\n\x10\x43reateJobRequest\x12\"\n\x04spec\x18\x01 \x01(\x0b\x32\x14.fleetcmd.v1.JobSpec\x12\x0f\n\x07\x64ry_run\x18\x02 \x01(\x08\"m\n\x11\x43reateJobResponse\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x10.fleetcmd.v1.JobH\x00\x12,\n\x07\x64ry_run\x18\x02 \x01(\x0b\x32\x19.fleetcmd.v1.DryRunResultH\x00\x42\t\n\x07outcome\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"_\n\x0fListJobsRequest\x12%\n\x06states\x18\x01 \x03(\x0e\x32\x15.fleetcmd.v1.JobState\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.fleetcmd.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0fPauseJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10ResumeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x18\n\x10only_undelivered\x18\x02 \x01(\x08\"T\n\x12RerunFailedRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x08statuses\x18\x02 \x03(\x0e\x32\x1c.fleetcmd.v1.ExecutionStatus\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t*\xb7\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13JOB_STATE_SCHEDULED\x10\x01\x12\x19\n\x15JOB_STATE_IN_PROGRESS\x10\x02\x12\x14\n\x10JOB_STATE_PAUSED\x10\x03\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x04\x12\x16\n\x12JOB_STATE_CANCELED\x10\x05\x12\x15\n\x11JOB_STATE_ABORTED\x10\x06*_\n\nTargetMode\x12\x1b\n\x17TARGET_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14TARGET_MODE_SNAPSHOT\x10\x01\x12\x1a\n\x16TARGET_MODE_CONTINUOUS\x10\x02*\x91\x01\n\x0b\x46\x61ilureType\x12\x1c\n\x18\x46\x41ILURE_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x46\x41ILURE_TYPE_FAILED\x10\x01\x12\x19\n\x15\x46\x41ILURE_TYPE_REJECTED\x10\x02\x12\x1a\n\x16\x46\x41ILURE_TYPE_TIMED_OUT\x10\x03\x12\x14\n\x10\x46\x41ILURE_TYPE_ANY\x10\x04*i\n\x0b\x45ndBehavior\x12\x1c\n\x18\x45ND_BEHAVIOR_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45ND_BEHAVIOR_STOP_NEW\x10\x01\x12!\n\x1d\x45ND_BEHAVIOR_CANCEL_NOT_FINAL\x10\x02*N\n\x07\x42\x61\x63koff\x12\x17\n\x13\x42\x41\x43KOFF_UNSPECIFIED\x10\x00\x12\x11\n\rBACKOFF_FIXED\x10\x01\x12\x17\n\x13\x42\x41\x43KOFF_EXPONENTIAL\x10\x02\x32\x91\x04\n\nJobService\x12J\n\tCreateJob\x12\x1d.fleetcmd.v1.CreateJobRequest\x1a\x1e.fleetcmd.v1.CreateJobResponse\x12\x36\n\x06GetJob\x12\x1a.fleetcmd.v1.GetJobRequest\x1a\x10.fleetcmd.v1.Job\x12G\n\x08ListJobs\x12\x1c.fleetcmd.v1.ListJobsRequest\x1a\x1d.fleetcmd.v1.ListJobsResponse\x12:\n\x08PauseJob\x12\x1c.fleetcmd.v1.PauseJobRequest\x1a\x10.fleetcmd.v1.Job\x12<\n\tResumeJob\x12\x1d.fleetcmd.v1.ResumeJobRequest\x1a\x10.fleetcmd.v1.Job\x12<\n\tCancelJob\x12\x1d.fleetcmd.v1.CancelJobRequest\x1a\x10.fleetcmd.v1.Job\x12@\n\x0bRerunFailed\x12\x1f.fleetcmd.v1.RerunFailedRequest\x1a\x10.fleetcmd.v1.Job\x12<\n\x08WatchJob\x12\x1c.fleetcmd.v1.WatchJobRequest\x1a\x10.fleetcmd.v1.Job0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,60 +37,60 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBTARGETS_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_JOBTARGETS_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2833
-  _globals['_JOBSTATE']._serialized_end=3016
-  _globals['_TARGETMODE']._serialized_start=3018
-  _globals['_TARGETMODE']._serialized_end=3113
-  _globals['_FAILURETYPE']._serialized_start=3116
-  _globals['_FAILURETYPE']._serialized_end=3261
-  _globals['_ENDBEHAVIOR']._serialized_start=3263
-  _globals['_ENDBEHAVIOR']._serialized_end=3368
-  _globals['_BACKOFF']._serialized_start=3370
-  _globals['_BACKOFF']._serialized_end=3448
-  _globals['_JOBTARGETS']._serialized_start=131
-  _globals['_JOBTARGETS']._serialized_end=442
-  _globals['_JOBTARGETS_ATTRIBUTESENTRY']._serialized_start=393
-  _globals['_JOBTARGETS_ATTRIBUTESENTRY']._serialized_end=442
-  _globals['_JOBRAMP']._serialized_start=444
-  _globals['_JOBRAMP']._serialized_end=543
-  _globals['_JOBROLLOUT']._serialized_start=545
-  _globals['_JOBROLLOUT']._serialized_end=670
-  _globals['_ABORTCRITERION']._serialized_start=672
-  _globals['_ABORTCRITERION']._serialized_end=776
-  _globals['_CANARY']._serialized_start=778
-  _globals['_CANARY']._serialized_end=822
-  _globals['_RETRYPOLICY']._serialized_start=825
-  _globals['_RETRYPOLICY']._serialized_end=1001
-  _globals['_JOBSCHEDULE']._serialized_start=1004
-  _globals['_JOBSCHEDULE']._serialized_end=1155
-  _globals['_JOBSPEC']._serialized_start=1158
-  _globals['_JOBSPEC']._serialized_end=1559
-  _globals['_JOBCOUNTS']._serialized_start=1562
-  _globals['_JOBCOUNTS']._serialized_end=1785
-  _globals['_JOB']._serialized_start=1788
-  _globals['_JOB']._serialized_end=2130
-  _globals['_DRYRUNRESULT']._serialized_start=2132
-  _globals['_DRYRUNRESULT']._serialized_end=2185
-  _globals['_CREATEJOBREQUEST']._serialized_start=2187
-  _globals['_CREATEJOBREQUEST']._serialized_end=2258
-  _globals['_CREATEJOBRESPONSE']._serialized_start=2260
-  _globals['_CREATEJOBRESPONSE']._serialized_end=2369
-  _globals['_GETJOBREQUEST']._serialized_start=2371
-  _globals['_GETJOBREQUEST']._serialized_end=2402
-  _globals['_LISTJOBSREQUEST']._serialized_start=2404
-  _globals['_LISTJOBSREQUEST']._serialized_end=2499
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2501
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2576
-  _globals['_PAUSEJOBREQUEST']._serialized_start=2578
-  _globals['_PAUSEJOBREQUEST']._serialized_end=2611
-  _globals['_RESUMEJOBREQUEST']._serialized_start=2613
-  _globals['_RESUMEJOBREQUEST']._serialized_end=2647
-  _globals['_CANCELJOBREQUEST']._serialized_start=2649
-  _globals['_CANCELJOBREQUEST']._serialized_end=2709
-  _globals['_RERUNFAILEDREQUEST']._serialized_start=2711
-  _globals['_RERUNFAILEDREQUEST']._serialized_end=2795
-  _globals['_WATCHJOBREQUEST']._serialized_start=2797
-  _globals['_WATCHJOBREQUEST']._serialized_end=2830
-  _globals['_JOBSERVICE']._serialized_start=3451
-  _globals['_JOBSERVICE']._serialized_end=3980
+  _globals['_JOBSTATE']._serialized_start=2831
+  _globals['_JOBSTATE']._serialized_end=3014
+  _globals['_TARGETMODE']._serialized_start=3016
+  _globals['_TARGETMODE']._serialized_end=3111
+  _globals['_FAILURETYPE']._serialized_start=3114
+  _globals['_FAILURETYPE']._serialized_end=3259
+  _globals['_ENDBEHAVIOR']._serialized_start=3261
+  _globals['_ENDBEHAVIOR']._serialized_end=3366
+  _globals['_BACKOFF']._serialized_start=3368
+  _globals['_BACKOFF']._serialized_end=3446
+  _globals['_JOBTARGETS']._serialized_start=129
+  _globals['_JOBTARGETS']._serialized_end=440
+  _globals['_JOBTARGETS_ATTRIBUTESENTRY']._serialized_start=391
+  _globals['_JOBTARGETS_ATTRIBUTESENTRY']._serialized_end=440
+  _globals['_JOBRAMP']._serialized_start=442
+  _globals['_JOBRAMP']._serialized_end=541
+  _globals['_JOBROLLOUT']._serialized_start=543
+  _globals['_JOBROLLOUT']._serialized_end=668
+  _globals['_ABORTCRITERION']._serialized_start=670
+  _globals['_ABORTCRITERION']._serialized_end=774
+  _globals['_CANARY']._serialized_start=776
+  _globals['_CANARY']._serialized_end=820
+  _globals['_RETRYPOLICY']._serialized_start=823
+  _globals['_RETRYPOLICY']._serialized_end=999
+  _globals['_JOBSCHEDULE']._serialized_start=1002
+  _globals['_JOBSCHEDULE']._serialized_end=1153
+  _globals['_JOBSPEC']._serialized_start=1156
+  _globals['_JOBSPEC']._serialized_end=1557
+  _globals['_JOBCOUNTS']._serialized_start=1560
+  _globals['_JOBCOUNTS']._serialized_end=1783
+  _globals['_JOB']._serialized_start=1786
+  _globals['_JOB']._serialized_end=2128
+  _globals['_DRYRUNRESULT']._serialized_start=2130
+  _globals['_DRYRUNRESULT']._serialized_end=2183
+  _globals['_CREATEJOBREQUEST']._serialized_start=2185
+  _globals['_CREATEJOBREQUEST']._serialized_end=2256
+  _globals['_CREATEJOBRESPONSE']._serialized_start=2258
+  _globals['_CREATEJOBRESPONSE']._serialized_end=2367
+  _globals['_GETJOBREQUEST']._serialized_start=2369
+  _globals['_GETJOBREQUEST']._serialized_end=2400
+  _globals['_LISTJOBSREQUEST']._serialized_start=2402
+  _globals['_LISTJOBSREQUEST']._serialized_end=2497
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2499
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2574
+  _globals['_PAUSEJOBREQUEST']._serialized_start=2576
+  _globals['_PAUSEJOBREQUEST']._serialized_end=2609
+  _globals['_RESUMEJOBREQUEST']._serialized_start=2611
+  _globals['_RESUMEJOBREQUEST']._serialized_end=2645
+  _globals['_CANCELJOBREQUEST']._serialized_start=2647
+  _globals['_CANCELJOBREQUEST']._serialized_end=2707
+  _globals['_RERUNFAILEDREQUEST']._serialized_start=2709
+  _globals['_RERUNFAILEDREQUEST']._serialized_end=2793
+  _globals['_WATCHJOBREQUEST']._serialized_start=2795
+  _globals['_WATCHJOBREQUEST']._serialized_end=2828
+  _globals['_JOBSERVICE']._serialized_start=3449
+  _globals['_JOBSERVICE']._serialized_end=3978
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ the normal lifecycle, TTL and offline rules of a single command.
 """
 
 from collections import abc as _abc
-from server.pb import commands_pb2 as _commands_pb2
+from server.pb import status_pb2 as _status_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
@@ -222,7 +222,7 @@ class JobTargets(_message.Message):
         """Things that never get the job (at most 10,000)."""
 
     @_builtins.property
-    def from_statuses(self) -> _containers.RepeatedScalarFieldContainer[_commands_pb2.ExecutionStatus.ValueType]: ...
+    def from_statuses(self) -> _containers.RepeatedScalarFieldContainer[_status_pb2.ExecutionStatus.ValueType]: ...
     def __init__(
         self,
         *,
@@ -233,7 +233,7 @@ class JobTargets(_message.Message):
         exclude: _abc.Iterable[_builtins.str] | None = ...,
         mode: Global___TargetMode.ValueType = ...,
         from_job: _builtins.str = ...,
-        from_statuses: _abc.Iterable[_commands_pb2.ExecutionStatus.ValueType] | None = ...,
+        from_statuses: _abc.Iterable[_status_pb2.ExecutionStatus.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -852,7 +852,7 @@ class RerunFailedRequest(_message.Message):
     STATUSES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     @_builtins.property
-    def statuses(self) -> _containers.RepeatedScalarFieldContainer[_commands_pb2.ExecutionStatus.ValueType]:
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[_status_pb2.ExecutionStatus.ValueType]:
         """Final statuses whose targets get the new job; empty: FAILED, REJECTED
         and TIMED_OUT.
         """
@@ -861,7 +861,7 @@ class RerunFailedRequest(_message.Message):
         self,
         *,
         job_id: _builtins.str = ...,
-        statuses: _abc.Iterable[_commands_pb2.ExecutionStatus.ValueType] | None = ...,
+        statuses: _abc.Iterable[_status_pb2.ExecutionStatus.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
