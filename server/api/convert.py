@@ -184,7 +184,14 @@ def execution(e: Execution) -> pb.Execution:
 
 
 def event(change: StateChange) -> pb.ExecutionEvent:
-    """A Stream event."""
+    """A Stream event: an execution's state change, or a job event (``job`` set, execution fields empty)."""
+    if change.job is not None:
+        # Here, not at the top: convert_jobs imports this module (and job events are few).
+        from server.api import convert_jobs
+
+        return pb.ExecutionEvent(
+            sequence=change.sequence, at=timestamp(change.at_ms), job_id=change.job_id, job=convert_jobs.job(change.job)
+        )
     return pb.ExecutionEvent(
         sequence=change.sequence,
         execution_id=change.execution_id,
@@ -197,6 +204,7 @@ def event(change: StateChange) -> pb.ExecutionEvent:
         result=_value(change.result_json),
         status_reason=_reason(change.reason),
         note=change.note,
+        job_id=change.job_id,
     )
 
 

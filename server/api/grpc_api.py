@@ -35,7 +35,7 @@ from server.core.job_runner import JobsCore
 from server.core.metrics import PlainHistogram
 from server.core.models import EventFilter, Execution
 from server.core.registry import Registry
-from server.core.validation import SendCommand, check_wait, validate_send
+from server.core.validation import SendCommand, check_execution_id, check_wait, validate_send
 from server.pb import commands_pb2 as pb
 from server.pb import jobs_pb2_grpc as jpb_grpc
 from server.pb import registry_pb2 as rpb
@@ -218,7 +218,11 @@ class CommandServicer:
         )
 
     def _stream_args(self, request: pb.StreamRequest) -> tuple[EventFilter, int | None]:
-        flt = EventFilter(thing_id=request.thing_id, execution_id=request.execution_id, action=request.action)
+        if request.job_id:
+            check_execution_id(request.job_id, "job_id")
+        flt = EventFilter(
+            thing_id=request.thing_id, execution_id=request.execution_id, action=request.action, job_id=request.job_id
+        )
         after = request.after_sequence if request.HasField("after_sequence") else None
         if after is not None and after > MAX_SEQUENCE:
             raise InvalidArgument.single("after_sequence", f"after_sequence must be at most {MAX_SEQUENCE}")

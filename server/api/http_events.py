@@ -1,6 +1,6 @@
 """Server-Sent Events: ``GET /api/v1/events``, the HTTP face of gRPC ``Stream``.
 
-The same filters (``thingId``, ``executionId``, ``action``), the same resume rule and the
+The same filters (``thingId``, ``executionId``, ``action``, ``jobId``), the same resume rule and the
 same bound per client, because it is the same code: :meth:`CommandCore.stream
 <server.core.commands.CommandCore.stream>` subscribes to the event bus, replays the log
 after the resume point and goes on live with no gap and no duplicate; a client further
@@ -10,7 +10,8 @@ EventSource sends when it reconnects) or the ``after`` query value, the sequence
 last event received; without either the stream starts live. A resume point below what
 retention kept is refused with 409 FAILED_PRECONDITION before the stream starts.
 
-Each event is ``id: <sequence>``, ``event: execution`` and one line of JSON; idle streams
+Each event is ``id: <sequence>``, ``event: execution`` (or ``event: job``: a job's state or counts
+changed, with the job as ``GET /api/v1/jobs/{jobId}`` shows it) and one line of JSON; idle streams
 get a ``: keepalive`` comment every :data:`HEARTBEAT_SECONDS`, which also finds clients
 that went away. An error after the stream started is one ``event: error`` (the REST error
 body) and the end of the response.
@@ -27,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from server.api.http_jobs import job_json
 from server.api.http_rest import (
     API_PREFIX,
     RestRoute,
@@ -42,6 +44,7 @@ from server.core.commands import CommandCore
 from server.core.errors import FailedPrecondition, FieldViolation, FleetcmdError, InvalidArgument, Unavailable
 from server.core.events import StreamBatch, check_resume
 from server.core.models import EventFilter, Execution, StateChange
+from server.core.validation import check_execution_id
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +100,8 @@ def change_json(change: StateChange) -> dict[str, Any]:
     out["executionId"] = change.execution_id
     out["thingId"] = change.thing_id
     out["action"] = change.action
+    if change.job_id:
+        out["jobId"] = change.job_id
     return out
 
 
@@ -105,6 +110,10 @@ def encode(events: list[StateChange], executions: dict[str, Execution]) -> bytes
     shown: dict[str, Any] = {}
     parts = []
     for change in events:
+        if change.job is not None:
+            data = json.dumps({"seq": change.sequence, "job": job_json(change.job)}, separators=(",", ":"))
+            parts.append(f"id: {change.sequence}\nevent: job\ndata: {data}\n\n")
+            continue
         execution = shown.get(change.execution_id)
         if execution is None and change.execution_id not in shown:
             found = executions.get(change.execution_id)
@@ -149,14 +158,19 @@ class EventsRest:
         self._stopping.set()
 
     async def _encode(self, batch: StreamBatch) -> bytes:
-        ids = list(dict.fromkeys(change.execution_id for change in batch.events))
+        ids = list(dict.fromkeys(change.execution_id for change in batch.events if change.job is None))
         executions = {e.execution_id: e for e in await self._core.store.get_many(ids)}
         return encode(batch.events, executions)
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """``GET /api/v1/events``: ``text/event-stream`` until the client leaves, falls behind or the service stops."""
         q = request.query
-        flt = EventFilter(thing_id=q.get("thingId", ""), execution_id=q.get("executionId", ""), action=q.get("action", ""))
+        job_id = q.get("jobId", "")
+        if job_id:
+            check_execution_id(job_id, "jobId")
+        flt = EventFilter(
+            thing_id=q.get("thingId", ""), execution_id=q.get("executionId", ""), action=q.get("action", ""), job_id=job_id
+        )
         after = resume_point(request)
         try:
             # Checked here too (CommandCore.stream checks it again) so that the refusal is an HTTP answer.

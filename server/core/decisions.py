@@ -96,6 +96,7 @@ def create(new: NewExecution, kaa_id: int | None, sequence: int) -> tuple[Create
         previous_status=None,
         at_ms=new.created_at_ms,
         note="created",
+        job_id=new.job_id,
     )
     return CreateResult(execution, created=True, event=event), Change(execution, event, created=True, fingerprint=new.fingerprint)
 
@@ -147,6 +148,7 @@ def transition(
         result_json=result_json,
         reason=reason,
         note=decision.note,
+        job_id=current.job_id,
     )
     if late:
         return TransitionResult(current, decision, event), Change(None, event)

@@ -91,6 +91,7 @@ class _Run:
     resolve_cursor: str = ""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     version: int = 0
+    published: int = 0  # the version the last job event of the event log shows
     # Paced jobs: pending targets read ahead (by seq, after ``buffer_after``), and the dispatch writes not
     # committed yet (a paced job does not wait for one commit before its next slot).
     buffer: collections.deque[TargetRow] = field(default_factory=collections.deque)
@@ -162,6 +163,9 @@ class JobsCore:
         # Things that started to match a CONTINUOUS job, by job, for the loop to add.
         self._pending_adds: dict[str, set[str]] = {}
         self._retries_settled = False  # the last settle round made a target RETRY
+        # Jobs changed since their last job event: one write of their events once the current commit is handled.
+        self._unpublished: dict[str, _Run] = {}
+        self._publishing: set[asyncio.Future[None]] = set()
         self.stats = {"dispatched": 0, "rejected": 0, "retried": 0}
 
     # ---- the commit hook and the registry hook ----------------------------------------------
@@ -236,7 +240,7 @@ class JobsCore:
             idempotency_key=spec.idempotency_key,
             sequential=spec.rollout.sequential_per_thing,
         )
-        stored, created = await self.store.insert_job(rec, jb.spec_fingerprint(spec))
+        stored, created = await self.store.insert_job(rec, jb.spec_fingerprint(spec), event=_job_from_record(rec, {}))
         if not created:
             return await self.get(stored.job_id)
         run = _Run(stored, spec, jb.Counts(), jb.Pacer())
@@ -344,7 +348,7 @@ class JobsCore:
         """
         run = await self._run_for(job_id)
         async with run.lock:
-            await self._move(run, JobEvent.CANCEL)
+            await self._move(run, JobEvent.CANCEL, only_undelivered=only_undelivered)
             await self._stop(run, "job canceled", only_undelivered=only_undelivered)
         self._wake.set()
         return run.to_job()
@@ -552,9 +556,9 @@ class JobsCore:
         if run.state.final:
             if run.recancel:
                 run.recancel = False
-                # Not knowing whether the cancel spared delivered executions, a restart cancels only the undelivered
-                # ones of a CANCELED job, and all of an ABORTED one.
-                await self._stop(run, run.rec.abort_reason or "job canceled", only_undelivered=run.state is JobState.CANCELED)
+                # As the cancel did: only the undelivered ones when it spared delivered executions.
+                only_undelivered = run.state is JobState.CANCELED and run.rec.only_undelivered
+                await self._stop(run, run.rec.abort_reason or "job canceled", only_undelivered=only_undelivered)
             if self._idle(run):
                 await self._finish(run)
             return math.inf
@@ -931,8 +935,10 @@ class JobsCore:
             raise NotFound(f"job {job_id!r} not found")
         raise FailedPrecondition(f"job {job_id!r} is already final")
 
-    async def _move(self, run: _Run, event: JobEvent, *, started: bool = True, reason: str = "") -> None:
-        """Apply ``event`` to the job durably, then in memory.
+    async def _move(
+        self, run: _Run, event: JobEvent, *, started: bool = True, reason: str = "", only_undelivered: bool = False
+    ) -> None:
+        """Apply ``event`` to the job durably, with its job event in the same transaction, then in memory.
 
         Raises:
             FailedPrecondition: the event is not allowed in the job's state.
@@ -945,14 +951,31 @@ class JobsCore:
         if target is JobState.IN_PROGRESS and started_at is None:
             started_at = now
         ended_at = now if target.final else None
+        rec = dataclasses.replace(
+            run.rec,
+            state=target,
+            started_at_ms=started_at,
+            ended_at_ms=ended_at,
+            abort_reason=reason or run.rec.abort_reason,
+            only_undelivered=only_undelivered or run.rec.only_undelivered,
+        )
+        version = run.version
         await self.store.update_job(
-            run.job_id, state=target, started_at_ms=started_at, ended_at_ms=ended_at, abort_reason=reason or run.rec.abort_reason
+            run.job_id,
+            state=target,
+            started_at_ms=started_at,
+            ended_at_ms=ended_at,
+            abort_reason=rec.abort_reason,
+            only_undelivered=rec.only_undelivered,
+            event=dataclasses.replace(
+                run.to_job(), state=target, started_at_ms=started_at, ended_at_ms=ended_at, abort_reason=rec.abort_reason
+            ),
+            at_ms=now,
         )
-        run.rec = dataclasses.replace(
-            run.rec, state=target, started_at_ms=started_at, ended_at_ms=ended_at, abort_reason=reason or run.rec.abort_reason
-        )
+        run.rec = rec
         log.info("job %s: %s -> %s%s", run.job_id, event.value, target.name, f" ({reason})" if reason else "")
-        self._changed(run)
+        # The event written with the state shows it: only counts changed meanwhile need another.
+        self._changed(run, published=run.version == version)
         if target.final:
             self._wake.set()  # the loop settles it (stores its counts) once nothing of it is in flight
 
@@ -986,11 +1009,48 @@ class JobsCore:
             ended_at_ms=run.rec.ended_at_ms,
             abort_reason=run.rec.abort_reason,
             counts_json=json.dumps(run.counts.by_name, sort_keys=True),
+            only_undelivered=run.rec.only_undelivered,
         )
         self._runs.pop(run.job_id, None)
-        self._changed(run)
+        # Settling shows nothing new on the event stream (its last job event has these counts, or one follows).
+        self._changed(run, published=run.published == run.version)
 
-    def _changed(self, run: _Run) -> None:
+    def _changed(self, run: _Run, *, published: bool = False) -> None:
+        """The job's state or counts changed: wake its watchers and, unless ``published``, have a job event written.
+
+        Changes are coalesced: one job event per job carries all those of one commit (or of one loop turn).
+        """
         run.version += 1
+        if published:
+            run.published = run.version
+        elif not self._unpublished:
+            asyncio.get_running_loop().call_soon(self._publish)
+            self._unpublished[run.job_id] = run
+        else:
+            self._unpublished[run.job_id] = run
         for wakeup in self._watchers.get(run.job_id, ()):
             wakeup.set()
+
+    def _publish(self) -> None:
+        """Write a job event for every job changed since its last one (one store write for all)."""
+        runs, self._unpublished = self._unpublished, {}
+        jobs: builtins.list[Job] = []
+        for run in runs.values():
+            if run.published != run.version:
+                run.published = run.version
+                jobs.append(run.to_job())
+        if not jobs:
+            return
+        task = asyncio.ensure_future(self.store.job_events(jobs, now_ms()))
+        self._publishing.add(task)
+        task.add_done_callback(self._published)
+
+    def _published(self, task: asyncio.Future[None]) -> None:
+        self._publishing.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, Unavailable):  # the store is closing: the job's state is in the store anyway
+            log.debug("job events not written: %s", exc)
+        elif exc is not None:
+            log.error("job events not written", exc_info=exc)

@@ -7,9 +7,11 @@ parses them twice.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.core.jobs import Job, JobState, spec_from_json
 from server.core.lifecycle import Status
 
 
@@ -23,7 +25,12 @@ class Reason:
 
 @dataclass(frozen=True)
 class StateChange:
-    """One entry of the durable event log (one state change or one late report)."""
+    """One entry of the durable event log: an execution's state change or late report, or a job event.
+
+    A job event (``job`` set) has empty ``execution_id``, ``thing_id`` and ``action`` (so a filter on
+    any of them never matches it) and a meaningless ``status`` (QUEUED); ``job_id`` is its job's. An
+    execution's event carries its execution's ``job_id`` (empty for a single command).
+    """
 
     sequence: int
     execution_id: str
@@ -36,6 +43,48 @@ class StateChange:
     result_json: str | None = None
     reason: Reason | None = None
     note: str = ""
+    job_id: str = ""
+    # A job event: the job right after the change (state, counts), as the API shows it.
+    job: Job | None = None
+
+
+def job_event(sequence: int, job: Job, at_ms: int) -> StateChange:
+    """The event log entry of a job's state or count change."""
+    return StateChange(sequence, "", "", "", Status.QUEUED, None, at_ms, job_id=job.job_id, job=job)
+
+
+def job_event_json(job: Job) -> str:
+    """What a job event stores of its job: the parts that change (the spec and creation stay with the job)."""
+    return json.dumps(
+        {
+            "state": job.state.name,
+            "counts": dict(job.counts),
+            "targets_total": job.targets_total,
+            "started_at_ms": job.started_at_ms,
+            "ended_at_ms": job.ended_at_ms,
+            "abort_reason": job.abort_reason,
+            "resolved": job.resolved,
+        },
+        separators=(",", ":"),
+    )
+
+
+def job_from_event(job_id: str, event_json: str, spec_json: str, created_at_ms: int, created_by: str) -> Job:
+    """The job of a stored job event (:func:`job_event_json`) with the job's spec and creation."""
+    d = json.loads(event_json)
+    return Job(
+        job_id=job_id,
+        spec=spec_from_json(spec_json),
+        state=JobState[d["state"]],
+        counts=d["counts"],
+        targets_total=d["targets_total"],
+        created_at_ms=created_at_ms,
+        started_at_ms=d["started_at_ms"],
+        ended_at_ms=d["ended_at_ms"],
+        abort_reason=d["abort_reason"],
+        created_by=created_by,
+        resolved=d["resolved"],
+    )
 
 
 @dataclass(frozen=True)
@@ -135,11 +184,16 @@ class ListQuery:
 
 @dataclass(frozen=True)
 class EventFilter:
-    """Which events a Stream wants; empty fields match everything."""
+    """Which events a Stream wants; empty fields match everything.
+
+    A job event names no thing, execution or action, so only a filter without those gets it;
+    ``job_id`` matches the job's events and its executions' events.
+    """
 
     thing_id: str = ""
     execution_id: str = ""
     action: str = ""
+    job_id: str = ""
 
     def matches(self, event: StateChange) -> bool:
         """Whether ``event`` passes the filter."""
@@ -147,6 +201,7 @@ class EventFilter:
             (not self.thing_id or event.thing_id == self.thing_id)
             and (not self.execution_id or event.execution_id == self.execution_id)
             and (not self.action or event.action == self.action)
+            and (not self.job_id or event.job_id == self.job_id)
         )
 
 

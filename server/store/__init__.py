@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
 from server.core.errors import FleetcmdError
-from server.core.jobs import JobState
+from server.core.jobs import Job, JobState
 from server.core.lifecycle import Decision, Status, Trigger
 from server.core.models import (
     ActiveExecution,
@@ -289,6 +289,8 @@ class JobRecord:
     counts_json: str = ""
     idempotency_key: str = ""
     sequential: bool = False
+    # A CANCELED job whose cancel spared the executions already delivered (a restart cancels again alike).
+    only_undelivered: bool = False
 
 
 @dataclass(frozen=True)
@@ -334,8 +336,11 @@ class JobStore(Protocol):
     (job, thing, attempt), so a crash at any point neither duplicates nor skips a target.
     """
 
-    async def insert_job(self, rec: JobRecord, fingerprint: str) -> tuple[JobRecord, bool]:
+    async def insert_job(self, rec: JobRecord, fingerprint: str, event: Job | None = None) -> tuple[JobRecord, bool]:
         """Store a new job; with an idempotency key already used by the same spec, that job and False.
+
+        ``event``: the job as created, written as a job event (at ``rec.created_at_ms``) in the same
+        transaction when the job is inserted (not for an idempotent repeat).
 
         Raises:
             AlreadyExists: the idempotency key was used for a different spec.
@@ -359,8 +364,18 @@ class JobStore(Protocol):
         ended_at_ms: int | None,
         abort_reason: str,
         counts_json: str = "",
+        only_undelivered: bool = False,
+        event: Job | None = None,
+        at_ms: int = 0,
     ) -> None:
-        """Record a job's new state (and, when it ended, its final counts)."""
+        """Record a job's new state (and, when it ended, its final counts).
+
+        ``only_undelivered``: a CANCELED job's cancel spared delivered executions (kept in ``JobRecord``).
+        ``event``: the job after the change, written as a job event (at ``at_ms``) in the same transaction.
+        """
+
+    async def job_events(self, jobs: Sequence[Job], at_ms: int) -> None:
+        """Write one job event per job (the runner's coalesced count changes), numbered like execution events."""
 
     async def add_targets(self, job_id: str, thing_ids: Sequence[str], *, cursor: str, resolved: bool) -> int:
         """Add targets after the existing ones (a thing already a target is ignored) and move the resolution cursor.

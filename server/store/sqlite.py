@@ -75,6 +75,7 @@ from server.store.sqlite_schema import (
     api_key_from_row,
     connect,
     event_from_row,
+    events_from_rows,
     execution_from_row,
     thing_from_row,
     thing_type_from_row,
@@ -544,13 +545,14 @@ class SqliteStore(SqliteJobs):
         """See :meth:`server.store.Store.events_after`."""
         where: list[str] = ["seq > ?"]
         args: list[object] = [after_sequence]
-        for column, value in (("thing_id", flt.thing_id), ("execution_id", flt.execution_id), ("action", flt.action)):
+        columns = (("thing_id", flt.thing_id), ("execution_id", flt.execution_id), ("action", flt.action), ("job_id", flt.job_id))
+        for column, value in columns:
             if value:
                 where.append(f"{column} = ?")
                 args.append(value)
         sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ?"
         args.append(limit)
-        return await self._read(lambda conn: [event_from_row(r) for r in conn.execute(sql, args).fetchall()])
+        return await self._read(lambda conn: events_from_rows(conn, conn.execute(sql, args).fetchall()))
 
     async def last_sequence(self) -> int:
         """See :meth:`server.store.Store.last_sequence`."""

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 from server.core import decisions
 from server.core.decisions import Change
 from server.core.errors import AlreadyExists, NotFound
-from server.core.jobs import JobState
+from server.core.jobs import Job, JobState
 from server.core.lifecycle import Status
-from server.core.models import Execution
+from server.core.models import Execution, job_event
 from server.store import JobDispatch, JobRecord, TargetRow, TargetSettle, TargetState
 from server.store.sqlite_batch import Tx
 
@@ -41,7 +41,7 @@ _STATE_NAMES = {
 
 JOB_COLUMNS = (
     "idx, job_id, spec, state, created_at, started_at, ended_at, abort_reason, created_by, targets_total,"
-    " resolved, resolve_cursor, counts, idempotency_key, sequential"
+    " resolved, resolve_cursor, counts, idempotency_key, sequential, only_undelivered"
 )
 TARGET_COLUMNS = (
     "t.thing_id, t.seq, t.state, t.attempt, t.execution_id, COALESCE(e.status, t.status), t.due_at, t.dispatched_at, t.reason,"
@@ -66,6 +66,7 @@ def _job(row: Sequence[Any]) -> JobRecord:
         counts_json=row[12] or "",
         idempotency_key=row[13] or "",
         sequential=bool(row[14]),
+        only_undelivered=bool(row[15]),
     )
 
 
@@ -84,13 +85,19 @@ def _target(row: Sequence[Any]) -> TargetRow:
     )
 
 
+def _add_job_event(tx: Tx, job: Job, at_ms: int) -> None:
+    """Number a job event in the transaction; the batch writes it with the others (call it last: nothing may raise after)."""
+    tx.events.append(job_event(tx.next_seq, job, at_ms))
+    tx.next_seq += 1
+
+
 class SqliteJobs:
     """The job queries and writes; the host class supplies ``_write`` and ``_read``."""
 
     _write: Callable[..., Any]
     _read: Callable[..., Any]
 
-    async def insert_job(self, rec: JobRecord, fingerprint: str) -> tuple[JobRecord, bool]:
+    async def insert_job(self, rec: JobRecord, fingerprint: str, event: Job | None = None) -> tuple[JobRecord, bool]:
         """See :meth:`server.store.JobStore.insert_job`."""
 
         def write(tx: Tx) -> tuple[JobRecord, bool]:
@@ -124,6 +131,8 @@ class SqliteJobs:
                     int(rec.sequential),
                 ),
             )
+            if event is not None:
+                _add_job_event(tx, event, rec.created_at_ms)
             return rec, True
 
         result: tuple[JobRecord, bool] = await self._write(write)
@@ -174,16 +183,31 @@ class SqliteJobs:
         ended_at_ms: int | None,
         abort_reason: str,
         counts_json: str = "",
+        only_undelivered: bool = False,
+        event: Job | None = None,
+        at_ms: int = 0,
     ) -> None:
         """See :meth:`server.store.JobStore.update_job`."""
 
         def write(tx: Tx) -> None:
             cur = tx.conn.execute(
-                "UPDATE jobs SET state = ?, started_at = ?, ended_at = ?, abort_reason = ?, counts = ? WHERE job_id = ?",
-                (state.value, started_at_ms, ended_at_ms, abort_reason, counts_json or None, job_id),
+                "UPDATE jobs SET state = ?, started_at = ?, ended_at = ?, abort_reason = ?, counts = ?, only_undelivered = ?"
+                " WHERE job_id = ?",
+                (state.value, started_at_ms, ended_at_ms, abort_reason, counts_json or None, int(only_undelivered), job_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"job {job_id!r} not found")
+            if event is not None:
+                _add_job_event(tx, event, at_ms)
+
+        await self._write(write)
+
+    async def job_events(self, jobs: Sequence[Job], at_ms: int) -> None:
+        """See :meth:`server.store.JobStore.job_events`."""
+
+        def write(tx: Tx) -> None:
+            for job in jobs:
+                _add_job_event(tx, job, at_ms)
 
         await self._write(write)
 

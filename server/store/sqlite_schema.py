@@ -13,9 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from server.core.lifecycle import Status
-from server.core.models import ApiKeyRecord, CommandDef, Execution, Reason, StateChange, ThingRecord, ThingTypeRecord
+from server.core.models import (
+    ApiKeyRecord,
+    CommandDef,
+    Execution,
+    Reason,
+    StateChange,
+    ThingRecord,
+    ThingTypeRecord,
+    job_event_json,
+    job_from_event,
+)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -63,9 +73,14 @@ CREATE TABLE IF NOT EXISTS events (
     result             TEXT,
     reason_code        TEXT,
     reason_description TEXT,
-    note               TEXT NOT NULL DEFAULT ''
+    note               TEXT NOT NULL DEFAULT '',
+    job_id             TEXT,
+    job                TEXT
 );
 CREATE INDEX IF NOT EXISTS events_execution ON events(execution_id, seq);
+-- A job's events and its executions' events, for a Stream that filters by job (job: the
+-- changing parts of a job event's Job, models.job_event_json; NULL for an execution's event).
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, seq) WHERE job_id IS NOT NULL;
 -- Finished executions by completion time, for the retention sweep.
 CREATE INDEX IF NOT EXISTS executions_completed ON executions(completed_at) WHERE completed_at IS NOT NULL;
 -- Small service state: 'ping' (readiness writes it), 'purged_through_seq' (retention's watermark).
@@ -117,7 +132,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     counts          TEXT,
     idempotency_key TEXT,
     fingerprint     TEXT NOT NULL DEFAULT '',
-    sequential      INTEGER NOT NULL DEFAULT 0
+    sequential      INTEGER NOT NULL DEFAULT 0,
+    -- A CANCELED job's cancel spared the delivered executions (a restart cancels again alike).
+    only_undelivered INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, idx);
@@ -159,6 +176,9 @@ MIGRATIONS = (
     (4, "executions", "job_id TEXT"),
     (4, "executions", "retry_of TEXT"),
     (4, "executions", "job_attempt INTEGER"),
+    (5, "events", "job_id TEXT"),
+    (5, "events", "job TEXT"),
+    (5, "jobs", "only_undelivered INTEGER NOT NULL DEFAULT 0"),
 )
 
 EXEC_COLUMNS = (
@@ -167,7 +187,8 @@ EXEC_COLUMNS = (
     "thing_type, result_violations, kaa_id, rerun_of, job_id, retry_of, job_attempt"
 )
 EVENT_COLUMNS = (
-    "seq, execution_id, thing_id, action, status, previous_status, at, late, result, reason_code, reason_description, note"
+    "seq, execution_id, thing_id, action, status, previous_status, at, late, result, reason_code, reason_description, note,"
+    " job_id, job"
 )
 
 
@@ -188,7 +209,7 @@ UPDATE_EXECUTION = (
     "UPDATE executions SET status = ?, updated_at = ?, completed_at = ?, result = ?,"
     " reason_code = ?, reason_description = ?, result_violations = ? WHERE execution_id = ?"
 )
-INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
 def _reason(code: str | None, description: str | None) -> Reason | None:
@@ -238,8 +259,28 @@ def execution_from_row(row: Sequence[Any], history: tuple[StateChange, ...] = ()
     )
 
 
+def events_from_rows(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> list[StateChange]:
+    """The events of rows of ``EVENT_COLUMNS``, job events with their job (its spec read once per job)."""
+    jobs: dict[str, tuple[str, int, str]] = {}
+    out: list[StateChange] = []
+    for row in rows:
+        if row[13] is None:
+            out.append(event_from_row(row))
+            continue
+        job_id = row[12]
+        stored = jobs.get(job_id)
+        if stored is None:
+            found = conn.execute("SELECT spec, created_at, created_by FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            if found is None:  # (jobs are never deleted; a job event always has its job)
+                continue
+            stored = jobs[job_id] = (found[0], found[1], found[2])
+        job = job_from_event(job_id, row[13], *stored)
+        out.append(StateChange(row[0], "", "", "", Status.QUEUED, None, row[6], job_id=job_id, job=job))
+    return out
+
+
 def event_from_row(row: Sequence[Any]) -> StateChange:
-    """A :class:`StateChange` from a row of ``EVENT_COLUMNS``."""
+    """A :class:`StateChange` of an execution from a row of ``EVENT_COLUMNS`` (a job event: :func:`events_from_rows`)."""
     # By position: the order of EVENT_COLUMNS.
     prev = row[5]
     return StateChange(
@@ -254,6 +295,7 @@ def event_from_row(row: Sequence[Any]) -> StateChange:
         result_json=row[8],
         reason=_reason(row[9], row[10]),
         note=row[11],
+        job_id=row[12] or "",
     )
 
 
@@ -271,6 +313,8 @@ def event_row(e: StateChange) -> tuple[Any, ...]:
         e.result_json,
         *reason_columns(e.reason),
         e.note,
+        e.job_id or None,
+        job_event_json(e.job) if e.job is not None else None,
     )
 
 
