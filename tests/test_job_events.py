@@ -360,3 +360,22 @@ async def test_cancel_stores_only_undelivered(app: FleetcmdApp) -> None:
     await jobs_of(app).cancel(job.job_id, only_undelivered=True)
     rec = await store_of(app).get_job(job.job_id)
     assert rec is not None and rec.only_undelivered
+
+
+async def test_each_change_is_one_event_and_no_change_none(app: FleetcmdApp, stub: pb_grpc.CommandServiceStub) -> None:
+    start = await store_of(app).last_sequence()
+    later = jb.Schedule(start_at_ms=int(time.time() * 1000) + 3_600_000)
+    job = await jobs_of(app).create(spec(("one-1", "one-2"), schedule=later))
+    await jobs_of(app).pause(job.job_id)
+    await jobs_of(app).resume(job.job_id)
+    # Canceled before it started: nothing was resolved, so nothing is skipped (no count changes).
+    await jobs_of(app).cancel(job.job_id)
+    call = stub.Stream(pb.StreamRequest(after_sequence=start, job_id=job.job_id), timeout=TIMEOUT)
+    events = await read_until(call, job_final(job.job_id, jpb.JOB_STATE_CANCELED))
+    await stub.Send(pb.SendRequest(thing_id="marker", action="reboot"))  # a later event, not the job's
+    marker = await read_until(stub.Stream(pb.StreamRequest(after_sequence=start)), lambda e: e.thing_id == "marker")
+    call.cancel()
+    states = [e.job.state for e in events]
+    assert states == [jpb.JOB_STATE_SCHEDULED, jpb.JOB_STATE_PAUSED, jpb.JOB_STATE_SCHEDULED, jpb.JOB_STATE_CANCELED]
+    # Nothing of the job after its CANCELED event: the whole log up to the marker has no other event of it.
+    assert [e for e in marker if e.job_id == job.job_id] == events

@@ -92,6 +92,7 @@ class _Run:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     version: int = 0
     published: int = 0  # the version the last job event of the event log shows
+    last_event: Job | None = None  # what it shows (a change that changed nothing writes no event)
     # Paced jobs: pending targets read ahead (by seq, after ``buffer_after``), and the dispatch writes not
     # committed yet (a paced job does not wait for one commit before its next slot).
     buffer: collections.deque[TargetRow] = field(default_factory=collections.deque)
@@ -240,10 +241,11 @@ class JobsCore:
             idempotency_key=spec.idempotency_key,
             sequential=spec.rollout.sequential_per_thing,
         )
-        stored, created = await self.store.insert_job(rec, jb.spec_fingerprint(spec), event=_job_from_record(rec, {}))
+        run = _Run(rec, spec, jb.Counts(), jb.Pacer())
+        run.last_event = run.to_job()
+        stored, created = await self.store.insert_job(rec, jb.spec_fingerprint(spec), event=run.last_event)
         if not created:
             return await self.get(stored.job_id)
-        run = _Run(stored, spec, jb.Counts(), jb.Pacer())
         self._runs[run.job_id] = run
         if state is JobState.IN_PROGRESS:
             async with run.lock:
@@ -960,6 +962,9 @@ class JobsCore:
             only_undelivered=only_undelivered or run.rec.only_undelivered,
         )
         version = run.version
+        snapshot = dataclasses.replace(
+            run.to_job(), state=target, started_at_ms=started_at, ended_at_ms=ended_at, abort_reason=rec.abort_reason
+        )
         await self.store.update_job(
             run.job_id,
             state=target,
@@ -967,12 +972,11 @@ class JobsCore:
             ended_at_ms=ended_at,
             abort_reason=rec.abort_reason,
             only_undelivered=rec.only_undelivered,
-            event=dataclasses.replace(
-                run.to_job(), state=target, started_at_ms=started_at, ended_at_ms=ended_at, abort_reason=rec.abort_reason
-            ),
+            event=snapshot,
             at_ms=now,
         )
         run.rec = rec
+        run.last_event = snapshot
         log.info("job %s: %s -> %s%s", run.job_id, event.value, target.name, f" ({reason})" if reason else "")
         # The event written with the state shows it: only counts changed meanwhile need another.
         self._changed(run, published=run.version == version)
@@ -1038,7 +1042,10 @@ class JobsCore:
         for run in runs.values():
             if run.published != run.version:
                 run.published = run.version
-                jobs.append(run.to_job())
+                job = run.to_job()
+                if job != run.last_event:
+                    run.last_event = job
+                    jobs.append(job)
         if not jobs:
             return
         task = asyncio.ensure_future(self.store.job_events(jobs, now_ms()))
