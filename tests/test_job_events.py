@@ -36,6 +36,7 @@ from tests.clients import admin_key
 from tests.conftest import make_settings
 from tests.proc import Service
 from tests.test_jobs_engine import fleet, jobs_of, spec, until
+from tests.test_http_rest import conforms
 from tests.test_jobs_store import opened
 
 TIMEOUT = 20
@@ -233,6 +234,8 @@ async def test_sse_job_events_live_filtered_and_resumed(app: FleetcmdApp, http: 
     assert job_items[0][2]["job"]["jobId"] == job.job_id and job_items[0][2]["job"]["state"] == "IN_PROGRESS"
     assert all(d["seq"] == seq for seq, _kind, d in live)
     assert {d["change"]["jobId"] for _s, kind, d in live if kind == "execution"} == {job.job_id}
+    for _seq, kind, data in live:  # as the OpenAPI document says
+        conforms("JobEvent" if kind == "job" else "ExecutionEvent", data)
     got = await (await http.get(f"/api/v1/jobs/{job.job_id}")).json()
     assert job_items[-1][2]["job"]["counts"] == got["counts"] and got["counts"]["SUCCEEDED"] == 4
 

@@ -244,6 +244,17 @@ def _schemas() -> dict[str, Any]:
             "required": ["code", "message", "details"],
         },
         **_registry_schemas(),
+        "JobEvent": {
+            "type": "object",
+            "description": "The data of one `event: job` of GET /api/v1/events: a job's state or counts changed "
+            "(count changes of one commit come as one event per job).",
+            "properties": {
+                "seq": {"type": "integer", "minimum": 1, "description": "The event's sequence (also its SSE id)."},
+                "job": {"allOf": [_ref("Job")], "description": "The job right after the change, as GET /api/v1/jobs/{jobId}."},
+            },
+            "required": ["seq", "job"],
+            "additionalProperties": False,
+        },
         "ExecutionEvent": {
             "type": "object",
             "description": "The data of one `event: execution` of GET /api/v1/events.",
@@ -261,6 +272,7 @@ def _schemas() -> dict[str, Any]:
                         "executionId": {"type": "string"},
                         "thingId": {"type": "string"},
                         "action": {"type": "string"},
+                        "jobId": {"type": "string", "description": "The execution's job (absent for a single command)."},
                     },
                     "required": ["executionId", "thingId", "action"],
                 },
@@ -676,12 +688,12 @@ def _events_path() -> dict[str, Any]:
     event = {
         "type": "object",
         "properties": {
-            "id": {"type": "string", "description": "The event's sequence (execution events)."},
-            "event": {"type": "string", "enum": ["execution", "error"]},
+            "id": {"type": "string", "description": "The event's sequence (execution and job events)."},
+            "event": {"type": "string", "enum": ["execution", "job", "error"]},
             "data": {
                 "type": "string",
                 "contentMediaType": "application/json",
-                "contentSchema": {"anyOf": [_ref("ExecutionEvent"), _ref("Error")]},
+                "contentSchema": {"anyOf": [_ref("ExecutionEvent"), _ref("JobEvent"), _ref("Error")]},
             },
         },
     }
@@ -689,9 +701,11 @@ def _events_path() -> dict[str, Any]:
         "get": {
             "tags": ["events"],
             "operationId": "streamEvents",
-            "summary": "Live execution events as Server-Sent Events, resumable with Last-Event-ID (viewer)",
+            "summary": "Live execution and job events as Server-Sent Events, resumable with Last-Event-ID (viewer)",
             "description": "The same filters, order, resume and cut-off rules as gRPC Stream. Each event: `id: <sequence>`, "
-            "`event: execution`, `data: <ExecutionEvent>`; `: keepalive` comments every 15 s. Resume after the "
+            "`event: execution`, `data: <ExecutionEvent>` or, when a job's state or counts changed, `event: job`, "
+            "`data: <JobEvent>` (sent only to a stream without a thingId, executionId or action filter); "
+            "`: keepalive` comments every 15 s. Resume after the "
             "last sequence received with the Last-Event-ID header (or `after`): no gap, no duplicate; without either "
             "the stream starts live. A client further behind than the server's stream_buffer events, or a service "
             "stopping, ends the stream with one `event: error` (data: Error, RESOURCE_EXHAUSTED or UNAVAILABLE): "
@@ -700,6 +714,12 @@ def _events_path() -> dict[str, Any]:
                 {"name": "thingId", "in": "query", "schema": {"type": "string"}},
                 {"name": "executionId", "in": "query", "schema": {"type": "string"}},
                 {"name": "action", "in": "query", "schema": {"type": "string"}},
+                {
+                    "name": "jobId",
+                    "in": "query",
+                    "description": "Only this job's events and its executions' events.",
+                    "schema": {"type": "string"},
+                },
                 {
                     "name": "after",
                     "in": "query",
