@@ -35,8 +35,8 @@ from tests import clients
 from tests.clients import admin_key
 from tests.conftest import make_settings
 from tests.proc import Service
-from tests.test_jobs_engine import fleet, jobs_of, spec, until
 from tests.test_http_rest import conforms
+from tests.test_jobs_engine import fleet, jobs_of, spec, until
 from tests.test_jobs_store import opened
 
 TIMEOUT = 20

@@ -717,8 +717,8 @@ def _events_path() -> dict[str, Any]:
                 {
                     "name": "jobId",
                     "in": "query",
-                    "description": "Only this job's events and its executions' events.",
-                    "schema": {"type": "string"},
+                    "description": "Only this job's events and its executions' events (empty: any job; a malformed id: 400).",
+                    "schema": {"anyOf": [{"type": "string", "maxLength": 0}, _LEVEL]},
                 },
                 {
                     "name": "after",
