@@ -1,6 +1,6 @@
 """The store contract: every promise the control plane relies on, for every store implementation.
 
-Parametrized by :data:`STORE_URLS` (one URL maker per implementation; only SQLite today): a
+Parametrized by :data:`STORE_URLS` (one URL maker per implementation: SQLite, PostgreSQL): a
 second store adds its URL there and must pass this suite unchanged. Everything goes through
 the public protocol (:func:`server.store.store_from_url`, :class:`server.store.Store`,
 :class:`server.store.KaaStore`), nothing through an implementation. What only SQLite does
@@ -29,11 +29,14 @@ from server.core.lifecycle import Outcome, Status, Trigger
 from server.core.models import DeviceReport, EventFilter, ListQuery, NewExecution, StateChange
 from server.core.validation import SendCommand
 from server.store import STORES, ServiceStore, TransitionResult, kaa_store, store_from_url
+from tests import pgserver
 from tests.conftest import make_settings
 
 # Implementation -> a fresh, empty store's URL for one test (given the test's own directory).
 STORE_URLS: dict[str, Callable[[Path], str]] = {
     "sqlite": lambda tmp: f"sqlite:///{tmp.as_posix()}/db/contract.db",
+    # A new database on the test run's throwaway server (tests/pgserver.py).
+    "postgresql": lambda _tmp: pgserver.fresh_database_url(),
 }
 
 
@@ -111,8 +114,8 @@ def test_the_default_store_is_the_sqlite_file_in_the_data_directory(tmp_path: Pa
 
 
 def test_an_unknown_scheme_is_refused_naming_the_setting() -> None:
-    with pytest.raises(SettingsError, match="database_url 'postgresql://db/fleet' names no known store"):
-        Settings(database_url="postgresql://db/fleet")
+    with pytest.raises(SettingsError, match="database_url 'mysql://db/fleet' names no known store"):
+        Settings(database_url="mysql://db/fleet")
     with pytest.raises(FleetcmdError, match="database_url 'nope:/x'"):
         store_from_url("nope:/x")
     with pytest.raises(FleetcmdError, match="database_url 'sqlite://'"):

@@ -287,7 +287,10 @@ class StoreClass(Protocol):
 
 # URL scheme -> "module:class" of its implementation, imported only when used (as uvicorn's
 # LOOP_SETUPS): a second store is one more line here and one more URL in the contract suite.
-STORES: dict[str, str] = {"sqlite": "server.store.sqlite:SqliteStore"}
+STORES: dict[str, str] = {
+    "sqlite": "server.store.sqlite:SqliteStore",
+    "postgresql": "server.store.postgres:PostgresStore",
+}
 
 
 def url_scheme(url: str) -> str:
