@@ -105,8 +105,8 @@ class ReplicaLoops:
         self.timed_out = 0  # executions this replica's sweeps timed out
         self.claimed = 0  # requests this replica took over
         self.reloads = 0
-        self._reload: asyncio.Future[None] | None = None
-        self._reloaded_at = 0.0
+        self._reload_lock = asyncio.Lock()
+        self._read_started = 0.0  # time.monotonic() when the last registry read began
 
     async def sweep_once(self) -> int:
         """Time out every due execution no other replica is sweeping now; returns how many this one did."""
@@ -164,25 +164,22 @@ class ReplicaLoops:
                 log.warning("registry refresh failed: %s", exc)
 
     async def reload_registry(self) -> bool:
-        """Read the registry back now (callers arriving meanwhile share one read).
+        """Read the registry back, in a read that starts after this call (callers waiting meanwhile share it).
+
+        Reads start at most every :data:`RELOAD_MIN_INTERVAL`: a burst of Sends naming unknown
+        things reads the store a few times per second, not once per Send.
 
         Returns:
-            False when a read ended less than :data:`RELOAD_MIN_INTERVAL` ago (nothing was read).
+            True (then look again).
         """
-        if self._reload is None:
-            if time.monotonic() - self._reloaded_at < RELOAD_MIN_INTERVAL:
-                return False
-            self._reload = asyncio.ensure_future(self._reload_now())
-        try:
-            await asyncio.shield(self._reload)
-        finally:
-            if self._reload is not None and self._reload.done():
-                self._reload = None
-        return True
-
-    async def _reload_now(self) -> None:
-        try:
+        asked = time.monotonic()
+        async with self._reload_lock:
+            if self._read_started > asked:
+                return True  # a read that began after this call has completed
+            pause = self._read_started + RELOAD_MIN_INTERVAL - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            self._read_started = time.monotonic()
             await self._registry.reload()
             self.reloads += 1
-        finally:
-            self._reloaded_at = time.monotonic()
+        return True
