@@ -10,6 +10,7 @@ replica receives every report, and the store keeps the first final status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import signal
 import time
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
-from server.config import MAX_OUTBOX_LEASE, SettingsError
+from server.config import MAX_OUTBOX_LEASE, MIN_BROKER_AUTH_SECRET, Settings, SettingsError
+from server.external_broker import events
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import registry_pb2 as rpb
@@ -327,3 +330,40 @@ async def test_sigkill_of_a_replica_under_load_loses_nothing_and_its_stream_resu
         stop.set()
         for device in devices:
             await asyncio.to_thread(device.stop)
+
+
+# ---- docs/compose.yaml --------------------------------------------------------------------------
+
+
+def test_the_compose_file_runs_three_replicas_on_postgresql_and_emqx_with_what_each_needs() -> None:
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    compose = yaml.safe_load((docs / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "emqx", "fleetcmd-1", "fleetcmd-2", "fleetcmd-3"} == set(services)
+    replicas = [services[f"fleetcmd-{i}"] for i in (1, 2, 3)]
+    envs = [r["environment"] for r in replicas]
+    # One database and one broker for all, a client id each, every name a real setting.
+    assert len({e["FLEETCMD_DATABASE_URL"] for e in envs}) == 1
+    assert envs[0]["FLEETCMD_DATABASE_URL"].startswith("postgresql://")
+    assert len({e["FLEETCMD_BROKER_URL"] for e in envs}) == 1
+    assert len({e["FLEETCMD_BROKER_CLIENT_ID"] for e in envs}) == 3
+    settings = {f"FLEETCMD_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+    for env in envs:
+        assert set(env) <= settings, set(env) - settings
+        assert env["FLEETCMD_BROKER_SHARED"] == "on"  # EMQX shares $ topics
+        assert len(env["FLEETCMD_BROKER_AUTH_SECRET"]) >= MIN_BROKER_AUTH_SECRET
+    # The database user, password and name the URL names are the ones PostgreSQL is created with.
+    pg = services["postgres"]["environment"]
+    assert envs[0]["FLEETCMD_DATABASE_URL"] == (
+        f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
+    )
+    # The second and third start once the first (which writes the admin key) is healthy; published ports differ.
+    assert replicas[1]["depends_on"] == replicas[2]["depends_on"] == {"fleetcmd-1": {"condition": "service_healthy"}}
+    assert replicas[0]["depends_on"] == {"postgres": {"condition": "service_healthy"}, "emqx": {"condition": "service_healthy"}}
+    published = [p for service in services.values() for p in service.get("ports", [])]
+    assert len({p.split(":")[0] for p in published}) == len(published)
+    # EMQX gets the configuration docs/deploy.md describes, and it names fleetcmd's endpoints and topics.
+    mount = next(v for v in services["emqx"]["volumes"] if v.startswith("./"))
+    conf = (docs / mount.split(":")[0]).read_text()
+    for needed in ("shared_subscription_strategy", "/api/v1/broker/authn", "/api/v1/broker/authz", *events.TOPICS):
+        assert needed in conf, needed
