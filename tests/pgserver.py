@@ -209,24 +209,24 @@ _lock = threading.Lock()
 
 
 def server() -> PgServer:
-    """The test process's server, started on first use.
-
-    Skips the test without the binaries, or fails it when ``FLEETCMD_REQUIRE_POSTGRES=1``.
-    """
+    """The test process's server, started on first use (see :func:`require_binaries` without them)."""
     global _server
     with _lock:
         if _server is None:
-            bindir = find_bindir()
-            if bindir is None:
-                reason = (
-                    "PostgreSQL binaries not found (/usr/lib/postgresql/*/bin or postgres on PATH): apt-get install postgresql"
-                )
-                if os.environ.get(REQUIRE_ENV) == "1":
-                    pytest.fail(f"{REQUIRE_ENV}=1 and {reason}")
-                pytest.skip(reason)
-            _server = start(bindir)
+            _server = start(require_binaries())
             atexit.register(stop)
         return _server
+
+
+def require_binaries() -> Path:
+    """The binaries' directory; without them the test is skipped, or failed when ``FLEETCMD_REQUIRE_POSTGRES=1`` (CI)."""
+    bindir = find_bindir()
+    if bindir is None:
+        reason = "PostgreSQL binaries not found (/usr/lib/postgresql/*/bin, postgres on PATH): apt-get install postgresql"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ENV}=1 and {reason}")
+        pytest.skip(reason)
+    return bindir
 
 
 def stop() -> None:

@@ -9,8 +9,11 @@ service itself on PostgreSQL. Every test gets a new database on the test run's t
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
+import dataclasses
+import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -19,15 +22,18 @@ import asyncpg
 import pytest
 
 from server.app import FleetcmdApp
-from server.core.errors import FleetcmdError
+from server.cli import admin as admin_cli
+from server.core.errors import FleetcmdError, Unavailable
 from server.core.lifecycle import Outcome, Status, Trigger
 from server.core.models import DeviceReport, EventFilter, StateChange
 from server.core.validation import SendCommand
 from server.store import postgres as pg
+from server.store import postgres_batch as pg_batch
 from server.store.postgres import PostgresStore
 from server.store.postgres_schema import SCHEMA_VERSION
 from tests import pgserver
 from tests.conftest import make_settings
+from tests.pgserver import postgres_server  # noqa: F401 - the session fixture
 from tests.test_store_contract import new
 
 
@@ -374,3 +380,106 @@ async def test_the_service_runs_on_postgresql(tmp_path: Path, url: str) -> None:
     async with PostgresStore(url) as reopened:
         got = await reopened.get(sent.execution_id)
         assert got is not None and got.thing_id == "t1"
+
+
+# ---- the throwaway server: skipped only without binaries, never in CI ----------------------------
+
+
+def test_without_binaries_the_tests_skip_with_the_reason_or_fail_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert pgserver.require_binaries() == pgserver.find_bindir()  # here they are found
+    monkeypatch.setattr(pgserver, "find_bindir", lambda: None)
+    monkeypatch.delenv(pgserver.REQUIRE_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="PostgreSQL binaries not found"):
+        pgserver.require_binaries()
+    monkeypatch.setenv(pgserver.REQUIRE_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match="FLEETCMD_REQUIRE_POSTGRES=1 and PostgreSQL binaries not found"):
+        pgserver.require_binaries()
+
+
+def test_ci_installs_postgresql_and_requires_its_tests() -> None:
+    ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    assert 'missing="$missing postgresql"' in ci
+    assert f"export {pgserver.REQUIRE_ENV}=1" in ci
+    assert ci.index(f"export {pgserver.REQUIRE_ENV}=1") < ci.index("\nmake test")
+
+
+def test_the_server_runs_as_the_postgres_user_on_loopback(url: str, postgres_server: pgserver.PgServer) -> None:  # noqa: F811
+    server = postgres_server
+    assert server.process.poll() is None and f"127.0.0.1:{server.port}/" in url
+    if server.user is not None:  # as root: PostgreSQL refuses root
+        assert server.user == "postgres"
+        assert (server.root / "data").stat().st_uid == pgserver.pwd.getpwnam("postgres").pw_uid
+
+
+async def test_lost_connections_make_the_store_unavailable_then_it_reconnects(url: str) -> None:
+    async with replicas(url, 1) as (a,):
+        await a.store.create(new(1))
+        admin = await asyncpg.connect(url)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        assert killed >= 2  # the writer and at least one reader
+        # The first write on the dead connection fails as Unavailable (nothing half-done); the next reconnects.
+        outcomes = []
+        for i in range(2, 5):
+            try:
+                outcomes.append((await a.store.create(new(i))).created)
+            except Unavailable:
+                outcomes.append(None)
+        assert outcomes[-1] is True and outcomes.count(None) <= 1
+        got = await a.store.get("e4")
+        assert got is not None
+
+
+def test_the_admin_cli_manages_api_keys_in_postgresql(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLEETCMD_DATABASE_URL", url)
+    local = {"data_dir": tmp_path / "unused", "json": True}
+    assert admin_cli.cmd_apikey(argparse.Namespace(apikey_command="create", name="ci", role="operator", **local)) == 0
+    key_id = json.loads(capsys.readouterr().out)["key_id"]
+    assert admin_cli.cmd_apikey(argparse.Namespace(apikey_command="revoke", key_id=key_id, **local)) == 0
+    assert admin_cli.cmd_apikey(argparse.Namespace(apikey_command="list", **local)) == 0
+    listed = capsys.readouterr().out
+    assert key_id in listed and "revoked" in listed
+    assert not (tmp_path / "unused" / "fleetcmd.db").exists()
+
+
+async def test_a_value_the_database_refuses_fails_its_write_alone(url: str) -> None:
+    async with replicas(url, 1) as (a,):
+        bad = dataclasses.replace(new(2), params_json='{"n":"\x00"}')  # PostgreSQL text cannot hold NUL
+        outcomes = await asyncio.gather(
+            a.store.create(new(1)), a.store.create(bad), a.store.create(new(3)), return_exceptions=True
+        )
+        assert isinstance(outcomes[1], asyncpg.PostgresError)
+        assert [e.execution_id for e in await a.store.get_many(["e1", "e2", "e3"])] == ["e1", "e3"]
+        assert [e.sequence for e in a.seen] == [1, 2]  # no gap left by the refused write
+        assert len(a.commits) == 1  # still one commit for the batch
+
+
+async def test_a_replica_catches_up_page_by_page(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pg, "FOLLOW_PAGE", 3)
+    monkeypatch.setattr(pg, "POLL_SECONDS", 60.0)  # one notification, one catch-up: it must read every page
+    async with replicas(url, 2) as (a, b):
+        await asyncio.gather(*(a.store.create(new(i)) for i in range(10)))  # one commit, more than three pages
+        await b.wait_for(10)
+        assert_gap_free(b.seen, 10)
+
+
+async def test_a_batch_that_keeps_conflicting_runs_retries_times_then_isolated(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = pg_batch.Batch._write_rows
+
+    async def conflicting(self: pg_batch.Batch) -> None:
+        if not self.isolate:
+            raise pg_batch.Retry("another writer got there first")
+        await real(self)
+
+    async with replicas(url, 1) as (a,):
+        monkeypatch.setattr(pg_batch.Batch, "_write_rows", conflicting)
+        done = await asyncio.gather(a.store.create(new(1)), a.store.create(new(2)))
+        assert a.store.retries == pg.RETRIES  # the last run is the isolated one, which commits
+        assert [r.event.sequence for r in done if r.event] == [1, 2]

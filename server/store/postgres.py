@@ -73,7 +73,7 @@ from server.store import (
     ServiceStore,
     TransitionResult,
 )
-from server.store.postgres_batch import CHANNEL, Batch, Op, Retry
+from server.store.postgres_batch import CHANNEL, LOST, Batch, Op, Retry
 from server.store.postgres_schema import (
     EVENT_COLUMNS,
     EXEC_COLUMNS,
@@ -291,23 +291,36 @@ class PostgresStore:
             return
         # Other replicas' events numbered below this batch's are announced first.
         if batch.first_seq and batch.first_seq - 1 > self._delivered:
-            await self._catch_up(batch.first_seq - 1)
+            try:
+                await self._catch_up(batch.first_seq - 1)
+            except (*LOST, asyncpg.PostgresError, Unavailable) as exc:
+                # Committed all the same: the callers get their results; this store's watchers miss
+                # the other replicas' events below this batch (a Stream that resumes reads them).
+                log.error("could not read other replicas' events below sequence %d: %s", batch.first_seq, exc)
         self._complete(ops, batch.events, time.perf_counter() - started)
 
     async def _commit(self, ops: list[Op]) -> Batch:
         conn = await self._writer_conn()
+        isolate = False
         for attempt in range(RETRIES + 1):
-            batch = Batch(conn, self.replica, self.lease_ms)
+            isolate = isolate or attempt == RETRIES
+            batch = Batch(conn, self.replica, self.lease_ms, isolate=isolate)
             try:
                 async with conn.transaction():
-                    await batch.run(ops, isolate=attempt == RETRIES)
+                    await batch.run(ops)
                 return batch
             except Retry as conflict:
                 self.retries += 1
                 log.debug("batch conflicted with another writer (%s); running it again", conflict)
                 # Replicas that collided should not collide again in lock step.
                 await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-        raise AssertionError("unreachable: the isolated run does not retry")
+            except asyncpg.PostgresError as exc:
+                if isolate or isinstance(exc, LOST):
+                    raise
+                # A write only the database could refuse (a value it cannot store): find it, alone.
+                log.warning("batch of %d writes failed as a whole (%s); running each in its own savepoint", len(ops), exc)
+                isolate = True
+        raise Unavailable(f"a batch of {len(ops)} writes kept conflicting with other replicas")
 
     def _complete(self, ops: list[Op], events: list[StateChange], seconds: float) -> None:
         # As SqliteStore._complete: the callers marked ``ahead`` resume first, then the listener
@@ -366,7 +379,7 @@ class PostgresStore:
             try:
                 await self._catch_up()
                 await self._refresh_purged()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Unavailable) as exc:
+            except (*LOST, asyncpg.PostgresError, Unavailable) as exc:
                 log.warning("following the event log failed (%s); polling again", exc)
 
     async def _listen(self) -> None:
@@ -409,14 +422,14 @@ class PostgresStore:
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:
             rows: list[asyncpg.Record] = await self._readers().fetch(sql, *args)
-        except (OSError, asyncpg.InterfaceError) as exc:
+        except LOST as exc:
             raise Unavailable(f"store read failed: {exc}") from exc
         return rows
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         try:
             return await self._readers().fetchval(sql, *args)
-        except (OSError, asyncpg.InterfaceError) as exc:
+        except LOST as exc:
             raise Unavailable(f"store read failed: {exc}") from exc
 
     # ---- writes --------------------------------------------------------------------------
@@ -490,15 +503,19 @@ class PostgresStore:
 
     async def get(self, execution_id: str, *, with_history: bool = False) -> Execution | None:
         """See :meth:`server.store.Store.get`."""
-        async with self._readers().acquire() as conn:
-            row = await conn.fetchrow(f"SELECT {EXEC_COLUMNS} FROM executions WHERE execution_id = $1", execution_id)
-            if row is None:
-                return None
-            if not with_history:
-                return execution_from_row(row)
-            events = await conn.fetch(f"SELECT {EVENT_COLUMNS} FROM events WHERE execution_id = $1 ORDER BY seq", execution_id)
-            reruns = await conn.fetch("SELECT execution_id FROM executions WHERE rerun_of = $1 ORDER BY idx", execution_id)
-            return execution_from_row(row, tuple(event_from_row(e) for e in events), tuple(r[0] for r in reruns))
+        try:
+            async with self._readers().acquire() as conn:
+                row = await conn.fetchrow(f"SELECT {EXEC_COLUMNS} FROM executions WHERE execution_id = $1", execution_id)
+                if row is None:
+                    return None
+                if not with_history:
+                    return execution_from_row(row)
+                sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE execution_id = $1 ORDER BY seq"
+                events = await conn.fetch(sql, execution_id)
+                reruns = await conn.fetch("SELECT execution_id FROM executions WHERE rerun_of = $1 ORDER BY idx", execution_id)
+        except LOST as exc:
+            raise Unavailable(f"store read failed: {exc}") from exc
+        return execution_from_row(row, tuple(event_from_row(e) for e in events), tuple(r[0] for r in reruns))
 
     async def get_many(self, execution_ids: Sequence[str]) -> list[Execution]:
         """See :meth:`server.store.Store.get_many`."""

@@ -60,6 +60,11 @@ SELECT_DUE = (
 )
 
 
+# What a lost or refused connection raises (the database restarted, a network cut): the store is
+# unavailable; it ends a whole batch (nothing of it is durable), never one write.
+LOST = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError)
+
+
 class Retry(Exception):
     """The batch conflicted with another writer: roll it back and run it again."""
 
@@ -93,8 +98,10 @@ def _sqlstate(exc: BaseException) -> str:
 class Batch:
     """One batch transaction: what it read under lock, what it wrote so far, its locally numbered events."""
 
-    def __init__(self, conn: asyncpg.Connection, replica: str, lease_ms: int) -> None:
+    def __init__(self, conn: asyncpg.Connection, replica: str, lease_ms: int, *, isolate: bool = False) -> None:
         self.conn = conn
+        # Every write in its own savepoint, written at once: the last resort when the batch as a whole failed.
+        self.isolate = isolate
         self.replica = replica
         self.lease_ms = lease_ms
         self.rows: dict[str, Execution] = {}  # every execution as this transaction sees it
@@ -154,8 +161,8 @@ class Batch:
         self.rows, self.keys, self.kaa, self.inserts, self.updates, n_events = snap
         del self.events[n_events:]
 
-    async def run(self, ops: list[Op], *, isolate: bool) -> None:
-        """Plan and write ``ops`` in the open transaction (each in its own savepoint when ``isolate``).
+    async def run(self, ops: list[Op]) -> None:
+        """Plan and write ``ops`` in the open transaction (each in its own savepoint when isolated).
 
         Raises:
             Retry: another writer got there first (roll back and run the batch again).
@@ -172,14 +179,14 @@ class Batch:
             op.result = op.error = None
             if op.kind == "call":
                 await self._call(op)
-            elif isolate:
+            elif self.isolate:
                 await self._isolated(op)
             else:
                 try:
                     op.result = await PLANS[op.kind](self, *op.args)
                 except Exception as exc:  # noqa: BLE001 - a planning failure belongs to its caller and changed nothing
                     op.error = exc
-        if not isolate:
+        if not self.isolate:
             await self._write_rows()
         await self._write_events(ops)
 
@@ -188,10 +195,15 @@ class Batch:
         try:
             async with self.conn.transaction():  # a savepoint: a failing write undoes only itself
                 op.result = await fn(self.conn)
+        except LOST:
+            raise
         except asyncpg.PostgresError as exc:
-            if _sqlstate(exc) in CALL_CONFLICTS:
+            if _sqlstate(exc) not in CALL_CONFLICTS:
+                op.error = exc
+            elif self.isolate:
+                op.error = Unavailable(f"write conflicted with another replica: {exc}")
+            else:
                 raise Retry(str(exc)) from exc
-            op.error = exc
         except Exception as exc:  # noqa: BLE001 - every failure belongs to its caller
             op.error = exc
 
@@ -201,10 +213,13 @@ class Batch:
             async with self.conn.transaction():
                 op.result = await PLANS[op.kind](self, *op.args)
                 await self._write_rows()
+        except LOST:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure belongs to its caller
             self._restore(snap)
             op.result = None
-            op.error = Unavailable(f"write conflicted with another replica: {exc}") if _sqlstate(exc) in CONFLICTS else exc
+            conflict = isinstance(exc, Retry) or _sqlstate(exc) in CONFLICTS
+            op.error = Unavailable(f"write conflicted with another replica: {exc}") if conflict else exc
 
     async def _write_rows(self) -> None:
         conn = self.conn
