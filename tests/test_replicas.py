@@ -15,16 +15,21 @@ import itertools
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import yaml
 
+from server.app import FleetcmdApp
 from server.config import MAX_OUTBOX_LEASE, MIN_BROKER_AUTH_SECRET, Settings, SettingsError
+from server.core import replica
+from server.core.lifecycle import Status
+from server.core.validation import SendCommand
 from server.external_broker import events
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
@@ -367,3 +372,96 @@ def test_the_compose_file_runs_three_replicas_on_postgresql_and_emqx_with_what_e
     conf = (docs / mount.split(":")[0]).read_text()
     for needed in ("shared_subscription_strategy", "/api/v1/broker/authn", "/api/v1/broker/authz", *events.TOPICS):
         assert needed in conf, needed
+
+
+# ---- in process: two services on one database ----------------------------------------------------
+
+
+@pytest.fixture
+async def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[FleetcmdApp, FleetcmdApp]]:
+    """Two services (embedded brokers) on one PostgreSQL database, registered things only.
+
+    Their background sweeps and registry refreshes wait an hour: the tests call them.
+    """
+    monkeypatch.setattr(replica, "SWEEP_SECONDS", 3600)
+    monkeypatch.setattr(replica, "REGISTRY_SECONDS", 3600)
+    url = pgserver.fresh_database_url()
+    async with (
+        FleetcmdApp(make_settings(tmp_path / "a", allow_anonymous=False, database_url=url)) as a,
+        FleetcmdApp(make_settings(tmp_path / "b", allow_anonymous=False, database_url=url)) as b,
+    ):
+        yield a, b
+
+
+async def test_a_rotation_or_deletion_on_one_replica_disconnects_the_thing_on_the_other(
+    pair: tuple[FleetcmdApp, FleetcmdApp],
+) -> None:
+    a, b = pair
+    assert a.registry is not None and b.registry is not None and b.replica is not None
+    ended: list[str] = []
+    b.registry.disconnect = ended.append
+    _thing, password, _ = await a.registry.create_thing("lamp-1", "", {})
+    await b.replica.reload_registry()
+    assert b.registry.authenticate_device("lamp-1", "lamp-1", password)
+    new_password, _ = await a.registry.rotate_credentials("lamp-1")
+    await b.replica.reload_registry()
+    assert ended == ["lamp-1"]
+    assert not b.registry.authenticate_device("lamp-1", "lamp-1", password)
+    assert b.registry.authenticate_device("lamp-1", "lamp-1", new_password)
+    await a.registry.delete_thing("lamp-1")
+    await b.replica.reload_registry()
+    assert ended == ["lamp-1", "lamp-1"] and not b.registry.is_registered("lamp-1")
+
+
+async def test_a_thing_deleted_here_while_the_registry_is_read_back_stays_deleted(pair: tuple[FleetcmdApp, FleetcmdApp]) -> None:
+    a, b = pair
+    assert a.registry is not None and b.registry is not None
+    await a.registry.create_thing("gone-1", "", {})
+    # Changed on b (so what a reads back differs from what a holds), then deleted on a during a's read.
+    await b.registry.reload()
+    await b.registry.update_thing("gone-1", thing_type=None, attributes={"room": "2"})
+    store = a.registry._store
+    real = store.load_things
+    deleted = asyncio.Event()
+
+    async def racing_load() -> list[Any]:
+        rows = await real()  # read while the thing exists ...
+        await a.registry.delete_thing("gone-1")  # ... which is deleted here meanwhile
+        deleted.set()
+        return rows
+
+    store.load_things = racing_load  # type: ignore[method-assign]
+    try:
+        await a.registry.reload()
+    finally:
+        store.load_things = real  # type: ignore[method-assign]
+    assert deleted.is_set() and not a.registry.is_registered("gone-1")
+
+
+async def test_a_sweep_times_out_every_due_execution_page_by_page(
+    pair: tuple[FleetcmdApp, FleetcmdApp], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair
+    assert a.core is not None and a.registry is not None and b.replica is not None and b.core is not None
+    await a.registry.create_thing("mute-1", "", {})
+    monkeypatch.setattr(replica, "SWEEP_PAGE", 2)
+    # Created on a, whose own timers are stopped: only b's sweep can time them out.
+    monkeypatch.setattr(a.core.scheduler, "schedule", lambda *_args: None)
+    executions = [await a.core.send(SendCommand("mute-1", "reboot", None, 1, "")) for _ in range(5)]
+    await wait_for(lambda: replica.now_ms() > max(e.expires_at_ms for e in executions), 3, "the deadlines")
+    assert await b.replica.sweep_once() == 5  # three pages of at most two
+    for execution in executions:
+        assert (await b.core.get(execution.execution_id)).status is Status.TIMED_OUT
+
+
+async def test_registry_reads_for_unknown_things_start_at_most_every_min_interval(pair: tuple[FleetcmdApp, FleetcmdApp]) -> None:
+    _a, b = pair
+    assert b.replica is not None
+    before = b.replica.reloads
+    t0 = time.monotonic()
+    await asyncio.gather(*(b.replica.reload_registry() for _ in range(20)))
+    await b.replica.reload_registry()
+    # Twenty callers at once share two reads (the one under way may have started before some asked);
+    # the next read starts RELOAD_MIN_INTERVAL after the last one.
+    assert b.replica.reloads - before <= 3
+    assert time.monotonic() - t0 >= replica.RELOAD_MIN_INTERVAL
