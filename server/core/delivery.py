@@ -135,6 +135,10 @@ class Outbox:
             if not ids:
                 del self._pending[thing_id]
 
+    def pending_things(self) -> list[str]:
+        """The things this outbox holds requests for."""
+        return list(self._pending)
+
     def device_available(self, thing_id: str) -> None:
         """The device connected or subscribed: publish what waits for it."""
         if thing_id not in self._pending:

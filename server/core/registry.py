@@ -266,6 +266,50 @@ class Registry:
                 last_seen_ms=thing.last_seen_ms,
             )
 
+    async def reload(self) -> None:
+        """Read things and types back from the store: what another replica changed becomes known here.
+
+        A thing deleted, or whose credentials changed, elsewhere is disconnected. An entry this
+        replica changed while the store was read is left as it is (the local change is newer).
+        Presence stays this replica's.
+        """
+        things_before, types_before = dict(self._things), dict(self._types)
+        type_records = {r.name: r for r in await self._store.load_thing_types()}
+        thing_records = {t.thing_id: t for t in await self._store.load_things()}
+        for name in types_before.keys() | type_records.keys():
+            current, stored = types_before.get(name), type_records.get(name)
+            if self._types.get(name) is not current:
+                continue  # changed here meanwhile
+            if stored is None:
+                self._types.pop(name, None)
+            elif current is None or current.record.version != stored.version:
+                self._types[name] = _compile(stored)
+        for thing_id in things_before.keys() | thing_records.keys():
+            old, new = things_before.get(thing_id), thing_records.get(thing_id)
+            if self._things.get(thing_id) is not old:
+                continue
+            if new is None:
+                assert old is not None
+                del self._things[thing_id]
+                self._kaa_tokens.pop(old.kaa_token_hash, None)
+                self._presence.pop(thing_id, None)
+                self.disconnect(thing_id)
+                continue
+            if old is not None and (old.updated_at_ms, old.token_hash, old.kaa_token_hash) == (
+                new.updated_at_ms,
+                new.token_hash,
+                new.kaa_token_hash,
+            ):
+                continue
+            self._things[thing_id] = new
+            if old is not None and old.kaa_token_hash != new.kaa_token_hash:
+                self._kaa_tokens.pop(old.kaa_token_hash, None)
+            if new.kaa_token_hash:
+                self._kaa_tokens[new.kaa_token_hash] = thing_id
+            self._presence.setdefault(thing_id, Presence())
+            if old is not None and (old.token_hash, old.kaa_token_hash) != (new.token_hash, new.kaa_token_hash):
+                self.disconnect(thing_id)  # credentials rotated on another replica
+
     # ---- things ---------------------------------------------------------------------------
 
     def get_thing(self, thing_id: str) -> ThingRecord:
