@@ -374,15 +374,25 @@ class PostgresJobs:
         async with self._lock_guard_():
             if job_id in self.jobs_locked():
                 return True
-            try:
-                if self._lock_conn is None or self._lock_conn.is_closed():
-                    self._locked = frozenset()  # whatever the lost connection held is gone
-                    self._lock_conn = await asyncpg.connect(self.url)
-                got = bool(
-                    await self._lock_conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, $2))", job_id, JOB_LOCK_SEED)
-                )
-            except (*LOST, asyncpg.PostgresError) as exc:
-                raise Unavailable(f"cannot lock job {job_id!r}: {exc}") from exc
+            for attempt in range(2):
+                try:
+                    if self._lock_conn is None or self._lock_conn.is_closed():
+                        self._locked = frozenset()  # whatever the lost connection held is gone
+                        self._lock_conn = await asyncpg.connect(self.url)
+                    got = bool(
+                        await self._lock_conn.fetchval(
+                            "SELECT pg_try_advisory_lock(hashtextextended($1, $2))", job_id, JOB_LOCK_SEED
+                        )
+                    )
+                    break
+                except (*LOST, asyncpg.PostgresError) as exc:
+                    # A connection found dead only now: its locks are gone; one new connection is tried.
+                    self._locked = frozenset()
+                    if self._lock_conn is not None:
+                        self._lock_conn.terminate()
+                    self._lock_conn = None
+                    if attempt:
+                        raise Unavailable(f"cannot lock job {job_id!r}: {exc}") from exc
             if got:
                 self._locked = self._locked | {job_id}
             return got
