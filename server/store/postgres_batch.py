@@ -12,6 +12,9 @@ An :class:`Op` is one queued write; a :class:`Batch` runs a list of them in one 
    batch runs again), then the batch takes its numbers from the event counter (its row lock held
    until the commit orders the batches of every replica), writes its events and sends one NOTIFY.
 
+A job's dispatch (:func:`plan_dispatch`) is planned the same way: it locks the targets it starts, marks
+them, and applies their executions' creation, so they commit with their events and marks or not at all.
+
 Nothing here decides what a trigger does to an execution.
 """
 
@@ -30,7 +33,7 @@ from server.core.decisions import Change
 from server.core.errors import Unavailable
 from server.core.lifecycle import Outcome, Status, Trigger
 from server.core.models import DeviceReport, Execution, NewExecution, StateChange
-from server.store import CreateResult, JobDispatch, ResultCheck, TransitionResult
+from server.store import CreateResult, JobDispatch, ResultCheck, TargetState, TransitionResult
 from server.store.postgres_schema import (
     EXEC_COLUMNS,
     FIRST_FINAL,
@@ -337,8 +340,8 @@ _MARK_REJECTED = (
     " FROM unnest($3::text[], $4::integer[], $5::text[]) AS u(thing_id, attempt, reason)"
     " WHERE t.job_id = $1 AND t.thing_id = u.thing_id AND t.state IN (0, 3)"
 )
-# PENDING and RETRY (server.store.TargetState): the targets a dispatch may start.
-_STARTABLE = (0, 3)
+# The targets a dispatch may start.
+_STARTABLE = (int(TargetState.PENDING), int(TargetState.RETRY))
 
 
 async def plan_dispatch(
