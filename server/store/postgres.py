@@ -1,8 +1,9 @@
 """PostgreSQL implementation of :class:`server.store.Store` (asyncpg, group commit), ``postgresql://...``.
 
-It also implements :class:`server.store.RegistryStore` and :class:`server.store.KaaStore`, and what
-several replicas sharing one database need (:class:`ReplicaStore`): TTL sweeps any replica may run,
-and outbox leases.
+It also implements :class:`server.store.RegistryStore`, :class:`server.store.KaaStore` and
+:class:`server.store.JobStore` (:mod:`server.store.postgres_jobs`), and what several replicas sharing
+one database need (:class:`ReplicaStore`): TTL sweeps any replica may run, outbox leases, and a lock
+per job (:class:`server.store.postgres_jobs.JobLocks`).
 
 Several stores (replicas) may write to one database at once. What keeps that correct:
 
@@ -67,6 +68,7 @@ from server.store import (
     CommitListener,
     CommitObserver,
     CreateResult,
+    JobStore,
     KaaStore,
     ListPage,
     ResultCheck,
@@ -74,6 +76,7 @@ from server.store import (
     TransitionResult,
 )
 from server.store.postgres_batch import CHANNEL, LOST, Batch, Op, Retry
+from server.store.postgres_jobs import JobLocks, PostgresJobs
 from server.store.postgres_schema import (
     EVENT_COLUMNS,
     EXEC_COLUMNS,
@@ -131,8 +134,8 @@ class ReplicaStore(Protocol):
         """End this replica's lease ``epoch`` of a request early (its device went away); False if it was not held."""
 
 
-class PostgresStore:
-    """Executions, their event log and the registry in one PostgreSQL database, shared by any number of replicas.
+class PostgresStore(PostgresJobs):
+    """Executions, their event log, the registry and the jobs in one PostgreSQL database, shared by any number of replicas.
 
     Use as an async context manager, and run :meth:`run_writer` as a background task for as
     long as the store is open.
@@ -238,6 +241,7 @@ class PostgresStore:
         await self._disconnect()
 
     async def _disconnect(self) -> None:
+        await self._close_job_locks()
         for conn in (self._listen_conn, self._wconn):
             if conn is not None and not conn.is_closed():
                 with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
@@ -537,6 +541,8 @@ class PostgresStore:
             where.append(f"thing_id = {arg(query.thing_id)}")
         if query.action:
             where.append(f"action = {arg(query.action)}")
+        if query.job_id:
+            where.append(f"job_id = {arg(query.job_id)}")
         if query.statuses:
             where.append(f"status = ANY({arg(sorted(int(s) for s in query.statuses))}::smallint[])")
         if query.created_after_ms is not None:
@@ -821,4 +827,10 @@ class PostgresStore:
 
 if TYPE_CHECKING:
     # mypy proves here that this class fulfils the contracts store_from_url promises.
-    _CONTRACTS: tuple[type[ServiceStore], type[KaaStore], type[ReplicaStore]] = (PostgresStore, PostgresStore, PostgresStore)
+    _CONTRACTS: tuple[type[ServiceStore], type[KaaStore], type[JobStore], type[ReplicaStore], type[JobLocks]] = (
+        PostgresStore,
+        PostgresStore,
+        PostgresStore,
+        PostgresStore,
+        PostgresStore,
+    )
