@@ -152,3 +152,35 @@ async def test_one_replica_at_a_time_holds_a_jobs_lock(url: str) -> None:
     # Closing a store gives its locks up.
     async with replicas(url, 1) as (c,):
         assert await c.lock_job("job-1") and await c.lock_job("job-2")
+
+
+async def test_a_job_runs_on_the_replica_that_holds_its_lock_and_moves_when_that_one_stops(tmp_path: Path) -> None:
+    """Two services on one database: one rollout per job, taken over by the other once its replica stops."""
+    from server.app import FleetcmdApp
+    from server.core import jobs as jb
+    from server.core.errors import FailedPrecondition
+
+    url = pgserver.fresh_database_url()
+    first = FleetcmdApp(make_settings(tmp_path / "a", allow_anonymous=True, database_url=url))
+    await first.__aenter__()
+    first_stopped = False
+    try:
+        assert first.jobs is not None
+        # Nobody is connected: both executions stay QUEUED and the job IN_PROGRESS.
+        spec = jb.JobSpec(action="reboot", params={}, ttl_seconds=60, targets=jb.Targets(thing_ids=("lk-1", "lk-2")))
+        job = await first.jobs.create(spec)
+        assert job.state is jb.JobState.IN_PROGRESS
+        async with FleetcmdApp(make_settings(tmp_path / "b", allow_anonymous=True, database_url=url)) as second:
+            assert second.jobs is not None
+            assert (await second.jobs.get(job.job_id)).state is jb.JobState.IN_PROGRESS  # reads work anywhere
+            with pytest.raises(FailedPrecondition, match="another replica"):
+                await second.jobs.pause(job.job_id)
+            await first.__aexit__(None, None, None)
+            first_stopped = True
+            # The first replica's lock went with it: the second takes the job over when asked.
+            paused = await second.jobs.pause(job.job_id)
+            assert paused.state is jb.JobState.PAUSED
+            assert paused.counts.get("QUEUED", 0) == 2
+    finally:
+        if not first_stopped:
+            await first.__aexit__(None, None, None)

@@ -38,7 +38,7 @@ from server.core.lifecycle import Status
 from server.core.models import Execution, StateChange, ThingRecord
 from server.core.registry import Registry
 from server.core.validation import validate_send
-from server.store import JobDispatch, JobRecord, JobStore, TargetRow, TargetSettle, TargetState
+from server.store import JobDispatch, JobLocks, JobRecord, JobStore, TargetRow, TargetSettle, TargetState
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,8 @@ class JobsCore:
         self.core = core
         self.store = store
         self.registry = registry
+        # A store several replicas share locks each job to the one replica that runs its rollout.
+        self._locks: JobLocks | None = store if isinstance(store, JobLocks) else None
         self._runs: dict[str, _Run] = {}
         # Executions of jobs that are not final yet: the commit hook's one lookup per event.
         self._inflight: dict[str, _Tracked] = {}
@@ -239,6 +241,7 @@ class JobsCore:
         stored, created = await self.store.insert_job(rec, jb.spec_fingerprint(spec))
         if not created:
             return await self.get(stored.job_id)
+        await self._owns(stored.job_id)  # a new job: its lock is free
         run = _Run(stored, spec, jb.Counts(), jb.Pacer())
         self._runs[run.job_id] = run
         if state is JobState.IN_PROGRESS:
@@ -419,40 +422,53 @@ class JobsCore:
         job's next slot follows its last durable dispatch.
         """
         for rec in await self.store.unfinished_jobs():
-            spec = jb.spec_from_json(rec.spec_json)
-            run = _Run(
-                rec,
-                spec,
-                jb.Counts(await self.store.job_counts(rec.job_id)),
-                jb.Pacer(await self.store.last_dispatch_ms(rec.job_id)),
-            )
-            run.resolve_cursor = rec.resolve_cursor
-            if spec.canary is not None:
-                run.canary = jb.Counts(await self.store.job_counts(rec.job_id, below_seq=spec.canary.count))
-                run.canary_passed = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run)) is True
-            run.next_due_ms = await self.store.next_due_ms(rec.job_id)
-            self._runs[rec.job_id] = run
-            # Ended (canceled, aborted) but not settled: its stop may not have been committed whole.
-            run.recancel = rec.state.final
-            after = -1
-            while True:
-                rows = await self.store.targets(rec.job_id, (TargetState.DISPATCHED,), RESOLVE_PAGE, after_seq=after)
-                for row in rows:
-                    status = row.status or Status.QUEUED
-                    tracked = _Tracked(rec.job_id, row.thing_id, row.attempt, row.seq, status)
-                    if status.final:
-                        ended_at = row.completed_at_ms or row.dispatched_at_ms or now_ms()
-                        self._finals.append((tracked, row.execution_id, status, ended_at))
-                    else:
-                        self._inflight[row.execution_id] = tracked
-                if len(rows) < RESOLVE_PAGE:
-                    break
-                after = rows[-1].seq
+            if await self._owns(rec.job_id):
+                await self._adopt(rec)
+        await self._mark_busy()
+        self._wake.set()
+        return len(self._runs)
+
+    async def _owns(self, job_id: str) -> bool:
+        """Whether this replica runs ``job_id``'s rollout (always, unless the store is shared)."""
+        return self._locks is None or await self._locks.lock_job(job_id)
+
+    async def _mark_busy(self) -> None:
         for thing_id, execution_id in await self.store.sequential_busy():
             if execution_id in self._inflight:
                 self._busy[thing_id] = execution_id
-        self._wake.set()
-        return len(self._runs)
+
+    async def _adopt(self, rec: JobRecord) -> _Run:
+        """Rebuild one unfinished job's run from the store (at start, or taken over from a replica that stopped)."""
+        spec = jb.spec_from_json(rec.spec_json)
+        run = _Run(
+            rec,
+            spec,
+            jb.Counts(await self.store.job_counts(rec.job_id)),
+            jb.Pacer(await self.store.last_dispatch_ms(rec.job_id)),
+        )
+        run.resolve_cursor = rec.resolve_cursor
+        if spec.canary is not None:
+            run.canary = jb.Counts(await self.store.job_counts(rec.job_id, below_seq=spec.canary.count))
+            run.canary_passed = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run)) is True
+        run.next_due_ms = await self.store.next_due_ms(rec.job_id)
+        self._runs[rec.job_id] = run
+        # Ended (canceled, aborted) but not settled: its stop may not have been committed whole.
+        run.recancel = rec.state.final
+        after = -1
+        while True:
+            rows = await self.store.targets(rec.job_id, (TargetState.DISPATCHED,), RESOLVE_PAGE, after_seq=after)
+            for row in rows:
+                status = row.status or Status.QUEUED
+                tracked = _Tracked(rec.job_id, row.thing_id, row.attempt, row.seq, status)
+                if status.final:
+                    ended_at = row.completed_at_ms or row.dispatched_at_ms or now_ms()
+                    self._finals.append((tracked, row.execution_id, status, ended_at))
+                else:
+                    self._inflight[row.execution_id] = tracked
+            if len(rows) < RESOLVE_PAGE:
+                break
+            after = rows[-1].seq
+        return run
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -927,9 +943,18 @@ class JobsCore:
         run = self._runs.get(job_id)
         if run is not None:
             return run
-        if await self.store.get_job(job_id) is None:
+        rec = await self.store.get_job(job_id)
+        if rec is None:
             raise NotFound(f"job {job_id!r} not found")
-        raise FailedPrecondition(f"job {job_id!r} is already final")
+        if rec.state.final or self._locks is None:
+            raise FailedPrecondition(f"job {job_id!r} is already final")
+        # A shared store: another replica runs it, or ran it and stopped (its lock went with it).
+        if not await self._owns(job_id):
+            raise FailedPrecondition(f"job {job_id!r} runs on another replica (it holds the job's lock): ask again there")
+        run = await self._adopt(rec)
+        await self._mark_busy()
+        self._wake.set()
+        return run
 
     async def _move(self, run: _Run, event: JobEvent, *, started: bool = True, reason: str = "") -> None:
         """Apply ``event`` to the job durably, then in memory.

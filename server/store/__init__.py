@@ -407,6 +407,20 @@ class JobStore(Protocol):
         """``(thing_id, execution_id)`` of every DISPATCHED target of an unfinished sequential job."""
 
 
+@runtime_checkable
+class JobLocks(Protocol):
+    """Which replica runs a job's rollout: a lock per job, held by one replica at a time, released if it dies."""
+
+    async def lock_job(self, job_id: str) -> bool:
+        """Take the job's lock for this replica (True also when it holds it already); False while another holds it."""
+
+    async def unlock_job(self, job_id: str) -> None:
+        """Give a job's lock up (the job ended here, or this replica stops)."""
+
+    def jobs_locked(self) -> frozenset[str]:
+        """The jobs whose lock this replica holds now (empty once the connection holding them was lost)."""
+
+
 class ServiceStore(Store, RegistryStore, Protocol):
     """What the service opens: the executions and the registry in one store (one transaction log, one writer).
 

@@ -3,7 +3,7 @@
 It also implements :class:`server.store.RegistryStore`, :class:`server.store.KaaStore` and
 :class:`server.store.JobStore` (:mod:`server.store.postgres_jobs`), and what several replicas sharing
 one database need (:class:`ReplicaStore`): TTL sweeps any replica may run, outbox leases, and a lock
-per job (:class:`server.store.postgres_jobs.JobLocks`).
+per job (:class:`server.store.JobLocks`).
 
 Several stores (replicas) may write to one database at once. What keeps that correct:
 
@@ -68,6 +68,7 @@ from server.store import (
     CommitListener,
     CommitObserver,
     CreateResult,
+    JobLocks,
     JobStore,
     KaaStore,
     ListPage,
@@ -76,7 +77,7 @@ from server.store import (
     TransitionResult,
 )
 from server.store.postgres_batch import CHANNEL, LOST, Batch, Op, Retry
-from server.store.postgres_jobs import JobLocks, PostgresJobs
+from server.store.postgres_jobs import PostgresJobs
 from server.store.postgres_schema import (
     EVENT_COLUMNS,
     EXEC_COLUMNS,

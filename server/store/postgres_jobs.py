@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -100,19 +100,6 @@ def _target(row: asyncpg.Record) -> TargetRow:
 def _affected(status: str) -> int:
     """The row count of a command tag (``UPDATE 3`` -> 3)."""
     return int(status.rsplit(" ", 1)[-1])
-
-
-class JobLocks(Protocol):
-    """Which replica runs a job's rollout: a lock per job, held by one replica at a time, released if it dies."""
-
-    async def lock_job(self, job_id: str) -> bool:
-        """Take the job's lock for this replica (True also when it holds it already); False while another holds it."""
-
-    async def unlock_job(self, job_id: str) -> None:
-        """Give a job's lock up (the job ended here, or this replica stops)."""
-
-    def jobs_locked(self) -> frozenset[str]:
-        """The jobs whose lock this replica holds now (empty once the connection holding them was lost)."""
 
 
 class PostgresJobs:
