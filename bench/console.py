@@ -119,10 +119,11 @@ async def until(page: Page, condition: str, timeout_s: float = 30) -> float:
     (Page.wait_for_function evaluates its predicate with eval, which the console's CSP forbids.)
     """
     js = (
-        "new Promise((resolve, reject) => { const end = performance.now() + %d;"
-        " const f = () => { if (%s) resolve(performance.now()); else if (performance.now() > end) reject(new Error('timeout'));"
+        f"new Promise((resolve, reject) => {{ const end = performance.now() + {int(timeout_s * 1000)};"
+        f" const f = () => {{ if ({condition}) resolve(performance.now());"
+        " else if (performance.now() > end) reject(new Error('timeout'));"
         " else requestAnimationFrame(f); }; f(); })"
-    ) % (timeout_s * 1000, condition)
+    )
     return float(await page.evaluate(js))
 
 
@@ -312,6 +313,7 @@ async def load_figures(page: Page, svc: Service, url: str, http: str, args: argp
 
 
 async def scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The whole run in ``workdir``: the store filled, the service started, the figures measured."""
     data = workdir / "data"
     first = Service(data, workdir / "first.log")  # creates the schema and the admin key
     first.stop()
@@ -334,6 +336,7 @@ async def scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the scenario and print its figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--executions", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)

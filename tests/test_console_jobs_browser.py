@@ -292,3 +292,20 @@ def test_a_viewer_sees_no_job_controls(open_page: Callable[..., Page], fleet: Fl
     expect(operator.get_by_role("button", name="Cancel job")).to_be_visible()
     operator.get_by_role("button", name="Cancel job").click()
     expect(operator.locator("dl.fields[data-job]")).to_have_attribute("data-state", "CANCELED")
+
+
+def test_a_refused_spec_is_shown_on_the_field_the_server_names(open_page: Callable[..., Page], fleet: Fleet) -> None:
+    page = open_page("#/jobs/new", "operator")
+    page.get_by_label("Thing ids").fill(f"{GOOD[0]} {GOOD[1]}")
+    page.get_by_label("Action").fill("dimming")
+    page.get_by_label("Max per minute").fill("6000001")  # the bound is 6,000,000
+    page.get_by_role("button", name="Count the targets (dry run)").click()
+    error = page.locator('[data-field="rollout.maxPerMinute"] .field-error')
+    expect(error).to_contain_text("to 6000000")
+    expect(page.get_by_label("Max per minute")).to_have_attribute("aria-invalid", "true")
+    expect(page.get_by_role("button", name=re.compile("^Create the job"))).to_be_disabled()
+    # At the bound it is accepted: the two listed things are counted.
+    page.get_by_label("Max per minute").fill("6000000")
+    page.get_by_role("button", name="Count the targets (dry run)").click()
+    expect(page.locator(".dry-count")).to_have_attribute("data-targets", "2")
+    expect(error).to_be_hidden()
