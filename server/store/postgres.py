@@ -83,14 +83,11 @@ from server.store.postgres_schema import (
     EXEC_COLUMNS,
     FIRST_FINAL,
     LAST_UNACKED,
-    api_key_from_row,
     event_from_row,
     execution_from_row,
     migrate,
-    thing_from_row,
-    thing_type_from_row,
-    type_definition,
 )
+from server.store.rows import api_key_from_row, thing_from_row, thing_type_from_row, type_definition
 
 log = logging.getLogger(__name__)
 

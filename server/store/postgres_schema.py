@@ -24,7 +24,12 @@ import asyncpg
 
 from server.core.errors import FleetcmdError
 from server.core.lifecycle import Status
-from server.core.models import ApiKeyRecord, CommandDef, Execution, Reason, StateChange, ThingRecord, ThingTypeRecord
+from server.core.models import Execution, StateChange
+from server.store.rows import (
+    reason_columns,
+    reason_from_columns,
+    violations_column,
+)
 
 # Final statuses are the highest ones (Status.final): "status < FIRST_FINAL" is "not final" in SQL.
 FIRST_FINAL = int(Status.SUCCEEDED)
@@ -257,22 +262,6 @@ TAKE_SEQUENCES = "UPDATE event_counter SET last_seq = last_seq + $1 RETURNING la
 _STATUS: dict[int, Status] = {int(s): s for s in Status}
 
 
-def _reason(code: str | None, description: str | None) -> Reason | None:
-    if code is None and description is None:
-        return None
-    return Reason(code or "", description or "")
-
-
-def reason_columns(reason: Reason | None) -> tuple[str | None, str | None]:
-    """The ``(reason_code, reason_description)`` columns of a status reason."""
-    return (reason.code, reason.description) if reason else (None, None)
-
-
-def violations_column(ex: Execution) -> str | None:
-    """The ``result_violations`` column: a JSON array, NULL when there are none."""
-    return json.dumps(list(ex.result_violations)) if ex.result_violations else None
-
-
 def execution_from_row(row: asyncpg.Record, history: tuple[StateChange, ...] = (), reruns: tuple[str, ...] = ()) -> Execution:
     """An :class:`Execution` from a row of ``EXEC_COLUMNS`` (by position)."""
     violations = row[17]
@@ -289,7 +278,7 @@ def execution_from_row(row: asyncpg.Record, history: tuple[StateChange, ...] = (
         expires_at_ms=row[14],
         completed_at_ms=row[13],
         result_json=row[8],
-        reason=_reason(row[9], row[10]),
+        reason=reason_from_columns(row[9], row[10]),
         idempotency_key=row[15] or "",
         thing_type=row[16] or "",
         result_violations=tuple(json.loads(violations)) if violations else (),
@@ -369,7 +358,7 @@ def event_from_row(row: asyncpg.Record) -> StateChange:
         at_ms=row[6],
         late=row[7],
         result_json=row[8],
-        reason=_reason(row[9], row[10]),
+        reason=reason_from_columns(row[9], row[10]),
         note=row[11],
     )
 
@@ -391,67 +380,3 @@ def event_arrays(events: Sequence[StateChange]) -> list[list[Any]]:
         [r[1] for r in reasons],
         [e.note for e in events],
     ]
-
-
-def thing_from_row(row: asyncpg.Record) -> ThingRecord:
-    """A :class:`ThingRecord` from a ``things`` row."""
-    return ThingRecord(
-        thing_id=row["thing_id"],
-        thing_type=row["thing_type"],
-        attributes=json.loads(row["attributes"]),
-        token_hash=row["token_hash"],
-        created_at_ms=row["created_at"],
-        updated_at_ms=row["updated_at"],
-        credentials_rotated_at_ms=row["credentials_rotated_at"],
-        last_seen_ms=row["last_seen"],
-        last_client_id=row["last_client_id"],
-        last_remote_address=row["last_remote_address"],
-        last_connected_at_ms=row["last_connected_at"],
-        kaa_app_version=row["kaa_app_version"],
-        kaa_token_hash=row["kaa_token_hash"] or "",
-    )
-
-
-def type_definition(rec: ThingTypeRecord) -> str:
-    """The JSON stored in ``thing_types.definition`` for a thing type (as SQLite stores it)."""
-    return json.dumps(
-        {
-            "description": rec.description,
-            "allow_undefined_actions": rec.allow_undefined_actions,
-            "commands": {
-                action: {
-                    "description": c.description,
-                    "params_schema": c.params_schema,
-                    "result_schema": c.result_schema,
-                    "default_ttl_seconds": c.default_ttl_seconds,
-                }
-                for action, c in rec.commands.items()
-            },
-        }
-    )
-
-
-def thing_type_from_row(row: asyncpg.Record) -> ThingTypeRecord:
-    """A :class:`ThingTypeRecord` from a ``thing_types`` row."""
-    definition = json.loads(row["definition"])
-    return ThingTypeRecord(
-        name=row["name"],
-        description=definition["description"],
-        commands={action: CommandDef(**c) for action, c in definition["commands"].items()},
-        allow_undefined_actions=definition["allow_undefined_actions"],
-        version=row["version"],
-        created_at_ms=row["created_at"],
-        updated_at_ms=row["updated_at"],
-    )
-
-
-def api_key_from_row(row: asyncpg.Record) -> ApiKeyRecord:
-    """An :class:`ApiKeyRecord` from an ``api_keys`` row."""
-    return ApiKeyRecord(
-        key_id=row["key_id"],
-        name=row["name"],
-        role=row["role"],
-        secret_hash=row["secret_hash"],
-        created_at_ms=row["created_at"],
-        revoked_at_ms=row["revoked_at"],
-    )

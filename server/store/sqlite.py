@@ -64,6 +64,7 @@ from server.store import (
     ServiceStore,
     TransitionResult,
 )
+from server.store.rows import api_key_from_row, thing_from_row, thing_type_from_row, type_definition
 from server.store.sqlite_batch import Op, Tx, Undo, plan_create, plan_transition, rollback
 from server.store.sqlite_jobs import SqliteJobs
 from server.store.sqlite_schema import (
@@ -72,13 +73,9 @@ from server.store.sqlite_schema import (
     MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
-    api_key_from_row,
     connect,
     event_from_row,
     execution_from_row,
-    thing_from_row,
-    thing_type_from_row,
-    type_definition,
 )
 
 log = logging.getLogger(__name__)
