@@ -22,6 +22,7 @@ from broker_hooks.broker import Delivery
 from server.core.errors import FleetcmdError
 from server.core.lifecycle import Outcome, Status
 from server.core.models import Execution
+from server.core.records import fast_init
 from server.store import Store, TransitionResult
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class DeviceLink(Protocol):
         """Publish without waiting: the outcome, a future done on the PUBACK, or None (use ``deliver``)."""
 
 
+@fast_init
 @dataclass(frozen=True)
 class Message:
     """One publish of a request to one client; ``qos`` None means "at the client's subscription QoS"."""

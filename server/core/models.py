@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.core.lifecycle import Status
+from server.core.records import fast_init
 
 
+@fast_init
 @dataclass(frozen=True)
 class Reason:
     """A device's ``statusReason``."""
@@ -21,6 +23,7 @@ class Reason:
     description: str
 
 
+@fast_init
 @dataclass(frozen=True)
 class StateChange:
     """One entry of the durable event log (one state change or one late report)."""
@@ -38,6 +41,7 @@ class StateChange:
     note: str = ""
 
 
+@fast_init
 @dataclass(frozen=True)
 class Execution:
     """An execution as stored, optionally with its history."""
@@ -70,6 +74,7 @@ class Execution:
     history: tuple[StateChange, ...] = field(default=(), compare=False)
 
 
+@fast_init
 @dataclass(frozen=True)
 class NewExecution:
     """What :meth:`server.store.Store.create` needs to insert an execution."""
@@ -96,6 +101,7 @@ class NewExecution:
     job_attempt: int = 0
 
 
+@fast_init
 @dataclass(frozen=True)
 class DeviceReport:
     """A status a device sent for an execution."""
@@ -105,6 +111,7 @@ class DeviceReport:
     reason: Reason | None = None
 
 
+@fast_init
 @dataclass(frozen=True)
 class ExecutionReport:
     """A device's status report for one execution, as a dialect's decoder hands it to the core.

@@ -33,6 +33,7 @@ from server.core.errors import (
     Unavailable,
 )
 from server.core.models import CommandDef, DeviceReport, Execution, LastConnection, ThingRecord, ThingTypeRecord
+from server.core.records import fast_init
 from server.core.schemas import CompiledSchema, fill, schema_problem
 from server.store import RegistryStore
 
@@ -89,6 +90,7 @@ class CompiledType:
     results: dict[str, CompiledSchema | None]
 
 
+@fast_init
 @dataclass(frozen=True)
 class PreparedSend:
     """What the registry decided for a Send: the final params and TTL."""

@@ -49,6 +49,7 @@ from server.core.models import (
     ThingRecord,
     ThingTypeRecord,
 )
+from server.core.records import fast_init
 
 CommitListener = Callable[[Sequence[StateChange]], None]
 # Told, on the event loop after each commit, how long the transaction took (seconds) and how many writes it held.
@@ -57,6 +58,7 @@ CommitObserver = Callable[[float, int], None]
 ResultCheck = Callable[[Execution, DeviceReport], list[str]]
 
 
+@fast_init
 @dataclass(frozen=True)
 class CreateResult:
     """Outcome of :meth:`Store.create`."""
@@ -66,6 +68,7 @@ class CreateResult:
     event: StateChange | None
 
 
+@fast_init
 @dataclass(frozen=True)
 class TransitionResult:
     """Outcome of :meth:`Store.transition`."""
