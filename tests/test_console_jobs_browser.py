@@ -309,3 +309,34 @@ def test_a_refused_spec_is_shown_on_the_field_the_server_names(open_page: Callab
     page.get_by_role("button", name="Count the targets (dry run)").click()
     expect(page.locator(".dry-count")).to_have_attribute("data-targets", "2")
     expect(error).to_be_hidden()
+
+
+def test_the_worst_specs_the_bounds_admit_are_shown(open_page: Callable[..., Page], fleet: Fleet, tmp_path: Path) -> None:
+    """The widest values (REST) and the largest spec (10,000 ids and exclusions, through the CLI) render whole."""
+    from google.protobuf import json_format
+
+    from broker_hooks.jsonvalue import MAX_SAFE_INTEGER
+    from tests.test_jobs_worst_values import WIDE, _rest_body, worst_scheduled_spec, worst_spec
+
+    run_id = os.urandom(4).hex()
+    widest = fleet.rest("POST", "/jobs", _rest_body(worst_scheduled_spec(run_id), f"r{run_id}"))
+    largest = worst_spec(IDLE, run_id)
+    largest.schedule.start_at.FromMilliseconds(253_402_300_799_998)  # waits: none of its targets starts
+    spec_file = tmp_path / "largest.json"
+    spec_file.write_text(json.dumps(json_format.MessageToDict(largest), ensure_ascii=False), encoding="utf-8")
+    fleet.cli("jobs", "create", "--spec", str(spec_file))
+    largest_id = next(
+        j["jobId"]
+        for j in fleet.rest("GET", "/jobs?pageSize=100")["jobs"]
+        if j["spec"]["idempotencyKey"] == largest.idempotency_key
+    )
+
+    page = open_page(f"#/jobs/{widest['jobId']}", "viewer")
+    expect(page.locator("dl.fields[data-job]")).to_have_attribute("data-state", "SCHEDULED")
+    expect(page.locator("#spec-title + dl")).to_contain_text(WIDE.replace("\x00", "")[:3])
+    expect(page.locator('[data-json="params"]')).to_contain_text(f'"max": {MAX_SAFE_INTEGER},')
+    page = open_page(f"#/jobs/{largest_id}", "viewer")
+    expect(page.locator("dl.fields[data-job]")).to_have_attribute("data-state", "SCHEDULED")
+    expect(page.locator("#spec-title + dl")).to_contain_text("10000 listed things")
+    expect(page.locator("#spec-title + dl")).to_contain_text("except 10000 listed things")
+    shot(fleet, page, "job-largest-spec")

@@ -64,7 +64,7 @@ function targetsText(t) {
   if (t.thingType) parts.push(`type ${t.thingType}`);
   for (const [k, v] of Object.entries(t.attributes || {})) parts.push(`${k}=${v}`);
   if (t.onlineOnly) parts.push("online only");
-  if (t.exclude && t.exclude.length) parts.push(`except ${t.exclude.join(", ")}`);
+  if (t.exclude && t.exclude.length) parts.push(t.exclude.length <= 5 ? `except ${t.exclude.join(", ")}` : `except ${t.exclude.length} listed things`);
   parts.push(t.mode === "CONTINUOUS" ? "continuous" : "snapshot");
   return parts.join(" · ");
 }
