@@ -148,7 +148,7 @@ async def test_a_thing_created_on_one_replica_is_usable_through_another_and_its_
         await asyncio.to_thread(device.stop)
     async with cluster.channel(0) as channel:
         await rpb_grpc.ThingServiceStub(channel).DeleteThing(rpb.DeleteThingRequest(thing_id="valve-1"))
-    # Deleted on replica 0: refused on replica 2 once its registry refresh ran (every 2 s).
+    # Deleted on replica 0: refused on replica 2 once its registry refresh ran (told by the NOTIFY of the delete).
     deadline = time.monotonic() + 6
     while True:
         try:
@@ -384,7 +384,11 @@ async def pair(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
     Their background sweeps and registry refreshes wait an hour: the tests call them.
     """
     monkeypatch.setattr(replica, "SWEEP_SECONDS", 3600)
-    monkeypatch.setattr(replica, "REGISTRY_SECONDS", 3600)
+
+    async def no_refresh(_self: replica.ReplicaLoops) -> None:
+        await asyncio.Event().wait()  # nor on a notification: the tests read back when they mean to
+
+    monkeypatch.setattr(replica.ReplicaLoops, "run_registry", no_refresh)
     url = pgserver.fresh_database_url()
     async with (
         FleetcmdApp(make_settings(tmp_path / "a", allow_anonymous=False, database_url=url)) as a,
@@ -452,6 +456,34 @@ async def test_a_sweep_times_out_every_due_execution_page_by_page(
     assert await b.replica.sweep_once() == 5  # three pages of at most two
     for execution in executions:
         assert (await b.core.get(execution.execution_id)).status is Status.TIMED_OUT
+
+
+async def test_a_registry_change_is_read_back_by_the_other_replica_on_its_notify_and_an_idle_one_is_not_read(
+    tmp_path: Path,
+) -> None:
+    url = pgserver.fresh_database_url()
+    async with (
+        FleetcmdApp(make_settings(tmp_path / "a", allow_anonymous=False, database_url=url)) as a,
+        FleetcmdApp(make_settings(tmp_path / "b", allow_anonymous=False, database_url=url)) as b,
+    ):
+        assert a.registry is not None and b.registry is not None and a.replica is not None and b.replica is not None
+        assert replica.REGISTRY_SECONDS >= 30  # the timer alone would not do what follows in time
+        idle = a.replica.reloads, b.replica.reloads
+        _thing, password, _ = await a.registry.create_thing("told-1", "", {})
+        await wait_for(lambda: b.registry is not None and b.registry.is_registered("told-1"), 5, "b knows told-1")
+        assert b.registry.authenticate_device("told-1", "told-1", password)
+        await b.registry.update_thing("told-1", thing_type=None, attributes={"room": "7"})
+        await wait_for(
+            lambda: a.registry is not None and a.registry.get_thing("told-1").attributes == {"room": "7"}, 5, "a sees the room"
+        )
+        await a.registry.delete_thing("told-1")
+        await wait_for(lambda: b.registry is not None and not b.registry.is_registered("told-1"), 5, "b forgets told-1")
+        # Each replica read back only for the other's changes, never for its own.
+        assert (a.replica.reloads - idle[0], b.replica.reloads - idle[1]) == (1, 2)
+        # Idle: no read-back at all.
+        before = a.replica.reloads, b.replica.reloads
+        await asyncio.sleep(1.5)
+        assert (a.replica.reloads, b.replica.reloads) == before
 
 
 async def test_registry_reads_for_unknown_things_start_at_most_every_min_interval(pair: tuple[FleetcmdApp, FleetcmdApp]) -> None:

@@ -13,8 +13,10 @@ background loops, each a few indexed queries per period whatever the load:
   whose lease ended (their replica crashed, or it could not publish), are claimed with a new lease
   and published by this replica's outbox (at most once per lease).
 * **Registry refresh** (:meth:`ReplicaLoops.run_registry`): things, thing types and credentials
-  changed on another replica are read back every :data:`REGISTRY_SECONDS`; a Send naming a thing
-  this replica does not know reads the registry at once (:meth:`ReplicaLoops.reload_registry`).
+  changed on another replica are read back when the store tells of such a change (PostgreSQL:
+  a NOTIFY in the writing transaction), and at the latest every :data:`REGISTRY_SECONDS`; an idle
+  registry is not scanned. A Send naming a thing this replica does not know reads the registry at
+  once (:meth:`ReplicaLoops.reload_registry`).
   API keys need nothing: their lookups are cached for one second only (``server/core/apikeys.py``).
 
 The event bus needs nothing here either: the store hands the commit listener every replica's
@@ -46,8 +48,9 @@ SWEEP_PAGE = 500
 # How often a replica looks for requests whose lease ended.
 TAKEOVER_SECONDS = 1.0
 TAKEOVER_PAGE = 500
-# How often a replica reads back the registry another replica may have changed.
-REGISTRY_SECONDS = 2.0
+# A replica reads the registry back when the store says another replica changed it; at the
+# latest after this long without such news (a safety net: the read is a full scan).
+REGISTRY_SECONDS = 30.0
 # A Send naming an unknown thing reads the registry at once, but not more often than this
 # (a client naming unknown things must not turn every Send into a registry read).
 RELOAD_MIN_INTERVAL = 0.25
@@ -79,6 +82,9 @@ class SharedStore(Protocol):
 
     async def release(self, execution_id: str, epoch: int) -> bool:
         """End a lease early."""
+
+    async def wait_registry_change(self, timeout: float) -> bool:
+        """Wait until another replica changed the registry (True) or ``timeout`` seconds pass (False)."""
 
 
 def shared_store(store: object) -> SharedStore | None:
@@ -155,9 +161,9 @@ class ReplicaLoops:
                 log.warning("outbox takeover failed: %s", exc)
 
     async def run_registry(self) -> None:
-        """Background loop: read the registry back every :data:`REGISTRY_SECONDS`."""
+        """Background loop: read the registry back when another replica changed it, at least every :data:`REGISTRY_SECONDS`."""
         while True:
-            await asyncio.sleep(REGISTRY_SECONDS)
+            await self._store.wait_registry_change(REGISTRY_SECONDS)
             try:
                 await self.reload_registry()
             except FleetcmdError as exc:

@@ -99,6 +99,9 @@ DEFER_LINGER = 0.001
 # How often a store looks for other replicas' commits when no notification came (a lost NOTIFY,
 # a dropped listening connection).
 POLL_SECONDS = 1.0
+# Registry writes (things, types, credentials) notify here in their transaction, named by the
+# writing replica, so the others read the registry back when it changed instead of on a timer.
+REGISTRY_CHANNEL = "fleetcmd_registry"
 # A batch that keeps conflicting with other replicas is run this many times before each of its
 # writes is isolated in its own savepoint.
 RETRIES = 8
@@ -154,6 +157,10 @@ class PostgresStore(PostgresJobs):
         self._pool: asyncpg.Pool | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._follow = asyncio.Event()
+        # Set when another replica's registry write committed (or the listening connection was
+        # re-established, when one may have been missed).
+        self._registry_changed = asyncio.Event()
+        self._listened = False  # a listening connection was up before (the registry was loaded at start)
         # The highest sequence handed to the commit listener: every event at or below it was (or was purged).
         self._delivered = 0
         self._purged_through = 0
@@ -388,13 +395,45 @@ class PostgresStore(PostgresJobs):
         try:
             conn = await asyncpg.connect(self.url)
             await conn.add_listener(CHANNEL, self._notified)
-            self._listen_conn = conn
+            await conn.add_listener(REGISTRY_CHANNEL, self._registry_notified)
+            if self._listened:
+                self._registry_changed.set()  # what changed while nobody listened is read back once
+            self._listen_conn, self._listened = conn, True
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("cannot LISTEN for other replicas' commits (%s); polling every %.1f s", exc, POLL_SECONDS)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if int(str(payload)) > self._delivered:
             self._follow.set()
+
+    def _registry_notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if payload != self.replica:  # this replica's registry holds its own changes already
+            self._registry_changed.set()
+
+    async def wait_registry_change(self, timeout: float) -> bool:
+        """Wait until another replica changed the registry (True), or ``timeout`` seconds pass (False).
+
+        Without a listening connection every wait reports a change: the caller reads back as often as it waits.
+        """
+        if self._listen_conn is None or self._listen_conn.is_closed():
+            await asyncio.sleep(min(timeout, POLL_SECONDS))
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._registry_changed.wait()
+        changed = self._registry_changed.is_set()
+        self._registry_changed.clear()
+        return changed
+
+    async def _registry_write(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """:meth:`_write` of a registry change that tells the other replicas on commit (not if it fails)."""
+
+        async def write(conn: asyncpg.Connection) -> T:
+            result = await fn(conn)
+            await conn.execute("SELECT pg_notify($1, $2)", REGISTRY_CHANNEL, self.replica)
+            return result
+
+        return await self._write(write)
 
     # ---- queueing writes -----------------------------------------------------------------
 
@@ -630,7 +669,7 @@ class PostgresStore(PostgresJobs):
             except asyncpg.UniqueViolationError:
                 raise AlreadyExists(f"thing {rec.thing_id!r} already exists") from None
 
-        await self._write(write)
+        await self._registry_write(write)
 
     async def update_thing(self, thing_id: str, *, thing_type: str, attributes: dict[str, str], at_ms: int) -> None:
         """Replace a thing's type and attributes.
@@ -650,7 +689,7 @@ class PostgresStore(PostgresJobs):
             if not done:
                 raise NotFound(f"thing {thing_id!r} not found")
 
-        await self._write(write)
+        await self._registry_write(write)
 
     async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
         """Store new credentials for a thing (and a new Kaa endpoint token hash, when given).
@@ -671,7 +710,7 @@ class PostgresStore(PostgresJobs):
             if not done:
                 raise NotFound(f"thing {thing_id!r} not found")
 
-        await self._write(write)
+        await self._registry_write(write)
 
     async def delete_thing(self, thing_id: str) -> None:
         """Unregister a thing (its executions stay).
@@ -684,7 +723,7 @@ class PostgresStore(PostgresJobs):
             if not await conn.fetchval("DELETE FROM things WHERE thing_id = $1 RETURNING 1", thing_id):
                 raise NotFound(f"thing {thing_id!r} not found")
 
-        await self._write(write)
+        await self._registry_write(write)
 
     async def record_presence(self, connections: Sequence[LastConnection]) -> None:
         """Remember when and from where each thing was last connected (a missing thing is ignored)."""
@@ -723,7 +762,7 @@ class PostgresStore(PostgresJobs):
             )
             return stored
 
-        return await self._write(write)
+        return await self._registry_write(write)
 
     async def delete_thing_type(self, name: str) -> None:
         """Delete a thing type.
@@ -740,7 +779,7 @@ class PostgresStore(PostgresJobs):
             if not await conn.fetchval("DELETE FROM thing_types WHERE name = $1 RETURNING 1", name):
                 raise NotFound(f"thing type {name!r} not found")
 
-        await self._write(write)
+        await self._registry_write(write)
 
     async def insert_api_key(self, rec: ApiKeyRecord) -> None:
         """Store a new API key."""
