@@ -11,7 +11,9 @@ or end, a retry's backoff) or until something wakes it: an execution of a job be
 store's commit listener calls :meth:`JobsCore.on_commit`; for an execution of no job that is one
 dictionary lookup), an operator acted, a thing started to match a CONTINUOUS job. Everything it
 keeps in memory (counts, the in-flight executions of jobs, the last dispatch time for pacing, the
-things busy with a sequential job) is rebuilt from the store by :meth:`JobsCore.restore`.
+things busy with a sequential job) is rebuilt from the store by :meth:`JobsCore.restore`. On a store
+several replicas share, it also wakes every ``adopt_seconds`` to take over the jobs whose replica stopped
+(:meth:`JobsCore.adopt_orphans`).
 """
 
 from __future__ import annotations
