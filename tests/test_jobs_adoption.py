@@ -27,6 +27,7 @@ from server.app import FleetcmdApp
 from server.config import MAX_JOB_ADOPT, Settings, SettingsError
 from server.core import jobs as jb
 from server.core.clock import now_ms
+from server.core.errors import Unavailable
 from server.core.job_runner import ADOPT_PER_PASS, JobsCore
 from server.core.lifecycle import Status
 from server.core.models import Execution, ListQuery
@@ -282,6 +283,35 @@ async def test_a_new_job_won_by_another_replicas_pass_before_its_creator_locks_i
 
         await eventually(started, "the job started on the replica that won it")
         assert jobs(a).stats["dispatched"] == 0 and jobs(b).stats["dispatched"] == 2
+
+
+async def test_a_takeover_that_fails_half_way_gives_the_job_up_for_a_later_pass(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quiet = {"job_adopt_seconds": MAX_JOB_ADOPT}
+    async with running(replica(tmp_path, "a", url), replica(tmp_path, "b", url, **quiet)) as (a, b):
+        job = await jobs(a).create(jb.JobSpec("reboot", {}, 60, jb.Targets(thing_ids=("h-0",))))
+        await stop(a)
+        assert isinstance(b.store, PostgresStore)
+        read_targets = b.store.targets
+
+        async def cut(*args: Any, **kw: Any) -> Any:
+            raise Unavailable("store read failed: cut")
+
+        monkeypatch.setattr(b.store, "targets", cut)  # the rebuild reads the job's started targets
+        with pytest.raises(Unavailable):
+            await jobs(b).adopt_orphans()
+        assert ids_of(jobs(b)) == set() and jobs(b).metrics()["job_executions_in_flight"] == 0
+        assert [r.job_id for r in await b.store.unlocked_jobs(10)] == [job.job_id]  # its lock given up
+        monkeypatch.setattr(b.store, "targets", read_targets)
+        assert await jobs(b).adopt_orphans() == 1
+        assert ids_of(jobs(b)) == {job.job_id}
+
+        async def started_once() -> bool:
+            return (await jobs(b).get(job.job_id)).counts == {"QUEUED": 1}
+
+        await eventually(started_once, "the job's one target started")
+        assert len(await job_executions(b, job.job_id)) == 1
 
 
 # ---- SIGKILL of the real process that runs the job -----------------------------------------------------

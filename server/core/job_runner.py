@@ -486,27 +486,38 @@ class JobsCore:
                 return run
             if not await self._owns(job_id):
                 return None
-            # Read after the lock: the state its last replica left, which nobody changes now.
-            rec = await self.store.get_job(job_id)
-            if rec is None or (rec.state.final and rec.counts_json):
+            try:
+                # Read after the lock: the state its last replica left, which nobody changes now.
+                rec = await self.store.get_job(job_id)
+                if rec is not None and not (rec.state.final and rec.counts_json):
+                    return await self._adopt(rec)
+            except FleetcmdError:
+                # Half rebuilt: give it up whole (lock included) so that a later pass, here or elsewhere, takes it again.
+                self._forget(job_id)
                 if self._locks is not None:
                     await self._locks.unlock_job(job_id)
-                return None
-            return await self._adopt(rec)
+                raise
+            if self._locks is not None:
+                await self._locks.unlock_job(job_id)
+            return None
 
     async def _drop(self, run: _Run) -> None:
         """This replica lost the job's lock: forget the job here (the replica that takes the lock rebuilds it)."""
         if run.dispatching:
             await asyncio.gather(*run.dispatching, return_exceptions=True)
-        self._runs.pop(run.job_id, None)
-        for execution_id in [e for e, t in self._inflight.items() if t.job_id == run.job_id]:
+        self._forget(run.job_id)
+        log.warning("job %s: this replica lost the job's lock; it stops running it here", run.job_id)
+        self._changed(run)
+
+    def _forget(self, job_id: str) -> None:
+        """Drop everything this replica keeps of a job."""
+        self._runs.pop(job_id, None)
+        for execution_id in [e for e, t in self._inflight.items() if t.job_id == job_id]:
             tracked = self._inflight.pop(execution_id)
             if self._busy.get(tracked.thing_id) == execution_id:
                 del self._busy[tracked.thing_id]
-        self._finals = [f for f in self._finals if f[0].job_id != run.job_id]
-        self._pending_adds.pop(run.job_id, None)
-        log.warning("job %s: this replica lost the job's lock; it stops running it here", run.job_id)
-        self._changed(run)
+        self._finals = [f for f in self._finals if f[0].job_id != job_id]
+        self._pending_adds.pop(job_id, None)
 
     async def _mark_busy(self) -> None:
         for thing_id, execution_id in await self.store.sequential_busy():
