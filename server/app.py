@@ -206,7 +206,7 @@ class FleetcmdApp:
         # Jobs follow their executions from the commit hook on; restored before anything can change them.
         jobs_store = job_store(store)
         if jobs_store is not None:
-            jobs = JobsCore(core, jobs_store, registry)
+            jobs = JobsCore(core, jobs_store, registry, adopt_seconds=s.job_adopt_seconds)
             core.job_hook = jobs.on_commit
             registry.thing_changed = jobs.thing_changed
             await jobs.restore()

@@ -423,6 +423,12 @@ class JobLocks(Protocol):
     def jobs_locked(self) -> frozenset[str]:
         """The jobs whose lock this replica holds now (empty once the connection holding them was lost)."""
 
+    async def check_job_locks(self) -> frozenset[str]:
+        """As :meth:`jobs_locked`, after asking the database that the connection holding the locks still answers."""
+
+    async def unlocked_jobs(self, limit: int) -> list[JobRecord]:
+        """Up to ``limit`` jobs :meth:`JobStore.unfinished_jobs` would return whose lock no replica holds now, oldest first."""
+
 
 class ServiceStore(Store, RegistryStore, Protocol):
     """What the service opens: the executions and the registry in one store (one transaction log, one writer).

@@ -46,6 +46,8 @@ _STATE_NAMES = {
 # The seed of the 64-bit hash of a job id that keys its advisory lock (which replica runs the job): two
 # jobs share a lock only if their ids collide in 64 bits.
 JOB_LOCK_SEED = 0x6A6F6273  # "jobs"
+# How long the lock connection may take to answer a liveness check before it is given up (and its jobs with it).
+LOCK_CHECK_SECONDS = 5.0
 
 JOB_COLUMNS = (
     "idx, job_id, spec, state, created_at, started_at, ended_at, abort_reason, created_by, targets_total,"
@@ -396,6 +398,36 @@ class PostgresJobs:
                     await conn.fetchval("SELECT pg_advisory_unlock(hashtextextended($1, $2))", job_id, JOB_LOCK_SEED)
                 except (*LOST, asyncpg.PostgresError):
                     pass  # the connection is going: the database releases its locks with it
+
+    async def check_job_locks(self) -> frozenset[str]:
+        """See :meth:`JobLocks.check_job_locks`: one round trip on the lock connection.
+
+        A connection that fails or does not answer within ``LOCK_CHECK_SECONDS`` is dropped (a replica
+        cut off from the database must stop running its jobs before another takes them over).
+        """
+        async with self._lock_guard_():
+            conn = self._lock_conn
+            if conn is None or conn.is_closed() or not self._locked:
+                return self.jobs_locked()
+            try:
+                await conn.fetchval("SELECT 1", timeout=LOCK_CHECK_SECONDS)
+            except (*LOST, asyncpg.PostgresError, TimeoutError):
+                self._locked = frozenset()
+                self._lock_conn = None
+                conn.terminate()
+            return self.jobs_locked()
+
+    async def unlocked_jobs(self, limit: int) -> list[JobRecord]:
+        """See :meth:`JobLocks.unlocked_jobs`: jobs whose advisory lock ``pg_locks`` shows no session holding."""
+        # A bigint advisory key shows in pg_locks as classid (high half) and objid (low half), objsubid 1.
+        sql = (
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE (state IN ({_UNFINISHED}) OR counts IS NULL) AND NOT EXISTS ("
+            " SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 1"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(jobs.job_id, $2)"
+            ") ORDER BY idx LIMIT $1"
+        )
+        return [_job(r) for r in await self._fetch(sql, limit, JOB_LOCK_SEED)]
 
     def jobs_locked(self) -> frozenset[str]:
         """See :meth:`JobLocks.jobs_locked`."""
