@@ -202,6 +202,7 @@ class FleetcmdApp:
             self._spawn(replica.run_registry(), "registry-refresh")
             if replica.takeover:
                 self._spawn(replica.run_takeover(), "outbox-takeover")
+                self._spawn(replica.run_settle(), "outbox-settle")
         restored = await core.restore()
         # Jobs follow their executions from the commit hook on; restored before anything can change them.
         jobs_store = job_store(store)
@@ -441,6 +442,7 @@ class FleetcmdApp:
             samples += [
                 Sample("replica_timed_out", self.replica.timed_out, Kind.COUNTER, "Executions this replica's sweeps timed out."),
                 Sample("replica_claimed", self.replica.claimed, Kind.COUNTER, "Requests this replica took over by lease."),
+                Sample("replica_handed", self.replica.settled, Kind.COUNTER, "Requests the broker took, never claimed again."),
                 Sample("replica_registry_reloads", self.replica.reloads, Kind.COUNTER, "Registry reads from the shared store."),
             ]
         if broker is not None:

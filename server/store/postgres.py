@@ -106,6 +106,11 @@ RETRIES = 8
 FOLLOW_PAGE = 1_000
 # How long a replica holds a request it claimed (and one it created) before another may publish it.
 DEFAULT_LEASE_MS = 30_000
+# The lease_until of a request the broker acknowledged (its QoS 1 PUBACK): a lease no claim outlasts,
+# so no replica publishes it again (the broker's session for the device holds it; its message expiry
+# and the TTL sweep end it). No column of its own: the claim's range scan over the partial index
+# executions_unacked(lease_until, idx) never reaches it.
+HANDED_UNTIL = 2**63 - 1
 READ_POOL_SIZE = 4
 _E_EXEC_COLUMNS = ", ".join("e." + c for c in EXEC_COLUMNS.split(", "))
 
@@ -130,6 +135,9 @@ class ReplicaStore(Protocol):
 
     async def release(self, execution_id: str, epoch: int) -> bool:
         """End this replica's lease ``epoch`` of a request early (its device went away); False if it was not held."""
+
+    async def mark_handed(self, execution_ids: Sequence[str]) -> int:
+        """Mark requests the broker acknowledged as handed over: never claimed again; returns how many were marked."""
 
 
 class PostgresStore(PostgresJobs):
@@ -500,6 +508,20 @@ class PostgresStore(PostgresJobs):
             " WHERE execution_id = $1 AND lease_owner = $2 AND lease_epoch = $3 RETURNING 1"
         )
         return bool(await self._fetchval(sql, execution_id, self.replica, epoch))
+
+    async def mark_handed(self, execution_ids: Sequence[str]) -> int:
+        """See :meth:`ReplicaStore.mark_handed` (whoever holds the lease: any acknowledged publish hands it over)."""
+        if not execution_ids:
+            return 0
+        sql = (
+            "UPDATE executions SET lease_until = $2, lease_owner = NULL"
+            f" WHERE execution_id = ANY($1::text[]) AND status <= {LAST_UNACKED} AND lease_until IS DISTINCT FROM $2"
+        )
+        try:
+            done: str = await self._readers().execute(sql, list(execution_ids), HANDED_UNTIL)
+        except LOST as exc:
+            raise Unavailable(f"store write failed: {exc}") from exc
+        return int(done.rsplit(" ", 1)[-1])
 
     # ---- reads ---------------------------------------------------------------------------
 
