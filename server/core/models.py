@@ -192,6 +192,9 @@ class ThingRecord:
     # Kaa endpoints: application version name and the endpoint token's hash.
     kaa_app_version: str = ""
     kaa_token_hash: str = ""
+    # The password in mosquitto's password_file format (empty: issued before schema 5), for
+    # `fleetcmd broker-config --mosquitto` (server/cli/broker_config.py).
+    broker_password_hash: str = ""
 
 
 @dataclass(frozen=True)

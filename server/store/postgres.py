@@ -638,7 +638,8 @@ class PostgresStore(PostgresJobs):
             try:
                 await conn.execute(
                     "INSERT INTO things (thing_id, thing_type, attributes, token_hash, created_at, updated_at,"
-                    " credentials_rotated_at, kaa_app_version, kaa_token_hash) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                    " credentials_rotated_at, kaa_app_version, kaa_token_hash, broker_password_hash)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
                     rec.thing_id,
                     rec.thing_type,
                     json.dumps(rec.attributes, sort_keys=True),
@@ -648,6 +649,7 @@ class PostgresStore(PostgresJobs):
                     rec.credentials_rotated_at_ms,
                     rec.kaa_app_version,
                     rec.kaa_token_hash or None,
+                    rec.broker_password_hash,
                 )
             except asyncpg.UniqueViolationError:
                 raise AlreadyExists(f"thing {rec.thing_id!r} already exists") from None
@@ -674,7 +676,9 @@ class PostgresStore(PostgresJobs):
 
         await self._write(write)
 
-    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
+    async def set_thing_token(
+        self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "", broker_password_hash: str = ""
+    ) -> None:
         """Store new credentials for a thing (and a new Kaa endpoint token hash, when given).
 
         Raises:
@@ -684,11 +688,12 @@ class PostgresStore(PostgresJobs):
         async def write(conn: asyncpg.Connection) -> None:
             done = await conn.fetchval(
                 "UPDATE things SET token_hash = $1, credentials_rotated_at = $2, updated_at = $2,"
-                " kaa_token_hash = COALESCE($3, kaa_token_hash) WHERE thing_id = $4 RETURNING 1",
+                " kaa_token_hash = COALESCE($3, kaa_token_hash), broker_password_hash = $5 WHERE thing_id = $4 RETURNING 1",
                 token_hash,
                 at_ms,
                 kaa_token_hash or None,
                 thing_id,
+                broker_password_hash,
             )
             if not done:
                 raise NotFound(f"thing {thing_id!r} not found")

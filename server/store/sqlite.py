@@ -612,7 +612,8 @@ class SqliteStore(SqliteJobs):
             try:
                 tx.conn.execute(
                     "INSERT INTO things (thing_id, thing_type, attributes, token_hash, created_at, updated_at,"
-                    " credentials_rotated_at, kaa_app_version, kaa_token_hash) VALUES (?,?,?,?,?,?,?,?,?)",
+                    " credentials_rotated_at, kaa_app_version, kaa_token_hash, broker_password_hash)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
                         rec.thing_id,
                         rec.thing_type,
@@ -623,6 +624,7 @@ class SqliteStore(SqliteJobs):
                         rec.credentials_rotated_at_ms,
                         rec.kaa_app_version,
                         rec.kaa_token_hash or None,
+                        rec.broker_password_hash,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -647,7 +649,9 @@ class SqliteStore(SqliteJobs):
 
         await self._write(write)
 
-    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
+    async def set_thing_token(
+        self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "", broker_password_hash: str = ""
+    ) -> None:
         """Store new credentials for a thing (and a new Kaa endpoint token hash, when given).
 
         Raises:
@@ -657,8 +661,8 @@ class SqliteStore(SqliteJobs):
         def write(tx: Tx) -> None:
             cur = tx.conn.execute(
                 "UPDATE things SET token_hash = ?, credentials_rotated_at = ?, updated_at = ?,"
-                " kaa_token_hash = COALESCE(?, kaa_token_hash) WHERE thing_id = ?",
-                (token_hash, at_ms, at_ms, kaa_token_hash or None, thing_id),
+                " kaa_token_hash = COALESCE(?, kaa_token_hash), broker_password_hash = ? WHERE thing_id = ?",
+                (token_hash, at_ms, at_ms, kaa_token_hash or None, broker_password_hash, thing_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"thing {thing_id!r} not found")
