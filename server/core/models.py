@@ -158,6 +158,7 @@ class ActiveExecution:
     thing_id: str
     status: Status
     expires_at_ms: int
+    handed: bool = False  # the external broker acknowledged its publish (server/core/handover.py)
 
 
 # ---- registry -----------------------------------------------------------------------------

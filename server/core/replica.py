@@ -12,14 +12,8 @@ background loops, each a few indexed queries per period whatever the load:
 * **Outbox takeover** (:meth:`ReplicaLoops.run_takeover`): requests no device (or broker) took,
   whose lease ended (their replica crashed, or it could not publish), are claimed with a new lease
   and published by this replica's outbox (at most once per lease).
-* **Handed-over requests** (:meth:`ReplicaLoops.run_settle`): a request the external broker
-  acknowledged (its QoS 1 PUBACK) is the broker's to deliver (the device's persistent session
-  holds it; its message expiry and the TTL end it). Brokers without EMQX's ``message_acked``
-  event (mosquitto) never make it DELIVERED, so its SENT row would be claimed and published again
-  after every lease, and a device would find one copy per lease when it reconnects. The PUBACKs
-  are recorded in the store (``mark_handed``, batched: one write per burst), and such a row is never
-  claimed again; only a publish the broker did not acknowledge (link down, replica gone before the
-  PUBACK) is published again after its lease.
+* **Handed-over requests**: what the external broker acknowledged is recorded as handed over
+  (``server/core/handover.py``) and never claimed again; its row's ``lease_until`` is past any lease.
 * **Registry refresh** (:meth:`ReplicaLoops.run_registry`): things, thing types and credentials
   changed on another replica are read back every :data:`REGISTRY_SECONDS`; a Send naming a thing
   this replica does not know reads the registry at once (:meth:`ReplicaLoops.reload_registry`).
@@ -88,9 +82,6 @@ class SharedStore(Protocol):
     async def release(self, execution_id: str, epoch: int) -> bool:
         """End a lease early."""
 
-    async def mark_handed(self, execution_ids: Sequence[str]) -> int:
-        """Record that the broker acknowledged these requests: never claimed again."""
-
 
 def shared_store(store: object) -> SharedStore | None:
     """``store`` when several replicas can share it (replica mode), else None (one process: SQLite)."""
@@ -118,11 +109,6 @@ class ReplicaLoops:
         self.reloads = 0
         self._reload_lock = asyncio.Lock()
         self._read_started = 0.0  # time.monotonic() when the last registry read began
-        self.settled = 0  # requests recorded as handed over to the broker
-        self._handed: list[str] = []
-        self._handed_event = asyncio.Event()
-        if takeover:
-            outbox.handed = self.hand_over
 
     async def sweep_once(self) -> int:
         """Time out every due execution no other replica is sweeping now; returns how many this one did."""
@@ -169,29 +155,6 @@ class ReplicaLoops:
                 await self.take_over_once()
             except FleetcmdError as exc:
                 log.warning("outbox takeover failed: %s", exc)
-
-    def hand_over(self, execution_id: str) -> None:
-        """The broker acknowledged the publish of ``execution_id``: record it (:meth:`run_settle`)."""
-        self._handed.append(execution_id)
-        self._handed_event.set()
-
-    async def settle_once(self) -> int:
-        """Record every request handed over since the last call, in one write; returns how many were recorded."""
-        handed, self._handed = self._handed, []
-        self._handed_event.clear()
-        if handed:
-            self.settled += await self._store.mark_handed(handed)
-        return len(handed)
-
-    async def run_settle(self) -> None:
-        """Background loop: :meth:`settle_once` whenever PUBACKs arrived (those of a burst share one write)."""
-        while True:
-            await self._handed_event.wait()
-            try:
-                await self.settle_once()
-            except FleetcmdError as exc:
-                # Not recorded: after its lease the request is published once more (at least once holds).
-                log.warning("recording requests handed to the broker failed: %s", exc)
 
     async def run_registry(self) -> None:
         """Background loop: read the registry back every :data:`REGISTRY_SECONDS`."""

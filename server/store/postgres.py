@@ -136,9 +136,6 @@ class ReplicaStore(Protocol):
     async def release(self, execution_id: str, epoch: int) -> bool:
         """End this replica's lease ``epoch`` of a request early (its device went away); False if it was not held."""
 
-    async def mark_handed(self, execution_ids: Sequence[str]) -> int:
-        """Mark requests the broker acknowledged as handed over: never claimed again; returns how many were marked."""
-
 
 class PostgresStore(PostgresJobs):
     """Executions, their event log, the registry and the jobs in one PostgreSQL database, shared by any number of replicas.
@@ -510,12 +507,12 @@ class PostgresStore(PostgresJobs):
         return bool(await self._fetchval(sql, execution_id, self.replica, epoch))
 
     async def mark_handed(self, execution_ids: Sequence[str]) -> int:
-        """See :meth:`ReplicaStore.mark_handed` (whoever holds the lease: any acknowledged publish hands it over)."""
+        """See :meth:`server.core.handover.HandoverStore.mark_handed` (whoever holds the lease: any PUBACK hands it over)."""
         if not execution_ids:
             return 0
         sql = (
-            "UPDATE executions SET lease_until = $2, lease_owner = NULL"
-            f" WHERE execution_id = ANY($1::text[]) AND status <= {LAST_UNACKED} AND lease_until IS DISTINCT FROM $2"
+            "UPDATE executions SET lease_until = $2, lease_owner = NULL, handed = TRUE"
+            f" WHERE execution_id = ANY($1::text[]) AND status <= {LAST_UNACKED} AND NOT handed"
         )
         try:
             done: str = await self._readers().execute(sql, list(execution_ids), HANDED_UNTIL)

@@ -194,10 +194,12 @@ CREATE INDEX job_targets_due ON job_targets(job_id, due_at) WHERE state = 3;
 CREATE INDEX job_targets_thing ON job_targets(thing_id) WHERE state = 1;
 """
 
-# The password in mosquitto's password_file format (broker-config --mosquitto), as SQLite's schema 5;
-# '' for things whose credentials were issued before it.
+# As SQLite's schema 5: the password in mosquitto's password_file format (broker-config --mosquitto;
+# '' for things whose credentials were issued before it), and whether the external broker acknowledged
+# a request's publish (server/core/handover.py; the outbox claim skips it by its lease_until).
 _V5 = """
 ALTER TABLE things ADD COLUMN broker_password_hash TEXT NOT NULL DEFAULT '';
+ALTER TABLE executions ADD COLUMN handed BOOLEAN NOT NULL DEFAULT FALSE;
 """
 
 # Schema version -> the statements that bring the previous version to it (see the module docstring).

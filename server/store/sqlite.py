@@ -558,15 +558,28 @@ class SqliteStore(SqliteJobs):
     async def active(self) -> list[ActiveExecution]:
         """See :meth:`server.store.Store.active`."""
         finals = ",".join(str(int(s)) for s in Status if s.final)
-        sql = f"SELECT execution_id, thing_id, status, expires_at FROM executions WHERE status NOT IN ({finals}) ORDER BY idx"
+        sql = (
+            "SELECT execution_id, thing_id, status, expires_at, handed FROM executions"
+            f" WHERE status NOT IN ({finals}) ORDER BY idx"
+        )
 
         def read(conn: sqlite3.Connection) -> list[ActiveExecution]:
             return [
-                ActiveExecution(r["execution_id"], r["thing_id"], Status(r["status"]), r["expires_at"])
+                ActiveExecution(r["execution_id"], r["thing_id"], Status(r["status"]), r["expires_at"], bool(r["handed"]))
                 for r in conn.execute(sql).fetchall()
             ]
 
         return await self._read(read)
+
+    async def mark_handed(self, execution_ids: Sequence[str]) -> int:
+        """See :meth:`server.core.handover.HandoverStore.mark_handed` (one write, in the next group commit)."""
+        unacked = ",".join(str(int(s)) for s in Status if s <= Status.SENT)
+        sql = f"UPDATE executions SET handed = 1 WHERE execution_id = ? AND status IN ({unacked}) AND handed = 0"
+
+        def write(tx: Tx) -> int:
+            return sum(tx.conn.execute(sql, (execution_id,)).rowcount for execution_id in execution_ids)
+
+        return await self._write(write)
 
     # ---- Kaa command ids ------------------------------------------------------------------
 

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS executions (
     rerun_of           TEXT,
     job_id             TEXT,
     retry_of           TEXT,
-    job_attempt        INTEGER
+    job_attempt        INTEGER,
+    handed             INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS executions_idempotency
     ON executions(idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -166,6 +167,8 @@ MIGRATIONS = (
     (4, "executions", "job_attempt INTEGER"),
     # The password in mosquitto's password_file format (broker-config --mosquitto); '' for older things.
     (5, "things", "broker_password_hash TEXT NOT NULL DEFAULT ''"),
+    # 1: the external broker acknowledged the request's publish (server/core/handover.py).
+    (5, "executions", "handed INTEGER NOT NULL DEFAULT 0"),
 )
 
 EXEC_COLUMNS = (
