@@ -38,6 +38,7 @@ from server.core.apikeys import ApiKeys
 from server.core.clock import now_ms
 from server.core.commands import CommandCore
 from server.core.errors import ListenError
+from server.core.handover import Handover, HandoverStore
 from server.core.job_runner import JobsCore
 from server.core.lifecycle import Status
 from server.core.metrics import Kind, Sample, ServiceMetrics, counters
@@ -122,6 +123,7 @@ class FleetcmdApp:
         self.external: ExternalBroker | None = None
         # Replica mode (a store several replicas share: PostgreSQL): TTL sweeps, outbox takeover, registry refresh.
         self.replica: ReplicaLoops | None = None
+        self.handover: Handover | None = None
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
         # Each dialect's runtime, by name, once attached.
@@ -202,6 +204,11 @@ class FleetcmdApp:
             self._spawn(replica.run_registry(), "registry-refresh")
             if replica.takeover:
                 self._spawn(replica.run_takeover(), "outbox-takeover")
+        if s.broker_url and isinstance(store, HandoverStore):
+            # The external broker's PUBACKs are recorded: nothing publishes those requests again.
+            self.handover = Handover(store)
+            core.outbox.handed = self.handover.add
+            self._spawn(self.handover.run(), "outbox-handover")
         restored = await core.restore()
         # Jobs follow their executions from the commit hook on; restored before anything can change them.
         jobs_store = job_store(store)
@@ -435,6 +442,12 @@ class FleetcmdApp:
                 Sample("stream_watchers", len(core.bus), Kind.GAUGE, "Live Stream and wait subscribers."),
                 Sample("outbox_published", core.outbox.published, Kind.COUNTER, "Requests written to a device."),
                 Sample("outbox_acked", core.outbox.acked, Kind.COUNTER, "Requests a device PUBACKed."),
+                Sample(
+                    "outbox_handed",
+                    self.handover.recorded if self.handover else 0,
+                    Kind.COUNTER,
+                    "Requests the external broker took, recorded so that none is published again.",
+                ),
             ]
             samples += counters("core", core.stats, "Control-plane events by kind.")
         if self.replica is not None:

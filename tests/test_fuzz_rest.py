@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
 from server.api.http_app import MAX_REQUEST_LINE
+from server.api.http_broker_auth import SECRET_HEADER
 from server.api.openapi import document
 from server.config import Settings
 from server.core.validation import MAX_WAIT_SECONDS
@@ -109,6 +110,9 @@ def test_every_operation_conforms(case: Any, service: Service) -> None:
     # Schemathesis generates the bearer header (or leaves it out, to test the refusal): a real key replaces its value.
     if case.headers and "Authorization" in case.headers:
         case.headers["Authorization"] = f"Bearer {service.key}"
+    # The same for the external broker's shared secret (the authn/authz endpoints).
+    if case.headers and SECRET_HEADER in case.headers:
+        case.headers[SECRET_HEADER] = service.BROKER_SECRET
     # A valid wait of up to 60 s on a thing that never answers would only measure the clock: 1 s at most.
     for holder in (case.body, case.query):
         wait = holder.get("waitSeconds") if isinstance(holder, dict) else None

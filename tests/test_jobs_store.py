@@ -232,7 +232,7 @@ async def test_a_schema_3_postgresql_database_is_migrated() -> None:
         )
     finally:
         await conn.close()
-    assert pg_schema.SCHEMA_VERSION == SCHEMA_VERSION == 4
+    assert pg_schema.SCHEMA_VERSION == SCHEMA_VERSION == 5
     async with opened(url) as store:
         ex = await store.get("old")
         assert ex is not None and ex.job_id == "" and ex.job_attempt == 0
@@ -240,17 +240,20 @@ async def test_a_schema_3_postgresql_database_is_migrated() -> None:
         assert (await store.dispatch("job-1", [JobDispatch(new("t"))], [], NOW))[0] is not None
     conn = await asyncpg.connect(url)
     try:
-        assert [r[0] for r in await conn.fetch("SELECT version FROM schema_version ORDER BY version")] == [3, 4]
+        assert [r[0] for r in await conn.fetch("SELECT version FROM schema_version ORDER BY version")] == [3, SCHEMA_VERSION]
     finally:
         await conn.close()
 
 
 async def test_a_schema_3_database_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
-    old = SCHEMA
+    old = SCHEMA.replace("INTEGER,\n    handed             INTEGER NOT NULL DEFAULT 0\n", "INTEGER\n")  # schema 5
     for line in ("    job_id             TEXT,\n", "    retry_of           TEXT,\n", "    job_attempt        INTEGER\n"):
         old = old.replace(line, "")
     old = old.replace("rerun_of           TEXT,\n);", "rerun_of           TEXT\n);")
+    old = old.replace("    broker_password_hash   TEXT NOT NULL DEFAULT ''\n", "").replace(
+        "kaa_token_hash         TEXT,\n);", "kaa_token_hash         TEXT\n);"
+    )
     old = old[: old.index("-- Jobs")] + old[old.index("CREATE TABLE IF NOT EXISTS api_keys") :]
     conn = sqlite3.connect(path)
     conn.executescript(old)
@@ -261,7 +264,7 @@ async def test_a_schema_3_database_is_migrated(tmp_path: Path) -> None:
     conn.execute("PRAGMA user_version = 3")
     conn.commit()
     conn.close()
-    assert SCHEMA_VERSION == 4
+    assert SCHEMA_VERSION == 5
     async with opened(f"sqlite:///{path}") as store:
         ex = await store.get("old")
         assert ex is not None and ex.job_id == "" and ex.job_attempt == 0

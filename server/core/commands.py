@@ -157,8 +157,8 @@ class CommandCore:
             return len(active)
         for item in active:
             self.scheduler.schedule(item.execution_id, item.expires_at_ms)
-            if item.status <= Status.SENT:
-                # Not acknowledged by the device: goes out again when it connects.
+            if item.status <= Status.SENT and not item.handed:
+                # Not acknowledged by the device (nor taken by an external broker): goes out again when it connects.
                 self.outbox.hold(item.thing_id, item.execution_id)
         return len(active)
 

@@ -165,6 +165,7 @@ class ActiveExecution:
     thing_id: str
     status: Status
     expires_at_ms: int
+    handed: bool = False  # the external broker acknowledged its publish (server/core/handover.py)
 
 
 # ---- registry -----------------------------------------------------------------------------
@@ -199,6 +200,9 @@ class ThingRecord:
     # Kaa endpoints: application version name and the endpoint token's hash.
     kaa_app_version: str = ""
     kaa_token_hash: str = ""
+    # The password in mosquitto's password_file format (empty: issued before schema 5), for
+    # `fleetcmd broker-config --mosquitto` (server/cli/broker_config.py).
+    broker_password_hash: str = ""
 
 
 @dataclass(frozen=True)

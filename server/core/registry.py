@@ -10,6 +10,7 @@ load), never per call.
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import hashlib
 import hmac
@@ -50,6 +51,20 @@ TOKEN_BYTES = 24  # 192 bits
 def hash_secret(secret: str) -> str:
     """SHA-256 of a random secret: fast, and enough for 192-bit random tokens (no dictionary to attack)."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# mosquitto's password_file format ``$7$<iterations>$<salt>$<hash>`` (PBKDF2-HMAC-SHA512, base64; what
+# mosquitto_passwd 2.0 writes, with its salt length and iteration count). Kept next to token_hash because
+# mosquitto must hash the password itself and token_hash (unsalted SHA-256) cannot be turned into it.
+MOSQUITTO_ITERATIONS = 101
+MOSQUITTO_SALT_BYTES = 12
+
+
+def broker_password_hash(password: str, *, salt: bytes | None = None, iterations: int = MOSQUITTO_ITERATIONS) -> str:
+    """``password`` as a line of mosquitto's password_file holds it (after ``username:``)."""
+    salt = secrets.token_bytes(MOSQUITTO_SALT_BYTES) if salt is None else salt
+    derived = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(derived).decode()}"
 
 
 def secret_matches(secret: str, stored_hash: str) -> bool:
@@ -365,6 +380,7 @@ class Registry:
             at,
             kaa_app_version=kaa_app_version,
             kaa_token_hash=hash_secret(kaa_token) if kaa_token else "",
+            broker_password_hash=broker_password_hash(token),
         )
         await self._store.insert_thing(record)
         self._things[thing_id] = record
@@ -442,7 +458,8 @@ class Registry:
         kaa_token = new_token() if current.kaa_app_version else ""
         kaa_hash = hash_secret(kaa_token) if kaa_token else ""
         at = now_ms()
-        await self._store.set_thing_token(thing_id, hash_secret(token), at, kaa_hash)
+        for_broker = broker_password_hash(token)
+        await self._store.set_thing_token(thing_id, hash_secret(token), at, kaa_hash, for_broker)
         if kaa_hash:
             self._kaa_tokens.pop(current.kaa_token_hash, None)
             self._kaa_tokens[kaa_hash] = thing_id
@@ -450,6 +467,7 @@ class Registry:
             current,
             token_hash=hash_secret(token),
             kaa_token_hash=kaa_hash or current.kaa_token_hash,
+            broker_password_hash=for_broker,
             credentials_rotated_at_ms=at,
             updated_at_ms=at,
         )

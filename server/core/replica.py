@@ -12,6 +12,8 @@ background loops, each a few indexed queries per period whatever the load:
 * **Outbox takeover** (:meth:`ReplicaLoops.run_takeover`): requests no device (or broker) took,
   whose lease ended (their replica crashed, or it could not publish), are claimed with a new lease
   and published by this replica's outbox (at most once per lease).
+* **Handed-over requests**: what the external broker acknowledged is recorded as handed over
+  (``server/core/handover.py``) and never claimed again; its row's ``lease_until`` is past any lease.
 * **Registry refresh** (:meth:`ReplicaLoops.run_registry`): things, thing types and credentials
   changed on another replica are read back when the store tells of such a change (PostgreSQL:
   a NOTIFY in the writing transaction), and at the latest every :data:`REGISTRY_SECONDS`; an idle

@@ -232,7 +232,9 @@ class RegistryStore(Protocol):
     async def update_thing(self, thing_id: str, *, thing_type: str, attributes: dict[str, str], at_ms: int) -> None:
         """Replace a thing's type and attributes (NotFound)."""
 
-    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
+    async def set_thing_token(
+        self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "", broker_password_hash: str = ""
+    ) -> None:
         """Store new credentials, and a new Kaa endpoint token hash when given (NotFound)."""
 
     async def delete_thing(self, thing_id: str) -> None:

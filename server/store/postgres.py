@@ -109,6 +109,11 @@ RETRIES = 8
 FOLLOW_PAGE = 1_000
 # How long a replica holds a request it claimed (and one it created) before another may publish it.
 DEFAULT_LEASE_MS = 30_000
+# The lease_until of a request the broker acknowledged (its QoS 1 PUBACK): a lease no claim outlasts,
+# so no replica publishes it again (the broker's session for the device holds it; its message expiry
+# and the TTL sweep end it). No column of its own: the claim's range scan over the partial index
+# executions_unacked(lease_until, idx) never reaches it.
+HANDED_UNTIL = 2**63 - 1
 READ_POOL_SIZE = 4
 _E_EXEC_COLUMNS = ", ".join("e." + c for c in EXEC_COLUMNS.split(", "))
 
@@ -540,6 +545,20 @@ class PostgresStore(PostgresJobs):
         )
         return bool(await self._fetchval(sql, execution_id, self.replica, epoch))
 
+    async def mark_handed(self, execution_ids: Sequence[str]) -> int:
+        """See :meth:`server.core.handover.HandoverStore.mark_handed` (whoever holds the lease: any PUBACK hands it over)."""
+        if not execution_ids:
+            return 0
+        sql = (
+            "UPDATE executions SET lease_until = $2, lease_owner = NULL, handed = TRUE"
+            f" WHERE execution_id = ANY($1::text[]) AND status <= {LAST_UNACKED} AND NOT handed"
+        )
+        try:
+            done: str = await self._readers().execute(sql, list(execution_ids), HANDED_UNTIL)
+        except LOST as exc:
+            raise Unavailable(f"store write failed: {exc}") from exc
+        return int(done.rsplit(" ", 1)[-1])
+
     # ---- reads ---------------------------------------------------------------------------
 
     async def get(self, execution_id: str, *, with_history: bool = False) -> Execution | None:
@@ -655,7 +674,8 @@ class PostgresStore(PostgresJobs):
             try:
                 await conn.execute(
                     "INSERT INTO things (thing_id, thing_type, attributes, token_hash, created_at, updated_at,"
-                    " credentials_rotated_at, kaa_app_version, kaa_token_hash) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                    " credentials_rotated_at, kaa_app_version, kaa_token_hash, broker_password_hash)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
                     rec.thing_id,
                     rec.thing_type,
                     json.dumps(rec.attributes, sort_keys=True),
@@ -665,6 +685,7 @@ class PostgresStore(PostgresJobs):
                     rec.credentials_rotated_at_ms,
                     rec.kaa_app_version,
                     rec.kaa_token_hash or None,
+                    rec.broker_password_hash,
                 )
             except asyncpg.UniqueViolationError:
                 raise AlreadyExists(f"thing {rec.thing_id!r} already exists") from None
@@ -691,7 +712,9 @@ class PostgresStore(PostgresJobs):
 
         await self._registry_write(write)
 
-    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
+    async def set_thing_token(
+        self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "", broker_password_hash: str = ""
+    ) -> None:
         """Store new credentials for a thing (and a new Kaa endpoint token hash, when given).
 
         Raises:
@@ -701,11 +724,12 @@ class PostgresStore(PostgresJobs):
         async def write(conn: asyncpg.Connection) -> None:
             done = await conn.fetchval(
                 "UPDATE things SET token_hash = $1, credentials_rotated_at = $2, updated_at = $2,"
-                " kaa_token_hash = COALESCE($3, kaa_token_hash) WHERE thing_id = $4 RETURNING 1",
+                " kaa_token_hash = COALESCE($3, kaa_token_hash), broker_password_hash = $5 WHERE thing_id = $4 RETURNING 1",
                 token_hash,
                 at_ms,
                 kaa_token_hash or None,
                 thing_id,
+                broker_password_hash,
             )
             if not done:
                 raise NotFound(f"thing {thing_id!r} not found")

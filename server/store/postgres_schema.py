@@ -194,8 +194,16 @@ CREATE INDEX job_targets_due ON job_targets(job_id, due_at) WHERE state = 3;
 CREATE INDEX job_targets_thing ON job_targets(thing_id) WHERE state = 1;
 """
 
+# As SQLite's schema 5: the password in mosquitto's password_file format (broker-config --mosquitto;
+# '' for things whose credentials were issued before it), and whether the external broker acknowledged
+# a request's publish (server/core/handover.py; the outbox claim skips it by its lease_until).
+_V5 = """
+ALTER TABLE things ADD COLUMN broker_password_hash TEXT NOT NULL DEFAULT '';
+ALTER TABLE executions ADD COLUMN handed BOOLEAN NOT NULL DEFAULT FALSE;
+"""
+
 # Schema version -> the statements that bring the previous version to it (see the module docstring).
-MIGRATIONS: dict[int, str] = {3: _V3, 4: _V4}
+MIGRATIONS: dict[int, str] = {3: _V3, 4: _V4, 5: _V5}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 # Any number: the key of the advisory lock replicas take to migrate one at a time.

@@ -51,6 +51,7 @@ def thing_from_row(row: Row) -> ThingRecord:
         last_connected_at_ms=row["last_connected_at"],
         kaa_app_version=row["kaa_app_version"],
         kaa_token_hash=row["kaa_token_hash"] or "",
+        broker_password_hash=row["broker_password_hash"],
     )
 
 

@@ -19,7 +19,7 @@ from server.store.rows import (
     reason_from_columns,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS executions (
     rerun_of           TEXT,
     job_id             TEXT,
     retry_of           TEXT,
-    job_attempt        INTEGER
+    job_attempt        INTEGER,
+    handed             INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS executions_idempotency
     ON executions(idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -90,7 +91,8 @@ CREATE TABLE IF NOT EXISTS things (
     last_remote_address    TEXT NOT NULL DEFAULT '',
     last_connected_at      INTEGER,
     kaa_app_version        TEXT NOT NULL DEFAULT '',
-    kaa_token_hash         TEXT
+    kaa_token_hash         TEXT,
+    broker_password_hash   TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS things_type ON things(thing_type);
 CREATE UNIQUE INDEX IF NOT EXISTS things_kaa_token ON things(kaa_token_hash) WHERE kaa_token_hash IS NOT NULL;
@@ -163,6 +165,10 @@ MIGRATIONS = (
     (4, "executions", "job_id TEXT"),
     (4, "executions", "retry_of TEXT"),
     (4, "executions", "job_attempt INTEGER"),
+    # The password in mosquitto's password_file format (broker-config --mosquitto); '' for older things.
+    (5, "things", "broker_password_hash TEXT NOT NULL DEFAULT ''"),
+    # 1: the external broker acknowledged the request's publish (server/core/handover.py).
+    (5, "executions", "handed INTEGER NOT NULL DEFAULT 0"),
 )
 
 EXEC_COLUMNS = (
