@@ -10,6 +10,14 @@ load-generator processes (``bench.loadgen.DeviceAgent``, answering SUCCEEDED at 
    executions created in any 1-second window against ``rate / 60`` (bound: one more), from the
    executions' creation times in the store.
 
+With ``--memory N`` it runs instead the memory scenario (issue 16 §3): ``N`` things registered in bulk
+(written straight into the store's ``things`` table before the service starts, as a registry restore
+would read them), nobody connected, and one job over an attribute selector matching them all, with
+``max_in_flight`` ``--window`` and a 1 s TTL, so every execution times out and the rollout moves on as
+fast as the window turns. It reports the service RSS before the job, at each tenth of the targets
+final, the peak (sampled every 100 ms) and after, the growth per target, and with ``--tracemalloc`` the
+top allocation sites live at half-way (against a snapshot taken before the job).
+
 Prints one JSON document; figures go to BENCHMARKS.md by hand.
 """
 
@@ -18,11 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import gc
 import json
 import os
+import sqlite3
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +45,7 @@ from server.app import FleetcmdApp
 from server.config import Settings
 from server.core import jobs as jb
 from server.core.job_runner import JobsCore
+from server.core.lifecycle import Status
 from server.core.models import ListQuery
 
 MB = 1024 * 1024
@@ -138,6 +150,97 @@ async def scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return out
 
 
+def seed_things(db: Path, n: int) -> None:
+    """Register ``n`` things (``fleet=bench``, no type, no credentials) in one transaction of the stopped service's store."""
+    now = int(time.time() * 1000)
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            conn.executemany(
+                "INSERT INTO things (thing_id, thing_type, attributes, token_hash, created_at, updated_at,"
+                " credentials_rotated_at, kaa_app_version, kaa_token_hash) VALUES (?,?,?,?,?,?,?,?,?)",
+                ((f"mem-{i:06d}", "", '{"fleet": "bench"}', "", now, now, now, "", None) for i in range(n)),
+            )
+    finally:
+        conn.close()
+
+
+async def memory_scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """One job over ``args.memory`` registered things nobody answers: the service's RSS along the rollout."""
+    settings = Settings(bind="127.0.0.1", mqtt_port=0, grpc_port=0, http_port=-1, data_dir=workdir / "data", allow_anonymous=True)
+    async with FleetcmdApp(settings):
+        pass  # creates the store
+    seed_things(settings.data_dir / "fleetcmd.db", args.memory)
+    out: dict[str, Any] = {"targets": args.memory, "max_in_flight": args.window}
+    async with FleetcmdApp(settings) as app:
+        assert app.jobs is not None
+        gc.collect()
+        await asyncio.sleep(1.0)
+        before = rss_bytes(os.getpid())
+        spec = jb.JobSpec(
+            "bench-memory",
+            {"n": 1},
+            1,
+            jb.Targets(attributes=(("fleet", "bench"),)),
+            rollout=jb.Rollout(max_in_flight=args.window),
+        )
+        baseline = None
+        if args.tracemalloc:
+            tracemalloc.start(1)
+            baseline = tracemalloc.take_snapshot()
+        steps: list[dict[str, Any]] = []
+        top: list[str] = []
+        peak = before
+        started = time.perf_counter()
+
+        async def sample() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, rss_bytes(os.getpid()))
+                await asyncio.sleep(0.1)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            job = await app.jobs.create(spec)
+            async with asyncio.timeout(args.timeout):
+                async for snap in app.jobs.watch(job.job_id):
+                    job = snap
+                    done = sum(job.counts.get(status.name, 0) for status in Status if status.final)
+                    tenth = done * 10 // max(1, args.memory)
+                    if tenth > len(steps):
+                        rss = rss_bytes(os.getpid())
+                        steps.append(
+                            {
+                                "final": done,
+                                "rss_mb": round(rss / MB, 1),
+                                "in_flight": app.jobs.metrics()["job_executions_in_flight"],
+                            }
+                        )
+                        if baseline is not None and tenth >= 5 and not top:
+                            stats = tracemalloc.take_snapshot().compare_to(baseline, "lineno")
+                            top = [f"{st.size_diff / MB:.1f} MB {st.count_diff:+d} {st.traceback}" for st in stats[:12]]
+        finally:
+            sampler.cancel()
+        seconds = time.perf_counter() - started
+        if baseline is not None:
+            tracemalloc.stop()
+        gc.collect()
+        await asyncio.sleep(1.0)
+        after = rss_bytes(os.getpid())
+        out.update(
+            state=job.state.name,
+            counts=dict(job.counts),
+            seconds=round(seconds, 1),
+            rss_mb={"before": round(before / MB, 1), "peak": round(peak / MB, 1), "after": round(after / MB, 1)},
+            growth_mb=round((peak - before) / MB, 1),
+            growth_bytes_per_target=round((peak - before) / args.memory),
+            steps=steps,
+        )
+        if top:
+            out["tracemalloc_top_at_half"] = top
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the scenario and print its figures as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -146,7 +249,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paced-rate", type=int, default=6_000, help="max_per_minute of the paced job")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a job may take")
     parser.add_argument("--profile", action="store_true", help="profile the service (cProfile, to stderr)")
+    parser.add_argument("--memory", type=int, default=0, help="run the memory scenario instead: one job over this many things")
+    parser.add_argument("--window", type=int, default=5_000, help="memory scenario: the job's max_in_flight")
+    parser.add_argument("--tracemalloc", action="store_true", help="memory scenario: top allocation sites at half-way")
     args = parser.parse_args(argv)
+    if args.memory:
+        with tempfile.TemporaryDirectory(prefix="fleetcmd-bench-jobs-memory-") as tmp:
+            print(json.dumps(asyncio.run(memory_scenario(args, Path(tmp))), indent=2))
+        return 0
     raise_nofile(args.fleet * 2 + 2000)
     with tempfile.TemporaryDirectory(prefix="fleetcmd-bench-jobs-") as tmp:
         if args.profile:

@@ -38,10 +38,12 @@ from server.core.apikeys import ApiKeys
 from server.core.clock import now_ms
 from server.core.commands import CommandCore
 from server.core.errors import ListenError
+from server.core.handover import Handover, HandoverStore
 from server.core.job_runner import JobsCore
 from server.core.lifecycle import Status
 from server.core.metrics import Kind, Sample, ServiceMetrics, counters
 from server.core.registry import Registry
+from server.core.replica import ReplicaLoops, shared_store
 from server.dialects import DIALECTS
 from server.dialects.bundle import DialectBundle, DialectContext, DialectRuntime, install
 from server.external_broker.link import ExternalBroker
@@ -119,6 +121,9 @@ class FleetcmdApp:
         self.broker: FleetBroker | None = None
         # External broker mode (FLEETCMD_BROKER_URL): the MQTT client in the embedded broker's place.
         self.external: ExternalBroker | None = None
+        # Replica mode (a store several replicas share: PostgreSQL): TTL sweeps, outbox takeover, registry refresh.
+        self.replica: ReplicaLoops | None = None
+        self.handover: Handover | None = None
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
         # Each dialect's runtime, by name, once attached.
@@ -168,6 +173,10 @@ class FleetcmdApp:
         # The data directory holds admin.key whichever store database_url names.
         await asyncio.to_thread(s.data_dir.mkdir, parents=True, exist_ok=True)
         store = store_from_url(s.store_url)
+        shared = shared_store(store)
+        if shared is not None:
+            # How long a replica's claim on an unacknowledged request lasts before another may publish it.
+            shared.lease_ms = s.outbox_lease_seconds * 1000
         for bundle in self.dialects:
             bundle.check_store(store)
         await stack.enter_async_context(store)
@@ -184,11 +193,27 @@ class FleetcmdApp:
         store.set_commit_observer(self.service_metrics.observe_commit)
         core.histograms = self.service_metrics
         self.core = core
+        if shared is not None:
+            # Every replica reaches every device only through an external broker: only then does one
+            # replica publish another's requests (with the embedded broker, a device is connected here).
+            replica = ReplicaLoops(shared, registry, core.outbox, takeover=bool(s.broker_url))
+            core.leased_outbox = replica.takeover
+            core.reload_registry = replica.reload_registry
+            self.replica = replica
+            self._spawn(replica.run_sweeps(), "ttl-sweeps")
+            self._spawn(replica.run_registry(), "registry-refresh")
+            if replica.takeover:
+                self._spawn(replica.run_takeover(), "outbox-takeover")
+        if s.broker_url and isinstance(store, HandoverStore):
+            # The external broker's PUBACKs are recorded: nothing publishes those requests again.
+            self.handover = Handover(store)
+            core.outbox.handed = self.handover.add
+            self._spawn(self.handover.run(), "outbox-handover")
         restored = await core.restore()
         # Jobs follow their executions from the commit hook on; restored before anything can change them.
         jobs_store = job_store(store)
         if jobs_store is not None:
-            jobs = JobsCore(core, jobs_store, registry)
+            jobs = JobsCore(core, jobs_store, registry, adopt_seconds=s.job_adopt_seconds)
             core.job_hook = jobs.on_commit
             registry.thing_changed = jobs.thing_changed
             await jobs.restore()
@@ -398,7 +423,11 @@ class FleetcmdApp:
     async def _republish(self, core: CommandCore) -> None:
         """After a (re)connect to the external broker: publish every request the broker has not taken."""
         assert self.store is not None
-        things = {item.thing_id for item in await self.store.active() if item.status <= Status.SENT}
+        if core.leased_outbox:
+            # Replicas: this one's own requests; the others' come by lease (server/core/replica.py).
+            things = set(core.outbox.pending_things())
+        else:
+            things = {item.thing_id for item in await self.store.active() if item.status <= Status.SENT}
         for thing_id in things:
             core.outbox.device_available(thing_id)
 
@@ -413,8 +442,20 @@ class FleetcmdApp:
                 Sample("stream_watchers", len(core.bus), Kind.GAUGE, "Live Stream and wait subscribers."),
                 Sample("outbox_published", core.outbox.published, Kind.COUNTER, "Requests written to a device."),
                 Sample("outbox_acked", core.outbox.acked, Kind.COUNTER, "Requests a device PUBACKed."),
+                Sample(
+                    "outbox_handed",
+                    self.handover.recorded if self.handover else 0,
+                    Kind.COUNTER,
+                    "Requests the external broker took, recorded so that none is published again.",
+                ),
             ]
             samples += counters("core", core.stats, "Control-plane events by kind.")
+        if self.replica is not None:
+            samples += [
+                Sample("replica_timed_out", self.replica.timed_out, Kind.COUNTER, "Executions this replica's sweeps timed out."),
+                Sample("replica_claimed", self.replica.claimed, Kind.COUNTER, "Requests this replica took over by lease."),
+                Sample("replica_registry_reloads", self.replica.reloads, Kind.COUNTER, "Registry reads from the shared store."),
+            ]
         if broker is not None:
             connected = sum(1 for client_id in broker.sessions if broker.is_connected(client_id))
             samples.append(Sample("mqtt_clients_connected", connected, Kind.GAUGE, "Live MQTT clients."))

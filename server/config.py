@@ -22,6 +22,8 @@ MAX_RETENTION_DAYS = 36500
 BROKER_SHARED = ("auto", "on", "off")
 # MQTT 5's Session Expiry Interval is a four-byte integer (seconds).
 MAX_SESSION_EXPIRY = 0xFFFFFFFF
+MAX_OUTBOX_LEASE = 86_400
+MAX_JOB_ADOPT = 3_600
 # The broker's shared secret must be long enough not to be guessed (it guards every device's admission).
 MIN_BROKER_AUTH_SECRET = 16
 
@@ -109,6 +111,14 @@ class Settings:
         metadata={"help": "shared subscriptions for device reports: on, off, or auto ($share for non-$ topics only)"},
     )
     broker_share_group: str = field(default="fleetcmd", metadata={"help": "the $share group of the replicas"})
+    outbox_lease_seconds: int = field(
+        default=30,
+        metadata={"help": "replicas: seconds a replica holds an unacknowledged request before another may publish it"},
+    )
+    job_adopt_seconds: int = field(
+        default=2,
+        metadata={"help": "replicas: seconds between two looks for jobs whose replica stopped (lock free), to take them over"},
+    )
     broker_session_expiry: int = field(
         default=3600,
         metadata={"help": "seconds the broker keeps the service's session (unacknowledged reports) while it is away"},
@@ -182,6 +192,10 @@ class Settings:
             problems.append(f"broker_shared must be one of {', '.join(BROKER_SHARED)}")
         if level_problem(self.broker_share_group) is not None:
             problems.append(f"broker_share_group {level_problem(self.broker_share_group)}")
+        if not 1 <= self.outbox_lease_seconds <= MAX_OUTBOX_LEASE:
+            problems.append(f"outbox_lease_seconds must be 1..{MAX_OUTBOX_LEASE}")
+        if not 1 <= self.job_adopt_seconds <= MAX_JOB_ADOPT:
+            problems.append(f"job_adopt_seconds must be 1..{MAX_JOB_ADOPT}")
         if not 0 <= self.broker_session_expiry <= MAX_SESSION_EXPIRY:
             problems.append(f"broker_session_expiry must be 0..{MAX_SESSION_EXPIRY}")
         if self.broker_auth_secret and len(self.broker_auth_secret) < MIN_BROKER_AUTH_SECRET:

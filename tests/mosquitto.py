@@ -62,13 +62,15 @@ class Mosquitto:
 
 
 @contextlib.contextmanager
-def mosquitto(workdir: Path, extra: Sequence[str] = (), *, port: int = 0) -> Iterator[Mosquitto]:
+def mosquitto(workdir: Path, extra: Sequence[str] = (), *, port: int = 0, anonymous: bool = True) -> Iterator[Mosquitto]:
     """mosquitto (MQTT 3.1.1 and 5, shared subscriptions built in) on a free loopback port.
 
-    Anonymous clients are allowed (Debian's mosquitto has no HTTP authentication plugin, so the
-    EMQX-format authn/authz endpoints cannot be wired to it); sessions are kept in memory for as
-    long as it runs (``persistence false``). ``extra`` lines are appended to the configuration;
-    ``port`` 0 picks a free one (another value: a restart on the port of an earlier run).
+    Anonymous clients are allowed unless ``anonymous`` is False (Debian's mosquitto has no HTTP
+    authentication plugin, so the EMQX-format authn/authz endpoints cannot be wired to it; with
+    ``extra`` naming the files of ``fleetcmd broker-config --mosquitto`` it enforces fleetcmd's rules);
+    sessions are kept in memory for as long as it runs (``persistence false``). ``extra`` lines are
+    appended to the configuration; ``port`` 0 picks a free one (another value: a restart on the port
+    of an earlier run).
     """
     binary = require_mosquitto()
     port = port or free_port()
@@ -76,7 +78,7 @@ def mosquitto(workdir: Path, extra: Sequence[str] = (), *, port: int = 0) -> Ite
     conf = workdir / "mosquitto.conf"
     lines = [
         f"listener {port} {HOST}",
-        "allow_anonymous true",
+        f"allow_anonymous {'true' if anonymous else 'false'}",
         "persistence false",
         # Every client's queue of QoS 1 messages while it is away (the service's unacknowledged reports).
         "max_queued_messages 10000",

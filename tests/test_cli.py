@@ -43,10 +43,10 @@ def unique(prefix: str) -> str:
 
 def test_send_get_list_cancel_offline_thing(svc: Service) -> None:
     thing = unique("cli-offline")
-    sent = ok_json(cli(svc, "send", thing, "setTemperature", "--params", '{"value": 24}', "--ttl", "5", "--json"))
+    sent = ok_json(cli(svc, "send", thing, "setTemperature", "--params", '{"value": 24}', "--ttl", "60", "--json"))
     eid = sent["execution_id"]
     assert sent["status"] == "QUEUED"
-    assert (sent["thing_id"], sent["action"], sent["ttl_seconds"]) == (thing, "setTemperature", 5)
+    assert (sent["thing_id"], sent["action"], sent["ttl_seconds"]) == (thing, "setTemperature", 60)
     assert sent["params"] == {"value": 24}
 
     got = ok_json(cli(svc, "get", eid, "--json"))

@@ -299,10 +299,12 @@ class Service:
     """A FleetcmdApp with one Kaa endpoint, reached over HTTP (urllib) and gRPC (sync) from the test thread."""
 
     AV = "av1"
+    # The external broker's authn/authz endpoints are served (and fuzzed) with this shared secret.
+    BROKER_SECRET = "fuzz-broker-secret-0123"
 
     def __init__(self, data_dir: Path) -> None:
         self.loop = LoopThread()
-        self.app = FleetcmdApp(make_settings(data_dir))
+        self.app = FleetcmdApp(make_settings(data_dir, broker_auth_secret=self.BROKER_SECRET))
         self.loop.run(self.app.__aenter__())
         assert self.app.ports is not None and self.app.registry is not None
         self.http = f"http://127.0.0.1:{self.app.ports.http}"

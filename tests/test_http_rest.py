@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
+from server.api.http_broker_auth import AUTHN_PATH, AUTHZ_PATH
 from server.api.openapi import document
 from server.app import FleetcmdApp
 from server.core.apikeys import Role
@@ -99,12 +100,8 @@ def answer(dev: EmqxDevice, execution_id: str, body: dict[str, Any]) -> None:
 # ---- OpenAPI ------------------------------------------------------------------------------
 
 
-async def test_openapi_document_is_valid_public_and_complete(app: FleetcmdApp, http: Http) -> None:
-    reply = await http.call("GET", "/api/v1/openapi.json", key=None)
-    assert reply.status == 200
-    spec = reply.body
-    validate_openapi(spec)
-    assert spec["openapi"].startswith("3.1")
+def served_routes(app: FleetcmdApp) -> set[tuple[str, str]]:
+    """Every (method, path) the HTTP server routes, HEAD aside."""
     assert app.http is not None
     served = set()
     for route in app.http.app.router.routes():
@@ -112,12 +109,37 @@ async def test_openapi_document_is_valid_public_and_complete(app: FleetcmdApp, h
         path = info.get("path") or info.get("formatter")
         if route.method != "HEAD":
             served.add((route.method.lower(), path))
-    documented = {(m, p) for p, item in spec["paths"].items() for m in item}
-    assert served == documented
+    return served
+
+
+async def test_openapi_document_is_valid_public_and_complete(tmp_path: Path) -> None:
+    # With the broker's shared secret set every route is served, the external broker's authn/authz too.
+    settings = make_settings(tmp_path / "data", broker_auth_secret="s3cret-s3cret-s3cret")
+    async with (
+        FleetcmdApp(settings) as app,
+        aiohttp.ClientSession(f"http://127.0.0.1:{app.ports.http if app.ports else 0}", timeout=TIMEOUT) as session,
+    ):
+        reply = await Http(session, None).call("GET", "/api/v1/openapi.json")
+        assert reply.status == 200
+        spec = reply.body
+        validate_openapi(spec)
+        assert spec["openapi"].startswith("3.1")
+        documented = {(m, p) for p, item in spec["paths"].items() for m in item}
+        assert served_routes(app) == documented
     for path, item in spec["paths"].items():
         for op in item.values():
             if path.startswith("/api/v1/commands"):
                 assert {"400", "401", "403"} <= set(op["responses"]), (path, op["operationId"])
+            if path.startswith("/api/v1/broker/"):
+                assert op["security"] == [{"brokerSecret": []}], path
+                assert {"200", "400", "401"} <= set(op["responses"]), path
+
+
+async def test_the_broker_endpoints_are_documented_but_not_served_without_the_secret(app: FleetcmdApp) -> None:
+    broker = {("post", AUTHN_PATH), ("post", AUTHZ_PATH)}
+    documented = {(m, p) for p, item in SPEC["paths"].items() for m in item}
+    assert broker <= documented
+    assert served_routes(app) & broker == set()
 
 
 # ---- keys and roles -----------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
+from server.core import ids
 from server.core.ids import new_execution_ids, time_ordered_id
 
 
@@ -30,3 +32,29 @@ def test_version_and_variant_bits_are_set_whatever_the_random_bytes() -> None:
     assert time_ordered_id(0, b"\xff" * 10) == "0000000000007fffbfffffffffffffff"
     assert time_ordered_id(2**48 - 1, bytes(10)) == "ffffffffffff70008000000000000000"
     assert time_ordered_id(2**48 + 5, bytes(10))[:12] == "000000000005"  # only the low 48 bits of the time
+
+
+def test_the_random_bytes_are_handed_out_once_across_refills_and_threads() -> None:
+    # Several refills of the pool, taken by eight threads at once: no id twice.
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = ids._POOL_EXECUTIONS * 3 + 7
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _i: new_execution_ids(1_001), range(n * 4)))
+    assert len({e for e, _c in made}) == len(made) and len({c for _e, c in made}) == len(made)
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    new_execution_ids(1)  # the pool holds bytes the child must not hand out again
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.close(read)
+        os.write(write, ",".join(new_execution_ids(1)[1] for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split(","))
+    os.waitpid(pid, 0)
+    parent = {new_execution_ids(1)[1] for _ in range(3)}
+    assert len(child) == 3 and not child & parent

@@ -296,8 +296,8 @@ async def test_job_events_survive_a_sigkill_and_replay(tmp_path: Path) -> None:
 # ---- the store ------------------------------------------------------------------------------------------
 
 
-async def test_a_schema_4_database_gets_job_events_and_only_undelivered(tmp_path: Path) -> None:
-    path = tmp_path / "v4.sqlite"
+async def test_a_schema_5_database_gets_job_events_and_only_undelivered(tmp_path: Path) -> None:
+    path = tmp_path / "v5.sqlite"
     old = SCHEMA.replace("DEFAULT '',\n    job_id             TEXT,\n    job                TEXT\n);", "DEFAULT ''\n);")
     old = old[: old.index("-- A job's events")] + old[old.index("-- Finished executions") :]
     cut = old.index("    sequential      INTEGER NOT NULL DEFAULT 0,")
@@ -309,11 +309,11 @@ async def test_a_schema_4_database_gets_job_events_and_only_undelivered(tmp_path
     conn = sqlite3.connect(path)
     conn.executescript(old)
     conn.execute("INSERT INTO events (seq, execution_id, thing_id, action, status, at) VALUES (1, 'e', 't', 'a', 1, 0)")
-    conn.execute("PRAGMA user_version = 4")
+    conn.execute("PRAGMA user_version = 5")
     conn.commit()
     conn.close()
-    assert SCHEMA_VERSION == 5
-    async with opened(path) as store:
+    assert SCHEMA_VERSION == 6
+    async with opened(f"sqlite:///{path}") as store:
         [old_event] = await store.events_after(0, EventFilter(), 10)
         assert old_event.execution_id == "e" and old_event.job_id == "" and old_event.job is None
         rec = jb_record("j-1")

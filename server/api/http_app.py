@@ -41,6 +41,10 @@ READYZ_PATH = "/readyz"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Every operator route (commands, registry, events), each naming its operation.
+# The longest request line (method, path and query) the HTTP parser takes: a list filtered by many
+# attributes needs more than aiohttp's 8 KiB. Longer lines are refused by the parser itself, before
+# any handler, with a plain-text 400 (documented in docs/rest.md).
+MAX_REQUEST_LINE = 64 * 1024
 REST_ROUTES = http_rest.ROUTES + http_registry.ROUTES + http_events.ROUTES + http_console.ROUTES + http_jobs.ROUTES
 # What is not ready, by part; empty when the service is ready (FleetcmdApp.readiness).
 Readiness = Callable[[], Awaitable[dict[str, str]]]
@@ -212,7 +216,9 @@ class HttpServer:
     async def start(self, bind: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> int:
         """Listen and serve; returns the bound port (also when ``port`` is 0)."""
         access_log = log if log.isEnabledFor(logging.DEBUG) else None
-        runner = web.AppRunner(self.app, access_log=access_log, shutdown_timeout=self._shutdown_timeout)
+        runner = web.AppRunner(
+            self.app, access_log=access_log, shutdown_timeout=self._shutdown_timeout, max_line_size=MAX_REQUEST_LINE
+        )
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, bind, port, ssl_context=ssl_context, reuse_address=True)

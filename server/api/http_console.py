@@ -44,6 +44,7 @@ FILES: dict[str, str] = {
     "detail.js": "text/javascript; charset=utf-8",
     "send.js": "text/javascript; charset=utf-8",
     "registry.js": "text/javascript; charset=utf-8",
+    "jobs.js": "text/javascript; charset=utf-8",
     "favicon.svg": "image/svg+xml",
 }
 

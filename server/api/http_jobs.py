@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from server.api.http_rest import API_PREFIX, RestRoute, authorize, read_json, rfc3339
+from server.api.http_rest import API_PREFIX, CALLER, RestRoute, guarded_routes, read_json, rfc3339
 from server.api.http_rest import _parse_time as parse_time  # the one parser of REST times
 from server.core import jobs
 from server.core.apikeys import ApiKeys
@@ -424,9 +424,7 @@ ROUTES: tuple[RestRoute, ...] = (
     RestRoute("POST", JOB + "/cancel", "cancel", Operation.MANAGE_JOBS),
     RestRoute("POST", JOB + "/rerun-failed", "rerun_failed", Operation.MANAGE_JOBS),
 )
-_ROUTE_DEF = {"GET": web.get, "POST": web.post}
 # The caller of a request (its API key id), set by the role check.
-CALLER = web.RequestKey("caller", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -456,21 +454,8 @@ class JobsRestApi:
         self._keys = keys
 
     def routes(self) -> list[web.RouteDef]:
-        """The routes of :data:`ROUTES`, each behind its operation's role check."""
-        return [_ROUTE_DEF[route.method](route.path, self._guarded(route)) for route in ROUTES]
-
-    def _guarded(self, route: RestRoute) -> Handler:
-        handler: Handler = getattr(self, route.handler)
-        operation = route.operation
-
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            request[CALLER] = (await authorize(self._keys, request, operation)).key_id
-            try:
-                return await handler(request)
-            except InvalidArgument as exc:
-                raise _rest_error(exc) from None
-
-        return guarded
+        """The routes of :data:`ROUTES`, each behind its operation's role check, engine errors named as REST names fields."""
+        return guarded_routes(_FieldNamed(self), ROUTES, self._keys)
 
     async def create(self, request: web.Request) -> web.Response:
         """``POST /api/v1/jobs``: 201 with the job, or with ``dryRun`` 200 with the target count and a sample."""
@@ -481,7 +466,7 @@ class JobsRestApi:
         if dry:
             result = await self._jobs.dry_run(spec)
             return web.json_response({"targetsTotal": result.targets_total, "sample": list(result.sample)})
-        return _created(await self._jobs.create(spec, created_by=request[CALLER]))
+        return _created(await self._jobs.create(spec, created_by=request[CALLER].key_id))
 
     async def list(self, request: web.Request) -> web.Response:
         """``GET /api/v1/jobs``: newest first, ``nextPageToken`` "" on the last page."""
@@ -515,3 +500,21 @@ class JobsRestApi:
         job_id = _job_id(request)
         statuses = rerun_statuses(await _body(request))
         return _created(await self._jobs.rerun_failed(job_id, statuses))
+
+
+class _FieldNamed:
+    """The API's handlers, with the engine's field violations renamed as REST spells the fields."""
+
+    def __init__(self, api: JobsRestApi) -> None:
+        self._api = api
+
+    def __getattr__(self, name: str) -> Handler:
+        handler: Handler = getattr(self._api, name)
+
+        async def renamed(request: web.Request) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except InvalidArgument as exc:
+                raise _rest_error(exc) from None
+
+        return renamed

@@ -480,6 +480,10 @@ async def authorize(keys: ApiKeys, request: web.Request, operation: Operation) -
     return principal
 
 
+# The caller a guarded route authorized (e.g. who created a job).
+CALLER = web.RequestKey("caller", Principal)
+
+
 def guarded_routes(api: object, routes: Iterable[RestRoute], keys: ApiKeys) -> list[web.RouteDef]:
     """The aiohttp routes of ``routes``, each served by ``api``'s method of its name once its operation is authorized."""
 
@@ -488,7 +492,7 @@ def guarded_routes(api: object, routes: Iterable[RestRoute], keys: ApiKeys) -> l
         operation = route.operation
 
         async def guarded(request: web.Request) -> web.StreamResponse:
-            await authorize(keys, request, operation)
+            request[CALLER] = await authorize(keys, request, operation)
             return await handler(request)
 
         return guarded

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from broker_hooks.topics import MAX_LEVEL_LENGTH
+from server.api import http_broker_auth
 from server.core import job_runner, jobs
 from server.core.lifecycle import Status
 from server.core.registry import MAX_ATTRIBUTE_KEY, MAX_ATTRIBUTE_VALUE, MAX_ATTRIBUTES, MAX_DESCRIPTION, TYPE_NAME
@@ -741,6 +742,97 @@ def _events_path() -> dict[str, Any]:
     }
 
 
+# ---- the external broker's authn/authz (EMQX HTTP format), served by server.api.http_broker_auth ----------
+
+
+def _broker_schemas() -> dict[str, Any]:
+    def text(description: str, *, nullable: bool = False) -> dict[str, Any]:
+        kind: Any = ["string", "null"] if nullable else "string"
+        return {"type": kind, "maxLength": http_broker_auth.MAX_FIELD_LENGTH, "description": description}
+
+    # EMQX may send more fields than its body template names: they are ignored, so not refused.
+    return {
+        "BrokerAuthnRequest": {
+            "type": "object",
+            "description": "EMQX's HTTP authenticator body template: "
+            '{clientid = "${clientid}", username = "${username}", password = "${password}"}.',
+            "required": ["clientid"],
+            "properties": {
+                "clientid": text("The MQTT client id (a thing's id; any id for a Kaa device)."),
+                "username": text("The CONNECT username (a thing's id); empty or null: none.", nullable=True),
+                "password": text("The CONNECT password (the thing's password); empty or null: none.", nullable=True),
+            },
+        },
+        "BrokerAuthzRequest": {
+            "type": "object",
+            "description": "EMQX's HTTP authorizer body template: "
+            '{clientid = "${clientid}", username = "${username}", action = "${action}", topic = "${topic}"}.',
+            "required": ["clientid", "action", "topic"],
+            "properties": {
+                "clientid": text("The MQTT client id."),
+                "username": text("The client's username; empty or null: none (a Kaa device).", nullable=True),
+                "action": {"type": "string", "enum": list(http_broker_auth.ACTIONS)},
+                "topic": text("The topic published to, or the filter subscribed with."),
+            },
+        },
+        "BrokerDecision": {
+            "type": "object",
+            "description": "Read by EMQX: allow or deny decides (fleetcmd never answers EMQX's third value, ignore; "
+            "EMQX reads any status other than 200 as ignore and asks its next authenticator or authorizer).",
+            "required": ["result", "is_superuser"],
+            "properties": {
+                "result": {"type": "string", "enum": ["allow", "deny"]},
+                "is_superuser": {
+                    "type": "boolean",
+                    "description": "true only for the service's own broker account (authn): it may use every topic.",
+                },
+            },
+        },
+    }
+
+
+def _broker_paths() -> dict[str, Any]:
+    def post(operation_id: str, summary: str, description: str, body: str) -> dict[str, Any]:
+        return {
+            "post": {
+                "tags": ["broker"],
+                "operationId": operation_id,
+                "summary": summary,
+                "description": description + " Served only when FLEETCMD_BROKER_AUTH_SECRET is set (404 otherwise).",
+                "security": [{"brokerSecret": []}],
+                "requestBody": {"required": True, "content": _json(_ref(body))},
+                "responses": {
+                    "200": {"description": "The decision.", "content": _json(_ref("BrokerDecision"))},
+                    "400": {"$ref": "#/components/responses/BadRequest"},
+                    "401": _error(
+                        f"No {http_broker_auth.SECRET_HEADER} header, or not the secret (code UNAUTHENTICATED): no "
+                        "decision, which EMQX reads as ignore."
+                    ),
+                    "413": {"$ref": "#/components/responses/PayloadTooLarge"},
+                },
+            }
+        }
+
+    return {
+        http_broker_auth.AUTHN_PATH: post(
+            "brokerAuthn",
+            "EMQX HTTP authentication: may this CONNECT in? (the broker's shared secret)",
+            "The embedded broker's rule: a registered thing with client id = username = thing id and its current "
+            "password; a Kaa device with no username and no password while Kaa endpoints exist (unless its client id "
+            "is a thing's); the service's own broker account as a superuser (its username is reserved).",
+            "BrokerAuthnRequest",
+        ),
+        http_broker_auth.AUTHZ_PATH: post(
+            "brokerAuthz",
+            "EMQX HTTP authorization: may this client publish to / subscribe with this topic? (the broker's shared secret)",
+            "The embedded broker's topic ACL: a thing subscribes to its own request topics and publishes its own "
+            "responses; a Kaa device uses the cex/dcx topics of registered endpoints whose token it names; the "
+            "service's account may use every topic.",
+            "BrokerAuthzRequest",
+        ),
+    }
+
+
 # ---- jobs (issue 16): /api/v1/jobs, served by server.api.http_jobs -------------------------------
 
 
@@ -1030,6 +1122,7 @@ def document(version: str) -> dict[str, Any]:
             {"name": "events"},
             {"name": "jobs"},
             {"name": "kaa"},
+            {"name": "broker"},
             {"name": "meta"},
         ],
         "paths": {
@@ -1187,12 +1280,19 @@ def document(version: str) -> dict[str, Any]:
             **_job_paths(),
             "/kp1/{appVersion}/cex/{token}/command/{commandType}": _kaa_path("command"),
             "/kp1/{appVersion}/cex/{token}/result/{commandType}": _kaa_path("result"),
+            **_broker_paths(),
         },
         "components": {
-            "schemas": {**_schemas(), **_job_schemas()},
+            "schemas": {**_schemas(), **_job_schemas(), **_broker_schemas()},
             "responses": _responses_component(),
             "securitySchemes": {
-                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "A fleetcmd API key (fck_...)."}
+                "bearerAuth": {"type": "http", "scheme": "bearer", "description": "A fleetcmd API key (fck_...)."},
+                "brokerSecret": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": http_broker_auth.SECRET_HEADER,
+                    "description": "The external broker's shared secret (FLEETCMD_BROKER_AUTH_SECRET).",
+                },
             },
         },
     }

@@ -26,7 +26,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from server.api import convert
-from server.cli import admin, client, jobs
+from server.cli import admin, broker_config, client, jobs
 from server.config import ENV_PREFIX, Settings, SettingsError
 from server.core.errors import ListenError
 from server.core.validation import MAX_WAIT_SECONDS
@@ -415,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     rerun_p.set_defaults(func=cmd_rerun)
 
     admin.register(sub, client_flags)
+    broker_config.register(sub)
     jobs.register(sub, client_flags)
     return parser
 

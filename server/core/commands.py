@@ -114,6 +114,11 @@ class CommandCore:
         self._ingest_done = asyncio.Event()
         self._reports_in_flight = 0
         self._reports_drained = asyncio.Event()
+        # Replica mode (server/core/replica.py) sets these: requests are taken over through store
+        # leases rather than held from the start, and a Send naming an unknown thing reads the
+        # registry back first (another replica may have just created it).
+        self.leased_outbox = False
+        self.reload_registry: Callable[[], Awaitable[bool]] | None = None
 
     # ---- start and stop -------------------------------------------------------------------
 
@@ -147,10 +152,13 @@ class CommandCore:
             How many active executions were restored.
         """
         active = await self.store.active()
+        if self.leased_outbox:
+            # Other replicas' executions too: their TTLs are swept, their requests claimed by lease.
+            return len(active)
         for item in active:
             self.scheduler.schedule(item.execution_id, item.expires_at_ms)
-            if item.status <= Status.SENT:
-                # Not acknowledged by the device: goes out again when it connects.
+            if item.status <= Status.SENT and not item.handed:
+                # Not acknowledged by the device (nor taken by an external broker): goes out again when it connects.
                 self.outbox.hold(item.thing_id, item.execution_id)
         return len(active)
 
@@ -342,7 +350,12 @@ class CommandCore:
         """
         if len(self.scheduler) >= self.settings.max_active_executions:
             raise ResourceExhausted(f"{len(self.scheduler)} executions are active (limit {self.settings.max_active_executions})")
-        prepared = self.registry.prepare_send(cmd.thing_id, cmd.action, cmd.params, cmd.ttl_seconds)
+        try:
+            prepared = self.registry.prepare_send(cmd.thing_id, cmd.action, cmd.params, cmd.ttl_seconds)
+        except NotFound:
+            if self.reload_registry is None or not await self.reload_registry():
+                raise
+            prepared = self.registry.prepare_send(cmd.thing_id, cmd.action, cmd.params, cmd.ttl_seconds)
         new = self.new_execution(cmd.thing_id, cmd.action, prepared, cmd.idempotency_key, rerun_of)
         result = await self.store.create(new)
         if result.created and self.track(result.execution):

@@ -22,6 +22,7 @@ from broker_hooks.broker import Delivery
 from server.core.errors import FleetcmdError
 from server.core.lifecycle import Outcome, Status
 from server.core.models import Execution
+from server.core.records import fast_init
 from server.store import Store, TransitionResult
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class DeviceLink(Protocol):
         """Publish without waiting: the outcome, a future done on the PUBACK, or None (use ``deliver``)."""
 
 
+@fast_init
 @dataclass(frozen=True)
 class Message:
     """One publish of a request to one client; ``qos`` None means "at the client's subscription QoS"."""
@@ -90,6 +92,9 @@ class Outbox:
         self._link: DeviceLink | None = None
         # Which route reaches a thing (the core asks the attached dialects).
         self.route_for: Callable[[str], Route | None] = lambda _thing_id: None
+        # Told each request a publish handed over for good (SENT: an external broker's PUBACK), so that
+        # replicas record it and do not publish it again after its lease (server/core/replica.py).
+        self.handed: Callable[[str], None] | None = None
         self._pending: dict[str, dict[str, None]] = {}  # thing -> ordered execution ids
         self._inflight: set[str] = set()
         # In flight while its device (re)connected: if that attempt fails, flush again.
@@ -134,6 +139,10 @@ class Outbox:
             ids.pop(execution_id, None)
             if not ids:
                 del self._pending[thing_id]
+
+    def pending_things(self) -> list[str]:
+        """The things this outbox holds requests for."""
+        return list(self._pending)
 
     def device_available(self, thing_id: str) -> None:
         """The device connected or subscribed: publish what waits for it."""
@@ -259,8 +268,11 @@ class Outbox:
                 acked = self._marks.mark_delivered_nowait(execution.execution_id)
                 acked.add_done_callback(functools.partial(self._acked, execution))
             elif outcome is Delivery.SENT:
-                # A QoS 0 subscription cannot acknowledge: sent once is all MQTT offers.
+                # A QoS 0 subscription cannot acknowledge: sent once is all MQTT offers. An external
+                # broker's PUBACK: the device's session there holds it.
                 self.discard(execution.thing_id, execution.execution_id)
+                if self.handed is not None:
+                    self.handed(execution.execution_id)
             # Otherwise it stays pending and goes out again on the next connect or subscribe.
         except Exception:
             log.exception("recording the publish of %s failed", execution.execution_id)

@@ -12,6 +12,7 @@ random bits still make an id impossible to guess. A command id is 128 random bit
 from __future__ import annotations
 
 import os
+import threading
 
 _VERSION_7 = 0x7 << 76
 _VARIANT_RFC = 0x2 << 62
@@ -30,7 +31,43 @@ def time_ordered_id(at_ms: int, random: bytes) -> str:
     return f"{(at_ms & 0xFFFF_FFFF_FFFF) << 80 | _VERSION_7 | _VARIANT_RFC | bits:032x}"
 
 
+# Random bytes per new execution: 10 for the execution id, 16 for the command id.
+_PER_EXECUTION = 26
+# Executions served by one os.urandom call. os.urandom releases the GIL around its system call,
+# and taking the GIL back on the event loop's thread waits for the store's writer thread: one
+# call per command cost more than the rest of making its ids.
+_POOL_EXECUTIONS = 256
+
+
+class _RandomPool:
+    """Bytes from ``os.urandom`` handed out once each, in slices; refilled when used up.
+
+    Thread-safe, and emptied in a forked child (which must not hand out its parent's bytes again).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes = b""
+        self._pos = 0
+
+    def take(self, n: int) -> bytes:
+        with self._lock:
+            if self._pos + n > len(self._bytes):
+                self._bytes, self._pos = os.urandom(n * _POOL_EXECUTIONS), 0
+            start = self._pos
+            self._pos = start + n
+            return self._bytes[start : start + n]
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()  # a lock held by another thread at the fork stays held in the child
+        self._bytes, self._pos = b"", 0
+
+
+_pool = _RandomPool()
+os.register_at_fork(after_in_child=_pool.reset)
+
+
 def new_execution_ids(at_ms: int) -> tuple[str, str]:
     """A new ``(execution_id, command_id)``: a time-ordered id and a random one (32 hex digits each)."""
-    random = os.urandom(26)  # one call: 10 bytes for the execution id, 16 for the command id
+    random = _pool.take(_PER_EXECUTION)
     return time_ordered_id(at_ms, random), random[10:].hex()

@@ -11,7 +11,9 @@ or end, a retry's backoff) or until something wakes it: an execution of a job be
 store's commit listener calls :meth:`JobsCore.on_commit`; for an execution of no job that is one
 dictionary lookup), an operator acted, a thing started to match a CONTINUOUS job. Everything it
 keeps in memory (counts, the in-flight executions of jobs, the last dispatch time for pacing, the
-things busy with a sequential job) is rebuilt from the store by :meth:`JobsCore.restore`.
+things busy with a sequential job) is rebuilt from the store by :meth:`JobsCore.restore`. On a store
+several replicas share, it also wakes every ``adopt_seconds`` to take over the jobs whose replica stopped
+(:meth:`JobsCore.adopt_orphans`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from server.core.lifecycle import Status
 from server.core.models import Execution, StateChange, ThingRecord
 from server.core.registry import Registry
 from server.core.validation import validate_send
-from server.store import JobDispatch, JobRecord, JobStore, TargetRow, TargetSettle, TargetState
+from server.store import JobDispatch, JobLocks, JobRecord, JobStore, TargetRow, TargetSettle, TargetState
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 50
 # Jobs not final at once; creating one more is refused (each holds a little state in memory).
 MAX_ACTIVE_JOBS = 1_000
+# Shared stores: jobs one adoption pass takes over at most (a replica finding many orphaned jobs takes them a pass apart,
+# leaving some to the other replicas).
+ADOPT_PER_PASS = 16
 
 
 @dataclass(slots=True)
@@ -148,10 +153,12 @@ def _job_from_record(rec: JobRecord, counts: dict[str, int]) -> Job:
 class JobsCore:
     """Jobs: the operator API and the rollout loop (run :meth:`run` in the app's TaskGroup)."""
 
-    def __init__(self, core: CommandCore, store: JobStore, registry: Registry) -> None:
+    def __init__(self, core: CommandCore, store: JobStore, registry: Registry, *, adopt_seconds: float = 2.0) -> None:
         self.core = core
         self.store = store
         self.registry = registry
+        # A store several replicas share locks each job to the one replica that runs its rollout.
+        self._locks: JobLocks | None = store if isinstance(store, JobLocks) else None
         self._runs: dict[str, _Run] = {}
         # Executions of jobs that are not final yet: the commit hook's one lookup per event.
         self._inflight: dict[str, _Tracked] = {}
@@ -167,7 +174,15 @@ class JobsCore:
         # Jobs changed since their last job event: one write of their events once the current commit is handled.
         self._unpublished: dict[str, _Run] = {}
         self._publishing: set[asyncio.Future[None]] = set()
-        self.stats = {"dispatched": 0, "rejected": 0, "retried": 0}
+        self.stats = {"dispatched": 0, "rejected": 0, "retried": 0, "adopted": 0}
+        # Shared stores: every adopt_seconds the loop takes over the jobs whose lock nobody holds (their replica stopped).
+        self._adopt_every_ms = adopt_seconds * 1000
+        self._next_adopt_ms = now_ms() + self._adopt_every_ms
+        self._adopt_guard = asyncio.Lock()  # one adoption (or create) at a time: a job is rebuilt once
+        self._adopting = 0
+        # While a job is being rebuilt: final events of executions not tracked yet (the rebuild may have read them
+        # before they became final); replayed when it is done.
+        self._held: builtins.list[StateChange] | None = None
 
     # ---- the commit hook and the registry hook ----------------------------------------------
 
@@ -177,11 +192,16 @@ class JobsCore:
         One dictionary lookup per event; nothing at all while no job has an execution in flight.
         """
         inflight = self._inflight
-        if not inflight:
+        held = self._held
+        if not inflight and held is None:
             return
         for event in events:
             tracked = inflight.get(event.execution_id)
-            if tracked is None or event.late or event.status is tracked.status:
+            if tracked is None:
+                if held is not None and event.status.final:
+                    held.append(event)
+                continue
+            if event.late or event.status is tracked.status:
                 continue
             run = self._runs.get(tracked.job_id)
             if run is not None:
@@ -241,13 +261,21 @@ class JobsCore:
             idempotency_key=spec.idempotency_key,
             sequential=spec.rollout.sequential_per_thing,
         )
-        run = _Run(rec, spec, jb.Counts(), jb.Pacer())
-        run.last_event = run.to_job()
-        stored, created = await self.store.insert_job(rec, jb.spec_fingerprint(spec), event=run.last_event)
+        # The job's first event, written with its row (its snapshot as created: no counts yet).
+        event = _Run(rec, spec, jb.Counts(), jb.Pacer()).to_job()
+        stored, created = await self.store.insert_job(rec, jb.spec_fingerprint(spec), event=event)
         if not created:
             return await self.get(stored.job_id)
-        self._runs[run.job_id] = run
-        if state is JobState.IN_PROGRESS:
+        async with self._adopt_guard:
+            if not await self._owns(stored.job_id):
+                # Another replica's adoption pass saw the new job before its lock was taken here: it runs it.
+                return await self.get(stored.job_id)
+            run = self._runs.get(stored.job_id)
+            if run is None:
+                run = _Run(stored, spec, jb.Counts(), jb.Pacer())
+                run.last_event = event
+            self._runs[run.job_id] = run
+        if state is JobState.IN_PROGRESS and not run.rec.resolved:
             async with run.lock:
                 await self._resolve(run)
         self._wake.set()
@@ -425,47 +453,149 @@ class JobsCore:
         job's next slot follows its last durable dispatch.
         """
         for rec in await self.store.unfinished_jobs():
-            spec = jb.spec_from_json(rec.spec_json)
-            run = _Run(
-                rec,
-                spec,
-                jb.Counts(await self.store.job_counts(rec.job_id)),
-                jb.Pacer(await self.store.last_dispatch_ms(rec.job_id)),
-            )
-            run.resolve_cursor = rec.resolve_cursor
-            if spec.canary is not None:
-                run.canary = jb.Counts(await self.store.job_counts(rec.job_id, below_seq=spec.canary.count))
-                run.canary_passed = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run)) is True
-            run.next_due_ms = await self.store.next_due_ms(rec.job_id)
-            self._runs[rec.job_id] = run
-            # Ended (canceled, aborted) but not settled: its stop may not have been committed whole.
-            run.recancel = rec.state.final
-            after = -1
-            while True:
-                rows = await self.store.targets(rec.job_id, (TargetState.DISPATCHED,), RESOLVE_PAGE, after_seq=after)
-                for row in rows:
-                    status = row.status or Status.QUEUED
-                    tracked = _Tracked(rec.job_id, row.thing_id, row.attempt, row.seq, status)
-                    if status.final:
-                        ended_at = row.completed_at_ms or row.dispatched_at_ms or now_ms()
-                        self._finals.append((tracked, row.execution_id, status, ended_at))
-                    else:
-                        self._inflight[row.execution_id] = tracked
-                if len(rows) < RESOLVE_PAGE:
-                    break
-                after = rows[-1].seq
+            await self._take(rec.job_id)
+        await self._mark_busy()
+        self._wake.set()
+        return len(self._runs)
+
+    async def _owns(self, job_id: str) -> bool:
+        """Whether this replica runs ``job_id``'s rollout (always, unless the store is shared)."""
+        return self._locks is None or await self._locks.lock_job(job_id)
+
+    async def adopt_orphans(self) -> int:
+        """One adoption pass on a shared store (the loop runs one every ``adopt_seconds``); returns the jobs taken over.
+
+        First the jobs whose lock this replica lost (its lock connection failed) stop running here; then up to
+        ``ADOPT_PER_PASS`` unfinished jobs whose lock nobody holds (their replica stopped or died) are locked, one
+        replica winning each, and rebuilt from the store: they go on from their durable state (targets started stay
+        started, a PAUSED job stays paused, a SCHEDULED one starts when due).
+        """
+        locks = self._locks
+        if locks is None:
+            return 0
+        held = await locks.check_job_locks()
+        for run in [r for r in self._runs.values() if r.job_id not in held]:
+            async with run.lock:
+                await self._drop(run)
+        adopted = 0
+        for rec in await locks.unlocked_jobs(ADOPT_PER_PASS):
+            if rec.job_id not in self._runs and await self._take(rec.job_id) is not None:
+                adopted += 1
+                log.info("job %s: taken over (no replica held its lock)", rec.job_id)
+        if adopted:
+            self.stats["adopted"] += adopted
+            await self._mark_busy()
+            self._wake.set()
+        return adopted
+
+    async def _take(self, job_id: str) -> _Run | None:
+        """Lock ``job_id`` for this replica and rebuild it from the store; None if another replica holds it or it is settled."""
+        async with self._adopt_guard:
+            run = self._runs.get(job_id)
+            if run is not None:
+                return run
+            if not await self._owns(job_id):
+                return None
+            try:
+                # Read after the lock: the state its last replica left, which nobody changes now.
+                rec = await self.store.get_job(job_id)
+                if rec is not None and not (rec.state.final and rec.counts_json):
+                    return await self._adopt(rec)
+            except FleetcmdError:
+                # Half rebuilt: give it up whole (lock included) so that a later pass, here or elsewhere, takes it again.
+                self._forget(job_id)
+                if self._locks is not None:
+                    await self._locks.unlock_job(job_id)
+                raise
+            if self._locks is not None:
+                await self._locks.unlock_job(job_id)
+            return None
+
+    async def _drop(self, run: _Run) -> None:
+        """This replica lost the job's lock: forget the job here (the replica that takes the lock rebuilds it)."""
+        if run.dispatching:
+            await asyncio.gather(*run.dispatching, return_exceptions=True)
+        self._forget(run.job_id)
+        log.warning("job %s: this replica lost the job's lock; it stops running it here", run.job_id)
+        # No job event from here: the replica that takes the lock writes the job's events (they would interleave).
+        self._unpublished.pop(run.job_id, None)
+        self._changed(run, published=True)
+
+    def _forget(self, job_id: str) -> None:
+        """Drop everything this replica keeps of a job."""
+        self._runs.pop(job_id, None)
+        for execution_id in [e for e, t in self._inflight.items() if t.job_id == job_id]:
+            tracked = self._inflight.pop(execution_id)
+            if self._busy.get(tracked.thing_id) == execution_id:
+                del self._busy[tracked.thing_id]
+        self._finals = [f for f in self._finals if f[0].job_id != job_id]
+        self._pending_adds.pop(job_id, None)
+
+    async def _mark_busy(self) -> None:
         for thing_id, execution_id in await self.store.sequential_busy():
             if execution_id in self._inflight:
                 self._busy[thing_id] = execution_id
-        self._wake.set()
-        return len(self._runs)
+
+    async def _adopt(self, rec: JobRecord) -> _Run:
+        """Rebuild one unfinished job's run from the store (at start, or taken over from a replica that stopped)."""
+        self._adopting += 1
+        if self._held is None:
+            self._held = []
+        try:
+            return await self._rebuild(rec)
+        finally:
+            self._adopting -= 1
+            if not self._adopting:
+                held, self._held = self._held, None
+                if held:
+                    self.on_commit(held)
+
+    async def _rebuild(self, rec: JobRecord) -> _Run:
+        spec = jb.spec_from_json(rec.spec_json)
+        run = _Run(
+            rec,
+            spec,
+            jb.Counts(await self.store.job_counts(rec.job_id)),
+            jb.Pacer(await self.store.last_dispatch_ms(rec.job_id)),
+        )
+        run.resolve_cursor = rec.resolve_cursor
+        if spec.canary is not None:
+            run.canary = jb.Counts(await self.store.job_counts(rec.job_id, below_seq=spec.canary.count))
+            run.canary_passed = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run)) is True
+        run.next_due_ms = await self.store.next_due_ms(rec.job_id)
+        self._runs[rec.job_id] = run
+        # Ended (canceled, aborted) but not settled: its stop may not have been committed whole.
+        run.recancel = rec.state.final
+        after = -1
+        while True:
+            rows = await self.store.targets(rec.job_id, (TargetState.DISPATCHED,), RESOLVE_PAGE, after_seq=after)
+            for row in rows:
+                status = row.status or Status.QUEUED
+                tracked = _Tracked(rec.job_id, row.thing_id, row.attempt, row.seq, status)
+                if status.final:
+                    ended_at = row.completed_at_ms or row.dispatched_at_ms or now_ms()
+                    self._finals.append((tracked, row.execution_id, status, ended_at))
+                else:
+                    self._inflight[row.execution_id] = tracked
+            if len(rows) < RESOLVE_PAGE:
+                break
+            after = rows[-1].seq
+        return run
 
     # ---- the loop ---------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Background loop: settle finished executions, start what may start, sleep until the next timer."""
         while True:
+            if self._locks is not None and now_ms() >= self._next_adopt_ms:
+                self._next_adopt_ms = now_ms() + self._adopt_every_ms
+                try:
+                    await self.adopt_orphans()
+                except FleetcmdError:
+                    log.exception("jobs: an adoption pass failed; trying again at the next")
             wake_at = await self._step()
+            if self._locks is not None:
+                wake_at = self._next_adopt_ms if wake_at is None else min(wake_at, self._next_adopt_ms)
             timeout = None if wake_at is None else max(0.0, wake_at / 1000 - now_ms() / 1000)
             try:
                 async with asyncio.timeout(timeout):
@@ -493,7 +623,13 @@ class JobsCore:
 
     async def _advance_all(self) -> float | None:
         wake: float = math.inf
+        # Shared stores: a job whose lock this replica no longer holds (its lock connection went) must not go on here.
+        held = self._locks.jobs_locked() if self._locks is not None else None
         for run in list(self._runs.values()):
+            if held is not None and run.job_id not in held:
+                async with run.lock:
+                    await self._drop(run)
+                continue
             try:
                 async with run.lock:
                     at = await self._advance(run)
@@ -933,9 +1069,19 @@ class JobsCore:
         run = self._runs.get(job_id)
         if run is not None:
             return run
-        if await self.store.get_job(job_id) is None:
+        rec = await self.store.get_job(job_id)
+        if rec is None:
             raise NotFound(f"job {job_id!r} not found")
-        raise FailedPrecondition(f"job {job_id!r} is already final")
+        if rec.state.final or self._locks is None:
+            raise FailedPrecondition(f"job {job_id!r} is already final")
+        # A shared store: another replica runs it, or ran it and stopped (its lock went with it).
+        taken = await self._take(job_id)
+        if taken is None:
+            raise FailedPrecondition(f"job {job_id!r} runs on another replica (it holds the job's lock): ask again there")
+        run = taken
+        await self._mark_busy()
+        self._wake.set()
+        return run
 
     async def _move(
         self, run: _Run, event: JobEvent, *, started: bool = True, reason: str = "", only_undelivered: bool = False
@@ -1016,6 +1162,8 @@ class JobsCore:
             only_undelivered=run.rec.only_undelivered,
         )
         self._runs.pop(run.job_id, None)
+        if self._locks is not None:
+            await self._locks.unlock_job(run.job_id)  # settled: nobody runs it any more
         # Settling shows nothing new on the event stream (its last job event has these counts, or one follows).
         self._changed(run, published=run.published == run.version)
 

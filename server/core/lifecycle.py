@@ -15,6 +15,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from server.core.records import fast_init
+
 
 class Status(enum.IntEnum):
     """Execution status; values equal the ``fleetcmd.v1.ExecutionStatus`` numbers."""
@@ -62,6 +64,7 @@ class Outcome(enum.Enum):
     REFUSE = "refuse"  # the trigger is not allowed (e.g. cancel of a final execution)
 
 
+@fast_init
 @dataclass(frozen=True)
 class Decision:
     """The result of applying a trigger to the current status."""

@@ -13,8 +13,10 @@ from typing import Any
 
 from server.core.jobs import Job, JobState, spec_from_json
 from server.core.lifecycle import Status
+from server.core.records import fast_init
 
 
+@fast_init
 @dataclass(frozen=True)
 class Reason:
     """A device's ``statusReason``."""
@@ -23,6 +25,7 @@ class Reason:
     description: str
 
 
+@fast_init
 @dataclass(frozen=True)
 class StateChange:
     """One entry of the durable event log: an execution's state change or late report, or a job event.
@@ -87,6 +90,7 @@ def job_from_event(job_id: str, event_json: str, spec_json: str, created_at_ms: 
     )
 
 
+@fast_init
 @dataclass(frozen=True)
 class Execution:
     """An execution as stored, optionally with its history."""
@@ -119,6 +123,7 @@ class Execution:
     history: tuple[StateChange, ...] = field(default=(), compare=False)
 
 
+@fast_init
 @dataclass(frozen=True)
 class NewExecution:
     """What :meth:`server.store.Store.create` needs to insert an execution."""
@@ -145,6 +150,7 @@ class NewExecution:
     job_attempt: int = 0
 
 
+@fast_init
 @dataclass(frozen=True)
 class DeviceReport:
     """A status a device sent for an execution."""
@@ -154,6 +160,7 @@ class DeviceReport:
     reason: Reason | None = None
 
 
+@fast_init
 @dataclass(frozen=True)
 class ExecutionReport:
     """A device's status report for one execution, as a dialect's decoder hands it to the core.
@@ -213,6 +220,7 @@ class ActiveExecution:
     thing_id: str
     status: Status
     expires_at_ms: int
+    handed: bool = False  # the external broker acknowledged its publish (server/core/handover.py)
 
 
 # ---- registry -----------------------------------------------------------------------------
@@ -247,6 +255,9 @@ class ThingRecord:
     # Kaa endpoints: application version name and the endpoint token's hash.
     kaa_app_version: str = ""
     kaa_token_hash: str = ""
+    # The password in mosquitto's password_file format (empty: issued before schema 5), for
+    # `fleetcmd broker-config --mosquitto` (server/cli/broker_config.py).
+    broker_password_hash: str = ""
 
 
 @dataclass(frozen=True)

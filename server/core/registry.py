@@ -10,6 +10,7 @@ load), never per call.
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import hashlib
 import hmac
@@ -33,6 +34,7 @@ from server.core.errors import (
     Unavailable,
 )
 from server.core.models import CommandDef, DeviceReport, Execution, LastConnection, ThingRecord, ThingTypeRecord
+from server.core.records import fast_init
 from server.core.schemas import CompiledSchema, fill, schema_problem
 from server.store import RegistryStore
 
@@ -49,6 +51,20 @@ TOKEN_BYTES = 24  # 192 bits
 def hash_secret(secret: str) -> str:
     """SHA-256 of a random secret: fast, and enough for 192-bit random tokens (no dictionary to attack)."""
     return hashlib.sha256(secret.encode()).hexdigest()
+
+
+# mosquitto's password_file format ``$7$<iterations>$<salt>$<hash>`` (PBKDF2-HMAC-SHA512, base64; what
+# mosquitto_passwd 2.0 writes, with its salt length and iteration count). Kept next to token_hash because
+# mosquitto must hash the password itself and token_hash (unsalted SHA-256) cannot be turned into it.
+MOSQUITTO_ITERATIONS = 101
+MOSQUITTO_SALT_BYTES = 12
+
+
+def broker_password_hash(password: str, *, salt: bytes | None = None, iterations: int = MOSQUITTO_ITERATIONS) -> str:
+    """``password`` as a line of mosquitto's password_file holds it (after ``username:``)."""
+    salt = secrets.token_bytes(MOSQUITTO_SALT_BYTES) if salt is None else salt
+    derived = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(derived).decode()}"
 
 
 def secret_matches(secret: str, stored_hash: str) -> bool:
@@ -89,6 +105,7 @@ class CompiledType:
     results: dict[str, CompiledSchema | None]
 
 
+@fast_init
 @dataclass(frozen=True)
 class PreparedSend:
     """What the registry decided for a Send: the final params and TTL."""
@@ -266,6 +283,50 @@ class Registry:
                 last_seen_ms=thing.last_seen_ms,
             )
 
+    async def reload(self) -> None:
+        """Read things and types back from the store: what another replica changed becomes known here.
+
+        A thing deleted, or whose credentials changed, elsewhere is disconnected. An entry this
+        replica changed while the store was read is left as it is (the local change is newer).
+        Presence stays this replica's.
+        """
+        things_before, types_before = dict(self._things), dict(self._types)
+        type_records = {r.name: r for r in await self._store.load_thing_types()}
+        thing_records = {t.thing_id: t for t in await self._store.load_things()}
+        for name in types_before.keys() | type_records.keys():
+            current, stored = types_before.get(name), type_records.get(name)
+            if self._types.get(name) is not current:
+                continue  # changed here meanwhile
+            if stored is None:
+                self._types.pop(name, None)
+            elif current is None or current.record.version != stored.version:
+                self._types[name] = _compile(stored)
+        for thing_id in things_before.keys() | thing_records.keys():
+            old, new = things_before.get(thing_id), thing_records.get(thing_id)
+            if self._things.get(thing_id) is not old:
+                continue
+            if new is None:
+                assert old is not None
+                del self._things[thing_id]
+                self._kaa_tokens.pop(old.kaa_token_hash, None)
+                self._presence.pop(thing_id, None)
+                self.disconnect(thing_id)
+                continue
+            if old is not None and (old.updated_at_ms, old.token_hash, old.kaa_token_hash) == (
+                new.updated_at_ms,
+                new.token_hash,
+                new.kaa_token_hash,
+            ):
+                continue
+            self._things[thing_id] = new
+            if old is not None and old.kaa_token_hash != new.kaa_token_hash:
+                self._kaa_tokens.pop(old.kaa_token_hash, None)
+            if new.kaa_token_hash:
+                self._kaa_tokens[new.kaa_token_hash] = thing_id
+            self._presence.setdefault(thing_id, Presence())
+            if old is not None and (old.token_hash, old.kaa_token_hash) != (new.token_hash, new.kaa_token_hash):
+                self.disconnect(thing_id)  # credentials rotated on another replica
+
     # ---- things ---------------------------------------------------------------------------
 
     def get_thing(self, thing_id: str) -> ThingRecord:
@@ -319,6 +380,7 @@ class Registry:
             at,
             kaa_app_version=kaa_app_version,
             kaa_token_hash=hash_secret(kaa_token) if kaa_token else "",
+            broker_password_hash=broker_password_hash(token),
         )
         await self._store.insert_thing(record)
         self._things[thing_id] = record
@@ -396,7 +458,8 @@ class Registry:
         kaa_token = new_token() if current.kaa_app_version else ""
         kaa_hash = hash_secret(kaa_token) if kaa_token else ""
         at = now_ms()
-        await self._store.set_thing_token(thing_id, hash_secret(token), at, kaa_hash)
+        for_broker = broker_password_hash(token)
+        await self._store.set_thing_token(thing_id, hash_secret(token), at, kaa_hash, for_broker)
         if kaa_hash:
             self._kaa_tokens.pop(current.kaa_token_hash, None)
             self._kaa_tokens[kaa_hash] = thing_id
@@ -404,6 +467,7 @@ class Registry:
             current,
             token_hash=hash_secret(token),
             kaa_token_hash=kaa_hash or current.kaa_token_hash,
+            broker_password_hash=for_broker,
             credentials_rotated_at_ms=at,
             updated_at_ms=at,
         )

@@ -12,12 +12,14 @@ from broker_hooks.topics import level_problem
 from server.config import Settings
 from server.core.errors import FieldViolation, InvalidArgument
 from server.core.jobs import Targets
+from server.core.records import fast_init
 from server.core.registry import MAX_ATTRIBUTE_KEY, MAX_ATTRIBUTE_VALUE, TYPE_NAME
 
 MAX_ACTION_LENGTH = 128
 MAX_IDEMPOTENCY_KEY_LENGTH = 256
 
 
+@fast_init
 @dataclass(frozen=True)
 class SendCommand:
     """A validated Send request (before the thing's type is applied)."""

@@ -49,6 +49,7 @@ from server.core.models import (
     ThingRecord,
     ThingTypeRecord,
 )
+from server.core.records import fast_init
 
 CommitListener = Callable[[Sequence[StateChange]], None]
 # Told, on the event loop after each commit, how long the transaction took (seconds) and how many writes it held.
@@ -57,6 +58,7 @@ CommitObserver = Callable[[float, int], None]
 ResultCheck = Callable[[Execution, DeviceReport], list[str]]
 
 
+@fast_init
 @dataclass(frozen=True)
 class CreateResult:
     """Outcome of :meth:`Store.create`."""
@@ -66,6 +68,7 @@ class CreateResult:
     event: StateChange | None
 
 
+@fast_init
 @dataclass(frozen=True)
 class TransitionResult:
     """Outcome of :meth:`Store.transition`."""
@@ -229,7 +232,9 @@ class RegistryStore(Protocol):
     async def update_thing(self, thing_id: str, *, thing_type: str, attributes: dict[str, str], at_ms: int) -> None:
         """Replace a thing's type and attributes (NotFound)."""
 
-    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
+    async def set_thing_token(
+        self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "", broker_password_hash: str = ""
+    ) -> None:
         """Store new credentials, and a new Kaa endpoint token hash when given (NotFound)."""
 
     async def delete_thing(self, thing_id: str) -> None:
@@ -420,6 +425,26 @@ class JobStore(Protocol):
 
     async def sequential_busy(self) -> list[tuple[str, str]]:
         """``(thing_id, execution_id)`` of every DISPATCHED target of an unfinished sequential job."""
+
+
+@runtime_checkable
+class JobLocks(Protocol):
+    """Which replica runs a job's rollout: a lock per job, held by one replica at a time, released if it dies."""
+
+    async def lock_job(self, job_id: str) -> bool:
+        """Take the job's lock for this replica (True also when it holds it already); False while another holds it."""
+
+    async def unlock_job(self, job_id: str) -> None:
+        """Give a job's lock up (the job ended here, or this replica stops)."""
+
+    def jobs_locked(self) -> frozenset[str]:
+        """The jobs whose lock this replica holds now (empty once the connection holding them was lost)."""
+
+    async def check_job_locks(self) -> frozenset[str]:
+        """As :meth:`jobs_locked`, after asking the database that the connection holding the locks still answers."""
+
+    async def unlocked_jobs(self, limit: int) -> list[JobRecord]:
+        """Up to ``limit`` jobs :meth:`JobStore.unfinished_jobs` would return whose lock no replica holds now, oldest first."""
 
 
 class ServiceStore(Store, RegistryStore, Protocol):

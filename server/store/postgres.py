@@ -1,8 +1,9 @@
 """PostgreSQL implementation of :class:`server.store.Store` (asyncpg, group commit), ``postgresql://...``.
 
-It also implements :class:`server.store.RegistryStore` and :class:`server.store.KaaStore`, and what
-several replicas sharing one database need (:class:`ReplicaStore`): TTL sweeps any replica may run,
-and outbox leases.
+It also implements :class:`server.store.RegistryStore`, :class:`server.store.KaaStore` and
+:class:`server.store.JobStore` (:mod:`server.store.postgres_jobs`), and what several replicas sharing
+one database need (:class:`ReplicaStore`): TTL sweeps any replica may run, outbox leases, and a lock
+per job (:class:`server.store.JobLocks`).
 
 Several stores (replicas) may write to one database at once. What keeps that correct:
 
@@ -67,6 +68,8 @@ from server.store import (
     CommitListener,
     CommitObserver,
     CreateResult,
+    JobLocks,
+    JobStore,
     KaaStore,
     ListPage,
     ResultCheck,
@@ -74,19 +77,17 @@ from server.store import (
     TransitionResult,
 )
 from server.store.postgres_batch import CHANNEL, LOST, Batch, Op, Retry
+from server.store.postgres_jobs import PostgresJobs
 from server.store.postgres_schema import (
     EVENT_COLUMNS,
     EXEC_COLUMNS,
     FIRST_FINAL,
     LAST_UNACKED,
-    api_key_from_row,
     event_from_row,
     execution_from_row,
     migrate,
-    thing_from_row,
-    thing_type_from_row,
-    type_definition,
 )
+from server.store.rows import api_key_from_row, thing_from_row, thing_type_from_row, type_definition
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ DEFER_LINGER = 0.001
 # How often a store looks for other replicas' commits when no notification came (a lost NOTIFY,
 # a dropped listening connection).
 POLL_SECONDS = 1.0
+# Registry writes (things, types, credentials) notify here in their transaction, named by the
+# writing replica, so the others read the registry back when it changed instead of on a timer.
+REGISTRY_CHANNEL = "fleetcmd_registry"
 # A batch that keeps conflicting with other replicas is run this many times before each of its
 # writes is isolated in its own savepoint.
 RETRIES = 8
@@ -105,6 +109,11 @@ RETRIES = 8
 FOLLOW_PAGE = 1_000
 # How long a replica holds a request it claimed (and one it created) before another may publish it.
 DEFAULT_LEASE_MS = 30_000
+# The lease_until of a request the broker acknowledged (its QoS 1 PUBACK): a lease no claim outlasts,
+# so no replica publishes it again (the broker's session for the device holds it; its message expiry
+# and the TTL sweep end it). No column of its own: the claim's range scan over the partial index
+# executions_unacked(lease_until, idx) never reaches it.
+HANDED_UNTIL = 2**63 - 1
 READ_POOL_SIZE = 4
 _E_EXEC_COLUMNS = ", ".join("e." + c for c in EXEC_COLUMNS.split(", "))
 
@@ -131,8 +140,8 @@ class ReplicaStore(Protocol):
         """End this replica's lease ``epoch`` of a request early (its device went away); False if it was not held."""
 
 
-class PostgresStore:
-    """Executions, their event log and the registry in one PostgreSQL database, shared by any number of replicas.
+class PostgresStore(PostgresJobs):
+    """Executions, their event log, the registry and the jobs in one PostgreSQL database, shared by any number of replicas.
 
     Use as an async context manager, and run :meth:`run_writer` as a background task for as
     long as the store is open.
@@ -153,6 +162,10 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._follow = asyncio.Event()
+        # Set when another replica's registry write committed (or the listening connection was
+        # re-established, when one may have been missed).
+        self._registry_changed = asyncio.Event()
+        self._listened = False  # a listening connection was up before (the registry was loaded at start)
         # The highest sequence handed to the commit listener: every event at or below it was (or was purged).
         self._delivered = 0
         self._purged_through = 0
@@ -238,6 +251,7 @@ class PostgresStore:
         await self._disconnect()
 
     async def _disconnect(self) -> None:
+        await self._close_job_locks()
         for conn in (self._listen_conn, self._wconn):
             if conn is not None and not conn.is_closed():
                 with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
@@ -386,13 +400,45 @@ class PostgresStore:
         try:
             conn = await asyncpg.connect(self.url)
             await conn.add_listener(CHANNEL, self._notified)
-            self._listen_conn = conn
+            await conn.add_listener(REGISTRY_CHANNEL, self._registry_notified)
+            if self._listened:
+                self._registry_changed.set()  # what changed while nobody listened is read back once
+            self._listen_conn, self._listened = conn, True
         except (OSError, asyncpg.PostgresError) as exc:
             log.warning("cannot LISTEN for other replicas' commits (%s); polling every %.1f s", exc, POLL_SECONDS)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if int(str(payload)) > self._delivered:
             self._follow.set()
+
+    def _registry_notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if payload != self.replica:  # this replica's registry holds its own changes already
+            self._registry_changed.set()
+
+    async def wait_registry_change(self, timeout: float) -> bool:
+        """Wait until another replica changed the registry (True), or ``timeout`` seconds pass (False).
+
+        Without a listening connection every wait reports a change: the caller reads back as often as it waits.
+        """
+        if self._listen_conn is None or self._listen_conn.is_closed():
+            await asyncio.sleep(min(timeout, POLL_SECONDS))
+            return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._registry_changed.wait()
+        changed = self._registry_changed.is_set()
+        self._registry_changed.clear()
+        return changed
+
+    async def _registry_write(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """:meth:`_write` of a registry change that tells the other replicas on commit (not if it fails)."""
+
+        async def write(conn: asyncpg.Connection) -> T:
+            result = await fn(conn)
+            await conn.execute("SELECT pg_notify($1, $2)", REGISTRY_CHANNEL, self.replica)
+            return result
+
+        return await self._write(write)
 
     # ---- queueing writes -----------------------------------------------------------------
 
@@ -499,6 +545,20 @@ class PostgresStore:
         )
         return bool(await self._fetchval(sql, execution_id, self.replica, epoch))
 
+    async def mark_handed(self, execution_ids: Sequence[str]) -> int:
+        """See :meth:`server.core.handover.HandoverStore.mark_handed` (whoever holds the lease: any PUBACK hands it over)."""
+        if not execution_ids:
+            return 0
+        sql = (
+            "UPDATE executions SET lease_until = $2, lease_owner = NULL, handed = TRUE"
+            f" WHERE execution_id = ANY($1::text[]) AND status <= {LAST_UNACKED} AND NOT handed"
+        )
+        try:
+            done: str = await self._readers().execute(sql, list(execution_ids), HANDED_UNTIL)
+        except LOST as exc:
+            raise Unavailable(f"store write failed: {exc}") from exc
+        return int(done.rsplit(" ", 1)[-1])
+
     # ---- reads ---------------------------------------------------------------------------
 
     async def get(self, execution_id: str, *, with_history: bool = False) -> Execution | None:
@@ -537,6 +597,8 @@ class PostgresStore:
             where.append(f"thing_id = {arg(query.thing_id)}")
         if query.action:
             where.append(f"action = {arg(query.action)}")
+        if query.job_id:
+            where.append(f"job_id = {arg(query.job_id)}")
         if query.statuses:
             where.append(f"status = ANY({arg(sorted(int(s) for s in query.statuses))}::smallint[])")
         if query.created_after_ms is not None:
@@ -612,7 +674,8 @@ class PostgresStore:
             try:
                 await conn.execute(
                     "INSERT INTO things (thing_id, thing_type, attributes, token_hash, created_at, updated_at,"
-                    " credentials_rotated_at, kaa_app_version, kaa_token_hash) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
+                    " credentials_rotated_at, kaa_app_version, kaa_token_hash, broker_password_hash)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)",
                     rec.thing_id,
                     rec.thing_type,
                     json.dumps(rec.attributes, sort_keys=True),
@@ -622,11 +685,12 @@ class PostgresStore:
                     rec.credentials_rotated_at_ms,
                     rec.kaa_app_version,
                     rec.kaa_token_hash or None,
+                    rec.broker_password_hash,
                 )
             except asyncpg.UniqueViolationError:
                 raise AlreadyExists(f"thing {rec.thing_id!r} already exists") from None
 
-        await self._write(write)
+        await self._registry_write(write)
 
     async def update_thing(self, thing_id: str, *, thing_type: str, attributes: dict[str, str], at_ms: int) -> None:
         """Replace a thing's type and attributes.
@@ -646,9 +710,11 @@ class PostgresStore:
             if not done:
                 raise NotFound(f"thing {thing_id!r} not found")
 
-        await self._write(write)
+        await self._registry_write(write)
 
-    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
+    async def set_thing_token(
+        self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "", broker_password_hash: str = ""
+    ) -> None:
         """Store new credentials for a thing (and a new Kaa endpoint token hash, when given).
 
         Raises:
@@ -658,16 +724,17 @@ class PostgresStore:
         async def write(conn: asyncpg.Connection) -> None:
             done = await conn.fetchval(
                 "UPDATE things SET token_hash = $1, credentials_rotated_at = $2, updated_at = $2,"
-                " kaa_token_hash = COALESCE($3, kaa_token_hash) WHERE thing_id = $4 RETURNING 1",
+                " kaa_token_hash = COALESCE($3, kaa_token_hash), broker_password_hash = $5 WHERE thing_id = $4 RETURNING 1",
                 token_hash,
                 at_ms,
                 kaa_token_hash or None,
                 thing_id,
+                broker_password_hash,
             )
             if not done:
                 raise NotFound(f"thing {thing_id!r} not found")
 
-        await self._write(write)
+        await self._registry_write(write)
 
     async def delete_thing(self, thing_id: str) -> None:
         """Unregister a thing (its executions stay).
@@ -680,7 +747,7 @@ class PostgresStore:
             if not await conn.fetchval("DELETE FROM things WHERE thing_id = $1 RETURNING 1", thing_id):
                 raise NotFound(f"thing {thing_id!r} not found")
 
-        await self._write(write)
+        await self._registry_write(write)
 
     async def record_presence(self, connections: Sequence[LastConnection]) -> None:
         """Remember when and from where each thing was last connected (a missing thing is ignored)."""
@@ -719,7 +786,7 @@ class PostgresStore:
             )
             return stored
 
-        return await self._write(write)
+        return await self._registry_write(write)
 
     async def delete_thing_type(self, name: str) -> None:
         """Delete a thing type.
@@ -736,7 +803,7 @@ class PostgresStore:
             if not await conn.fetchval("DELETE FROM thing_types WHERE name = $1 RETURNING 1", name):
                 raise NotFound(f"thing type {name!r} not found")
 
-        await self._write(write)
+        await self._registry_write(write)
 
     async def insert_api_key(self, rec: ApiKeyRecord) -> None:
         """Store a new API key."""
@@ -821,4 +888,10 @@ class PostgresStore:
 
 if TYPE_CHECKING:
     # mypy proves here that this class fulfils the contracts store_from_url promises.
-    _CONTRACTS: tuple[type[ServiceStore], type[KaaStore], type[ReplicaStore]] = (PostgresStore, PostgresStore, PostgresStore)
+    _CONTRACTS: tuple[type[ServiceStore], type[KaaStore], type[JobStore], type[ReplicaStore], type[JobLocks]] = (
+        PostgresStore,
+        PostgresStore,
+        PostgresStore,
+        PostgresStore,
+        PostgresStore,
+    )

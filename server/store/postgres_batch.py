@@ -12,6 +12,9 @@ An :class:`Op` is one queued write; a :class:`Batch` runs a list of them in one 
    batch runs again), then the batch takes its numbers from the event counter (its row lock held
    until the commit orders the batches of every replica), writes its events and sends one NOTIFY.
 
+A job's dispatch (:func:`plan_dispatch`) is planned the same way: it locks the targets it starts, marks
+them, and applies their executions' creation, so they commit with their events and marks or not at all.
+
 Nothing here decides what a trigger does to an execution.
 """
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +31,9 @@ import asyncpg
 from server.core import decisions
 from server.core.decisions import Change
 from server.core.errors import Unavailable
-from server.core.lifecycle import Outcome, Trigger
+from server.core.lifecycle import Outcome, Status, Trigger
 from server.core.models import DeviceReport, Execution, NewExecution, StateChange
-from server.store import CreateResult, ResultCheck, TransitionResult
+from server.store import CreateResult, JobDispatch, ResultCheck, TargetState, TransitionResult
 from server.store.postgres_schema import (
     EXEC_COLUMNS,
     FIRST_FINAL,
@@ -71,7 +74,7 @@ class Retry(Exception):
 
 @dataclass(slots=True)
 class Op:
-    """One queued write: a planned one (``create``, ``transition``, ``expire_due``) or a ``call`` running its own SQL."""
+    """One queued write: a planned one (``create``, ``transition``, ``expire_due``, ``job_dispatch``) or a ``call`` (own SQL)."""
 
     kind: str
     args: tuple[Any, ...]
@@ -174,7 +177,7 @@ class Batch:
         keys = [op.args[0].idempotency_key for op in ops if op.kind == "create" and op.args[0].idempotency_key]
         if keys:
             for row in await conn.fetch(SELECT_BY_KEYS, keys):
-                self.keys[row[15]] = (execution_from_row(row), row[20] or "")
+                self.keys[row[15]] = (execution_from_row(row), row[23] or "")
         for op in ops:
             op.result = op.error = None
             if op.kind == "call":
@@ -184,6 +187,11 @@ class Batch:
             else:
                 try:
                     op.result = await PLANS[op.kind](self, *op.args)
+                except asyncpg.PostgresError as exc:
+                    # The transaction is aborted: nothing more of this batch can run in it.
+                    if _sqlstate(exc) in CONFLICTS:
+                        raise Retry(str(exc)) from exc
+                    raise
                 except Exception as exc:  # noqa: BLE001 - a planning failure belongs to its caller and changed nothing
                     op.error = exc
         if not self.isolate:
@@ -316,8 +324,77 @@ async def plan_expire_due(b: Batch, now_ms: int, limit: int) -> list[TransitionR
     return expired
 
 
+# Dispatch: the job's targets it starts, locked in thing order (two dispatchers of one job never
+# cross), then marked by the same transaction that inserts their executions.
+_LOCK_TARGETS = (
+    "SELECT thing_id, state, attempt FROM job_targets WHERE job_id = $1 AND thing_id = ANY($2::text[])"
+    " ORDER BY thing_id FOR UPDATE"
+)
+_MARK_DISPATCHED = (
+    "UPDATE job_targets AS t SET state = 1, attempt = u.attempt, execution_id = u.execution_id, dispatched_at = $2,"
+    " status = NULL, due_at = NULL FROM unnest($3::text[], $4::integer[], $5::text[]) AS u(thing_id, attempt, execution_id)"
+    " WHERE t.job_id = $1 AND t.thing_id = u.thing_id"
+)
+_MARK_REJECTED = (
+    "UPDATE job_targets AS t SET state = 4, attempt = u.attempt, status = $2, reason = u.reason, due_at = NULL"
+    " FROM unnest($3::text[], $4::integer[], $5::text[]) AS u(thing_id, attempt, reason)"
+    " WHERE t.job_id = $1 AND t.thing_id = u.thing_id AND t.state IN (0, 3)"
+)
+# The targets a dispatch may start.
+_STARTABLE = (int(TargetState.PENDING), int(TargetState.RETRY))
+
+
+async def plan_dispatch(
+    b: Batch, job_id: str, dispatches: Sequence[JobDispatch], rejections: Sequence[tuple[str, int, str]], at_ms: int
+) -> list[Execution | None]:
+    """Start a job's targets: each one still waiting for that attempt gets its execution, and is marked, in this transaction.
+
+    The executions and their events are written by the batch with its other creates (the events numbered
+    by the counter at the batch's end, like any create's); a target another dispatch started first
+    (this replica's or another's: its row lock is waited for, then read as committed) gets None.
+    """
+    conn = b.conn
+    names = sorted({d.new.thing_id for d in dispatches})
+    held = {r[0]: (r[1], r[2]) for r in await conn.fetch(_LOCK_TARGETS, job_id, names)} if names else {}
+    out: list[Execution | None] = []
+    changes: list[Change] = []
+    kaa: dict[tuple[str, str], int] = {}
+    marks: list[tuple[str, int, str]] = []
+    seq = b.local_sequence()
+    for d in dispatches:
+        new = d.new
+        row = held.pop(new.thing_id, None)  # popped: the same target twice in one call starts once
+        if row is None or row[0] not in _STARTABLE or row[1] != new.job_attempt - 1:
+            out.append(None)  # started already (or skipped): never a second execution
+            continue
+        kaa_id = None
+        if new.kaa:
+            key = (new.thing_id, new.action)
+            kaa_id = decisions.next_kaa_id(kaa[key] if key in kaa else await b.highest_kaa_id(*key))
+            kaa[key] = kaa_id
+        _, change = decisions.create(new, kaa_id, seq)
+        seq += 1
+        assert change.execution is not None
+        change.execution = dataclasses.replace(
+            change.execution, job_id=job_id, retry_of=new.retry_of, job_attempt=new.job_attempt
+        )
+        changes.append(change)
+        out.append(change.execution)
+        marks.append((new.thing_id, new.job_attempt, new.execution_id))
+    if marks:
+        await conn.execute(_MARK_DISPATCHED, job_id, at_ms, *(list(col) for col in zip(*marks, strict=True)))
+    if rejections:
+        refused = [list(col) for col in zip(*rejections, strict=True)]
+        await conn.execute(_MARK_REJECTED, job_id, int(Status.REJECTED), *refused)
+    # Last, and nothing here can fail: the batch writes these rows and events with its other creates.
+    for change in changes:
+        b.apply(change)
+    return out
+
+
 PLANS: dict[str, Callable[..., Awaitable[Any]]] = {
     "create": plan_create,
     "transition": plan_transition,
     "expire_due": plan_expire_due,
+    "job_dispatch": plan_dispatch,
 }

@@ -2,8 +2,8 @@
 
 Migrations are numbered like SQLite's ``PRAGMA user_version`` (:data:`server.store.sqlite_schema.SCHEMA_VERSION`):
 schema version N holds the same tables and columns on both stores. PostgreSQL starts at version 3
-(the first version it exists at, so versions 1 and 2 are folded into it); a later version adds one
-entry to :data:`MIGRATIONS` here and its ``ALTER TABLE`` in SQLite's list. The applied version is
+(the first version it exists at, so versions 1 and 2 are folded into it); version 4 adds the jobs. A
+later version adds one entry to :data:`MIGRATIONS` here and its ``ALTER TABLE`` in SQLite's list. The applied version is
 the row of ``schema_version``; :func:`migrate` runs the missing steps in one transaction under an
 advisory lock, so replicas starting together migrate once.
 
@@ -24,7 +24,12 @@ import asyncpg
 
 from server.core.errors import FleetcmdError
 from server.core.lifecycle import Status
-from server.core.models import ApiKeyRecord, CommandDef, Execution, Reason, StateChange, ThingRecord, ThingTypeRecord
+from server.core.models import Execution, StateChange
+from server.store.rows import (
+    reason_columns,
+    reason_from_columns,
+    violations_column,
+)
 
 # Final statuses are the highest ones (Status.final): "status < FIRST_FINAL" is "not final" in SQL.
 FIRST_FINAL = int(Status.SUCCEEDED)
@@ -144,8 +149,61 @@ CREATE TRIGGER executions_status_forward BEFORE UPDATE OF status ON executions
     FOR EACH ROW EXECUTE FUNCTION executions_status_forward();
 """
 
+# Jobs (issue 16; server/store/postgres_jobs.py), as SQLite's schema 4: the job columns of an
+# execution, one execution per (job, thing, attempt) enforced by a unique index, the jobs and their targets.
+_V4 = """
+ALTER TABLE executions ADD COLUMN job_id TEXT, ADD COLUMN retry_of TEXT, ADD COLUMN job_attempt INTEGER;
+CREATE UNIQUE INDEX executions_job_attempt ON executions(job_id, thing_id, job_attempt) WHERE job_id IS NOT NULL;
+CREATE INDEX executions_job ON executions(job_id, idx) WHERE job_id IS NOT NULL;
+CREATE TABLE jobs (
+    idx             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id          TEXT NOT NULL UNIQUE,
+    spec            TEXT NOT NULL,
+    state           SMALLINT NOT NULL,
+    created_at      BIGINT NOT NULL,
+    started_at      BIGINT,
+    ended_at        BIGINT,
+    abort_reason    TEXT NOT NULL DEFAULT '',
+    created_by      TEXT NOT NULL DEFAULT '',
+    targets_total   BIGINT NOT NULL DEFAULT 0,
+    resolved        BOOLEAN NOT NULL DEFAULT FALSE,
+    resolve_cursor  TEXT NOT NULL DEFAULT '',
+    counts          TEXT,
+    idempotency_key TEXT,
+    fingerprint     TEXT NOT NULL DEFAULT '',
+    sequential      BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE UNIQUE INDEX jobs_idempotency ON jobs(idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_state ON jobs(state, idx);
+-- One row per (job, thing): its order, its latest attempt and what became of it (TargetState).
+CREATE TABLE job_targets (
+    job_id        TEXT NOT NULL,
+    thing_id      TEXT NOT NULL,
+    seq           BIGINT NOT NULL,
+    state         SMALLINT NOT NULL,
+    attempt       INTEGER NOT NULL DEFAULT 0,
+    execution_id  TEXT,
+    status        SMALLINT,
+    due_at        BIGINT,
+    dispatched_at BIGINT,
+    reason        TEXT,
+    PRIMARY KEY (job_id, thing_id)
+);
+CREATE INDEX job_targets_state ON job_targets(job_id, state, seq);
+CREATE INDEX job_targets_due ON job_targets(job_id, due_at) WHERE state = 3;
+CREATE INDEX job_targets_thing ON job_targets(thing_id) WHERE state = 1;
+"""
+
+# As SQLite's schema 5: the password in mosquitto's password_file format (broker-config --mosquitto;
+# '' for things whose credentials were issued before it), and whether the external broker acknowledged
+# a request's publish (server/core/handover.py; the outbox claim skips it by its lease_until).
+_V5 = """
+ALTER TABLE things ADD COLUMN broker_password_hash TEXT NOT NULL DEFAULT '';
+ALTER TABLE executions ADD COLUMN handed BOOLEAN NOT NULL DEFAULT FALSE;
+"""
+
 # Schema version -> the statements that bring the previous version to it (see the module docstring).
-MIGRATIONS: dict[int, str] = {3: _V3}
+MIGRATIONS: dict[int, str] = {3: _V3, 4: _V4, 5: _V5}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 # Any number: the key of the advisory lock replicas take to migrate one at a time.
@@ -167,14 +225,16 @@ async def migrate(conn: asyncpg.Connection) -> int:
         for version in sorted(MIGRATIONS):
             if version > found:
                 await conn.execute(MIGRATIONS[version])
-                await conn.execute("INSERT INTO schema_version (version, applied_at) VALUES ($1, now())", version)
+        if found < SCHEMA_VERSION:
+            # One row per upgrade, the version it reached (a new database: one row).
+            await conn.execute("INSERT INTO schema_version (version, applied_at) VALUES ($1, now())", SCHEMA_VERSION)
         return int(found)
 
 
 EXEC_COLUMNS = (
     "idx, execution_id, command_id, thing_id, action, params, ttl_seconds, status, result, "
     "reason_code, reason_description, created_at, updated_at, completed_at, expires_at, idempotency_key, "
-    "thing_type, result_violations, kaa_id, rerun_of"
+    "thing_type, result_violations, kaa_id, rerun_of, job_id, retry_of, job_attempt"
 )
 EVENT_COLUMNS = (
     "seq, execution_id, thing_id, action, status, previous_status, at, late, result, reason_code, reason_description, note"
@@ -186,8 +246,9 @@ SELECT_MAX_KAA = "SELECT COALESCE(MAX(kaa_id), 0) FROM executions WHERE thing_id
 INSERT_EXECUTION = (
     "INSERT INTO executions (execution_id, command_id, thing_id, action, params, ttl_seconds, status, result,"
     " reason_code, reason_description, created_at, updated_at, completed_at, expires_at, idempotency_key,"
-    " fingerprint, thing_type, result_violations, kaa_id, rerun_of, lease_owner, lease_until, lease_epoch)"
-    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23)"
+    " fingerprint, thing_type, result_violations, kaa_id, rerun_of, lease_owner, lease_until, lease_epoch,"
+    " job_id, retry_of, job_attempt)"
+    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,$23,$24,$25,$26)"
 )
 # The guarded update: a row changes only from the status its decision was made against (arrays of
 # one element per execution; returns the ids it changed, so a missed guard is seen).
@@ -209,22 +270,6 @@ TAKE_SEQUENCES = "UPDATE event_counter SET last_seq = last_seq + $1 RETURNING la
 _STATUS: dict[int, Status] = {int(s): s for s in Status}
 
 
-def _reason(code: str | None, description: str | None) -> Reason | None:
-    if code is None and description is None:
-        return None
-    return Reason(code or "", description or "")
-
-
-def reason_columns(reason: Reason | None) -> tuple[str | None, str | None]:
-    """The ``(reason_code, reason_description)`` columns of a status reason."""
-    return (reason.code, reason.description) if reason else (None, None)
-
-
-def violations_column(ex: Execution) -> str | None:
-    """The ``result_violations`` column: a JSON array, NULL when there are none."""
-    return json.dumps(list(ex.result_violations)) if ex.result_violations else None
-
-
 def execution_from_row(row: asyncpg.Record, history: tuple[StateChange, ...] = (), reruns: tuple[str, ...] = ()) -> Execution:
     """An :class:`Execution` from a row of ``EXEC_COLUMNS`` (by position)."""
     violations = row[17]
@@ -241,12 +286,15 @@ def execution_from_row(row: asyncpg.Record, history: tuple[StateChange, ...] = (
         expires_at_ms=row[14],
         completed_at_ms=row[13],
         result_json=row[8],
-        reason=_reason(row[9], row[10]),
+        reason=reason_from_columns(row[9], row[10]),
         idempotency_key=row[15] or "",
         thing_type=row[16] or "",
         result_violations=tuple(json.loads(violations)) if violations else (),
         kaa_id=row[18],
         rerun_of=row[19] or "",
+        job_id=row[20] or "",
+        retry_of=row[21] or "",
+        job_attempt=row[22] or 0,
         reruns=reruns,
         history=history,
     )
@@ -283,6 +331,9 @@ def execution_row(ex: Execution, fingerprint: str, lease_owner: str, lease_ms: i
         lease_owner if leased else None,
         ex.created_at_ms + lease_ms if leased else None,
         1 if leased else 0,
+        ex.job_id or None,
+        ex.retry_of or None,
+        ex.job_attempt or None,
     )
 
 
@@ -315,7 +366,7 @@ def event_from_row(row: asyncpg.Record) -> StateChange:
         at_ms=row[6],
         late=row[7],
         result_json=row[8],
-        reason=_reason(row[9], row[10]),
+        reason=reason_from_columns(row[9], row[10]),
         note=row[11],
     )
 
@@ -337,67 +388,3 @@ def event_arrays(events: Sequence[StateChange]) -> list[list[Any]]:
         [r[1] for r in reasons],
         [e.note for e in events],
     ]
-
-
-def thing_from_row(row: asyncpg.Record) -> ThingRecord:
-    """A :class:`ThingRecord` from a ``things`` row."""
-    return ThingRecord(
-        thing_id=row["thing_id"],
-        thing_type=row["thing_type"],
-        attributes=json.loads(row["attributes"]),
-        token_hash=row["token_hash"],
-        created_at_ms=row["created_at"],
-        updated_at_ms=row["updated_at"],
-        credentials_rotated_at_ms=row["credentials_rotated_at"],
-        last_seen_ms=row["last_seen"],
-        last_client_id=row["last_client_id"],
-        last_remote_address=row["last_remote_address"],
-        last_connected_at_ms=row["last_connected_at"],
-        kaa_app_version=row["kaa_app_version"],
-        kaa_token_hash=row["kaa_token_hash"] or "",
-    )
-
-
-def type_definition(rec: ThingTypeRecord) -> str:
-    """The JSON stored in ``thing_types.definition`` for a thing type (as SQLite stores it)."""
-    return json.dumps(
-        {
-            "description": rec.description,
-            "allow_undefined_actions": rec.allow_undefined_actions,
-            "commands": {
-                action: {
-                    "description": c.description,
-                    "params_schema": c.params_schema,
-                    "result_schema": c.result_schema,
-                    "default_ttl_seconds": c.default_ttl_seconds,
-                }
-                for action, c in rec.commands.items()
-            },
-        }
-    )
-
-
-def thing_type_from_row(row: asyncpg.Record) -> ThingTypeRecord:
-    """A :class:`ThingTypeRecord` from a ``thing_types`` row."""
-    definition = json.loads(row["definition"])
-    return ThingTypeRecord(
-        name=row["name"],
-        description=definition["description"],
-        commands={action: CommandDef(**c) for action, c in definition["commands"].items()},
-        allow_undefined_actions=definition["allow_undefined_actions"],
-        version=row["version"],
-        created_at_ms=row["created_at"],
-        updated_at_ms=row["updated_at"],
-    )
-
-
-def api_key_from_row(row: asyncpg.Record) -> ApiKeyRecord:
-    """An :class:`ApiKeyRecord` from an ``api_keys`` row."""
-    return ApiKeyRecord(
-        key_id=row["key_id"],
-        name=row["name"],
-        role=row["role"],
-        secret_hash=row["secret_hash"],
-        created_at_ms=row["created_at"],
-        revoked_at_ms=row["revoked_at"],
-    )

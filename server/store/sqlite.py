@@ -64,6 +64,7 @@ from server.store import (
     ServiceStore,
     TransitionResult,
 )
+from server.store.rows import api_key_from_row, thing_from_row, thing_type_from_row, type_definition
 from server.store.sqlite_batch import Op, Tx, Undo, plan_create, plan_transition, rollback
 from server.store.sqlite_jobs import SqliteJobs
 from server.store.sqlite_schema import (
@@ -72,14 +73,10 @@ from server.store.sqlite_schema import (
     MIGRATIONS,
     SCHEMA,
     SCHEMA_VERSION,
-    api_key_from_row,
     connect,
     event_from_row,
     events_from_rows,
     execution_from_row,
-    thing_from_row,
-    thing_type_from_row,
-    type_definition,
 )
 
 log = logging.getLogger(__name__)
@@ -563,15 +560,28 @@ class SqliteStore(SqliteJobs):
     async def active(self) -> list[ActiveExecution]:
         """See :meth:`server.store.Store.active`."""
         finals = ",".join(str(int(s)) for s in Status if s.final)
-        sql = f"SELECT execution_id, thing_id, status, expires_at FROM executions WHERE status NOT IN ({finals}) ORDER BY idx"
+        sql = (
+            "SELECT execution_id, thing_id, status, expires_at, handed FROM executions"
+            f" WHERE status NOT IN ({finals}) ORDER BY idx"
+        )
 
         def read(conn: sqlite3.Connection) -> list[ActiveExecution]:
             return [
-                ActiveExecution(r["execution_id"], r["thing_id"], Status(r["status"]), r["expires_at"])
+                ActiveExecution(r["execution_id"], r["thing_id"], Status(r["status"]), r["expires_at"], bool(r["handed"]))
                 for r in conn.execute(sql).fetchall()
             ]
 
         return await self._read(read)
+
+    async def mark_handed(self, execution_ids: Sequence[str]) -> int:
+        """See :meth:`server.core.handover.HandoverStore.mark_handed` (one write, in the next group commit)."""
+        unacked = ",".join(str(int(s)) for s in Status if s <= Status.SENT)
+        sql = f"UPDATE executions SET handed = 1 WHERE execution_id = ? AND status IN ({unacked}) AND handed = 0"
+
+        def write(tx: Tx) -> int:
+            return sum(tx.conn.execute(sql, (execution_id,)).rowcount for execution_id in execution_ids)
+
+        return await self._write(write)
 
     # ---- Kaa command ids ------------------------------------------------------------------
 
@@ -617,7 +627,8 @@ class SqliteStore(SqliteJobs):
             try:
                 tx.conn.execute(
                     "INSERT INTO things (thing_id, thing_type, attributes, token_hash, created_at, updated_at,"
-                    " credentials_rotated_at, kaa_app_version, kaa_token_hash) VALUES (?,?,?,?,?,?,?,?,?)",
+                    " credentials_rotated_at, kaa_app_version, kaa_token_hash, broker_password_hash)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
                         rec.thing_id,
                         rec.thing_type,
@@ -628,6 +639,7 @@ class SqliteStore(SqliteJobs):
                         rec.credentials_rotated_at_ms,
                         rec.kaa_app_version,
                         rec.kaa_token_hash or None,
+                        rec.broker_password_hash,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -652,7 +664,9 @@ class SqliteStore(SqliteJobs):
 
         await self._write(write)
 
-    async def set_thing_token(self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "") -> None:
+    async def set_thing_token(
+        self, thing_id: str, token_hash: str, at_ms: int, kaa_token_hash: str = "", broker_password_hash: str = ""
+    ) -> None:
         """Store new credentials for a thing (and a new Kaa endpoint token hash, when given).
 
         Raises:
@@ -662,8 +676,8 @@ class SqliteStore(SqliteJobs):
         def write(tx: Tx) -> None:
             cur = tx.conn.execute(
                 "UPDATE things SET token_hash = ?, credentials_rotated_at = ?, updated_at = ?,"
-                " kaa_token_hash = COALESCE(?, kaa_token_hash) WHERE thing_id = ?",
-                (token_hash, at_ms, at_ms, kaa_token_hash or None, thing_id),
+                " kaa_token_hash = COALESCE(?, kaa_token_hash), broker_password_hash = ? WHERE thing_id = ?",
+                (token_hash, at_ms, at_ms, kaa_token_hash or None, broker_password_hash, thing_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"thing {thing_id!r} not found")

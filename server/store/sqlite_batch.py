@@ -21,6 +21,7 @@ from server.core.decisions import Change
 from server.core.lifecycle import Trigger
 from server.core.models import DeviceReport, Execution, NewExecution, StateChange
 from server.store import CreateResult, ResultCheck, TransitionResult
+from server.store.rows import reason_columns, violations_column
 from server.store.sqlite_schema import (
     INSERT_EVENT,
     INSERT_EXECUTION,
@@ -30,8 +31,6 @@ from server.store.sqlite_schema import (
     UPDATE_EXECUTION,
     event_row,
     execution_from_row,
-    reason_columns,
-    violations_column,
 )
 
 

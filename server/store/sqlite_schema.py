@@ -13,19 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from server.core.lifecycle import Status
-from server.core.models import (
-    ApiKeyRecord,
-    CommandDef,
-    Execution,
-    Reason,
-    StateChange,
-    ThingRecord,
-    ThingTypeRecord,
-    job_event_json,
-    job_from_event,
+from server.core.models import Execution, StateChange, job_event_json, job_from_event
+from server.store.rows import (
+    reason_columns,
+    reason_from_columns,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -52,7 +46,8 @@ CREATE TABLE IF NOT EXISTS executions (
     rerun_of           TEXT,
     job_id             TEXT,
     retry_of           TEXT,
-    job_attempt        INTEGER
+    job_attempt        INTEGER,
+    handed             INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS executions_idempotency
     ON executions(idempotency_key) WHERE idempotency_key IS NOT NULL;
@@ -101,7 +96,8 @@ CREATE TABLE IF NOT EXISTS things (
     last_remote_address    TEXT NOT NULL DEFAULT '',
     last_connected_at      INTEGER,
     kaa_app_version        TEXT NOT NULL DEFAULT '',
-    kaa_token_hash         TEXT
+    kaa_token_hash         TEXT,
+    broker_password_hash   TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS things_type ON things(thing_type);
 CREATE UNIQUE INDEX IF NOT EXISTS things_kaa_token ON things(kaa_token_hash) WHERE kaa_token_hash IS NOT NULL;
@@ -176,9 +172,14 @@ MIGRATIONS = (
     (4, "executions", "job_id TEXT"),
     (4, "executions", "retry_of TEXT"),
     (4, "executions", "job_attempt INTEGER"),
-    (5, "events", "job_id TEXT"),
-    (5, "events", "job TEXT"),
-    (5, "jobs", "only_undelivered INTEGER NOT NULL DEFAULT 0"),
+    # The password in mosquitto's password_file format (broker-config --mosquitto); '' for older things.
+    (5, "things", "broker_password_hash TEXT NOT NULL DEFAULT ''"),
+    # 1: the external broker acknowledged the request's publish (server/core/handover.py).
+    (5, "executions", "handed INTEGER NOT NULL DEFAULT 0"),
+    # Job events (server/core/job_runner.py): a job's events carry its id and its snapshot.
+    (6, "events", "job_id TEXT"),
+    (6, "events", "job TEXT"),
+    (6, "jobs", "only_undelivered INTEGER NOT NULL DEFAULT 0"),
 )
 
 EXEC_COLUMNS = (
@@ -212,22 +213,6 @@ UPDATE_EXECUTION = (
 INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
-def _reason(code: str | None, description: str | None) -> Reason | None:
-    if code is None and description is None:
-        return None
-    return Reason(code or "", description or "")
-
-
-def reason_columns(reason: Reason | None) -> tuple[str | None, str | None]:
-    """The ``(reason_code, reason_description)`` columns of a status reason (the inverse of reading them)."""
-    return (reason.code, reason.description) if reason else (None, None)
-
-
-def violations_column(ex: Execution) -> str | None:
-    """The ``result_violations`` column: a JSON array, NULL when there are none."""
-    return json.dumps(list(ex.result_violations)) if ex.result_violations else None
-
-
 def execution_from_row(row: Sequence[Any], history: tuple[StateChange, ...] = (), reruns: tuple[str, ...] = ()) -> Execution:
     """An :class:`Execution` from a row of ``EXEC_COLUMNS``."""
     # By position (the order of EXEC_COLUMNS): cheaper than by name, and works for plain tuples too.
@@ -245,7 +230,7 @@ def execution_from_row(row: Sequence[Any], history: tuple[StateChange, ...] = ()
         expires_at_ms=row[14],
         completed_at_ms=row[13],
         result_json=row[8],
-        reason=_reason(row[9], row[10]),
+        reason=reason_from_columns(row[9], row[10]),
         idempotency_key=row[15] or "",
         thing_type=row[16] or "",
         result_violations=tuple(json.loads(violations)) if violations else (),
@@ -293,7 +278,7 @@ def event_from_row(row: Sequence[Any]) -> StateChange:
         at_ms=row[6],
         late=bool(row[7]),
         result_json=row[8],
-        reason=_reason(row[9], row[10]),
+        reason=reason_from_columns(row[9], row[10]),
         note=row[11],
         job_id=row[12] or "",
     )
@@ -330,67 +315,3 @@ def connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
         # FULL: a committed batch survives power loss too, not only a killed process.
         conn.execute("PRAGMA synchronous = FULL")
     return conn
-
-
-def thing_from_row(row: sqlite3.Row) -> ThingRecord:
-    """A :class:`ThingRecord` from a ``things`` row."""
-    return ThingRecord(
-        thing_id=row["thing_id"],
-        thing_type=row["thing_type"],
-        attributes=json.loads(row["attributes"]),
-        token_hash=row["token_hash"],
-        created_at_ms=row["created_at"],
-        updated_at_ms=row["updated_at"],
-        credentials_rotated_at_ms=row["credentials_rotated_at"],
-        last_seen_ms=row["last_seen"],
-        last_client_id=row["last_client_id"],
-        last_remote_address=row["last_remote_address"],
-        last_connected_at_ms=row["last_connected_at"],
-        kaa_app_version=row["kaa_app_version"],
-        kaa_token_hash=row["kaa_token_hash"] or "",
-    )
-
-
-def type_definition(rec: ThingTypeRecord) -> str:
-    """The JSON stored in ``thing_types.definition`` for a thing type."""
-    return json.dumps(
-        {
-            "description": rec.description,
-            "allow_undefined_actions": rec.allow_undefined_actions,
-            "commands": {
-                action: {
-                    "description": c.description,
-                    "params_schema": c.params_schema,
-                    "result_schema": c.result_schema,
-                    "default_ttl_seconds": c.default_ttl_seconds,
-                }
-                for action, c in rec.commands.items()
-            },
-        }
-    )
-
-
-def thing_type_from_row(row: sqlite3.Row) -> ThingTypeRecord:
-    """A :class:`ThingTypeRecord` from a ``thing_types`` row."""
-    definition = json.loads(row["definition"])
-    return ThingTypeRecord(
-        name=row["name"],
-        description=definition["description"],
-        commands={action: CommandDef(**c) for action, c in definition["commands"].items()},
-        allow_undefined_actions=definition["allow_undefined_actions"],
-        version=row["version"],
-        created_at_ms=row["created_at"],
-        updated_at_ms=row["updated_at"],
-    )
-
-
-def api_key_from_row(row: sqlite3.Row) -> ApiKeyRecord:
-    """An :class:`ApiKeyRecord` from an ``api_keys`` row."""
-    return ApiKeyRecord(
-        key_id=row["key_id"],
-        name=row["name"],
-        role=row["role"],
-        secret_hash=row["secret_hash"],
-        created_at_ms=row["created_at"],
-        revoked_at_ms=row["revoked_at"],
-    )

@@ -84,8 +84,9 @@ export function query(params) {
  * @param {(events: Array<{seq: number, execution: any, change: any}>) => void} onEvents
  * @param {(state: string) => void} onState "live", "reconnecting", "error: ..."
  * @param {AbortSignal} signal
+ * @param {(jobs: Array<any>) => void} [onJobs] gets the job snapshots of `event: job` (the jobs pages)
  */
-export async function followEvents(filters, onEvents, onState, signal) {
+export async function followEvents(filters, onEvents, onState, signal, onJobs) {
   let last = null;
   let delay = 500;
   while (!signal.aborted) {
@@ -109,14 +110,17 @@ export async function followEvents(filters, onEvents, onState, signal) {
         const blocks = buffer.split("\n\n");
         buffer = blocks.pop();
         const events = [];
+        const jobs = [];
         for (const block of blocks) {
           const parsed = parseBlock(block);
           if (parsed === null) continue;
           if (parsed.event === "error") throw new ApiError(0, JSON.parse(parsed.data));
           if (parsed.id !== null) last = parsed.id;
           if (parsed.event === "execution" && parsed.data) events.push(JSON.parse(parsed.data));
+          else if (parsed.event === "job" && parsed.data && onJobs) jobs.push(JSON.parse(parsed.data).job);
         }
         if (events.length) onEvents(events);
+        if (jobs.length) onJobs(jobs);
       }
     } catch (err) {
       if (signal.aborted) return;

@@ -7,11 +7,15 @@ import { commandsView } from "./commands.js";
 import { detailView } from "./detail.js";
 import { sendView } from "./send.js";
 import { thingView, thingsView, typesView } from "./registry.js";
+import { createJobView, jobView, jobsView } from "./jobs.js";
 
 const ROUTES = [
   { pattern: /^\/commands$/, view: commandsView, title: "Commands" },
   { pattern: /^\/executions\/([^/]+)$/, view: detailView, title: "Execution" },
   { pattern: /^\/send$/, view: sendView, title: "Send a command", role: "operator" },
+  { pattern: /^\/jobs$/, view: jobsView, title: "Jobs" },
+  { pattern: /^\/jobs\/new$/, view: createJobView, title: "Create a job", role: "operator" },
+  { pattern: /^\/jobs\/([^/]+)$/, view: jobView, title: "Job" },
   { pattern: /^\/things$/, view: thingsView, title: "Things" },
   { pattern: /^\/things\/([^/]+)$/, view: thingView, title: "Thing" },
   { pattern: /^\/types$/, view: typesView, title: "Thing types" },
@@ -20,6 +24,7 @@ const ROUTES = [
 const NAV = [
   { route: "/commands", text: "Commands" },
   { route: "/send", text: "Send", role: "operator" },
+  { route: "/jobs", text: "Jobs" },
   { route: "/things", text: "Things" },
   { route: "/types", text: "Thing types" },
 ];

@@ -16,6 +16,7 @@ const MAX_PENDING = 2000;
 export function filtersFrom(params) {
   return {
     thingId: params.get("thing") || "",
+    jobId: params.get("job") || "",
     action: params.get("action") || "",
     statuses: params.getAll("status").filter((s) => STATUSES.includes(s)),
     after: params.get("after") || "",
@@ -25,7 +26,7 @@ export function filtersFrom(params) {
 }
 
 function routeOf(f) {
-  return "/commands" + query({ thing: f.thingId, action: f.action, status: f.statuses, after: f.after, before: f.before, page: f.pageToken });
+  return "/commands" + query({ thing: f.thingId, job: f.jobId, action: f.action, status: f.statuses, after: f.after, before: f.before, page: f.pageToken });
 }
 
 // Page tokens of the pages before this one (for "Newer"), by filter set; a shared link starts without them.
@@ -47,7 +48,7 @@ function fromLocalInput(value) {
 
 /**
  * A live executions table.
- * @param {{thingId?: string, action?: string, statuses?: string[], after?: string, before?: string, pageToken?: string}} filters
+ * @param {{thingId?: string, jobId?: string, action?: string, statuses?: string[], after?: string, before?: string, pageToken?: string}} filters
  * @param {{pageSize?: number, caption: string, onPage?: (nextToken: string) => void}} opts
  * @returns {{element: HTMLElement, stop: () => void}}
  */
@@ -106,6 +107,7 @@ export function executionsTable(filters, opts) {
   function matches(exec) {
     if (filters.thingId && exec.thingId !== filters.thingId) return false;
     if (filters.action && exec.action !== filters.action) return false;
+    if (filters.jobId && exec.jobId !== filters.jobId) return false;
     if (statusSet.size && !statusSet.has(exec.status)) return false;
     const created = Date.parse(exec.createdAt);
     if (afterMs !== null && created < afterMs) return false;
@@ -163,7 +165,7 @@ export function executionsTable(filters, opts) {
 
   async function load() {
     try {
-      const q = query({ thingId: filters.thingId, action: filters.action, status: filters.statuses, createdAfter: filters.after,
+      const q = query({ thingId: filters.thingId, jobId: filters.jobId, action: filters.action, status: filters.statuses, createdAfter: filters.after,
         createdBefore: filters.before, pageSize, pageToken: filters.pageToken });
       const { body } = await get(`/commands${q}`, { signal: abort.signal });
       for (const exec of body.executions) {
@@ -189,7 +191,8 @@ export function executionsTable(filters, opts) {
 
   // Subscribe first, then load the page: an execution created in between arrives as an event
   // (held until the page is in; the newer of the two states wins).
-  const stream = { thingId: filters.thingId, action: filters.action };
+  // jobId: a service with job events filters by it; one without ignores it (matches() filters here).
+  const stream = { thingId: filters.thingId, action: filters.action, jobId: filters.jobId };
   let started = false;
   const start = () => { if (!started) { started = true; load(); } };
   followEvents(stream, onEvents, (state) => {
@@ -232,7 +235,7 @@ export function commandsView(main, params, ctx) {
     ev.preventDefault();
     trails.clear();
     ctx.navigate(routeOf({
-      thingId: thing.value.trim(), action: action.value.trim(),
+      thingId: thing.value.trim(), jobId: f.jobId, action: action.value.trim(),
       statuses: boxes.map((l) => l.querySelector("input")).filter((i) => i.checked).map((i) => i.value),
       after: fromLocalInput(after.value), before: fromLocalInput(before.value), pageToken: "",
     }));
@@ -250,6 +253,9 @@ export function commandsView(main, params, ctx) {
   });
   newer.onclick = () => ctx.navigate(routeOf({ ...f, pageToken: trail.length ? trail.pop() : "" }));
 
-  replace(main, h("h1", {}, "Commands"), form, table.element, pager);
+  replace(main, h("h1", {}, "Commands"),
+    f.jobId ? h("p", { class: "job-filter" }, "Executions of job ", link(`/jobs/${encodeURIComponent(f.jobId)}`, f.jobId), " ",
+      link(routeOf({ ...f, jobId: "", pageToken: "" }), "(all jobs)")) : null,
+    form, table.element, pager);
   return () => table.stop();
 }
