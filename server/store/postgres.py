@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import asyncpg
 
 from server.core.errors import AlreadyExists, FailedPrecondition, FleetcmdError, NotFound, Unavailable
+from server.core.jobs import Job
 from server.core.lifecycle import Status, Trigger
 from server.core.models import (
     ActiveExecution,
@@ -82,8 +83,11 @@ from server.store.postgres_schema import (
     EVENT_COLUMNS,
     EXEC_COLUMNS,
     FIRST_FINAL,
+    JOB_OF_EVENTS,
     LAST_UNACKED,
     event_from_row,
+    event_job_ids,
+    events_from_rows,
     execution_from_row,
     migrate,
 )
@@ -378,7 +382,8 @@ class PostgresStore(PostgresJobs):
                 # Only purged events were left below ``limit``: nothing to announce up to it.
                 self._delivered = max(self._delivered, limit)
                 return
-            self._announce([event_from_row(r) for r in rows])
+            # Other replicas' job events too: their snapshots are rebuilt from the stored job (its spec).
+            self._announce(await self._events(rows))
 
     async def _follow_log(self) -> None:
         """Announce what other replicas commit: woken by NOTIFY, or every :data:`POLL_SECONDS` without one."""
@@ -458,6 +463,12 @@ class PostgresStore(PostgresJobs):
         result: T = await self._submit(self._op("call", fn))
         return result
 
+    async def _write_job_events(self, fn: Callable[[asyncpg.Connection, list[tuple[Job, int]]], Awaitable[T]]) -> T:
+        # As _write; the (job, at_ms) ``fn`` appends to its list become job events of the same transaction,
+        # numbered from the event counter with the batch's other events (gap-free, in commit order).
+        result: T = await self._submit(self._op("job_call", fn))
+        return result
+
     # ---- reads ---------------------------------------------------------------------------
 
     def _readers(self) -> asyncpg.Pool:
@@ -471,6 +482,12 @@ class PostgresStore(PostgresJobs):
         except LOST as exc:
             raise Unavailable(f"store read failed: {exc}") from exc
         return rows
+
+    async def _events(self, rows: Sequence[asyncpg.Record]) -> list[StateChange]:
+        """The events of rows of ``EVENT_COLUMNS``: job events rebuilt with their jobs (one read, only if there are any)."""
+        job_ids = event_job_ids(rows)
+        jobs = {r[0]: r for r in await self._fetch(JOB_OF_EVENTS, job_ids)} if job_ids else {}
+        return events_from_rows(rows, jobs)
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         try:
@@ -620,13 +637,14 @@ class PostgresStore(PostgresJobs):
         """See :meth:`server.store.Store.events_after`."""
         where = ["seq > $1"]
         args: list[Any] = [after_sequence]
-        for column, value in (("thing_id", flt.thing_id), ("execution_id", flt.execution_id), ("action", flt.action)):
+        columns = (("thing_id", flt.thing_id), ("execution_id", flt.execution_id), ("action", flt.action), ("job_id", flt.job_id))
+        for column, value in columns:
             if value:
                 args.append(value)
                 where.append(f"{column} = ${len(args)}")
         args.append(limit)
         sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq LIMIT ${len(args)}"
-        return [event_from_row(r) for r in await self._fetch(sql, *args)]
+        return await self._events(await self._fetch(sql, *args))
 
     async def last_sequence(self) -> int:
         """See :meth:`server.store.Store.last_sequence` (the counter: it never goes back, whatever retention deleted)."""

@@ -31,8 +31,9 @@ import asyncpg
 from server.core import decisions
 from server.core.decisions import Change
 from server.core.errors import Unavailable
+from server.core.jobs import Job
 from server.core.lifecycle import Outcome, Status, Trigger
-from server.core.models import DeviceReport, Execution, NewExecution, StateChange
+from server.core.models import DeviceReport, Execution, NewExecution, StateChange, job_event
 from server.store import CreateResult, JobDispatch, ResultCheck, TargetState, TransitionResult
 from server.store.postgres_schema import (
     EXEC_COLUMNS,
@@ -74,7 +75,11 @@ class Retry(Exception):
 
 @dataclass(slots=True)
 class Op:
-    """One queued write: a planned one (``create``, ``transition``, ``expire_due``, ``job_dispatch``) or a ``call`` (own SQL)."""
+    """One queued write: a planned one (``create``, ``transition``, ``expire_due``, ``job_dispatch``) or a ``call`` (own SQL).
+
+    A ``job_call`` is a call that also writes job events: its function gets the connection and a list
+    it appends ``(job, at_ms)`` to; they are numbered with the batch's other events if it succeeds.
+    """
 
     kind: str
     args: tuple[Any, ...]
@@ -180,7 +185,7 @@ class Batch:
                 self.keys[row[15]] = (execution_from_row(row), row[23] or "")
         for op in ops:
             op.result = op.error = None
-            if op.kind == "call":
+            if op.kind in ("call", "job_call"):
                 await self._call(op)
             elif self.isolate:
                 await self._isolated(op)
@@ -199,10 +204,16 @@ class Batch:
         await self._write_events(ops)
 
     async def _call(self, op: Op) -> None:
-        fn: Callable[[asyncpg.Connection], Awaitable[Any]] = op.args[0]
+        jobs: list[tuple[Job, int]] = []
         try:
             async with self.conn.transaction():  # a savepoint: a failing write undoes only itself
-                op.result = await fn(self.conn)
+                if op.kind == "job_call":
+                    op.result = await op.args[0](self.conn, jobs)
+                else:
+                    op.result = await op.args[0](self.conn)
+            # Its job events only once its savepoint stands (numbered by the counter with the others at the end).
+            for job, at_ms in jobs:
+                self.events.append(job_event(self.local_sequence(), job, at_ms))
         except LOST:
             raise
         except asyncpg.PostgresError as exc:

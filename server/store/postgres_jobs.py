@@ -1,7 +1,10 @@
 """PostgreSQL implementation of :class:`server.store.JobStore`, mixed into :class:`server.store.postgres.PostgresStore`.
 
-The same semantics as :mod:`server.store.sqlite_jobs`, on the same schema version (4). Every write goes
-through the store's group-commit writer. The durable step of a rollout, :meth:`PostgresJobs.dispatch`,
+The same semantics as :mod:`server.store.sqlite_jobs`, on the same schema version. Every write goes
+through the store's group-commit writer. A job's events (its state and count changes) are written in the
+transaction of the write they come with (the job's row for a state change), numbered from the event
+counter with the batch's other events, so the event log stays gap-free in commit order on every replica.
+The durable step of a rollout, :meth:`PostgresJobs.dispatch`,
 is a *planned* batch operation (:func:`server.store.postgres_batch.plan_dispatch`): in the batch's
 transaction it locks the targets it starts (``SELECT ... FOR UPDATE`` in thing order), checks each still
 waits for that attempt, plans its execution with the same pure rules as a Send and marks the target
@@ -26,7 +29,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from server.core.errors import AlreadyExists, NotFound, Unavailable
-from server.core.jobs import JobState
+from server.core.jobs import Job, JobState
 from server.core.lifecycle import Status
 from server.core.models import Execution
 from server.store import JobDispatch, JobRecord, TargetRow, TargetSettle, TargetState
@@ -51,7 +54,7 @@ LOCK_CHECK_SECONDS = 5.0
 
 JOB_COLUMNS = (
     "idx, job_id, spec, state, created_at, started_at, ended_at, abort_reason, created_by, targets_total,"
-    " resolved, resolve_cursor, counts, idempotency_key, sequential"
+    " resolved, resolve_cursor, counts, idempotency_key, sequential, only_undelivered"
 )
 TARGET_COLUMNS = (
     "t.thing_id, t.seq, t.state, t.attempt, t.execution_id, COALESCE(e.status, t.status), t.due_at, t.dispatched_at, t.reason,"
@@ -81,6 +84,7 @@ def _job(row: asyncpg.Record) -> JobRecord:
         counts_json=row[12] or "",
         idempotency_key=row[13] or "",
         sequential=row[14],
+        only_undelivered=row[15],
     )
 
 
@@ -109,6 +113,7 @@ class PostgresJobs:
 
     url: str
     _write: Callable[..., Awaitable[Any]]
+    _write_job_events: Callable[..., Awaitable[Any]]
     _fetch: Callable[..., Awaitable[list[asyncpg.Record]]]
     _fetchval: Callable[..., Awaitable[Any]]
     _submit: Callable[[Op], asyncio.Future[Any]]
@@ -117,10 +122,10 @@ class PostgresJobs:
     _locked: frozenset[str] = frozenset()
     _lock_guard: asyncio.Lock | None = None
 
-    async def insert_job(self, rec: JobRecord, fingerprint: str) -> tuple[JobRecord, bool]:
+    async def insert_job(self, rec: JobRecord, fingerprint: str, event: Job | None = None) -> tuple[JobRecord, bool]:
         """See :meth:`server.store.JobStore.insert_job`."""
 
-        async def write(conn: asyncpg.Connection) -> tuple[JobRecord, bool]:
+        async def write(conn: asyncpg.Connection, events: list[tuple[Job, int]]) -> tuple[JobRecord, bool]:
             # ON CONFLICT: a key another replica is inserting at this moment is waited for, then read.
             inserted = await conn.fetchval(
                 _INSERT_JOB,
@@ -140,6 +145,8 @@ class PostgresJobs:
                 rec.sequential,
             )
             if inserted is not None:
+                if event is not None:
+                    events.append((event, rec.created_at_ms))
                 return rec, True
             if rec.idempotency_key:
                 row = await conn.fetchrow(
@@ -151,7 +158,7 @@ class PostgresJobs:
                     return _job(row), False
             raise AlreadyExists(f"job {rec.job_id!r} already exists")
 
-        result: tuple[JobRecord, bool] = await self._write(write)
+        result: tuple[JobRecord, bool] = await self._write_job_events(write)
         return result
 
     async def get_job(self, job_id: str) -> JobRecord | None:
@@ -190,24 +197,38 @@ class PostgresJobs:
         ended_at_ms: int | None,
         abort_reason: str,
         counts_json: str = "",
+        only_undelivered: bool = False,
+        event: Job | None = None,
+        at_ms: int = 0,
     ) -> None:
         """See :meth:`server.store.JobStore.update_job`."""
 
-        async def write(conn: asyncpg.Connection) -> None:
+        async def write(conn: asyncpg.Connection, events: list[tuple[Job, int]]) -> None:
             done = await conn.fetchval(
-                "UPDATE jobs SET state = $1, started_at = $2, ended_at = $3, abort_reason = $4, counts = $5"
-                " WHERE job_id = $6 RETURNING 1",
+                "UPDATE jobs SET state = $1, started_at = $2, ended_at = $3, abort_reason = $4, counts = $5,"
+                " only_undelivered = $6 WHERE job_id = $7 RETURNING 1",
                 state.value,
                 started_at_ms,
                 ended_at_ms,
                 abort_reason,
                 counts_json or None,
+                only_undelivered,
                 job_id,
             )
             if not done:
                 raise NotFound(f"job {job_id!r} not found")
+            if event is not None:
+                events.append((event, at_ms))
 
-        await self._write(write)
+        await self._write_job_events(write)
+
+    async def job_events(self, jobs: Sequence[Job], at_ms: int) -> None:
+        """See :meth:`server.store.JobStore.job_events`."""
+
+        async def write(_conn: asyncpg.Connection, events: list[tuple[Job, int]]) -> None:
+            events.extend((job, at_ms) for job in jobs)
+
+        await self._write_job_events(write)
 
     async def add_targets(self, job_id: str, thing_ids: Sequence[str], *, cursor: str, resolved: bool) -> int:
         """See :meth:`server.store.JobStore.add_targets`."""

@@ -24,7 +24,7 @@ import asyncpg
 
 from server.core.errors import FleetcmdError
 from server.core.lifecycle import Status
-from server.core.models import Execution, StateChange
+from server.core.models import Execution, StateChange, job_event, job_event_json, job_from_event
 from server.store.rows import (
     reason_columns,
     reason_from_columns,
@@ -202,8 +202,18 @@ ALTER TABLE things ADD COLUMN broker_password_hash TEXT NOT NULL DEFAULT '';
 ALTER TABLE executions ADD COLUMN handed BOOLEAN NOT NULL DEFAULT FALSE;
 """
 
+# As SQLite's schema 6: job events (server/core/job_runner.py). An event carries its job's id (a job's
+# events and its executions' events, for a Stream that filters by job) and, for a job event, the changing
+# parts of the job (models.job_event_json; NULL for an execution's event); a CANCELED job's cancel that
+# spared the delivered executions is kept, so a restart or an adopting replica cancels again alike.
+_V6 = """
+ALTER TABLE events ADD COLUMN job_id TEXT, ADD COLUMN job TEXT;
+CREATE INDEX events_job ON events(job_id, seq) WHERE job_id IS NOT NULL;
+ALTER TABLE jobs ADD COLUMN only_undelivered BOOLEAN NOT NULL DEFAULT FALSE;
+"""
+
 # Schema version -> the statements that bring the previous version to it (see the module docstring).
-MIGRATIONS: dict[int, str] = {3: _V3, 4: _V4, 5: _V5}
+MIGRATIONS: dict[int, str] = {3: _V3, 4: _V4, 5: _V5, 6: _V6}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 # Any number: the key of the advisory lock replicas take to migrate one at a time.
@@ -237,7 +247,8 @@ EXEC_COLUMNS = (
     "thing_type, result_violations, kaa_id, rerun_of, job_id, retry_of, job_attempt"
 )
 EVENT_COLUMNS = (
-    "seq, execution_id, thing_id, action, status, previous_status, at, late, result, reason_code, reason_description, note"
+    "seq, execution_id, thing_id, action, status, previous_status, at, late, result, reason_code, reason_description, note,"
+    " job_id, job"
 )
 
 SELECT_LOCKED = f"SELECT {EXEC_COLUMNS} FROM executions WHERE execution_id = ANY($1::text[]) ORDER BY execution_id FOR UPDATE"
@@ -263,9 +274,12 @@ UPDATE_GUARDED = (
 )
 INSERT_EVENTS = (
     f"INSERT INTO events ({EVENT_COLUMNS}) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[],"
-    " $5::smallint[], $6::smallint[], $7::bigint[], $8::boolean[], $9::text[], $10::text[], $11::text[], $12::text[])"
+    " $5::smallint[], $6::smallint[], $7::bigint[], $8::boolean[], $9::text[], $10::text[], $11::text[], $12::text[],"
+    " $13::text[], $14::text[])"
 )
 TAKE_SEQUENCES = "UPDATE event_counter SET last_seq = last_seq + $1 RETURNING last_seq"
+# What a job event's snapshot takes from its job (:func:`events_from_rows`).
+JOB_OF_EVENTS = "SELECT job_id, spec, created_at, created_by FROM jobs WHERE job_id = ANY($1::text[])"
 
 _STATUS: dict[int, Status] = {int(s): s for s in Status}
 
@@ -353,8 +367,34 @@ def update_arrays(updates: Sequence[tuple[Execution, int]]) -> list[Any]:
     ]
 
 
+def events_from_rows(rows: Sequence[asyncpg.Record], jobs: dict[str, asyncpg.Record]) -> list[StateChange]:
+    """The events of rows of ``EVENT_COLUMNS``, job events with their job (``jobs``: rows of ``JOB_OF_EVENTS`` by job id).
+
+    As SQLite's :func:`server.store.sqlite_schema.events_from_rows`: a job event's snapshot is its stored
+    changing parts with the job's spec and creation.
+    """
+    out: list[StateChange] = []
+    for row in rows:
+        stored = row[13]
+        if stored is None:
+            out.append(event_from_row(row))
+            continue
+        job_id = row[12]
+        found = jobs.get(job_id)
+        if found is None:  # (jobs are never deleted; a job event always has its job)
+            continue
+        job = job_from_event(job_id, stored, found[1], found[2], found[3])
+        out.append(job_event(row[0], job, row[6]))
+    return out
+
+
+def event_job_ids(rows: Sequence[asyncpg.Record]) -> list[str]:
+    """The jobs whose job events ``rows`` (of ``EVENT_COLUMNS``) hold: what :data:`JOB_OF_EVENTS` reads."""
+    return list(dict.fromkeys(r[12] for r in rows if r[13] is not None))
+
+
 def event_from_row(row: asyncpg.Record) -> StateChange:
-    """A :class:`StateChange` from a row of ``EVENT_COLUMNS`` (by position)."""
+    """An execution's :class:`StateChange` from a row of ``EVENT_COLUMNS`` (by position; job events: :func:`events_from_rows`)."""
     prev = row[5]
     return StateChange(
         sequence=row[0],
@@ -368,6 +408,7 @@ def event_from_row(row: asyncpg.Record) -> StateChange:
         result_json=row[8],
         reason=reason_from_columns(row[9], row[10]),
         note=row[11],
+        job_id=row[12] or "",
     )
 
 
@@ -387,4 +428,6 @@ def event_arrays(events: Sequence[StateChange]) -> list[list[Any]]:
         [r[0] for r in reasons],
         [r[1] for r in reasons],
         [e.note for e in events],
+        [e.job_id or None for e in events],
+        [job_event_json(e.job) if e.job is not None else None for e in events],
     ]
