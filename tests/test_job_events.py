@@ -9,6 +9,7 @@ a CANCELED job's ``only_undelivered`` is stored, so a restart cancels again as t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -19,17 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import grpc
 import pytest
 
 from server.api import convert_jobs
 from server.app import FleetcmdApp
 from server.core import jobs as jb
+from server.core.errors import NotFound
 from server.core.lifecycle import Status
 from server.core.models import EventFilter, StateChange
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import jobs_pb2 as jpb
+from server.store import JobDispatch
+from server.store import postgres_schema as pg_schema
 from server.store.sqlite_schema import SCHEMA, SCHEMA_VERSION
 from tests import clients
 from tests.clients import admin_key
@@ -37,7 +42,8 @@ from tests.conftest import make_settings
 from tests.proc import Service
 from tests.test_http_rest import conforms
 from tests.test_jobs_engine import fleet, jobs_of, spec, until
-from tests.test_jobs_store import opened
+from tests.test_jobs_store import NOW, Jobs, new, opened
+from tests.test_store_contract import STORE_URLS
 
 TIMEOUT = 20
 
@@ -327,6 +333,89 @@ async def test_a_schema_5_database_gets_job_events_and_only_undelivered(tmp_path
         [event] = await store.events_after(1, EventFilter(job_id="j-1"), 10)
         assert event.sequence == 2 and event.job == job
         assert await store.events_after(1, EventFilter(thing_id="t"), 10) == []
+
+
+async def test_a_schema_5_postgresql_database_gets_job_events_and_only_undelivered(tmp_path: Path) -> None:
+    url = STORE_URLS["postgresql"](tmp_path)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL, applied_at TIMESTAMPTZ)")
+        for version in (3, 4, 5):
+            await conn.execute(pg_schema.MIGRATIONS[version])
+        await conn.execute("INSERT INTO schema_version (version) VALUES (5)")
+        await conn.execute("INSERT INTO events (seq, execution_id, thing_id, action, status, at) VALUES (1, 'e', 't', 'a', 1, 0)")
+        await conn.execute("UPDATE event_counter SET last_seq = 1")
+    finally:
+        await conn.close()
+    assert pg_schema.SCHEMA_VERSION == 6
+    async with opened(url) as store:
+        [old_event] = await store.events_after(0, EventFilter(), 10)
+        assert old_event.execution_id == "e" and old_event.job_id == "" and old_event.job is None
+        job = jb.Job("j-1", spec(("t",)), jb.JobState.IN_PROGRESS, {"PENDING": 1}, 1, 5, 5, None, "", "bob")
+        await store.insert_job(jb_record("j-1"), "fp", event=job)
+        await store.update_job(
+            "j-1", state=jb.JobState.CANCELED, started_at_ms=5, ended_at_ms=9, abort_reason="", only_undelivered=True
+        )
+        stored = await store.get_job("j-1")
+        assert stored is not None and stored.only_undelivered
+        [event] = await store.events_after(1, EventFilter(job_id="j-1"), 10)
+        assert event.sequence == 2 and event.job == job
+        assert await store.events_after(1, EventFilter(thing_id="t"), 10) == []
+
+
+@pytest.fixture(params=sorted(STORE_URLS))
+async def jobs_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Jobs]:
+    """A job store of each implementation (SQLite, PostgreSQL: a new database)."""
+    async with opened(STORE_URLS[request.param](tmp_path)) as s:
+        yield s
+
+
+async def test_job_events_are_written_with_the_jobs_row_and_numbered_with_the_other_events(jobs_store: Jobs) -> None:
+    start = await jobs_store.last_sequence()
+    created = jb.Job("j-1", spec(("t",)), jb.JobState.IN_PROGRESS, {}, 0, 5, 5, None, "", "bob")
+    rec = jb_record("j-1")
+    assert await jobs_store.insert_job(rec, "fp", event=created) == (rec, True)
+    await jobs_store.add_targets("j-1", ["t"], cursor="t", resolved=True)
+    [dispatched] = await jobs_store.dispatch("j-1", [JobDispatch(new("t", job="j-1"))], [], NOW)
+    assert dispatched is not None
+    counted = dataclasses.replace(created, counts={"QUEUED": 1}, targets_total=1)
+    single = dataclasses.replace(new("s"), job_id="", job_attempt=0)
+    # A job event and an execution's event queued together: numbered with no gap between them.
+    await asyncio.gather(jobs_store.job_events([counted], 7), jobs_store.create(single))
+    canceled = dataclasses.replace(counted, state=jb.JobState.CANCELED, ended_at_ms=9)
+    await jobs_store.update_job(
+        "j-1",
+        state=canceled.state,
+        started_at_ms=5,
+        ended_at_ms=9,
+        abort_reason="",
+        only_undelivered=True,
+        event=canceled,
+        at_ms=9,
+    )
+    # A write that fails writes no event (nor takes a number).
+    with pytest.raises(NotFound):
+        await jobs_store.update_job(
+            "nope", state=canceled.state, started_at_ms=5, ended_at_ms=9, abort_reason="", event=canceled, at_ms=9
+        )
+    # An idempotent repeat of a create writes none either.
+    keyed = dataclasses.replace(jb_record("j-2"), idempotency_key="k")
+    await jobs_store.insert_job(keyed, "fp")
+    assert (await jobs_store.insert_job(dataclasses.replace(keyed, job_id="j-3"), "fp", event=created))[1] is False
+    events = await jobs_store.events_after(start, EventFilter(), 100)
+    assert [e.sequence for e in events] == list(range(start + 1, start + 1 + len(events)))  # no gap
+    assert await jobs_store.last_sequence() == events[-1].sequence
+    jobs = [e for e in events if e.job is not None]
+    assert [e.job for e in jobs] == [created, counted, canceled] and [e.at_ms for e in jobs] == [5, 7, 9]
+    assert all(e.job_id == "j-1" and not (e.execution_id or e.thing_id or e.action) for e in jobs)
+    # The job's events and its execution's, in log order; not the single command's.
+    of_job = await jobs_store.events_after(start, EventFilter(job_id="j-1"), 100)
+    assert of_job == [e for e in events if e.job_id == "j-1"] and len(of_job) == 4
+    assert [e.execution_id for e in of_job if e.job is None] == ["t-1-0"]
+    assert [e.job_id for e in await jobs_store.events_after(start, EventFilter(thing_id="s"), 100)] == [""]
+    assert all(e.job is None for e in await jobs_store.events_after(start, EventFilter(action="reboot"), 100))
+    stored = await jobs_store.get_job("j-1")
+    assert stored is not None and stored.only_undelivered and stored.state is jb.JobState.CANCELED
 
 
 def jb_record(job_id: str) -> Any:
