@@ -84,6 +84,11 @@ async def test_grpc_stream_shows_a_jobs_state_and_count_changes_live(app: Fleetc
         job = await jobs_of(app).create(spec(tuple(ids)))
         events = await read_until(call, job_final(job.job_id, jpb.JOB_STATE_COMPLETED))
         done = await until(app, job.job_id, lambda j: j.job_id not in jobs_of(app)._runs)
+    # And the rest of the log once it settled: no older snapshot after the final one (a count write that
+    # raced the completion must not show the job IN_PROGRESS again).
+    end = await store_of(app).last_sequence()
+    if events[-1].sequence < end:
+        events += await read_until(call, lambda e: e.sequence == end)
     call.cancel()
     assert sequences(events) == sorted(set(sequences(events)))
     job_events = [e for e in events if e.HasField("job")]
@@ -100,8 +105,10 @@ async def test_grpc_stream_shows_a_jobs_state_and_count_changes_live(app: Fleetc
     execution_events = [e for e in events if not e.HasField("job")]
     assert {e.thing_id for e in execution_events} == set(ids)
     assert {e.job_id for e in execution_events} == {job.job_id}
-    # The last is the job as GetJob shows it once settled.
+    # The last is the job as GetJob shows it once settled; nothing after the completion shows another state.
     assert job_events[-1].job == convert_jobs.job(done)
+    completed = [e.job.state == jpb.JOB_STATE_COMPLETED for e in job_events]
+    assert completed == sorted(completed)
 
 
 async def test_stream_batches_carries_job_events_like_stream(app: FleetcmdApp, stub: pb_grpc.CommandServiceStub) -> None:

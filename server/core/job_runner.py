@@ -98,6 +98,7 @@ class _Run:
     version: int = 0
     published: int = 0  # the version the last job event of the event log shows
     last_event: Job | None = None  # what it shows (a change that changed nothing writes no event)
+    dropped: bool = False  # this replica lost the job's lock: it writes none of its events any more
     # Paced jobs: pending targets read ahead (by seq, after ``buffer_after``), and the dispatch writes not
     # committed yet (a paced job does not wait for one commit before its next slot).
     buffer: collections.deque[TargetRow] = field(default_factory=collections.deque)
@@ -174,6 +175,10 @@ class JobsCore:
         # Jobs changed since their last job event: one write of their events once the current commit is handled.
         self._unpublished: dict[str, _Run] = {}
         self._publishing: set[asyncio.Future[None]] = set()
+        # Held while a job event is being written (a state change's or coalesced counts'): each snapshot is taken
+        # under it, so the log never shows a job's older snapshot after a newer one (a count write queued after a
+        # state write it raced with would show the state before it).
+        self._event_order = asyncio.Lock()
         self.stats = {"dispatched": 0, "rejected": 0, "retried": 0, "adopted": 0}
         # Shared stores: every adopt_seconds the loop takes over the jobs whose lock nobody holds (their replica stopped).
         self._adopt_every_ms = adopt_seconds * 1000
@@ -519,6 +524,7 @@ class JobsCore:
         log.warning("job %s: this replica lost the job's lock; it stops running it here", run.job_id)
         # No job event from here: the replica that takes the lock writes the job's events (they would interleave).
         self._unpublished.pop(run.job_id, None)
+        run.dropped = True
         self._changed(run, published=True)
 
     def _forget(self, job_id: str) -> None:
@@ -1107,22 +1113,23 @@ class JobsCore:
             abort_reason=reason or run.rec.abort_reason,
             only_undelivered=only_undelivered or run.rec.only_undelivered,
         )
-        version = run.version
-        snapshot = dataclasses.replace(
-            run.to_job(), state=target, started_at_ms=started_at, ended_at_ms=ended_at, abort_reason=rec.abort_reason
-        )
-        await self.store.update_job(
-            run.job_id,
-            state=target,
-            started_at_ms=started_at,
-            ended_at_ms=ended_at,
-            abort_reason=rec.abort_reason,
-            only_undelivered=rec.only_undelivered,
-            event=snapshot,
-            at_ms=now,
-        )
-        run.rec = rec
-        run.last_event = snapshot
+        async with self._event_order:
+            version = run.version
+            snapshot = dataclasses.replace(
+                run.to_job(), state=target, started_at_ms=started_at, ended_at_ms=ended_at, abort_reason=rec.abort_reason
+            )
+            await self.store.update_job(
+                run.job_id,
+                state=target,
+                started_at_ms=started_at,
+                ended_at_ms=ended_at,
+                abort_reason=rec.abort_reason,
+                only_undelivered=rec.only_undelivered,
+                event=snapshot,
+                at_ms=now,
+            )
+            run.rec = rec
+            run.last_event = snapshot
         log.info("job %s: %s -> %s%s", run.job_id, event.value, target.name, f" ({reason})" if reason else "")
         # The event written with the state shows it: only counts changed meanwhile need another.
         self._changed(run, published=run.version == version)
@@ -1184,21 +1191,25 @@ class JobsCore:
             wakeup.set()
 
     def _publish(self) -> None:
-        """Write a job event for every job changed since its last one (one store write for all)."""
+        """Have a job event written for every job changed since its last one (one store write for all)."""
         runs, self._unpublished = self._unpublished, {}
-        jobs: builtins.list[Job] = []
-        for run in runs.values():
-            if run.published != run.version:
-                run.published = run.version
-                job = run.to_job()
-                if job != run.last_event:
-                    run.last_event = job
-                    jobs.append(job)
-        if not jobs:
-            return
-        task = asyncio.ensure_future(self.store.job_events(jobs, now_ms()))
+        task = asyncio.ensure_future(self._write_job_events(builtins.list(runs.values())))
         self._publishing.add(task)
         task.add_done_callback(self._published)
+
+    async def _write_job_events(self, runs: builtins.list[_Run]) -> None:
+        async with self._event_order:
+            # Snapshots taken now, after any state write queued before: they show that state.
+            jobs: builtins.list[Job] = []
+            for run in runs:
+                if run.published != run.version and not run.dropped:
+                    run.published = run.version
+                    job = run.to_job()
+                    if job != run.last_event:
+                        run.last_event = job
+                        jobs.append(job)
+            if jobs:
+                await self.store.job_events(jobs, now_ms())
 
     def _published(self, task: asyncio.Future[None]) -> None:
         self._publishing.discard(task)
