@@ -334,7 +334,7 @@ def test_the_worst_specs_the_bounds_admit_are_shown(open_page: Callable[..., Pag
     page = open_page(f"#/jobs/{widest['jobId']}", "viewer")
     expect(page.locator("dl.fields[data-job]")).to_have_attribute("data-state", "SCHEDULED")
     expect(page.locator("#spec-title + dl")).to_contain_text(WIDE.replace("\x00", "")[:3])
-    expect(page.locator('[data-json="params"]')).to_contain_text(f'"max": {MAX_SAFE_INTEGER},')
+    expect(page.locator('[data-json="params"]')).to_contain_text(f'"max": {MAX_SAFE_INTEGER}')
     page = open_page(f"#/jobs/{largest_id}", "viewer")
     expect(page.locator("dl.fields[data-job]")).to_have_attribute("data-state", "SCHEDULED")
     expect(page.locator("#spec-title + dl")).to_contain_text("10000 listed things")
