@@ -143,7 +143,14 @@ class Service:
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self, timeout: float = 20) -> Ready:
-        """Start the process and return its ready line; raise :class:`ServiceDied` otherwise."""
+        """Start the process and return its ready line; raise :class:`ServiceDied` otherwise.
+
+        Raises:
+            RuntimeError: the process runs already (``with Service(...)`` starts it): a second one
+                would replace it here and outlive the test.
+        """
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("the service runs already (with Service(...) started it)")
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,

@@ -659,8 +659,9 @@ async def test_the_real_service_closes_silent_and_partial_connections_on_either_
     from tests.proc import Service
 
     env = {"FLEETCMD_EVENT_LOOP": event_loop, "FLEETCMD_MQTT_CONNECT_TIMEOUT": "0.5"}
-    with Service(tmp_path / "data", env=env) as svc:
-        ready = await asyncio.to_thread(svc.start)
+    svc = Service(tmp_path / "data", env=env)
+    ready = await asyncio.to_thread(svc.start)
+    with svc:
         for first_bytes in (b"", b"\x10\x20\x00\x04MQ", b"\x30"):  # silent, a partial CONNECT, a PUBLISH first
             reader, writer = await asyncio.open_connection(ready.mqtt_host, ready.mqtt_port)
             writer.write(first_bytes)

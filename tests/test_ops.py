@@ -217,7 +217,8 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
 
     service = JsonService(tmp_path / "data", env={"FLEETCMD_LOG_FORMAT": "json"})
     with service:
-        ready = service.start()
+        ready = service.ready
+        assert ready is not None
         unknown = "f" * 32
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="t-json")
         client.connect("127.0.0.1", ready.mqtt_port)
