@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 run: venv
 	$(BIN)/fleetcmd serve
 
+# Two workers: most tests wait on real sockets, processes and commits, not on the CPU.
 test: venv
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 lint: venv
 	$(BIN)/ruff check .
