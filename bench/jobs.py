@@ -57,33 +57,44 @@ def max_per_window(times_ms: list[int], window_ms: int = 1000) -> int:
     return max((bisect.bisect_left(times, t + window_ms) - i for i, t in enumerate(times)), default=0)
 
 
+class PeakRss:
+    """The highest RSS of this process, sampled every 100 ms while used as ``async with``."""
+
+    def __init__(self, start: int) -> None:
+        self.peak = start
+        self._task: asyncio.Task[None] | None = None
+
+    async def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_bytes(os.getpid()))
+            await asyncio.sleep(0.1)
+
+    async def __aenter__(self) -> PeakRss:
+        self._task = asyncio.create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
 async def run_job(jobs: JobsCore, spec: jb.JobSpec, timeout: float) -> tuple[jb.Job, float, int, float]:
     """Create a job and wait until it is final.
 
     Returns:
         The job, the seconds it took, the peak RSS seen meanwhile, the seconds until every target had started.
     """
-    peak = rss_bytes(os.getpid())
+    before = rss_bytes(os.getpid())
     dispatched: float | None = None
     started = time.perf_counter()
     job = await jobs.create(spec)
-
-    async def sample() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, rss_bytes(os.getpid()))
-            await asyncio.sleep(0.1)
-
-    sampler = asyncio.create_task(sample())
-    try:
+    async with PeakRss(before) as sampler:
         async with asyncio.timeout(timeout):
             async for snap in jobs.watch(job.job_id):
                 job = snap
                 if dispatched is None and not job.counts.get("PENDING"):
                     dispatched = time.perf_counter() - started
-    finally:
-        sampler.cancel()
-    return job, time.perf_counter() - started, peak, dispatched or 0.0
+    return job, time.perf_counter() - started, sampler.peak, dispatched or 0.0
 
 
 async def scenario(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -190,17 +201,8 @@ async def memory_scenario(args: argparse.Namespace, workdir: Path) -> dict[str, 
             baseline = tracemalloc.take_snapshot()
         steps: list[dict[str, Any]] = []
         top: list[str] = []
-        peak = before
         started = time.perf_counter()
-
-        async def sample() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, rss_bytes(os.getpid()))
-                await asyncio.sleep(0.1)
-
-        sampler = asyncio.create_task(sample())
-        try:
+        async with PeakRss(before) as sampler:
             job = await app.jobs.create(spec)
             async with asyncio.timeout(args.timeout):
                 async for snap in app.jobs.watch(job.job_id):
@@ -219,8 +221,7 @@ async def memory_scenario(args: argparse.Namespace, workdir: Path) -> dict[str, 
                         if baseline is not None and tenth >= 5 and not top:
                             stats = tracemalloc.take_snapshot().compare_to(baseline, "lineno")
                             top = [f"{st.size_diff / MB:.1f} MB {st.count_diff:+d} {st.traceback}" for st in stats[:12]]
-        finally:
-            sampler.cancel()
+        peak = sampler.peak
         seconds = time.perf_counter() - started
         if baseline is not None:
             tracemalloc.stop()
