@@ -28,6 +28,8 @@ from server.api import convert
 from server.app import FleetcmdApp
 from server.core import jobs
 from server.core.registry import MAX_ATTRIBUTE_KEY, MAX_ATTRIBUTE_VALUE
+from server.pb import commands_pb2 as pb
+from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import jobs_pb2 as jpb
 from server.pb import jobs_pb2_grpc as jpb_grpc
 from tests.clients import admin_key, app_channel
@@ -146,7 +148,25 @@ async def every_read(app: FleetcmdApp, job_id: str) -> dict[str, jpb.JobSpec]:
         watch = stub.WatchJob(jpb.WatchJobRequest(job_id=job_id))
         out["grpc watch"] = (await watch.read()).spec  # type: ignore[union-attr]
         watch.cancel()
+        # The job's events on the event log: its first one (the creation) carries the spec too.
+        stream = pb_grpc.CommandServiceStub(channel).Stream(pb.StreamRequest(after_sequence=0, job_id=job_id), timeout=30)
+        async for event in stream:
+            if event.HasField("job"):
+                out["grpc stream"] = event.job.spec
+                break
+        stream.cancel()
     async with http_session(app) as http:
+        async with http.get("/api/v1/events", params={"jobId": job_id, "after": "0"}) as resp:
+            assert resp.status == 200, await resp.text()
+            # Read in chunks: a job event of the largest spec is one 2.6 MB data line (beyond aiohttp's line limit).
+            text = ""
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                text += chunk.decode()
+                if "event: job" in text and "\n\n" in text[text.index("event: job") :]:
+                    break
+        block = text[text.index("event: job") :].split("\n\n", 1)[0]
+        data = next(line[len("data: ") :] for line in block.splitlines() if line.startswith("data: "))
+        out["rest events"] = rest_spec_to_proto(json.loads(data)["job"]["spec"])
         async with http.get(f"{JOBS}/{job_id}") as resp:
             assert resp.status == 200, await resp.text()
             one = await resp.json()
