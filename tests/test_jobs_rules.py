@@ -256,6 +256,23 @@ def test_spec_json_round_trip(
     assert jb.spec_fingerprint(s) == jb.spec_fingerprint(jb.spec_from_json(jb.spec_to_json(s)))
 
 
+def test_the_stored_spec_keeps_the_params_order_and_the_fingerprint_ignores_it() -> None:
+    """A job read back from the store shows its params as submitted; a retry listing them in another order is the same job."""
+
+    def spec(params: dict[str, object]) -> jb.JobSpec:
+        return jb.JobSpec(action="a", params=params, ttl_seconds=5, targets=jb.Targets(thing_ids=("t",)))
+
+    submitted = {"zeta": 1, "alpha": {"y": [{"k": 1, "b": 2}], "b": None}, "mid": "x"}
+    reordered = {"mid": "x", "alpha": {"b": None, "y": [{"b": 2, "k": 1}]}, "zeta": 1}
+    back = jb.spec_from_json(jb.spec_to_json(spec(submitted))).params
+    assert back is not None
+    assert list(back) == ["zeta", "alpha", "mid"]
+    assert list(back["alpha"]) == ["y", "b"]  # type: ignore[call-overload]
+    assert list(back["alpha"]["y"][0]) == ["k", "b"]  # type: ignore[index]
+    assert jb.spec_fingerprint(spec(submitted)) == jb.spec_fingerprint(spec(reordered))
+    assert jb.spec_fingerprint(spec(submitted)) != jb.spec_fingerprint(spec({**submitted, "zeta": 2}))
+
+
 def test_counts_move() -> None:
     c = jb.Counts()
     c.move(None, "PENDING", 3)

@@ -541,8 +541,12 @@ def retry_delay(policy: RetryPolicy, retry_number: int, seed: str) -> float:
 # ---- (de)serialisation of the spec (the store keeps it as JSON) ---------------------------------
 
 
-def spec_to_json(spec: JobSpec) -> str:
-    """The spec as canonical JSON (also what an idempotency key is compared by)."""
+def spec_to_json(spec: JobSpec, *, canonical: bool = False) -> str:
+    """The spec as JSON, as the store keeps it: the params keep the order they were submitted in.
+
+    With ``canonical`` the keys are sorted at every depth: the form an idempotency key is compared by
+    (:func:`spec_fingerprint`), so a retry that lists the same params in another order is the same job.
+    """
     t, r, s = spec.targets, spec.rollout, spec.schedule
     doc = {
         "action": spec.action,
@@ -574,7 +578,7 @@ def spec_to_json(spec: JobSpec) -> str:
         "description": spec.description,
         "idempotency_key": spec.idempotency_key,
     }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return json.dumps(doc, sort_keys=canonical, separators=(",", ":"))
 
 
 def _fields(obj: Any) -> dict[str, Any]:
@@ -617,7 +621,7 @@ def spec_from_json(text: str) -> JobSpec:
 
 def spec_fingerprint(spec: JobSpec) -> str:
     """Digest of a spec, to tell a retried create from a reuse of its idempotency key."""
-    return hashlib.sha256(spec_to_json(spec).encode()).hexdigest()
+    return hashlib.sha256(spec_to_json(spec, canonical=True).encode()).hexdigest()
 
 
 @dataclass
