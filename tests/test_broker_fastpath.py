@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import json
 import logging
-import queue
 import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -23,8 +22,8 @@ from broker_hooks.amqtt_fork import handler
 from broker_hooks.broker import Delivery, FleetBroker
 from broker_hooks.router import TopicRouter
 from broker_hooks.rules import Inbound
-from tests.brokers import running_broker
-from tests.devices import EmqxDevice, Received, wait_for
+from tests.brokers import broker_client, drain, running_broker
+from tests.devices import wait_for
 
 
 class _NullSink:
@@ -73,25 +72,9 @@ async def broker() -> AsyncIterator[FleetBroker]:
         yield running
 
 
-def _client(broker: FleetBroker, client_id: str, transport: str = "tcp", **kw: Any) -> EmqxDevice:
-    """A client on TCP (fleetcmd's reader) or WebSocket (amqtt's reader)."""
-    port = broker.listener_ports()["mqtt" if transport == "tcp" else "ws"]
-    return EmqxDevice("127.0.0.1", port, client_id, subscribe=False, transport=transport, **kw)
-
-
 def _payload(n: int) -> bytes:
     # EmqxDevice decodes every payload as JSON.
     return json.dumps({"n": n}).encode()
-
-
-async def _drain(dev: EmqxDevice, quiet: float = 0.3) -> list[Received]:
-    """Everything the client received until nothing arrived for ``quiet`` seconds."""
-    got: list[Received] = []
-    while True:
-        try:
-            got.append(await asyncio.to_thread(dev.received.get, True, quiet))
-        except queue.Empty:
-            return got
 
 
 # ---- the router alone ---------------------------------------------------------------------
@@ -147,15 +130,15 @@ def test_router_discard_keeps_other_filters() -> None:
 
 async def test_exact_and_wildcard_filters(broker: FleetBroker) -> None:
     filters = {"exact": "t/a/b", "plus": "t/+/b", "hash": "t/#", "all": "#", "lead": "+/a/b", "other": "t/a/c"}
-    subs = {name: _client(broker, f"sub-{name}") for name in filters}
-    pub = _client(broker, "pub-1")
+    subs = {name: broker_client(broker, f"sub-{name}") for name in filters}
+    pub = broker_client(broker, "pub-1")
     async with pub:
         for name, dev in subs.items():
             await dev.__aenter__()
             assert await dev.asubscribe(filters[name]) == [1]
         await pub.apublish("t/a/b", _payload(1))
         await pub.apublish("t/x", _payload(2))
-        got = {name: [r.topic for r in await _drain(dev)] for name, dev in subs.items()}
+        got = {name: [r.topic for r in await drain(dev, 0.3)] for name, dev in subs.items()}
         for dev in subs.values():
             await dev.__aexit__(None, None, None)
     assert got == {
@@ -170,12 +153,12 @@ async def test_exact_and_wildcard_filters(broker: FleetBroker) -> None:
 
 async def test_dollar_topics_are_not_matched_by_leading_wildcards(broker: FleetBroker) -> None:
     filters = {"dollar": "$test/+", "all": "#", "lead": "+/a", "sys": "$test/#"}
-    subs = {name: _client(broker, f"sub-{name}") for name in filters}
+    subs = {name: broker_client(broker, f"sub-{name}") for name in filters}
     for name, dev in subs.items():
         await dev.__aenter__()
         assert await dev.asubscribe(filters[name]) == [1]
     await broker.internal_message_broadcast("$test/a", _payload(1), 1)
-    got = {name: [r.topic for r in await _drain(dev)] for name, dev in subs.items()}
+    got = {name: [r.topic for r in await drain(dev, 0.3)] for name, dev in subs.items()}
     for dev in subs.values():
         await dev.__aexit__(None, None, None)
     assert got == {"dollar": ["$test/a"], "all": [], "lead": [], "sys": ["$test/a"]}
@@ -183,28 +166,28 @@ async def test_dollar_topics_are_not_matched_by_leading_wildcards(broker: FleetB
 
 async def test_overlapping_filters_of_one_client_get_a_copy_each(broker: FleetBroker) -> None:
     # amqtt 0.12.1 delivers once per matching filter (its _run_broadcast loops over filters).
-    async with _client(broker, "overlap") as sub, _client(broker, "pub-2") as pub:
+    async with broker_client(broker, "overlap") as sub, broker_client(broker, "pub-2") as pub:
         assert await sub.asubscribe(["o/+", "o/#", "o/x"]) == [1, 1, 1]
         await pub.apublish("o/x", _payload(1))
-        assert [r.topic for r in await _drain(sub)] == ["o/x"] * 3
+        assert [r.topic for r in await drain(sub, 0.3)] == ["o/x"] * 3
 
 
 async def test_unsubscribe_removes_the_route(broker: FleetBroker) -> None:
-    async with _client(broker, "unsub") as sub, _client(broker, "pub-3") as pub:
+    async with broker_client(broker, "unsub") as sub, broker_client(broker, "pub-3") as pub:
         assert await sub.asubscribe("u/+") == [1]
         await pub.apublish("u/1", _payload(1))
-        assert [r.topic for r in await _drain(sub)] == ["u/1"]
+        assert [r.topic for r in await drain(sub, 0.3)] == ["u/1"]
         sub.client.unsubscribe("u/+")
         await wait_for(lambda: "u/+" not in broker._router, what="unsubscribe")
         assert "u/+" not in broker._subscriptions
         await pub.apublish("u/2", _payload(2))
-        assert await _drain(sub) == []
+        assert await drain(sub, 0.3) == []
 
 
 async def test_clean_session_disconnect_removes_its_routes(broker: FleetBroker) -> None:
-    async with _client(broker, "keeper") as keeper:
+    async with broker_client(broker, "keeper") as keeper:
         assert await keeper.asubscribe("c/shared/+") == [1]
-        async with _client(broker, "leaver") as leaver:
+        async with broker_client(broker, "leaver") as leaver:
             assert await leaver.asubscribe(["c/own/#", "c/exact", "c/shared/+"]) == [1, 1, 1]
             assert {"c/own/#", "c/exact", "c/shared/+"} <= set(broker._subscriptions)
         # The session monitor (every second) drops the disconnected clean session.
@@ -215,21 +198,21 @@ async def test_clean_session_disconnect_removes_its_routes(broker: FleetBroker) 
 
 
 async def test_offline_persistent_session_keeps_qos1_messages(broker: FleetBroker) -> None:
-    sub = _client(broker, "persistent", clean_session=False)
+    sub = broker_client(broker, "persistent", clean_session=False)
     async with sub:
         assert await sub.asubscribe("p/one", qos=1) == [1]
         assert await sub.asubscribe("p/zero", qos=0) == [0]
     session = broker._sessions["persistent"][0]
     await wait_for(lambda: session.transitions.state == "disconnected", what="offline")
-    async with _client(broker, "pub-4") as pub:
+    async with broker_client(broker, "pub-4") as pub:
         await pub.apublish("p/one", _payload(1), qos=1)
         await pub.apublish("p/one", _payload(2), qos=0)  # delivered at the subscription's QoS 1: kept too
         await pub.apublish("p/zero", _payload(3), qos=1)  # QoS 0 subscription: not kept, as amqtt
     assert "p/one" in broker._router  # the offline session keeps its routes
     await wait_for(lambda: session.retained_messages.qsize() == 2, what="queued for the offline session")
-    again = _client(broker, "persistent", clean_session=False)
+    again = broker_client(broker, "persistent", clean_session=False)
     async with again:
-        got = await _drain(again)
+        got = await drain(again, 0.3)
     assert [(r.topic, json.loads(r.payload)["n"], r.qos) for r in got] == [("p/one", 1, 1), ("p/one", 2, 1)]
 
 
@@ -253,11 +236,11 @@ async def test_publish_does_not_touch_filters_that_do_not_match(broker: FleetBro
         raise AssertionError("the broadcast scanned the subscription table")
 
     monkeypatch.setattr(Broker, "_matches", no_scan)
-    async with _client(broker, "target") as sub, _client(broker, "pub-5") as pub:
+    async with broker_client(broker, "target") as sub, broker_client(broker, "pub-5") as pub:
         assert await sub.asubscribe("fleet/target/req") == [1]
         for n in range(20):
             await pub.apublish("fleet/target/req", _payload(n))
-        assert len(await _drain(sub)) == 20
+        assert len(await drain(sub, 0.3)) == 20
     assert touched == 0
 
 
@@ -265,11 +248,11 @@ async def test_publish_does_not_touch_filters_that_do_not_match(broker: FleetBro
 
 
 async def test_qos1_stream_keeps_order_and_clears_inflight(broker: FleetBroker) -> None:
-    async with _client(broker, "order-sub") as sub, _client(broker, "order-pub") as pub:
+    async with broker_client(broker, "order-sub") as sub, broker_client(broker, "order-pub") as pub:
         assert await sub.asubscribe("ord/x") == [1]
         infos = [pub.publish_raw("ord/x", _payload(n), qos=1) for n in range(300)]
         await asyncio.to_thread(lambda: [i.wait_for_publish(10) for i in infos])
-        got = await _drain(sub, 0.5)
+        got = await drain(sub, 0.5)
         assert [json.loads(r.payload)["n"] for r in got] == list(range(300))
         session, fast = broker._sessions["order-sub"]
         assert isinstance(fast, handler.FastProtocolHandler) and fast._fast
@@ -277,11 +260,11 @@ async def test_qos1_stream_keeps_order_and_clears_inflight(broker: FleetBroker) 
 
 
 async def test_qos0_and_qos2_are_forwarded(broker: FleetBroker) -> None:
-    async with _client(broker, "q-sub") as sub, _client(broker, "q-pub") as pub:
+    async with broker_client(broker, "q-sub") as sub, broker_client(broker, "q-pub") as pub:
         assert await sub.asubscribe("q/+", qos=2) == [2]
         await pub.apublish("q/zero", _payload(0), qos=0)
         await pub.apublish("q/two", _payload(2), qos=2)
-        got = sorted((r.topic, r.qos) for r in await _drain(sub))
+        got = sorted((r.topic, r.qos) for r in await drain(sub, 0.3))
     # Delivered at the subscription's QoS, as amqtt does.
     assert got == [("q/two", 2), ("q/zero", 2)]
 
@@ -291,7 +274,7 @@ async def test_unacked_routed_qos1_publish_is_kept_past_the_timeout_until_its_pu
 ) -> None:
     """MQTT resends only on reconnect [MQTT-4.4.0-1]: a routed message is not given up after the PUBACK timeout."""
     monkeypatch.setattr(handler, "PUBACK_TIMEOUT", 0.3)
-    async with _client(broker, "silent", auto_ack=False) as sub, _client(broker, "pub-6") as pub:
+    async with broker_client(broker, "silent", auto_ack=False) as sub, broker_client(broker, "pub-6") as pub:
         assert await sub.asubscribe("s/x") == [1]
         session, fast = broker._sessions["silent"]
         assert isinstance(fast, handler.FastProtocolHandler)
@@ -305,17 +288,17 @@ async def test_unacked_routed_qos1_publish_is_kept_past_the_timeout_until_its_pu
 
 
 async def test_deliver_still_reports_the_puback(broker: FleetBroker) -> None:
-    async with _client(broker, "dev-1") as dev:
+    async with broker_client(broker, "dev-1") as dev:
         assert await dev.asubscribe("d/+/req") == [1]
         assert await broker.deliver("dev-1", "d/1/req", _payload(1)) is Delivery.ACKED
         assert await broker.deliver("dev-1", "d/1/other", _payload(2)) is Delivery.NOT_SUBSCRIBED
         assert await broker.deliver("dev-1", "d/2/req", _payload(3), qos=0) is Delivery.SENT
-        got = await _drain(dev)
+        got = await drain(dev, 0.3)
     assert [r.topic for r in got] == ["d/1/req", "d/2/req"]
 
 
 async def test_deliver_nowait_writes_at_once_and_reports_the_puback_on_a_future(broker: FleetBroker) -> None:
-    async with _client(broker, "dev-2") as dev:
+    async with broker_client(broker, "dev-2") as dev:
         assert await dev.asubscribe("n/+/req") == [1]
         waiter = broker.deliver_nowait("dev-2", "n/1/req", _payload(1))
         assert isinstance(waiter, asyncio.Future)
@@ -323,13 +306,13 @@ async def test_deliver_nowait_writes_at_once_and_reports_the_puback_on_a_future(
         assert broker.deliver_nowait("dev-2", "n/1/other", _payload(2)) is Delivery.NOT_SUBSCRIBED
         assert broker.deliver_nowait("dev-2", "n/2/req", _payload(3), qos=0) is Delivery.SENT
         assert broker.deliver_nowait("nobody", "n/2/req", _payload(4)) is Delivery.NOT_CONNECTED
-        got = await _drain(dev)
+        got = await drain(dev, 0.3)
     assert [r.topic for r in got] == ["n/1/req", "n/2/req"]
 
 
 async def test_deliver_nowait_fails_without_a_puback(broker: FleetBroker, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handler, "PUBACK_TIMEOUT", 0.3)
-    async with _client(broker, "mute-2", auto_ack=False) as dev:
+    async with broker_client(broker, "mute-2", auto_ack=False) as dev:
         assert await dev.asubscribe("m/+") == [1]
         waiter = broker.deliver_nowait("mute-2", "m/1", _payload(1))
         assert isinstance(waiter, asyncio.Future)
@@ -339,14 +322,14 @@ async def test_deliver_nowait_fails_without_a_puback(broker: FleetBroker, monkey
 
 async def test_deliver_fails_without_a_puback(broker: FleetBroker, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handler, "PUBACK_TIMEOUT", 0.3)
-    async with _client(broker, "mute", auto_ack=False) as dev:
+    async with broker_client(broker, "mute", auto_ack=False) as dev:
         assert await dev.asubscribe("m/+") == [1]
         assert await broker.deliver("mute", "m/1", _payload(1)) is Delivery.FAILED
         assert not broker._sessions["mute"][0].inflight_out
 
 
 async def test_deliver_fails_when_the_connection_drops(broker: FleetBroker) -> None:
-    dev = _client(broker, "dropper", auto_ack=False)
+    dev = broker_client(broker, "dropper", auto_ack=False)
     await dev.__aenter__()
     assert await dev.asubscribe("x/+") == [1]
     pending = asyncio.ensure_future(broker.deliver("dropper", "x/1", _payload(1)))
@@ -369,7 +352,7 @@ async def _settled(what: str, check: Any, quiet: float = 0.3) -> None:
 
 async def test_control_plane_messages_are_handled_in_the_reader_and_order_is_kept(broker: FleetBroker) -> None:
     sink = _sink(broker)
-    async with _client(broker, "mixed-sub") as sub, _client(broker, "thing-7") as dev:
+    async with broker_client(broker, "mixed-sub") as sub, broker_client(broker, "thing-7") as dev:
         assert await sub.asubscribe("plain/#") == [1]
         fast = broker._sessions["thing-7"][1]
         assert isinstance(fast, handler.FastProtocolHandler)
@@ -377,7 +360,7 @@ async def test_control_plane_messages_are_handled_in_the_reader_and_order_is_kep
         dev.respond("e1", "SUCCEEDED")
         infos = [dev.publish_raw(f"plain/{n}", _payload(n)) for n in range(20)]
         await asyncio.to_thread(lambda: [i.wait_for_publish(5) for i in infos])
-        assert [json.loads(r.payload)["n"] for r in await _drain(sub)] == list(range(20))
+        assert [json.loads(r.payload)["n"] for r in await drain(sub, 0.3)] == list(range(20))
         assert [i.topic for i in sink.inbound] == [dev.response_topic("e1")]
         assert not sink.via_loop and not fast._deferred and not fast._acks
 
@@ -388,7 +371,7 @@ async def test_a_report_is_pubacked_only_once_it_is_stored_and_pubacks_keep_thei
 ) -> None:
     sink = _sink(broker)
     sink.hold = True
-    async with _client(broker, "order-sub2") as sub, _client(broker, "thing-8", transport) as dev:
+    async with broker_client(broker, "order-sub2") as sub, broker_client(broker, "thing-8", transport) as dev:
         assert await sub.asubscribe("plain/#") == [1]
         report = dev.respond("e1", "SUCCEEDED")
         await wait_for(lambda: len(sink.applied) == 1, what="the report reaches the control plane")
@@ -408,7 +391,7 @@ async def test_a_report_the_store_could_not_write_is_not_pubacked(broker: FleetB
 
     sink = _sink(broker)
     sink.hold = True
-    async with _client(broker, "thing-9", transport) as dev:
+    async with broker_client(broker, "thing-9", transport) as dev:
         report = dev.respond("e1", "SUCCEEDED")
         await wait_for(lambda: len(sink.applied) == 1, what="the report reaches the control plane")
         sink.applied[0].set_exception(Unavailable("store write failed: disk full"))
@@ -421,7 +404,7 @@ async def test_a_report_the_store_could_not_write_is_not_pubacked(broker: FleetB
 async def test_with_a_full_control_plane_queue_the_report_waits_in_the_message_loop(broker: FleetBroker) -> None:
     sink = _sink(broker)
     sink.full = sink.hold = True
-    async with _client(broker, "thing-10") as dev:
+    async with broker_client(broker, "thing-10") as dev:
         report = dev.respond("e1", "SUCCEEDED")
         await wait_for(lambda: len(sink.via_loop) == 1, what="the message loop hands the report over")
         await _settled("no PUBACK before the report is stored", lambda: not report.is_published())
@@ -446,7 +429,7 @@ async def test_many_pairs_round_trip(broker: FleetBroker) -> None:
         c.connect_async("127.0.0.1", port)
         c.loop_start()
         responders.append(c)
-    requesters = [_client(broker, f"req-{i}") for i in range(pairs)]
+    requesters = [broker_client(broker, f"req-{i}") for i in range(pairs)]
     try:
         for i, c in enumerate(responders):
             await wait_for(c.is_connected, what="responder")
@@ -458,7 +441,7 @@ async def test_many_pairs_round_trip(broker: FleetBroker) -> None:
         for n, (i, r) in itertools.product(range(5), enumerate(requesters)):
             r.publish_raw(f"rt/{i}/req", _payload(n))
         for i, r in enumerate(requesters):
-            got = [json.loads(m.payload)["n"] for m in await _drain(r, 0.5)]
+            got = [json.loads(m.payload)["n"] for m in await drain(r, 0.5)]
             assert got == list(range(5)), i
     finally:
         for r in requesters:

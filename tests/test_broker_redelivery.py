@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import pytest
 
@@ -22,7 +20,7 @@ from broker_hooks.rules import Inbound
 from server.app import FleetcmdApp
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
-from tests.brokers import running_broker
+from tests.brokers import broker_client, drain, running_broker
 from tests.devices import EmqxDevice, Received, wait_for
 from tests.test_device_contract import device, history, send, wait_status
 
@@ -53,23 +51,8 @@ async def broker() -> AsyncIterator[FleetBroker]:
         yield running
 
 
-def _client(broker: FleetBroker, client_id: str, transport: str = "tcp", **kw: Any) -> EmqxDevice:
-    port = broker.listener_ports()["mqtt" if transport == "tcp" else "ws"]
-    return EmqxDevice("127.0.0.1", port, client_id, subscribe=False, transport=transport, **kw)
-
-
 def _payload(n: int) -> bytes:
     return json.dumps({"n": n}).encode()
-
-
-async def _drain(dev: EmqxDevice, quiet: float = 0.5) -> list[Received]:
-    """Everything the client received until nothing arrived for ``quiet`` seconds."""
-    got: list[Received] = []
-    while True:
-        try:
-            got.append(await asyncio.to_thread(dev.received.get, True, quiet))
-        except queue.Empty:
-            return got
 
 
 async def _leave(dev: EmqxDevice, how: str) -> None:
@@ -93,8 +76,8 @@ async def _unacked(broker: FleetBroker, sub: EmqxDevice, pub: EmqxDevice, count:
 async def test_unacked_messages_come_again_first_with_the_same_packet_id_and_dup(
     broker: FleetBroker, transport: str, how: str
 ) -> None:
-    async with _client(broker, "pub-r") as pub:
-        sub = _client(broker, "sub-r", transport, clean_session=False, auto_ack=False)
+    async with broker_client(broker, "pub-r") as pub:
+        sub = broker_client(broker, "sub-r", transport, clean_session=False, auto_ack=False)
         await sub.__aenter__()
         assert await sub.asubscribe("r/x", qos=1) == [1]
         first = await _unacked(broker, sub, pub, 3)
@@ -102,8 +85,8 @@ async def test_unacked_messages_come_again_first_with_the_same_packet_id_and_dup
         await _leave(sub, how)
         await wait_for(lambda: not broker.is_connected("sub-r"), what="the broker to see the client go")
         await pub.apublish("r/x", _payload(9), qos=1)  # queued for the offline session: after the redelivery
-        async with _client(broker, "sub-r", transport, clean_session=False) as again:
-            got = await _drain(again)
+        async with broker_client(broker, "sub-r", transport, clean_session=False) as again:
+            got = await drain(again, 0.5)
     assert [(r.mid, r.qos, r.dup, r.payload) for r in got[:3]] == [(r.mid, 1, True, r.payload) for r in first]
     assert [json.loads(r.payload)["n"] for r in got] == [0, 1, 2, 9]
     assert not got[3].dup
@@ -115,8 +98,8 @@ async def test_unacked_messages_come_again_first_with_the_same_packet_id_and_dup
 @pytest.mark.parametrize("transport", ["tcp", "websockets"])
 async def test_messages_a_stalled_client_never_read_come_again_at_qos_1_and_2(broker: FleetBroker, transport: str) -> None:
     """The client stops reading (no PUBACK, no PUBREC), then sends DISCONNECT: both messages come again, DUP set."""
-    async with _client(broker, "pub-s") as pub:
-        sub = _client(broker, "sub-s", transport, clean_session=False)
+    async with broker_client(broker, "pub-s") as pub:
+        sub = broker_client(broker, "sub-s", transport, clean_session=False)
         await sub.__aenter__()
         assert await sub.asubscribe("r/one", qos=1) == [1]
         assert await sub.asubscribe("r/two", qos=2) == [2]
@@ -131,22 +114,22 @@ async def test_messages_a_stalled_client_never_read_come_again_at_qos_1_and_2(br
             sock.sendall(b"\xe0\x00")  # DISCONNECT
         sock.close()
         await wait_for(lambda: not broker.is_connected("sub-s"), what="the broker to see the client go")
-        async with _client(broker, "sub-s", transport, clean_session=False) as again:
-            got = await _drain(again)
+        async with broker_client(broker, "sub-s", transport, clean_session=False) as again:
+            got = await drain(again, 0.5)
     assert sorted((r.topic, r.qos, r.dup) for r in got) == [("r/one", 1, True), ("r/two", 2, True)]
 
 
 async def test_a_take_over_gets_the_unacked_messages_of_the_connection_it_replaced(broker: FleetBroker) -> None:
     """The client hangs (socket open, nothing acked) and connects again with the same id: the new connection gets them."""
-    async with _client(broker, "pub-t") as pub:
-        old = _client(broker, "sub-t", clean_session=False, auto_ack=False)
+    async with broker_client(broker, "pub-t") as pub:
+        old = broker_client(broker, "sub-t", clean_session=False, auto_ack=False)
         await old.__aenter__()
         assert await old.asubscribe("r/x") == [1]
         first = await _unacked(broker, old, pub, 2)
         await asyncio.to_thread(old.client.loop_stop)  # frozen
         try:
-            async with _client(broker, "sub-t", clean_session=False) as again:
-                got = await _drain(again)
+            async with broker_client(broker, "sub-t", clean_session=False) as again:
+                got = await drain(again, 0.5)
                 session = broker._sessions["sub-t"][0]
                 await wait_for(lambda: not session.inflight_out, what="the PUBACKs of the redelivered messages")
         finally:
@@ -157,15 +140,15 @@ async def test_a_take_over_gets_the_unacked_messages_of_the_connection_it_replac
 
 
 async def test_a_clean_session_gets_nothing_again(broker: FleetBroker) -> None:
-    async with _client(broker, "pub-c") as pub:
-        sub = _client(broker, "sub-c", clean_session=False, auto_ack=False)
+    async with broker_client(broker, "pub-c") as pub:
+        sub = broker_client(broker, "sub-c", clean_session=False, auto_ack=False)
         await sub.__aenter__()
         assert await sub.asubscribe("r/x") == [1]
         await _unacked(broker, sub, pub, 2)
         await _leave(sub, "disconnect")
         await wait_for(lambda: not broker.is_connected("sub-c"), what="the broker to see the client go")
-        async with _client(broker, "sub-c", clean_session=True) as again:
-            assert await _drain(again) == []
+        async with broker_client(broker, "sub-c", clean_session=True) as again:
+            assert await drain(again, 0.5) == []
 
 
 @pytest.mark.parametrize("transport", ["tcp", "websockets"])
@@ -174,16 +157,16 @@ async def test_kept_messages_are_bounded_and_the_oldest_dropped_is_counted(
     broker: FleetBroker, monkeypatch: pytest.MonkeyPatch, transport: str, count: int
 ) -> None:
     monkeypatch.setattr(handler, "MAX_KEPT_INFLIGHT", 3)
-    async with _client(broker, "pub-b") as pub:
-        sub = _client(broker, "sub-b", transport, clean_session=False, auto_ack=False)
+    async with broker_client(broker, "pub-b") as pub:
+        sub = broker_client(broker, "sub-b", transport, clean_session=False, auto_ack=False)
         await sub.__aenter__()
         assert await sub.asubscribe("r/x") == [1]
         await _unacked(broker, sub, pub, count)
         assert len(broker._sessions["sub-b"][0].inflight_out) == 3
         await _leave(sub, "disconnect")
         await wait_for(lambda: not broker.is_connected("sub-b"), what="the broker to see the client go")
-        async with _client(broker, "sub-b", transport, clean_session=False) as again:
-            got = await _drain(again)
+        async with broker_client(broker, "sub-b", transport, clean_session=False) as again:
+            got = await drain(again, 0.5)
     assert [json.loads(r.payload)["n"] for r in got] == list(range(count))[-3:]
     assert all(r.dup for r in got)
     assert broker.stats["dropped.inflight_overflow"] == count - 3
@@ -192,7 +175,7 @@ async def test_kept_messages_are_bounded_and_the_oldest_dropped_is_counted(
 @pytest.mark.parametrize("transport", ["tcp", "websockets"])
 async def test_the_control_planes_publishes_are_not_kept(broker: FleetBroker, transport: str) -> None:
     """deliver/deliver_nowait: the caller owns the message (fleetcmd's outbox publishes it again)."""
-    sub = _client(broker, "dev-k", transport, clean_session=False, auto_ack=False)
+    sub = broker_client(broker, "dev-k", transport, clean_session=False, auto_ack=False)
     await sub.__aenter__()
     assert await sub.asubscribe("d/+/req") == [1]
     nowait = broker.deliver_nowait("dev-k", "d/1/req", _payload(1))
@@ -210,8 +193,8 @@ async def test_the_control_planes_publishes_are_not_kept(broker: FleetBroker, tr
         assert isinstance(nowait, asyncio.Future)
         with pytest.raises(asyncio.CancelledError):
             await nowait
-    async with _client(broker, "dev-k", transport, clean_session=False) as again:
-        assert await _drain(again) == []
+    async with broker_client(broker, "dev-k", transport, clean_session=False) as again:
+        assert await drain(again, 0.5) == []
 
 
 async def test_a_persistent_device_gets_an_unacked_request_once_on_reconnect(
@@ -228,5 +211,5 @@ async def test_a_persistent_device_gets_an_unacked_request_once_on_reconnect(
         await wait_status(stub, ex.execution_id, pb.DELIVERED)
         await dev2.arespond(ex.execution_id, "SUCCEEDED")
         done = await wait_status(stub, ex.execution_id, pb.SUCCEEDED)
-        assert [r.topic for r in await _drain(dev2)] == []  # no second copy (a DUP resend)
+        assert [r.topic for r in await drain(dev2, 0.5)] == []  # no second copy (a DUP resend)
     assert history(done) == ["SENT", "DELIVERED", "SUCCEEDED"]
