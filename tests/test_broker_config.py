@@ -9,14 +9,17 @@ command sent through fleetcmd reaches it and its report ends the execution.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
 import json
 import queue
 import signal
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +30,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from server.app import FleetcmdApp
-from server.cli.broker_config import ACL, CONF, PASSWD, acl_text, write_mosquitto
+from server.cli.broker_config import ACL, CONF, PASSWD, acl_text, parse_listener, write_mosquitto
 from server.core.lifecycle import Status
 from server.core.models import ThingRecord
 from server.core.registry import broker_password_hash
 from server.dialects import DIALECTS
-from tests.mosquitto import HOST, Mosquitto, mosquitto
+from tests.mosquitto import HOST, Mosquitto, free_port, mosquitto
 from tests.proc import clean_env, console_script
 from tests.test_external_broker import QUIET, WAIT, EmqxFirmware, external_settings, final, send
 
@@ -251,3 +254,73 @@ def test_the_password_hash_is_mosquitto_passwds_format() -> None:
     written = "$7$101$mwUbfvSl9QyMxEQV$mXkHImkrkdIaS97FVvkOhrt+az7NYYNd8bxt5pPwtYPnYgmTRVg1aDUqXTpq7N+TaG6QoLtSKi4N8rghU8+97Q=="
     assert broker_password_hash("secret", salt=base64.b64decode("mwUbfvSl9QyMxEQV")) == written
     assert broker_password_hash("secret") != broker_password_hash("secret")  # a fresh salt each time
+
+
+# ---- the devices' listener: a client id is its username -------------------------------------------
+
+
+def test_the_device_listener_is_host_and_port_within_range() -> None:
+    assert parse_listener("1") == ("", 1) and parse_listener("65535") == ("", 65535)
+    assert parse_listener("10.0.0.5:8883") == ("10.0.0.5", 8883) and parse_listener("[::1]:1883") == ("::1", 1883)
+    for bad in ("0", "65536", "", "x", "host:", "a b:1883", "-1", "1883x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_listener(bad)
+
+
+def test_the_command_writes_the_device_listener_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    env = clean_env({"FLEETCMD_BROKER_USERNAME": SERVICE[0], "FLEETCMD_BROKER_PASSWORD": SERVICE[1]})
+    base = [console_script(), "broker-config", "--mosquitto", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run([*base, "--device-listener", "127.0.0.1:65535"], capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "(devices' listener on port 65535)" in done.stdout
+    assert "listener 65535 127.0.0.1\nuse_username_as_clientid true\n" in (tmp_path / "out" / CONF).read_text()
+    refused = subprocess.run([*base, "--device-listener", "65536"], capture_output=True, text=True, timeout=30, env=env)
+    assert refused.returncode == 2 and "--device-listener" in refused.stderr and "65536" in refused.stderr
+
+
+def _watch_disconnect(attempt: Attempt) -> threading.Event:
+    gone = threading.Event()
+    attempt.client.on_disconnect = lambda *_: gone.set()
+    return gone
+
+
+async def test_on_the_device_listener_a_thing_cannot_take_another_things_client_id(tmp_path: Path) -> None:
+    things = [
+        ThingRecord(t, "", {}, "h", 0, 0, 0, broker_password_hash=broker_password_hash(f"pw-{t}")) for t in ("dev-a", "dev-b")
+    ]
+    device_port = free_port()
+    files = tmp_path / "files"
+    write_mosquitto(files, things, SERVICE, device_listener=(HOST, device_port))
+    assert f"listener {device_port} {HOST}\nuse_username_as_clientid true" in (files / CONF).read_text()
+    with mosquitto(tmp_path / "mosquitto", [f"include_dir {files}"], anonymous=False) as broker:
+        deadline = time.monotonic() + WAIT
+        while True:  # mosquitto opens its listeners one after the other
+            try:
+                socket.create_connection((HOST, device_port), 0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the device listener is not open"
+                await asyncio.sleep(0.02)  # a port that is not open yet: nothing to await
+        # The service (on the other listener) keeps its own client id.
+        service = await asyncio.to_thread(connect, broker.port, "fleetcmd-replica0", *SERVICE)
+        assert not service.connack.is_failure
+        for port, tied in ((device_port, True), (broker.port, False)):
+            victim = await asyncio.to_thread(connect, port, "dev-b", "dev-b", "pw-dev-b")
+            gone = _watch_disconnect(victim)
+            # dev-a, with its own valid password, presents dev-b's client id.
+            rogue = await asyncio.to_thread(connect, port, "dev-b", "dev-a", "pw-dev-a")
+            try:
+                assert not victim.connack.is_failure and not rogue.connack.is_failure
+                if tied:
+                    # dev-b's connection survived a round trip after the rogue's CONNACK; dev-a got its own id.
+                    topic = RESPONSE.format(thing="dev-b", execution="e1")
+                    assert not (await asyncio.to_thread(publish, victim, topic, "{}")).is_failure
+                    assert not gone.is_set()
+                else:
+                    # Without the tie (the replicas' listener) the same CONNECT takes dev-b's session.
+                    assert await asyncio.to_thread(gone.wait, WAIT)
+            finally:
+                await asyncio.to_thread(rogue.stop)
+                victim.client.on_disconnect = None
+                await asyncio.to_thread(victim.stop)
+        await asyncio.to_thread(service.stop)

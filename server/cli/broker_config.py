@@ -13,13 +13,16 @@ subscribe. Debian's mosquitto 2.0 has no HTTP authentication plugin: it reads a 
 * ``acl``: the service's account may use every topic; every thing (username = its id, ``%u``) may
   subscribe with its own request filters and publish its own responses, as each dialect declares them
   (``device_subscribe``/``device_publish``; other placeholders become ``+``). Nothing else is allowed.
-* ``mosquitto.conf``: the lines that use them (``include_dir`` the directory, or copy them).
+* ``mosquitto.conf``: the lines that use them (``include_dir`` the directory, or copy them), and with
+  ``--device-listener [HOST:]PORT`` the listener devices connect to, where mosquitto replaces each
+  client's id with its username (``use_username_as_clientid``): a thing cannot connect under another
+  thing's client id and take its session. The option is per listener, so the replicas keep their own
+  client ids on the listener they connect to (keep that one on a private address).
 
 Limits (mosquitto's, not fleetcmd's): the files are a snapshot, so re-export after things are created,
 deleted or rotated and send mosquitto ``SIGHUP`` (it re-reads both; live connections stay until they
 reconnect); Kaa endpoints cannot be admitted (their credential is the endpoint token in the topic,
-stored only as a hash); mosquitto cannot tie a client id to its username (``use_username_as_clientid``
-would rename the replicas' clients too).
+stored only as a hash).
 """
 
 from __future__ import annotations
@@ -124,24 +127,53 @@ def _replace(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def parse_listener(text: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` of ``--device-listener``: the address to bind ('' = every interface) and a port 1-65535."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"not [HOST:]PORT with a port from 1 to 65535: {text!r}")
+    if any(c.isspace() for c in host) or not host.isprintable():
+        raise argparse.ArgumentTypeError(f"not a host mosquitto can bind: {host!r}")
+    if host.startswith("[") and host.endswith("]"):  # an IPv6 address as URLs write it
+        host = host[1:-1]
+    return host, int(port)
+
+
+def conf_text(directory: Path, device_listener: tuple[str, int] | None = None) -> str:
+    """Mosquitto's configuration lines for the exported files, and the devices' listener if one is given."""
+    lines = [HEADER.rstrip("\n"), f"password_file {directory / PASSWD}", f"acl_file {directory / ACL}", "allow_anonymous false"]
+    if device_listener is not None:
+        host, port = device_listener
+        lines += [
+            "",
+            "# Devices connect here. mosquitto replaces each client's id with its username, so a thing cannot",
+            "# connect under another thing's client id and take its session. Listener options apply to the",
+            "# listener above them: keep this file last in mosquitto's configuration, and the replicas on a",
+            "# listener of their own (their client ids stay theirs), on a private address.",
+            f"listener {port} {host}".rstrip(),
+            "use_username_as_clientid true",
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def write_mosquitto(
     directory: Path,
     things: Iterable[ThingRecord],
     service: tuple[str, str] | None,
     dialects: Sequence[Dialect] = (),
+    device_listener: tuple[str, int] | None = None,
 ) -> MosquittoExport:
     """Write ``passwd``, ``acl`` and ``mosquitto.conf`` into ``directory`` (files readable by their owner only).
 
     ``dialects``: whose device topics the ACL allows (default: every dialect fleetcmd speaks).
+    ``device_listener``: (host, port) of a listener for devices that ties each client id to its username.
     """
     dialects = dialects or [bundle.wire for bundle in DIALECTS]
     directory.mkdir(parents=True, exist_ok=True)
     passwd, export = passwd_text(things, service)
     _replace(directory / PASSWD, passwd)
     _replace(directory / ACL, acl_text(dialects, service[0] if service else ""))
-    where = directory.resolve()
-    conf = f"{HEADER}password_file {where / PASSWD}\nacl_file {where / ACL}\nallow_anonymous false\n"
-    _replace(directory / CONF, conf)
+    _replace(directory / CONF, conf_text(directory.resolve(), device_listener))
     return export
 
 
@@ -158,7 +190,7 @@ async def _export(args: argparse.Namespace, service: tuple[str, str] | None) -> 
     store = store_from_url(os.environ.get(f"{ENV_PREFIX}DATABASE_URL") or default_database_url(client.data_dir(args)))
     async with store:
         things = await store.load_things()
-    return await asyncio.to_thread(write_mosquitto, args.mosquitto, things, service)
+    return await asyncio.to_thread(write_mosquitto, args.mosquitto, things, service, (), args.device_listener)
 
 
 def cmd_broker_config(args: argparse.Namespace) -> int:
@@ -169,7 +201,8 @@ def cmd_broker_config(args: argparse.Namespace) -> int:
     except (FleetcmdError, BrokerUrlError, OSError) as exc:
         print(f"fleetcmd: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {args.mosquitto}/{PASSWD} ({len(export.things)} things), {ACL} and {CONF}")
+    listener = f" (devices' listener on port {args.device_listener[1]})" if args.device_listener else ""
+    print(f"wrote {args.mosquitto}/{PASSWD} ({len(export.things)} things), {ACL} and {CONF}{listener}")
     if service is None:
         print("fleetcmd: warning: no service account (FLEETCMD_BROKER_URL's user or FLEETCMD_BROKER_USERNAME)", file=sys.stderr)
     for names, note in (
@@ -190,6 +223,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--mosquitto", type=Path, required=True, metavar="DIR", help="write mosquitto's passwd, acl and mosquitto.conf here"
+    )
+    p.add_argument(
+        "--device-listener",
+        type=parse_listener,
+        metavar="[HOST:]PORT",
+        help="also write a listener for devices on which mosquitto ties each client id to its username",
     )
     p.add_argument("--data-dir", type=Path, help="the service's data directory (default: $FLEETCMD_DATA_DIR, else ./data)")
     p.set_defaults(func=cmd_broker_config)
