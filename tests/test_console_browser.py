@@ -3,7 +3,8 @@
 Debian's ``chromium`` (``.ci/run`` installs it) driven by Playwright for Python with the system
 browser as its executable: Playwright never downloads a browser. The service is the real
 process (:mod:`tests.proc`), the device a real paho client (:mod:`tests.devices`); the thing
-type and things are made with the README's own CLI commands.
+type and things are made with the README's own CLI commands. What the browser tests share (the
+service, Chromium, the signed-in page opener) is in :mod:`tests.browser`.
 
 Each test saves a screenshot: into ``$FLEETCMD_SCREENSHOTS`` when set (``scripts/screenshots.py``
 sets it to ``docs/screenshots``), else into the test's temporary directory.
@@ -12,170 +13,77 @@ sets it to ``docs/screenshots``), else into the test's temporary directory.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
+from tests.browser import (
+    ConsoleService,
+    chromium,
+    console_service,
+    dimmer_example,
+    needs_chromium,
+    page_opener,
+    shot,
+    sign_in,
+    switch_params_editor,
+)
 from tests.devices import EmqxDevice
-from tests.proc import Service, run_cli
+from tests.proc import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = shutil.which("chromium") or next((p for p in ("/usr/bin/chromium",) if Path(p).exists()), None)
-SECTION = "### Thing types: commands with schemas"
 EXPECT_TIMEOUT_MS = 10_000
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
-)
-# The browser logs every 4xx answer; those the console expects (a bad key, a refused send) it shows itself.
-EXPECTED_REFUSAL = "Failed to load resource: the server responded with a status of 4"
-
-
-# ---- the README's dimmer example ----------------------------------------------------------
-
-
-def dimmer_example() -> tuple[dict[str, Any], dict[str, Any], str]:
-    """The README's dimmer type, the params its `send` gives, and the payload it says the device receives (as written)."""
-    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        text = doc.read_text()
-        if SECTION in text:
-            break
-    else:
-        raise AssertionError(f"no {SECTION!r} in README.md or docs/")
-    section = text[text.index(SECTION) :]
-    type_json = re.search(r"```json\n(.*?)```", section, re.S)
-    send = re.search(r"send lamp-7 dimming --params '(\{.*?\})'", section)
-    receives = re.search(r"# the device receives (\{.*?\})\n(?!#\s+[\"{,])", section, re.S)
-    assert type_json and send and receives, "the README's dimmer example changed shape"
-    payload = "".join(line.lstrip("#").strip() for line in receives.group(1).splitlines())
-    return json.loads(type_json.group(1)), json.loads(send.group(1)), payload
+pytestmark = needs_chromium
 
 
 # ---- fixtures -----------------------------------------------------------------------------
 
 
-class Console:
-    """The service, its keys and the devices, shared by the tests of this module."""
+class Console(ConsoleService):
+    """The service, its keys and lamp-7's device, shared by the tests of this module."""
 
-    def __init__(self, service: Service, keys: dict[str, str], device: EmqxDevice, shots: Path) -> None:
-        self.service = service
-        self.keys = keys
-        self.device = device
-        self.shots = shots
-        assert service.ready is not None
-        self.url = f"http://127.0.0.1:{service.ready.http_port}/"
-        self.grpc = service.ready.grpc_target
-
-    def cli(self, *args: str) -> str:
-        done = run_cli(*args, target=self.grpc, api_key=self.keys["admin"])
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+    @property
+    def device(self) -> EmqxDevice:
+        """lamp-7's device (lamp-8 has none)."""
+        return self.devices[0]
 
 
 @pytest.fixture(scope="module")
 def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
-    work = tmp_path_factory.mktemp("console")
-    shots = Path(os.environ.get("FLEETCMD_SCREENSHOTS") or work / "screenshots")
-    shots.mkdir(parents=True, exist_ok=True)
-    dimmer, _, _ = dimmer_example()
-    (work / "dimmer.json").write_text(json.dumps(dimmer))
-    with Service(work / "data") as service:
-        assert service.ready is not None
-        keys = {"admin": service.api_key}
-        for role in ("operator", "viewer"):
-            done = run_cli("apikey", "create", "--name", f"{role}-alice", "--role", role, "--data-dir", service.ready.data_dir)
-            assert done.returncode == 0, done.stderr
-            keys[role] = done.stdout.strip()
-        c = Console(service, keys, EmqxDevice("127.0.0.1", service.ready.mqtt_port, "lamp-7"), shots)
+    with console_service(tmp_path_factory.mktemp("console"), "alice", Console) as c:
         # The README's commands, in its order (lamp-8 has no device: its commands stay QUEUED).
-        c.cli("types", "put", str(work / "dimmer.json"))
         c.cli("things", "create", "lamp-7", "--type", "dimmer", "--attr", "site=north")
         c.cli("things", "create", "lamp-8", "--type", "dimmer", "--attr", "site=south")
-        c.device.start()
-        try:
-            yield c
-        finally:
-            c.device.stop()
+        c.start_device("lamp-7")
+        yield c
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    assert CHROMIUM is not None
-    with sync_playwright() as p:
-        # The system browser: Playwright downloads none. No sandbox: CI runs as root in a container.
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture
 def open_page(browser: Browser, console: Console) -> Iterator[Callable[..., Page]]:
     """Open a page (its own context: its own sessionStorage) that fails the test on any script or CSP error."""
-    contexts = []
-    errors: list[str] = []
-
-    def opener(route: str = "", key: str | None = None) -> Page:
-        ctx = browser.new_context(viewport={"width": 1360, "height": 860}, locale="en-GB", timezone_id="UTC")
-        contexts.append(ctx)
-        page = ctx.new_page()
-        page.set_default_timeout(EXPECT_TIMEOUT_MS)
-
-        def on_console(msg: ConsoleMessage) -> None:
-            if msg.type == "error" and not msg.text.startswith(EXPECTED_REFUSAL):
-                errors.append(msg.text)
-
-        page.on("console", on_console)
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(console.url + route)
-        if key is not None:
-            sign_in(page, key)
-        return page
-
-    yield opener
-    for ctx in contexts:
-        ctx.close()
-    assert errors == [], errors
-
-
-def sign_in(page: Page, key: str) -> None:
-    page.get_by_label("API key").fill(key)
-    page.get_by_role("button", name="Sign in").click()
-    expect(page.get_by_role("button", name="Sign out")).to_be_visible()
-
-
-def shot(console: Console, page: Page, name: str, *, full_page: bool = False) -> None:
-    page.screenshot(path=str(console.shots / f"{name}.png"), full_page=full_page)
+    with page_opener(browser, console.url, height=860, timeout_ms=EXPECT_TIMEOUT_MS) as opener:
+        yield opener
 
 
 def row(page: Page, execution_id: str) -> Any:
     return page.locator(f'table.executions tr[data-execution="{execution_id}"]')
 
 
-def rest(console: Console, method: str, path: str, body: Any = None, key: str = "operator") -> Any:
-    """A REST call made by the test itself (to set up what the console then shows)."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(console.url + "api/v1" + path, data=data, method=method)
-    request.add_header("Authorization", f"Bearer {console.keys[key]}")
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as resp:
-        return json.loads(resp.read() or b"null")
-
-
 def dim(console: Console, thing: str, output_mode: str, dimming: int) -> Any:
     """Send the dimmer command over REST (as the operator): the execution as the answer shows it."""
-    return rest(
-        console,
+    return console.rest(
         "POST",
         "/commands",
         {"thingId": thing, "action": "dimming", "params": {"output_mode": output_mode, "dimming": dimming}},
@@ -292,6 +200,33 @@ def test_server_violations_are_shown_on_the_fields_their_paths_name(open_page: C
     expect(page.locator("#send-params-raw-error")).to_contain_text("params.output_mode: 'strobe' is not one of")
 
 
+def test_the_params_switch_to_raw_json_and_back_keeps_each_editors_text(open_page: Callable[..., Page], console: Console) -> None:
+    page = open_page("#/send?thing=lamp-8", console.keys["operator"])
+    expect(page.locator(".thing-info")).to_contain_text("offline")  # its type's actions are in
+    page.get_by_label("Action").select_option("dimming")
+    page.locator('select[data-path="params.output_mode"]').select_option(label="blinking")
+    dimming = page.locator('input[data-path="params.dimming"]')
+    dimming.fill("50")
+    # The raw JSON starts as what the form holds.
+    raw = switch_params_editor(page, " ")
+    expect(page.locator("#send-params-raw-help")).to_have_text(
+        "The whole params object; the server validates it against the schema."
+    )
+    assert json.loads(raw.input_value()) == {
+        "f_port": 60,
+        "priority": "LOW",
+        "confirmed": "false",
+        "command": "dimming",
+        "output_mode": "blinking",
+        "dimming": 50,
+    }
+    raw.fill("{}")
+    # Back on the form: it kept its own values (the raw text is not read back).
+    switch_params_editor(page, "Enter")
+    expect(dimming).to_have_value("50")
+    expect(page.locator('select[data-path="params.output_mode"] option:checked')).to_have_text("blinking")
+
+
 def test_filters_are_in_the_url_and_the_server_applies_them(open_page: Callable[..., Page], console: Console) -> None:
     pending = dim(console, "lamp-8", "on", 3)
     page = open_page("#/commands", console.keys["viewer"])
@@ -334,14 +269,14 @@ def test_detail_cancel_and_rerun(open_page: Callable[..., Page], console: Consol
     expect(details).to_have_attribute("data-status", "CANCELED")
     expect(page.locator("table.history tbody tr").last).to_have_attribute("data-status", "CANCELED")
     expect(page.get_by_role("button", name="Cancel")).to_have_count(0)
-    assert rest(console, "GET", f"/commands/{pending['executionId']}")["status"] == "CANCELED"
+    assert console.rest("GET", f"/commands/{pending['executionId']}")["status"] == "CANCELED"
     shot(console, page, "execution-canceled", full_page=True)
     page.get_by_role("button", name="Re-run").click()
     expect(page.get_by_role("heading", name=re.compile("^Execution ")).locator("code")).not_to_have_text(pending["executionId"])
     expect(page.locator("dl.fields").get_by_role("link", name=pending["executionId"])).to_be_visible()
     rerun_id = page.locator("dl.fields").get_attribute("data-execution")
     assert rerun_id and rerun_id != pending["executionId"]
-    assert rest(console, "GET", f"/commands/{rerun_id}")["rerunOf"] == pending["executionId"]
+    assert console.rest("GET", f"/commands/{rerun_id}")["rerunOf"] == pending["executionId"]
 
 
 def test_a_succeeded_execution_shows_its_result_and_full_history(open_page: Callable[..., Page], console: Console) -> None:

@@ -1,9 +1,10 @@
 """The console's Jobs pages in a real headless Chromium against the real ``fleetcmd serve`` (issue 16, §4).
 
-The same approach as :mod:`tests.test_console_browser`: Debian's ``chromium`` through Playwright (no
-browser download), the real service process, real paho devices that answer each request (one of
-them always fails), the README's dimmer type. Each test saves a screenshot into
-``$FLEETCMD_SCREENSHOTS`` when set (``scripts/screenshots.py``), else into a temporary directory.
+The same approach as :mod:`tests.test_console_browser`, through :mod:`tests.browser`: Debian's
+``chromium`` through Playwright (no browser download), the real service process, real paho devices
+that answer each request (one of them always fails), the README's dimmer type. Each test saves a
+screenshot into ``$FLEETCMD_SCREENSHOTS`` when set (``scripts/screenshots.py``), else into a
+temporary directory.
 
 The pages are live with or without ``event: job`` on the event stream (they re-read visible jobs
 that are not final every 2 s until a job event arrives), so these tests hold either way.
@@ -14,50 +15,25 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
+from tests.browser import ConsoleService, chromium, console_service, needs_chromium, page_opener, shot, switch_params_editor
 from tests.devices import EmqxDevice
-from tests.proc import Service, run_cli
-from tests.test_console_browser import CHROMIUM, EXPECTED_REFUSAL, dimmer_example, sign_in
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does)"
-)
+pytestmark = needs_chromium
 GOOD = ("pump-1", "pump-2", "pump-3", "pump-4")
 BAD = "pump-9"  # its device answers FAILED to everything
 IDLE = "pump-0"  # registered, no device: its executions stay QUEUED
 LIVE_TIMEOUT_MS = 15_000
 
 
-class Fleet:
+class Fleet(ConsoleService):
     """The service, its keys and the devices, shared by this module's tests."""
-
-    def __init__(self, service: Service, keys: dict[str, str], shots: Path) -> None:
-        assert service.ready is not None
-        self.service = service
-        self.keys = keys
-        self.shots = shots
-        self.url = f"http://127.0.0.1:{service.ready.http_port}/"
-        self.devices: list[EmqxDevice] = []
-
-    def cli(self, *args: str) -> None:
-        assert self.service.ready is not None
-        done = run_cli(*args, target=self.service.ready.grpc_target, api_key=self.keys["admin"])
-        assert done.returncode == 0, done.stderr
-
-    def rest(self, method: str, path: str, body: Any = None, key: str = "operator") -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + "api/v1" + path, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self.keys[key]}")
-        request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return json.loads(resp.read() or b"null")
 
 
 def _answer(status: str) -> Callable[[EmqxDevice, str, dict[str, Any]], None]:
@@ -69,76 +45,27 @@ def _answer(status: str) -> Callable[[EmqxDevice, str, dict[str, Any]], None]:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    work = tmp_path_factory.mktemp("jobs-console")
-    shots = Path(os.environ.get("FLEETCMD_SCREENSHOTS") or work / "screenshots")
-    shots.mkdir(parents=True, exist_ok=True)
-    dimmer, _, _ = dimmer_example()
-    (work / "dimmer.json").write_text(json.dumps(dimmer))
-    with Service(work / "data") as service:
-        assert service.ready is not None
-        keys = {"admin": service.api_key}
-        for role in ("operator", "viewer"):
-            done = run_cli("apikey", "create", "--name", f"{role}-bo", "--role", role, "--data-dir", service.ready.data_dir)
-            assert done.returncode == 0, done.stderr
-            keys[role] = done.stdout.strip()
-        f = Fleet(service, keys, shots)
-        f.cli("types", "put", str(work / "dimmer.json"))
+    with console_service(tmp_path_factory.mktemp("jobs-console"), "bo", Fleet) as f:
         for thing in (*GOOD, IDLE):
             f.cli("things", "create", thing, "--type", "dimmer", "--attr", "site=north")
         f.cli("things", "create", BAD, "--type", "dimmer", "--attr", "site=south")
-        port = service.ready.mqtt_port
-        f.devices = [EmqxDevice("127.0.0.1", port, t, on_request=_answer("SUCCEEDED")) for t in GOOD]
-        f.devices.append(EmqxDevice("127.0.0.1", port, BAD, on_request=_answer("FAILED")))
-        for d in f.devices:
-            d.start()
-        try:
-            yield f
-        finally:
-            for d in f.devices:
-                d.stop()
+        for thing in GOOD:
+            f.start_device(thing, on_request=_answer("SUCCEEDED"))
+        f.start_device(BAD, on_request=_answer("FAILED"))
+        yield f
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    assert CHROMIUM is not None
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            b.close()
+    with chromium() as b:
+        yield b
 
 
 @pytest.fixture
-def open_page(browser: Browser, fleet: Fleet) -> Iterator[Callable[..., Page]]:
-    """Open a signed-in page (its own context) that fails the test on any script or CSP error."""
-    contexts = []
-    errors: list[str] = []
-
-    def opener(route: str, key: str) -> Page:
-        ctx = browser.new_context(viewport={"width": 1360, "height": 900}, locale="en-GB", timezone_id="UTC")
-        contexts.append(ctx)
-        page = ctx.new_page()
-        page.set_default_timeout(LIVE_TIMEOUT_MS)
-
-        def on_console(msg: ConsoleMessage) -> None:
-            if msg.type == "error" and not msg.text.startswith(EXPECTED_REFUSAL):
-                errors.append(msg.text)
-
-        page.on("console", on_console)
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        page.goto(fleet.url + route)
-        sign_in(page, fleet.keys[key])
-        return page
-
-    yield opener
-    for ctx in contexts:
-        ctx.close()
-    assert errors == [], errors
-
-
-def shot(fleet: Fleet, page: Page, name: str, *, full_page: bool = False) -> None:
-    page.screenshot(path=str(fleet.shots / f"{name}.png"), full_page=full_page)
+def open_page(browser: Browser, fleet: Fleet) -> Iterator[Callable[[str, str], Page]]:
+    """Open a page (its own context) signed in as a role, that fails the test on any script or CSP error."""
+    with page_opener(browser, fleet.url, height=900, timeout_ms=LIVE_TIMEOUT_MS) as opener:
+        yield lambda route, role: opener(route, fleet.keys[role])
 
 
 def count(page: Page, key: str) -> Any:
@@ -309,6 +236,37 @@ def test_a_refused_spec_is_shown_on_the_field_the_server_names(open_page: Callab
     page.get_by_role("button", name="Count the targets (dry run)").click()
     expect(page.locator(".dry-count")).to_have_attribute("data-targets", "2")
     expect(error).to_be_hidden()
+
+
+def test_the_params_switch_to_raw_json_and_back_decides_what_is_sent(open_page: Callable[..., Page], fleet: Fleet) -> None:
+    page = open_page("#/jobs/new", "operator")
+    page.get_by_label("Thing ids").fill(IDLE)
+    page.get_by_label("Thing type").select_option("dimmer")
+    page.locator('select[data-path="params.output_mode"]').select_option(label="on")
+    dimming = page.locator('input[data-path="params.dimming"]')
+    dimming.fill("40")
+    form_params = {
+        "f_port": 60,
+        "priority": "LOW",
+        "confirmed": "false",
+        "command": "dimming",
+        "output_mode": "on",
+        "dimming": 40,
+    }
+    # The raw JSON starts as what the form holds; edited, it is what the dry run sends.
+    raw = switch_params_editor(page, "Enter")
+    assert json.loads(raw.input_value()) == form_params
+    raw.fill(json.dumps({**form_params, "dimming": 7}))
+    with page.expect_request(lambda r: r.url.endswith("/api/v1/jobs") and r.method == "POST") as counted:
+        page.get_by_role("button", name="Count the targets (dry run)").click()
+    assert counted.value.post_data_json["params"] == {**form_params, "dimming": 7}
+    # Back on the form: it kept its own values (the raw text is not read back) and is what is sent.
+    switch_params_editor(page, " ")
+    expect(dimming).to_have_value("40")
+    with page.expect_request(lambda r: r.url.endswith("/api/v1/jobs") and r.method == "POST") as counted:
+        page.get_by_role("button", name="Count the targets (dry run)").click()
+    assert counted.value.post_data_json["params"] == form_params
+    expect(page.locator(".dry-count")).to_have_attribute("data-targets", "1")
 
 
 def test_the_worst_specs_the_bounds_admit_are_shown(open_page: Callable[..., Page], fleet: Fleet, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@
 import { ApiError, followEvents, get, post, query, session } from "./api.js";
 import { announce, dl, h, jsonBlock, link, replace, time } from "./dom.js";
 import { executionsTable } from "./commands.js";
-import { formable, schemaForm } from "./schemaform.js";
+import { formable, rawJsonToggle, schemaForm } from "./schemaform.js";
 
 export const POLL_MS = 2000;
 const LIST_PAGE = 50;
@@ -339,7 +339,7 @@ export function createJobView(main, params, ctx) {
   const abort = new AbortController();
   let types = [];
   let form = null; // the schema form of the chosen type's action
-  let useRaw = true;
+  let editor = null; // which of the form and the raw JSON is in use (rawJsonToggle)
   let checked = null; // the spec (JSON text) the dry run counted
 
   // ---- targets ----
@@ -442,23 +442,11 @@ export function createJobView(main, params, ctx) {
     const schema = def ? def.paramsSchema : null;
     ttl.placeholder = def && def.defaultTtlSeconds ? String(def.defaultTtlSeconds) : "";
     form = formable(schema) ? schemaForm(schema) : null;
-    useRaw = !form;
     const rawField = fieldOf("Params (JSON object)", raw, { help: schema ? "The whole params object; each target's type validates it." : "Any JSON object; each target's type validates it.", field: "params" });
-    rawField.hidden = !useRaw;
+    editor = rawJsonToggle(form, raw, rawField);
     const parts = [h("h3", {}, "Params")];
     if (def && def.description) parts.push(h("p", { class: "help" }, def.description));
-    if (form) {
-      const toggle = h("button", { type: "button", class: "secondary", "aria-pressed": "false" }, "Edit as raw JSON");
-      toggle.addEventListener("click", () => {
-        if (!useRaw) raw.value = JSON.stringify(form.collect().value, null, 2);
-        useRaw = !useRaw;
-        toggle.setAttribute("aria-pressed", String(useRaw));
-        toggle.textContent = useRaw ? "Use the form" : "Edit as raw JSON";
-        form.element.hidden = useRaw;
-        rawField.hidden = !useRaw;
-      });
-      parts.push(toggle, form.element);
-    }
+    if (form) parts.push(editor.element, form.element);
     parts.push(rawField);
     replace(paramsSlot, parts);
     invalidate();
@@ -474,7 +462,7 @@ export function createJobView(main, params, ctx) {
   /** The create body from the form, or null when a field cannot be read (marked). */
   function spec() {
     const body = { action: action.value.trim(), targets: {}, rollout: {} };
-    if (form && !useRaw) {
+    if (form && !editor.isRaw()) {
       const { value, errors } = form.collect();
       if (errors) return null;
       body.params = value;
@@ -530,7 +518,7 @@ export function createJobView(main, params, ctx) {
     const rowFields = new Map([...main.querySelectorAll("fieldset.row [data-field]")].map((f) => [f.dataset.field, f]));
     for (const d of err.details || []) {
       const f = d.field || "";
-      if ((f === "params" || f.startsWith("params.") || f.startsWith("params[")) && form && !useRaw) {
+      if ((f === "params" || f.startsWith("params.") || f.startsWith("params[")) && form && !editor.isRaw()) {
         if (form.showErrors([d]).length) rest.push(d);
         continue;
       }

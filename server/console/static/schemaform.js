@@ -1,8 +1,8 @@
 // A form generated from a command's params JSON Schema (the Kaa "Command Form"):
 // `const` shown fixed and read-only, `default` pre-filled, `enum` as a select, number and
 // string inputs with their limits, `required` marked, `description` as help text. What the form
-// cannot express (arrays, unions, $ref) is a JSON text field of its own; the caller offers a
-// raw-JSON editor for the whole value besides. The server validates; its violations are shown
+// cannot express (arrays, unions, $ref) is a JSON text field of its own; rawJsonToggle() switches
+// between the form and the caller's raw-JSON editor for the whole value. The server validates; its violations are shown
 // on the field their JSON path (`params.a.b[2]`) names.
 
 import { h } from "./dom.js";
@@ -74,6 +74,33 @@ export function schemaForm(schema) {
     },
     clearErrors,
   };
+}
+
+/**
+ * The "Edit as raw JSON" switch between a schema form and a raw JSON field for the same params
+ * (the Send page and the job create form). Switching to raw JSON fills the text with what the
+ * form holds; switching back shows the form as it was (the text is not read back into it).
+ * Without a form the raw field is the only editor and there is no switch.
+ * @param {{element: HTMLElement, collect: () => {value: object}}|null} form the schema form, if any
+ * @param {HTMLTextAreaElement} raw the raw JSON text
+ * @param {HTMLElement} rawField what holds it, hidden while the form is in use
+ * @returns {{element: HTMLButtonElement|null, isRaw: () => boolean}} the switch (null without a form) and which editor is in use
+ */
+export function rawJsonToggle(form, raw, rawField) {
+  let useRaw = !form;
+  rawField.hidden = !useRaw;
+  if (!form) return { element: null, isRaw: () => true };
+  // aria-pressed also tells the job form's click listener that this button does not change the spec.
+  const element = h("button", { type: "button", class: "secondary", "aria-pressed": "false" }, "Edit as raw JSON");
+  element.addEventListener("click", () => {
+    if (!useRaw) raw.value = JSON.stringify(form.collect().value, null, 2);
+    useRaw = !useRaw;
+    element.setAttribute("aria-pressed", String(useRaw));
+    element.textContent = useRaw ? "Use the form" : "Edit as raw JSON";
+    form.element.hidden = useRaw;
+    rawField.hidden = !useRaw;
+  });
+  return { element, isRaw: () => useRaw };
 }
 
 function parent(path) {

@@ -5,7 +5,7 @@
 
 import { ApiError, get, post, query } from "./api.js";
 import { announce, h, jsonBlock, link, presenceBadge, replace, statusBadge } from "./dom.js";
-import { formable, schemaForm } from "./schemaform.js";
+import { formable, rawJsonToggle, schemaForm } from "./schemaform.js";
 
 const MAX_SUGGESTIONS = 20;
 
@@ -38,7 +38,7 @@ export function sendView(main, params, ctx) {
   let actionControl = null;
   let form = null; // the schema form of the chosen action, if any
   let raw = null; // the raw JSON textarea
-  let useRaw = false;
+  let editor = null; // which of the two is in use (rawJsonToggle)
 
   function setErr(el, message, input) {
     el.textContent = message || "";
@@ -126,31 +126,17 @@ export function sendView(main, params, ctx) {
     const schema = def ? def.paramsSchema : null;
     ttl.placeholder = def && def.defaultTtlSeconds ? String(def.defaultTtlSeconds) : "";
     form = formable(schema) ? schemaForm(schema) : null;
-    useRaw = !form;
     raw = h("textarea", { id: "send-params-raw", rows: "6", class: "json-input", spellcheck: "false", "aria-describedby": "send-params-raw-help send-params-raw-error" }, "{}");
     const rawErr = fieldError("send-params-raw-error");
-    const rawField = h("div", { class: "field", hidden: !useRaw },
+    const rawField = h("div", { class: "field" },
       h("label", { for: "send-params-raw" }, "Params (JSON object)"), raw,
       h("p", { id: "send-params-raw-help", class: "help" }, schema ? "The whole params object; the server validates it against the schema." : "No params schema: any JSON object."),
       rawErr);
     raw.errorEl = rawErr;
+    editor = rawJsonToggle(form, raw, rawField);
     const parts = [h("h2", {}, "Params")];
     if (def && def.description) parts.push(h("p", { class: "help" }, def.description));
-    if (form) {
-      const toggle = h("button", { type: "button", class: "secondary", "aria-pressed": "false" }, "Edit as raw JSON");
-      toggle.addEventListener("click", () => {
-        if (!useRaw) {
-          const { value } = form.collect();
-          raw.value = JSON.stringify(value, null, 2);
-        }
-        useRaw = !useRaw;
-        toggle.setAttribute("aria-pressed", String(useRaw));
-        toggle.textContent = useRaw ? "Use the form" : "Edit as raw JSON";
-        form.element.hidden = useRaw;
-        rawField.hidden = !useRaw;
-      });
-      parts.push(toggle, form.element);
-    }
+    if (form) parts.push(editor.element, form.element);
     parts.push(rawField);
     replace(paramsSlot, parts);
   }
@@ -173,7 +159,7 @@ export function sendView(main, params, ctx) {
       else if (f === "action") setErr(actionErr, d.description, actionControl);
       else if (f === "ttl") setErr(ttlErr, d.description, ttl);
       else if (f === "params" || f.startsWith("params.") || f.startsWith("params[")) {
-        if (form && !useRaw) {
+        if (form && !editor.isRaw()) {
           const unmatched = form.showErrors([d]);
           if (unmatched.length) rest.push(d);
         } else if (raw) setErr(raw.errorEl, [raw.errorEl.textContent, `${f}: ${d.description}`].filter(Boolean).join("; "), raw);
@@ -189,7 +175,7 @@ export function sendView(main, params, ctx) {
     ev.preventDefault();
     clearErrors();
     const body = { thingId: thingInput.value.trim(), action: actionControl ? actionControl.value.trim() : "" };
-    if (form && !useRaw) {
+    if (form && !editor.isRaw()) {
       const { value, errors } = form.collect();
       if (errors) { announce("Some params are not valid: see the marked fields.", "error"); return; }
       body.params = value;
