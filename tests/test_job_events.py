@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
+import socket
 import sqlite3
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +27,7 @@ import asyncpg
 import grpc
 import pytest
 
-from server.api import convert_jobs
+from server.api import convert_jobs, http_events
 from server.app import FleetcmdApp
 from server.core import jobs as jb
 from server.core.errors import NotFound
@@ -44,6 +47,7 @@ from tests.test_http_rest import conforms
 from tests.test_jobs_engine import fleet, jobs_of, spec, until
 from tests.test_jobs_store import NOW, Jobs, new, opened
 from tests.test_store_contract import STORE_URLS
+from tests.test_stream import wait_watchers
 
 TIMEOUT = 20
 
@@ -286,6 +290,70 @@ async def test_sse_job_events_live_filtered_and_resumed(app: FleetcmdApp, http: 
     # A bad jobId is refused naming it.
     async with http.get("/api/v1/events", params={"jobId": "a/b"}) as bad:
         assert bad.status == 400 and "jobId" in await bad.text()
+
+
+async def _leave_mid_event(app: FleetcmdApp, query: str, *, reset: bool) -> bytes:
+    """A raw client with a 4 KiB receive window: GET /api/v1/events, read the start of a big event, then go away.
+
+    ``reset``: close with SO_LINGER 0 (the peer gets a TCP RST), else a plain close (FIN).
+    """
+    assert app.ports is not None and app.ports.http
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    got = b""
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", app.ports.http))
+        key = admin_key(app.settings.data_dir)
+        request = f"GET /api/v1/events?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        async with asyncio.timeout(TIMEOUT):
+            while b"event: job" not in got or len(got) < got.index(b"event: job") + 16384:
+                chunk = await loop.sock_recv(sock, 4096)
+                assert chunk, got[:300]
+                got += chunk
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        sock.close()
+    return got
+
+
+@pytest.mark.parametrize("reset", [True, False])
+async def test_a_client_leaving_mid_event_is_no_error(app: FleetcmdApp, caplog: pytest.LogCaptureFixture, reset: bool) -> None:
+    # Three jobs whose first events are about 2.6 MB each (10,000 thing ids and as many exclusions of 128
+    # characters): replayed in one write, more than the kernel's socket buffers take, so the service is
+    # waiting for the client to read when it goes away.
+    ids = tuple(f"{i:05d}".ljust(128, "x") for i in range(jb.MAX_TARGET_IDS))
+    targets = jb.Targets(thing_ids=ids, exclude=tuple(f"e{i:05d}".ljust(128, "y") for i in range(jb.MAX_TARGET_IDS)))
+    start = await store_of(app).last_sequence()
+    later = jb.Schedule(start_at_ms=int(time.time() * 1000) + 3_600_000)
+    for _ in range(3):
+        await jobs_of(app).create(spec(targets=targets, schedule=later))
+    caplog.set_level(logging.DEBUG, logger=http_events.__name__)
+    got = await _leave_mid_event(app, f"after={start}", reset=reset)
+    assert got.startswith(b"HTTP/1.1 200") and len(got) < 1_000_000  # (it left mid-event)
+    await wait_watchers(app, 0)  # the handler ended
+    mine = [r for r in caplog.records if r.name == http_events.__name__]
+    assert [r.getMessage() for r in mine if r.levelno >= logging.WARNING] == []
+    assert any("left" in r.getMessage() and r.levelno <= logging.INFO and r.exc_info is None for r in mine), mine
+
+
+async def test_a_real_failure_of_an_event_stream_is_still_an_error(
+    app: FleetcmdApp, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(events: Any, executions: Any) -> bytes:
+        raise RuntimeError("encoding broke")
+
+    monkeypatch.setattr(http_events, "encode", broken)
+    start = await store_of(app).last_sequence()
+    await jobs_of(app).create(spec(("broken-1",), schedule=jb.Schedule(start_at_ms=int(time.time() * 1000) + 3_600_000)))
+    async with http.get("/api/v1/events", params={"after": str(start)}) as resp:
+        text = await resp.text()
+    assert "event: error" in text and "INTERNAL" in text
+    [failed] = [r for r in caplog.records if r.name == http_events.__name__ and r.levelno >= logging.WARNING]
+    assert failed.levelno == logging.ERROR and failed.exc_info is not None
 
 
 # ---- durability ----------------------------------------------------------------------------------------
