@@ -49,7 +49,8 @@ class StateChange:
     reason: Reason | None = None
     note: str = ""
     job_id: str = ""
-    # A job event: the job right after the change (state, counts), as the API shows it.
+    # A job event: the job right after the change (state, counts), as the API shows it; its spec only in
+    # the job's first event (later_job_event).
     job: Job | None = None
 
 
