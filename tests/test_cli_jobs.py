@@ -112,17 +112,34 @@ def _devices(svc: Service, ids: list[str]) -> list[EmqxDevice]:
 
 def test_watch_json_follows_a_job_to_its_end(svc: Service) -> None:
     ids = things(svc, 3)
-    devices = _devices(svc, ids)
+    # Created while its devices are offline (its executions wait QUEUED): the watch sees it move once they connect.
+    job = ok_json(cli(svc, "jobs", "create", "reboot", *(a for t in ids for a in ("--thing", t)), "--json"))
+    assert svc.ready is not None
+    watcher = subprocess.Popen(
+        [console_script(), "jobs", "watch", job["job_id"], "--json", "--server", svc.ready.grpc_target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env({"FLEETCMD_API_KEY": svc.api_key}),
+    )
+    devices: list[EmqxDevice] = []
     try:
-        job = ok_json(cli(svc, "jobs", "create", "reboot", *(a for t in ids for a in ("--thing", t)), "--json"))
-        lines = ok(cli(svc, "jobs", "watch", job["job_id"], "--json")).splitlines()
+        assert watcher.stdout is not None
+        lines = [watcher.stdout.readline()]
+        devices = _devices(svc, ids)
+        rest, errors = watcher.communicate(timeout=20)
     finally:
+        watcher.kill()
         for dev in devices:
             dev.stop()
-    snapshots = [json.loads(line) for line in lines]
+    assert watcher.returncode == 0, errors
+    snapshots = [json.loads(line) for line in lines + rest.splitlines()]
     last = snapshots[-1]
     assert last["state"] == "JOB_STATE_COMPLETED" and last["counts"]["succeeded"] == 3 and last["targets_total"] == 3
     assert all(type(s["targets_total"]) is int for s in snapshots)
+    # The spec in the first line only: it never changes (and can be megabytes).
+    assert snapshots[0]["state"] == "JOB_STATE_IN_PROGRESS" and snapshots[0]["spec"]["action"] == "reboot"
+    assert not any("spec" in s for s in snapshots[1:])
 
 
 def test_watch_without_a_terminal_prints_a_line_per_change_and_exits_by_state(svc: Service) -> None:

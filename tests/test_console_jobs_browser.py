@@ -16,6 +16,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,7 @@ def test_create_over_a_type_with_the_dry_run_count_and_watch_it_complete_live(
     assert set(rows.evaluate_all("rs => rs.map(r => r.cells[1].textContent)")) == {*GOOD, BAD}
     expect(page.locator("table.executions tbody tr[data-status=FAILED]")).to_have_count(1)
     expect(page.locator('[data-json="params"]')).to_contain_text('"dimming": 40')
+    expect(page.locator("#spec-title + dl")).to_contain_text(f"except {IDLE}")
     assert page.evaluate("window.__notReloaded") is True
     shot(fleet, page, "job", full_page=True)
 
@@ -134,6 +136,9 @@ def test_create_over_a_type_with_the_dry_run_count_and_watch_it_complete_live(
     expect(listed).to_have_attribute("data-state", "COMPLETED", timeout=LIVE_TIMEOUT_MS)
     expect(listed.locator(".progress-text")).to_have_text("5/5")
     expect(listed.locator('[data-count="FAILED"]')).to_have_text("failed 1")
+    # Its action and targets stay: they come from the spec, which only a job's first event has.
+    expect(listed.locator("td").nth(1)).to_have_text("dimming")
+    expect(listed.locator("td.targets")).to_contain_text(f"except {IDLE}")
     assert watcher.evaluate("window.__notReloaded") is True
     shot(fleet, watcher, "jobs")
 
@@ -219,6 +224,34 @@ def test_a_viewer_sees_no_job_controls(open_page: Callable[..., Page], fleet: Fl
     expect(operator.get_by_role("button", name="Cancel job")).to_be_visible()
     operator.get_by_role("button", name="Cancel job").click()
     expect(operator.locator("dl.fields[data-job]")).to_have_attribute("data-state", "CANCELED")
+
+
+def test_the_list_keeps_a_jobs_action_and_targets_through_its_later_events(open_page: Callable[..., Page], fleet: Fleet) -> None:
+    # Scheduled in an hour: its first event (with the spec) is written before the list opens; its pause and
+    # cancel come live as events without the spec.
+    start = (datetime.now(UTC) + timedelta(hours=1)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    job = fleet.rest(
+        "POST",
+        "/jobs",
+        {
+            "action": "dimming",
+            "params": {"output_mode": "on", "dimming": 3},
+            "targets": {"thingIds": [IDLE]},
+            "schedule": {"startAt": start},
+        },
+    )
+    page = open_page("#/", "viewer")
+    with page.expect_response(lambda r: "/api/v1/events" in r.url):  # the list's event stream is open
+        page.goto(fleet.url + "#/jobs")
+    row = page.locator(f'table.jobs tr[data-job="{job["jobId"]}"]')
+    expect(row).to_have_attribute("data-state", "SCHEDULED")
+    page.evaluate("window.__notReloaded = true")
+    for action, state in (("pause", "PAUSED"), ("cancel", "CANCELED")):
+        fleet.rest("POST", f"/jobs/{job['jobId']}/{action}", {})
+        expect(row.locator(".badge")).to_have_text(state)
+        expect(row.locator("td").nth(1)).to_have_text("dimming")
+        expect(row.locator("td.targets")).to_contain_text(f"things {IDLE}")
+    assert page.evaluate("window.__notReloaded") is True
 
 
 def test_a_refused_spec_is_shown_on_the_field_the_server_names(open_page: Callable[..., Page], fleet: Fleet) -> None:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
+import socket
 import sqlite3
+import struct
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,12 +27,12 @@ import asyncpg
 import grpc
 import pytest
 
-from server.api import convert_jobs
+from server.api import convert_jobs, http_events
 from server.app import FleetcmdApp
 from server.core import jobs as jb
 from server.core.errors import NotFound
 from server.core.lifecycle import Status
-from server.core.models import EventFilter, StateChange
+from server.core.models import EventFilter, StateChange, job_event_json, later_job_event
 from server.pb import commands_pb2 as pb
 from server.pb import commands_pb2_grpc as pb_grpc
 from server.pb import jobs_pb2 as jpb
@@ -44,6 +47,7 @@ from tests.test_http_rest import conforms
 from tests.test_jobs_engine import fleet, jobs_of, spec, until
 from tests.test_jobs_store import NOW, Jobs, new, opened
 from tests.test_store_contract import STORE_URLS
+from tests.test_stream import wait_watchers
 
 TIMEOUT = 20
 
@@ -92,11 +96,14 @@ async def test_grpc_stream_shows_a_jobs_state_and_count_changes_live(app: Fleetc
     call.cancel()
     assert sequences(events) == sorted(set(sequences(events)))
     job_events = [e for e in events if e.HasField("job")]
-    # The first is the job as created (written with its row), the state before any count.
+    # The first is the job as created (written with its row), the state before any count, with its spec.
     first = job_events[0]
     assert first.job_id == job.job_id and first.job.job_id == job.job_id
     assert first.job.state == jpb.JOB_STATE_IN_PROGRESS and first.job.spec.action == "reboot"
     assert not first.execution_id and not first.thing_id and not first.action and not first.status
+    # Every later one (count changes, the state move) leaves the spec out: the watcher has it.
+    assert len(job_events) > 2 and not any(e.job.HasField("spec") for e in job_events[1:])
+    assert all(e.job.created_at == first.job.created_at for e in job_events)
     # Counts move through the statuses: all pending, then in flight, then all succeeded.
     assert any(e.job.counts.pending == 3 for e in job_events)
     assert any(e.job.counts.queued + e.job.counts.sent + e.job.counts.delivered > 0 for e in job_events)
@@ -105,10 +112,15 @@ async def test_grpc_stream_shows_a_jobs_state_and_count_changes_live(app: Fleetc
     execution_events = [e for e in events if not e.HasField("job")]
     assert {e.thing_id for e in execution_events} == set(ids)
     assert {e.job_id for e in execution_events} == {job.job_id}
-    # The last is the job as GetJob shows it once settled; nothing after the completion shows another state.
-    assert job_events[-1].job == convert_jobs.job(done)
+    # The last is the job as GetJob shows it once settled (but its spec); nothing after the completion shows another state.
+    assert job_events[-1].job == convert_jobs.job(dataclasses.replace(done, spec=None))
     completed = [e.job.state == jpb.JOB_STATE_COMPLETED for e in job_events]
     assert completed == sorted(completed)
+    # A reader resuming from before the job, once it ran, reads the same back from the store.
+    replay = stub.Stream(pb.StreamRequest(after_sequence=start, job_id=job.job_id), timeout=TIMEOUT)
+    replayed = await read_until(replay, lambda e: e.sequence == job_events[-1].sequence)
+    replay.cancel()
+    assert [e for e in replayed if e.HasField("job")] == job_events
 
 
 async def test_stream_batches_carries_job_events_like_stream(app: FleetcmdApp, stub: pb_grpc.CommandServiceStub) -> None:
@@ -125,7 +137,11 @@ async def test_stream_batches_carries_job_events_like_stream(app: FleetcmdApp, s
     one = stub.Stream(pb.StreamRequest(after_sequence=start, job_id=job.job_id), timeout=TIMEOUT)
     single = await read_until(one, lambda e: e.sequence == batched[-1].sequence)
     one.cancel()
-    assert batched == single and any(e.HasField("job") for e in batched)
+    assert batched == single
+    # The job's first event shows its spec, the later ones (counts, the cancel) do not.
+    job_events = [e.job for e in batched if e.HasField("job")]
+    assert len(job_events) > 2 and job_events[0].spec.action == "reboot"
+    assert not any(j.HasField("spec") for j in job_events[1:]) and job_events[-1].state == jpb.JOB_STATE_CANCELED
 
 
 async def _events_of_three_kinds(app: FleetcmdApp, stub: pb_grpc.CommandServiceStub) -> tuple[str, str, str, int, int]:
@@ -245,6 +261,9 @@ async def test_sse_job_events_live_filtered_and_resumed(app: FleetcmdApp, http: 
             live = await sse_until(resp, completed)
     job_items = [i for i in live if i[1] == "job"]
     assert job_items[0][2]["job"]["jobId"] == job.job_id and job_items[0][2]["job"]["state"] == "IN_PROGRESS"
+    # Only the first shows the spec: no "spec" key in the later ones.
+    assert job_items[0][2]["job"]["spec"]["action"] == "reboot"
+    assert len(job_items) > 2 and not any("spec" in d["job"] for _s, _k, d in job_items[1:])
     assert all(d["seq"] == seq for seq, _kind, d in live)
     assert {d["change"]["jobId"] for _s, kind, d in live if kind == "execution"} == {job.job_id}
     for _seq, kind, data in live:  # as the OpenAPI document says
@@ -260,6 +279,10 @@ async def test_sse_job_events_live_filtered_and_resumed(app: FleetcmdApp, http: 
         rest = await sse_until(resp, completed)
     # (An execution's event shows the execution as it is when sent: compare the changes.)
     assert [strip(i) for i in rest] == [strip(i) for i in of_job[middle + 1 :]]
+    # Resumed from before the job once it ran: its job events read back from the store, alike.
+    async with http.get("/api/v1/events", params={"jobId": job.job_id, "after": str(start)}) as resp:
+        replayed = await sse_until(resp, completed)
+    assert [strip(i) for i in replayed if i[1] == "job"] == [strip(i) for i in job_items]
     # A thing's watcher gets its executions' events and no job event.
     async with http.get("/api/v1/events", params={"thingId": ids[0], "after": str(start)}) as resp:
         mine = await sse_until(resp, lambda i: i[2]["change"]["status"] == "SUCCEEDED")
@@ -267,6 +290,70 @@ async def test_sse_job_events_live_filtered_and_resumed(app: FleetcmdApp, http: 
     # A bad jobId is refused naming it.
     async with http.get("/api/v1/events", params={"jobId": "a/b"}) as bad:
         assert bad.status == 400 and "jobId" in await bad.text()
+
+
+async def _leave_mid_event(app: FleetcmdApp, query: str, *, reset: bool) -> bytes:
+    """A raw client with a 4 KiB receive window: GET /api/v1/events, read the start of a big event, then go away.
+
+    ``reset``: close with SO_LINGER 0 (the peer gets a TCP RST), else a plain close (FIN).
+    """
+    assert app.ports is not None and app.ports.http
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    got = b""
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", app.ports.http))
+        key = admin_key(app.settings.data_dir)
+        request = f"GET /api/v1/events?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        async with asyncio.timeout(TIMEOUT):
+            while b"event: job" not in got or len(got) < got.index(b"event: job") + 16384:
+                chunk = await loop.sock_recv(sock, 4096)
+                assert chunk, got[:300]
+                got += chunk
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        sock.close()
+    return got
+
+
+@pytest.mark.parametrize("reset", [True, False])
+async def test_a_client_leaving_mid_event_is_no_error(app: FleetcmdApp, caplog: pytest.LogCaptureFixture, reset: bool) -> None:
+    # Three jobs whose first events are about 2.6 MB each (10,000 thing ids and as many exclusions of 128
+    # characters): replayed in one write, more than the kernel's socket buffers take, so the service is
+    # waiting for the client to read when it goes away.
+    ids = tuple(f"{i:05d}".ljust(128, "x") for i in range(jb.MAX_TARGET_IDS))
+    targets = jb.Targets(thing_ids=ids, exclude=tuple(f"e{i:05d}".ljust(128, "y") for i in range(jb.MAX_TARGET_IDS)))
+    start = await store_of(app).last_sequence()
+    later = jb.Schedule(start_at_ms=int(time.time() * 1000) + 3_600_000)
+    for _ in range(3):
+        await jobs_of(app).create(spec(targets=targets, schedule=later))
+    caplog.set_level(logging.DEBUG, logger=http_events.__name__)
+    got = await _leave_mid_event(app, f"after={start}", reset=reset)
+    assert got.startswith(b"HTTP/1.1 200") and len(got) < 1_000_000  # (it left mid-event)
+    await wait_watchers(app, 0)  # the handler ended
+    mine = [r for r in caplog.records if r.name == http_events.__name__]
+    assert [r.getMessage() for r in mine if r.levelno >= logging.WARNING] == []
+    assert any("left" in r.getMessage() and r.levelno <= logging.INFO and r.exc_info is None for r in mine), mine
+
+
+async def test_a_real_failure_of_an_event_stream_is_still_an_error(
+    app: FleetcmdApp, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(events: Any, executions: Any) -> bytes:
+        raise RuntimeError("encoding broke")
+
+    monkeypatch.setattr(http_events, "encode", broken)
+    start = await store_of(app).last_sequence()
+    await jobs_of(app).create(spec(("broken-1",), schedule=jb.Schedule(start_at_ms=int(time.time() * 1000) + 3_600_000)))
+    async with http.get("/api/v1/events", params={"after": str(start)}) as resp:
+        text = await resp.text()
+    assert "event: error" in text and "INTERNAL" in text
+    [failed] = [r for r in caplog.records if r.name == http_events.__name__ and r.levelno >= logging.WARNING]
+    assert failed.levelno == logging.ERROR and failed.exc_info is not None
 
 
 # ---- durability ----------------------------------------------------------------------------------------
@@ -413,7 +500,9 @@ async def test_job_events_are_written_with_the_jobs_row_and_numbered_with_the_ot
     assert [e.sequence for e in events] == list(range(start + 1, start + 1 + len(events)))  # no gap
     assert await jobs_store.last_sequence() == events[-1].sequence
     jobs = [e for e in events if e.job is not None]
-    assert [e.job for e in jobs] == [created, counted, canceled] and [e.at_ms for e in jobs] == [5, 7, 9]
+    # Only the first (the creation's) shows the spec.
+    assert [e.job for e in jobs] == [created, later_job_event(counted), later_job_event(canceled)]
+    assert [e.at_ms for e in jobs] == [5, 7, 9]
     assert all(e.job_id == "j-1" and not (e.execution_id or e.thing_id or e.action) for e in jobs)
     # The job's events and its execution's, in log order; not the single command's.
     of_job = await jobs_store.events_after(start, EventFilter(job_id="j-1"), 100)
@@ -423,6 +512,52 @@ async def test_job_events_are_written_with_the_jobs_row_and_numbered_with_the_ot
     assert all(e.job is None for e in await jobs_store.events_after(start, EventFilter(action="reboot"), 100))
     stored = await jobs_store.get_job("j-1")
     assert stored is not None and stored.only_undelivered and stored.state is jb.JobState.CANCELED
+
+
+async def raw_sql(url: str, sql: str, *args: Any) -> None:
+    """Run one statement on a store's database beside the store (as another process would)."""
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=10)
+        with conn:
+            conn.execute(sql.replace("$1", "?").replace("$2", "?"), args)
+        conn.close()
+        return
+    pg = await asyncpg.connect(url)
+    try:
+        await pg.execute(sql, *args)
+    finally:
+        await pg.close()
+
+
+@pytest.mark.parametrize("store", sorted(STORE_URLS))
+async def test_only_the_first_job_event_reads_the_spec_back(tmp_path: Path, store: str) -> None:
+    url = STORE_URLS[store](tmp_path)
+    async with opened(url) as jobs_store:
+        start = await jobs_store.last_sequence()
+        created = jb.Job("j-1", spec(("t",)), jb.JobState.IN_PROGRESS, {}, 0, 5, 5, None, "", "bob")
+        await jobs_store.insert_job(jb_record("j-1"), "fp", event=created)
+        paused = dataclasses.replace(created, state=jb.JobState.PAUSED)
+        await jobs_store.update_job(
+            "j-1", state=paused.state, started_at_ms=5, ended_at_ms=None, abort_reason="", event=paused, at_ms=6
+        )
+        counted = dataclasses.replace(paused, counts={"PENDING": 1}, targets_total=1)
+        await jobs_store.job_events([counted], 7)
+        first, *later = await jobs_store.events_after(start, EventFilter(job_id="j-1"), 10)
+        assert first.job == created and [e.job for e in later] == [later_job_event(paused), later_job_event(counted)]
+        assert all(e.job is not None and e.job.spec is None and e.job.created_by == "bob" for e in later)
+        # An event stored before events told which was first (no creation in it) is read back as then: with the spec.
+        legacy = {k: v for k, v in json.loads(job_event_json(counted)).items() if k not in ("created_at_ms", "created_by")}
+        await raw_sql(url, "UPDATE events SET job = $1 WHERE seq = $2", json.dumps(legacy), later[-1].sequence)
+        [old] = await jobs_store.events_after(later[0].sequence, EventFilter(job_id="j-1"), 10)
+        assert old.job == counted
+        # The later events never read the job's spec: they read back whatever became of it.
+        await raw_sql(
+            url, "UPDATE events SET job = $1 WHERE seq = $2", job_event_json(later_job_event(counted)), later[-1].sequence
+        )
+        await raw_sql(url, "UPDATE jobs SET spec = 'not a spec' WHERE job_id = 'j-1'")
+        assert await jobs_store.events_after(first.sequence, EventFilter(job_id="j-1"), 10) == later
+        with pytest.raises(ValueError):  # (the first does: a spec that is no JSON fails to parse)
+            await jobs_store.events_after(start, EventFilter(job_id="j-1"), 10)
 
 
 def jb_record(job_id: str) -> Any:

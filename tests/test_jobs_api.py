@@ -171,6 +171,8 @@ async def test_grpc_watch_job_follows_it_until_final(app: FleetcmdApp, job_stub:
         seen.append(snapshot)
     assert seen[-1].state == jpb.JOB_STATE_CANCELED
     assert await call.code() == grpc.StatusCode.OK
+    # The spec only in the first message (it never changes).
+    assert seen[0].spec.action == "reboot" and not any(s.HasField("spec") for s in seen[1:])
 
 
 async def test_grpc_rerun_failed_takes_final_statuses(app: FleetcmdApp, job_stub: jpb_grpc.JobServiceStub) -> None:

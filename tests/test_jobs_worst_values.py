@@ -148,7 +148,7 @@ async def every_read(app: FleetcmdApp, job_id: str) -> dict[str, jpb.JobSpec]:
         watch = stub.WatchJob(jpb.WatchJobRequest(job_id=job_id))
         out["grpc watch"] = (await watch.read()).spec  # type: ignore[union-attr]
         watch.cancel()
-        # The job's events on the event log: its first one (the creation) carries the spec too.
+        # The job's events on the event log: its first one (the creation) carries the spec too (only it).
         stream = pb_grpc.CommandServiceStub(channel).Stream(pb.StreamRequest(after_sequence=0, job_id=job_id), timeout=30)
         async for event in stream:
             if event.HasField("job"):
@@ -178,6 +178,50 @@ async def every_read(app: FleetcmdApp, job_id: str) -> dict[str, jpb.JobSpec]:
     got = await asyncio.to_thread(cli, app, "jobs", "get", job_id)
     out["cli get"] = json_format.ParseDict(got["spec"], jpb.JobSpec())
     return out
+
+
+# A job event after the first shows no spec: it stays this small whatever the spec (the first is megabytes).
+LATER_JOB_EVENT_MAX_BYTES = 4096
+
+
+async def later_job_events(app: FleetcmdApp, job_id: str) -> None:
+    """The job's events after its first, up to its device's success: small, no spec, on gRPC Stream and SSE.
+
+    SSE is read line by line with aiohttp's default limits (only the first event's line is beyond them).
+    """
+    async with app_channel(app) as channel:
+        stream = pb_grpc.CommandServiceStub(channel).Stream(pb.StreamRequest(after_sequence=0, job_id=job_id), timeout=30)
+        grpc_events = [event async for event in _until_succeeded(stream)]
+        stream.cancel()
+    first, *later = grpc_events
+    assert first.job.HasField("spec") and later
+    for event in later:
+        assert not event.job.HasField("spec") and event.ByteSize() < LATER_JOB_EVENT_MAX_BYTES, event.ByteSize()
+    async with http_session(app) as http:
+        headers = {"Last-Event-ID": str(first.sequence)}
+        async with http.get("/api/v1/events", params={"jobId": job_id}, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            kind, sse_jobs = "", []
+            async for raw in resp.content:  # (readline: ValueError on a line beyond the limit)
+                line = raw.decode()
+                if line.startswith("event: "):
+                    kind = line[len("event: ") :].strip()
+                elif line.startswith("data: ") and kind == "job":
+                    assert len(raw) < LATER_JOB_EVENT_MAX_BYTES, len(raw)
+                    sse_jobs.append(json.loads(line[len("data: ") :])["job"])
+                    if sse_jobs[-1]["counts"]["SUCCEEDED"] == 1:
+                        break
+    assert len(sse_jobs) == len(later) and not any("spec" in j for j in sse_jobs)
+
+
+async def _until_succeeded(stream: Any) -> AsyncIterator[pb.ExecutionEvent]:
+    """A Stream's job events up to the first that counts the device's execution SUCCEEDED."""
+    async for event in stream:
+        if event.HasField("job"):
+            yield event
+            if event.job.counts.succeeded == 1:
+                return
+    raise AssertionError("the stream ended")
 
 
 def rest_spec_to_proto(spec: dict[str, Any]) -> jpb.JobSpec:
@@ -261,6 +305,7 @@ async def test_the_worst_specs_read_back_everywhere_and_after_a_restart(tmp_path
         via_cli = (await asyncio.to_thread(cli, app, "jobs", "create", "--spec", str(spec_file)))["job_id"]
         ids = {job.job_id: running, created.job_id: scheduled}
         before = {job_id: await every_read(app, job_id) for job_id in (*ids, via_rest, via_cli)}
+        await later_job_events(app, job.job_id)
     for job_id, reads in before.items():
         expected = ids.get(job_id, scheduled)
         for surface, spec in reads.items():
@@ -271,6 +316,7 @@ async def test_the_worst_specs_read_back_everywhere_and_after_a_restart(tmp_path
         for job_id, expected in ids.items():
             for surface, spec in (await every_read(app, job_id)).items():
                 same(expected, spec, rest=surface.startswith("rest"))
+        await later_job_events(app, job.job_id)
 
 
 def _rest_body(spec: jpb.JobSpec, key_prefix: str) -> dict[str, Any]:

@@ -250,11 +250,11 @@ COUNT_FIELDS = {name.upper(): name for name in jpb.JobCounts.DESCRIPTOR.fields_b
 
 
 def job(j: jobs.Job) -> jpb.Job:
-    """A job as the API shows it."""
+    """A job as the API shows it (a job event after the job's first: no ``spec``)."""
     counts = jpb.JobCounts(**{COUNT_FIELDS[k]: v for k, v in j.counts.items() if k in COUNT_FIELDS})
     return jpb.Job(
         job_id=j.job_id,
-        spec=job_spec_pb(j.spec),
+        spec=job_spec_pb(j.spec) if j.spec is not None else None,
         state=_proto_enum(jpb.JobState, "JOB_STATE_", j.state),
         counts=counts,
         targets_total=j.targets_total,

@@ -14,6 +14,7 @@ from server.api.grpc_metrics import CallTimer
 from server.core.apikeys import parse_key
 from server.core.errors import InvalidArgument
 from server.core.job_runner import JobsCore
+from server.core.models import later_job_event
 from server.core.validation import check_execution_id, check_job_targets
 from server.pb import jobs_pb2 as jpb
 from server.pb import jobs_pb2_grpc as jpb_grpc
@@ -94,6 +95,8 @@ class JobServicer(jpb_grpc.JobServiceServicer):
 
     @maps_errors
     async def WatchJob(self, request: jpb.WatchJobRequest, context: Context) -> AsyncIterator[jpb.Job]:  # noqa: N802
-        """See the proto."""
+        """See the proto: the spec only in the first message (it never changes; it can be megabytes)."""
+        shown = False
         async for job in self._jobs.watch(_job_id(request.job_id)):
-            yield convert_jobs.job(job)
+            yield convert_jobs.job(later_job_event(job) if shown else job)
+            shown = True

@@ -209,8 +209,12 @@ class EventsRest:
                 elif loop.time() >= written + HEARTBEAT_SECONDS:
                     await response.write(b": keepalive\n\n")
                     written = loop.time()
-        except ConnectionResetError:
-            log.debug("event stream client %s left", request.remote)
+        except ConnectionError as exc:
+            # The client went away, even mid-event: no error of the service. A write finds it as a reset or a
+            # broken pipe, or (waiting for the client to read a large event) aiohttp's ConnectionError
+            # "Connection lost". (A client leaving never cancels this handler: aiohttp's handler_cancellation
+            # is off; a CancelledError is the service stopping, and passes.)
+            log.debug("event stream client %s left: %s", request.remote, exc)
         except FleetcmdError as exc:
             log.debug("event stream ended: %s", exc)
             await self._last_words(response, exc)
@@ -227,5 +231,5 @@ class EventsRest:
 
     @staticmethod
     async def _last_words(response: web.StreamResponse, exc: BaseException) -> None:
-        with contextlib.suppress(ConnectionResetError):
+        with contextlib.suppress(ConnectionError):  # (the client may be gone too)
             await response.write(error_event(exc))

@@ -397,19 +397,18 @@ COUNT_KEYS = ("PENDING", "RETRYING", "SKIPPED", *(s.name for s in Status))
 
 
 def job_json(j: jobs.Job) -> dict[str, Any]:
-    """A job as this API shows it."""
-    return {
-        "jobId": j.job_id,
-        "state": j.state.name,
-        "spec": spec_json(j.spec),
-        "counts": {key: int(j.counts.get(key, 0)) for key in COUNT_KEYS},
-        "targetsTotal": j.targets_total,
-        "createdAt": rfc3339(j.created_at_ms),
-        "startedAt": rfc3339(j.started_at_ms),
-        "endedAt": rfc3339(j.ended_at_ms),
-        "abortReason": j.abort_reason or None,
-        "createdBy": j.created_by or None,
-    }
+    """A job as this API shows it (a job event after the job's first: no ``spec`` key)."""
+    out: dict[str, Any] = {"jobId": j.job_id, "state": j.state.name}
+    if j.spec is not None:
+        out["spec"] = spec_json(j.spec)
+    out["counts"] = {key: int(j.counts.get(key, 0)) for key in COUNT_KEYS}
+    out["targetsTotal"] = j.targets_total
+    out["createdAt"] = rfc3339(j.created_at_ms)
+    out["startedAt"] = rfc3339(j.started_at_ms)
+    out["endedAt"] = rfc3339(j.ended_at_ms)
+    out["abortReason"] = j.abort_reason or None
+    out["createdBy"] = j.created_by or None
+    return out
 
 
 # ---- handlers -----------------------------------------------------------------------------

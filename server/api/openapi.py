@@ -251,7 +251,11 @@ def _schemas() -> dict[str, Any]:
             "(count changes of one commit come as one event per job).",
             "properties": {
                 "seq": {"type": "integer", "minimum": 1, "description": "The event's sequence (also its SSE id)."},
-                "job": {"allOf": [_ref("Job")], "description": "The job right after the change, as GET /api/v1/jobs/{jobId}."},
+                "job": {
+                    "allOf": [_ref("JobOfEvent")],
+                    "description": "The job right after the change, as GET /api/v1/jobs/{jobId} shows it; its spec "
+                    "only in the job's first event.",
+                },
             },
             "required": ["seq", "job"],
             "additionalProperties": False,
@@ -862,6 +866,24 @@ def _job_schemas() -> dict[str, Any]:
     # Unset: absent, null or "".
     time = {"anyOf": [_NULLABLE_TIME, {"type": "string", "maxLength": 0}]}
     failure = enum(jobs.FailureType)
+    job = {
+        "jobId": {"type": "string"},
+        "state": _ref("JobState"),
+        "spec": _ref("JobSpec"),
+        "counts": {
+            "type": "object",
+            "additionalProperties": {"type": "integer"},
+            "description": "Targets by the status of their latest execution, plus PENDING (not started), "
+            "RETRYING (waiting for a retry's backoff), SKIPPED (never started: the job ended first).",
+        },
+        "targetsTotal": {"type": "integer"},
+        "createdAt": _TIME,
+        "startedAt": _NULLABLE_TIME,
+        "endedAt": _NULLABLE_TIME,
+        "abortReason": {"type": ["string", "null"]},
+        "createdBy": {"type": ["string", "null"], "description": "The API key id that created it."},
+    }
+    job_rest = ("counts", "targetsTotal", "createdAt", "startedAt", "endedAt", "abortReason", "createdBy")
     return {
         "JobState": {**enum(jobs.JobState), "description": "COMPLETED, CANCELED and ABORTED are final."},
         "JobSpec": obj(
@@ -978,26 +1000,14 @@ def _job_schemas() -> dict[str, Any]:
             {"targetsTotal": {"type": "integer"}, "sample": {"type": "array", "items": {"type": "string"}}},
             ("targetsTotal", "sample"),
         ),
-        "Job": obj(
-            {
-                "jobId": {"type": "string"},
-                "state": _ref("JobState"),
-                "spec": _ref("JobSpec"),
-                "counts": {
-                    "type": "object",
-                    "additionalProperties": {"type": "integer"},
-                    "description": "Targets by the status of their latest execution, plus PENDING (not started), "
-                    "RETRYING (waiting for a retry's backoff), SKIPPED (never started: the job ended first).",
-                },
-                "targetsTotal": {"type": "integer"},
-                "createdAt": _TIME,
-                "startedAt": _NULLABLE_TIME,
-                "endedAt": _NULLABLE_TIME,
-                "abortReason": {"type": ["string", "null"]},
-                "createdBy": {"type": ["string", "null"], "description": "The API key id that created it."},
-            },
-            ("jobId", "state", "spec", "counts", "targetsTotal", "createdAt", "startedAt", "endedAt", "abortReason", "createdBy"),
-        ),
+        "Job": obj(job, ("jobId", "state", "spec", *job_rest)),
+        # A job event's job: only the job's first event has the spec (it never changes).
+        "JobOfEvent": {
+            **obj(job, ("jobId", "state", *job_rest)),
+            "description": "A job as GET /api/v1/jobs/{jobId} shows it; `spec` only in the job's first event "
+            "(the one of its creation): a watcher that first sees a job mid-way and needs its spec calls "
+            "GET /api/v1/jobs/{jobId}.",
+        },
         "ListJobsResponse": obj(
             {"jobs": {"type": "array", "items": _ref("Job")}, "nextPageToken": {"type": "string"}},
             ("jobs", "nextPageToken"),

@@ -2,7 +2,8 @@
 
 Human output by default, one line of JSON with ``--json`` (field names as in the proto, integers as
 JSON integers). ``watch`` draws a live progress bar on a terminal (rich), and prints one line per
-change otherwise (a log, a pipe); with ``--json``, one Job per line. It ends when the job is final.
+change otherwise (a log, a pipe); with ``--json``, one Job per line, the spec only in the first (as
+WatchJob sends it; the spec never changes). It ends when the job is final.
 """
 
 from __future__ import annotations
@@ -366,6 +367,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 try:
                     for job in stub.WatchJob(jpb.WatchJobRequest(job_id=args.job_id)):
                         backoff = WATCH_BACKOFF_FIRST
+                        if last is not None:  # (WatchJob's first message after a reconnect has the spec again)
+                            job.ClearField("spec")
                         last = job
                         if bar is not None:
                             bar.update(job)

@@ -396,6 +396,7 @@ class JobsCore:
             InvalidArgument: no statuses, or a name that is not a final execution status.
         """
         original = await self.get(job_id)
+        assert original.spec is not None  # (only a job event leaves it out)
         if not statuses:
             raise InvalidArgument.single("statuses", "name at least one final execution status")
         for name in statuses:

@@ -215,7 +215,8 @@ class Job:
     """
 
     job_id: str
-    spec: JobSpec
+    # None only in a job event after the job's first (models.later_job_event): the spec never changes.
+    spec: JobSpec | None
     state: JobState
     counts: Mapping[str, int]
     targets_total: int

@@ -7,11 +7,13 @@ parses them twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.core.jobs import Job, JobState, spec_from_json
+from server.core.jobs import Job, JobSpec, JobState, spec_from_json
 from server.core.lifecycle import Status
 from server.core.records import fast_init
 
@@ -47,46 +49,88 @@ class StateChange:
     reason: Reason | None = None
     note: str = ""
     job_id: str = ""
-    # A job event: the job right after the change (state, counts), as the API shows it.
+    # A job event: the job right after the change (state, counts), as the API shows it; its spec only in
+    # the job's first event (later_job_event).
     job: Job | None = None
 
 
 def job_event(sequence: int, job: Job, at_ms: int) -> StateChange:
-    """The event log entry of a job's state or count change."""
+    """The event log entry of a job's state or count change (after the first: ``job`` as :func:`later_job_event` leaves it)."""
     return StateChange(sequence, "", "", "", Status.QUEUED, None, at_ms, job_id=job.job_id, job=job)
 
 
+def later_job_event(job: Job) -> Job:
+    """What every job event after the first shows of its job: all but the spec.
+
+    The spec never changes and can be megabytes (10,000 ids and as many exclusions): a watcher has it
+    from the job's first event, or reads it once with GetJob when it first sees the job mid-way.
+    """
+    return dataclasses.replace(job, spec=None) if job.spec is not None else job
+
+
 def job_event_json(job: Job) -> str:
-    """What a job event stores of its job: the parts that change (the spec and creation stay with the job)."""
-    return json.dumps(
-        {
-            "state": job.state.name,
-            "counts": dict(job.counts),
-            "targets_total": job.targets_total,
-            "started_at_ms": job.started_at_ms,
-            "ended_at_ms": job.ended_at_ms,
-            "abort_reason": job.abort_reason,
-            "resolved": job.resolved,
-        },
-        separators=(",", ":"),
-    )
+    """What a job event stores of its job: the parts that change, its creation, and whether it is the first.
+
+    The spec stays with the job (the jobs row): only the first event (``"first": true``, its Job has the
+    spec) reads it back; a later event is rebuilt from this text alone.
+    """
+    parts: dict[str, Any] = {
+        "state": job.state.name,
+        "counts": dict(job.counts),
+        "targets_total": job.targets_total,
+        "started_at_ms": job.started_at_ms,
+        "ended_at_ms": job.ended_at_ms,
+        "abort_reason": job.abort_reason,
+        "resolved": job.resolved,
+        "created_at_ms": job.created_at_ms,
+        "created_by": job.created_by,
+    }
+    if job.spec is not None:
+        parts["first"] = True
+    return json.dumps(parts, separators=(",", ":"))
 
 
-def job_from_event(job_id: str, event_json: str, spec_json: str, created_at_ms: int, created_by: str) -> Job:
-    """The job of a stored job event (:func:`job_event_json`) with the job's spec and creation."""
-    d = json.loads(event_json)
+def job_event_parts(event_json: str) -> dict[str, Any]:
+    """The stored text of a job event (:func:`job_event_json`) as a dict."""
+    parts: dict[str, Any] = json.loads(event_json)
+    return parts
+
+
+def job_event_reads_job(parts: Mapping[str, Any]) -> bool:
+    """Whether a stored job event needs its job's row (:func:`job_from_event`'s ``stored``) to be rebuilt.
+
+    The first event shows the spec. An event stored before events told which was first (no
+    ``created_by``) is rebuilt as it was then: with the spec and creation of its job's row.
+    """
+    return bool(parts.get("first")) or "created_by" not in parts
+
+
+def job_from_event(job_id: str, parts: Mapping[str, Any], stored: tuple[str, int, str] | None) -> Job:
+    """The job of a stored job event (:func:`job_event_parts`).
+
+    Args:
+        job_id: the event's job.
+        parts: the event's stored parts.
+        stored: the job row's spec (JSON), creation time and creator, read when
+            :func:`job_event_reads_job`; None: a later event (the job has no spec).
+    """
+    if stored is not None:
+        spec: JobSpec | None = spec_from_json(stored[0])
+        created_at_ms, created_by = stored[1], stored[2]
+    else:
+        spec, created_at_ms, created_by = None, parts["created_at_ms"], parts["created_by"]
     return Job(
         job_id=job_id,
-        spec=spec_from_json(spec_json),
-        state=JobState[d["state"]],
-        counts=d["counts"],
-        targets_total=d["targets_total"],
+        spec=spec,
+        state=JobState[parts["state"]],
+        counts=parts["counts"],
+        targets_total=parts["targets_total"],
         created_at_ms=created_at_ms,
-        started_at_ms=d["started_at_ms"],
-        ended_at_ms=d["ended_at_ms"],
-        abort_reason=d["abort_reason"],
+        started_at_ms=parts["started_at_ms"],
+        ended_at_ms=parts["ended_at_ms"],
+        abort_reason=parts["abort_reason"],
         created_by=created_by,
-        resolved=d["resolved"],
+        resolved=parts["resolved"],
     )
 
 

@@ -562,7 +562,11 @@ class ExecutionEvent(_message.Message):
     @_builtins.property
     def job(self) -> _jobs_pb2.Job:
         """A job event: the job as JobService.GetJob returns it, right after the
-        change (count changes of one commit come as one event per job).
+        change (count changes of one commit come as one event per job). Only the
+        job's first event (the one of its creation) carries job.spec; every later
+        one (state moves, count changes) leaves it unset: the spec never changes
+        and can be megabytes. A watcher that needs the spec of a job it first sees
+        mid-way calls JobService.GetJob.
         """
 
     def __init__(

@@ -130,7 +130,9 @@ class JobServiceServicer:
 
     def WatchJob(self, request, context):
         """The job now, then again whenever its state or counts change (at most a
-        few times a second), until it is final.
+        few times a second), until it is final. Only the first message carries
+        the spec (it never changes and can be megabytes); the later ones leave
+        Job.spec unset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

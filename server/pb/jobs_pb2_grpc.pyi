@@ -50,7 +50,9 @@ class JobServiceStub:
     """A new job over the targets of this one whose executions ended in the given statuses."""
     WatchJob: _grpc.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.Job]
     """The job now, then again whenever its state or counts change (at most a
-    few times a second), until it is final.
+    few times a second), until it is final. Only the first message carries
+    the spec (it never changes and can be megabytes); the later ones leave
+    Job.spec unset.
     """
 
 @_typing.type_check_only
@@ -71,7 +73,9 @@ class JobServiceAsyncStub(JobServiceStub):
     """A new job over the targets of this one whose executions ended in the given statuses."""
     WatchJob: _aio.UnaryStreamMultiCallable[_jobs_pb2.WatchJobRequest, _jobs_pb2.Job]  # type: ignore[assignment]
     """The job now, then again whenever its state or counts change (at most a
-    few times a second), until it is final.
+    few times a second), until it is final. Only the first message carries
+    the spec (it never changes and can be megabytes); the later ones leave
+    Job.spec unset.
     """
 
 class JobServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -137,7 +141,9 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_jobs_pb2.Job], _abc.AsyncIterator[_jobs_pb2.Job]]:
         """The job now, then again whenever its state or counts change (at most a
-        few times a second), until it is final.
+        few times a second), until it is final. Only the first message carries
+        the spec (it never changes and can be megabytes); the later ones leave
+        Job.spec unset.
         """
 
 def add_JobServiceServicer_to_server(servicer: JobServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

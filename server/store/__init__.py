@@ -345,7 +345,8 @@ class JobStore(Protocol):
         """Store a new job; with an idempotency key already used by the same spec, that job and False.
 
         ``event``: the job as created, written as a job event (at ``rec.created_at_ms``) in the same
-        transaction when the job is inserted (not for an idempotent repeat).
+        transaction when the job is inserted (not for an idempotent repeat): the job's first event, the
+        only one that shows its spec.
 
         Raises:
             AlreadyExists: the idempotency key was used for a different spec.
@@ -376,11 +377,15 @@ class JobStore(Protocol):
         """Record a job's new state (and, when it ended, its final counts).
 
         ``only_undelivered``: a CANCELED job's cancel spared delivered executions (kept in ``JobRecord``).
-        ``event``: the job after the change, written as a job event (at ``at_ms``) in the same transaction.
+        ``event``: the job after the change, written as a job event (at ``at_ms``) in the same transaction,
+        without its spec (:func:`~server.core.models.later_job_event`).
         """
 
     async def job_events(self, jobs: Sequence[Job], at_ms: int) -> None:
-        """Write one job event per job (the runner's coalesced count changes), numbered like execution events."""
+        """Write one job event per job (the runner's coalesced count changes), numbered like execution events.
+
+        The events show the jobs without their specs (:func:`~server.core.models.later_job_event`).
+        """
 
     async def add_targets(self, job_id: str, thing_ids: Sequence[str], *, cursor: str, resolved: bool) -> int:
         """Add targets after the existing ones (a thing already a target is ignored) and move the resolution cursor.

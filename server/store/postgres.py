@@ -89,6 +89,7 @@ from server.store.postgres_schema import (
     event_job_ids,
     events_from_rows,
     execution_from_row,
+    job_event_parts_of,
     migrate,
 )
 from server.store.rows import api_key_from_row, thing_from_row, thing_type_from_row, type_definition
@@ -484,10 +485,11 @@ class PostgresStore(PostgresJobs):
         return rows
 
     async def _events(self, rows: Sequence[asyncpg.Record]) -> list[StateChange]:
-        """The events of rows of ``EVENT_COLUMNS``: job events rebuilt with their jobs (one read, only if there are any)."""
-        job_ids = event_job_ids(rows)
+        """The events of rows of ``EVENT_COLUMNS``: job events rebuilt (one read of the jobs of first job events, if any)."""
+        parts = job_event_parts_of(rows)
+        job_ids = event_job_ids(rows, parts)
         jobs = {r[0]: r for r in await self._fetch(JOB_OF_EVENTS, job_ids)} if job_ids else {}
-        return events_from_rows(rows, jobs)
+        return events_from_rows(rows, parts, jobs)
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         try:

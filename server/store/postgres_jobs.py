@@ -31,7 +31,7 @@ import asyncpg
 from server.core.errors import AlreadyExists, NotFound, Unavailable
 from server.core.jobs import Job, JobState
 from server.core.lifecycle import Status
-from server.core.models import Execution
+from server.core.models import Execution, later_job_event
 from server.store import JobDispatch, JobRecord, TargetRow, TargetSettle, TargetState
 from server.store.postgres_batch import LOST, Op
 
@@ -218,7 +218,7 @@ class PostgresJobs:
             if not done:
                 raise NotFound(f"job {job_id!r} not found")
             if event is not None:
-                events.append((event, at_ms))
+                events.append((later_job_event(event), at_ms))
 
         await self._write_job_events(write)
 
@@ -226,7 +226,7 @@ class PostgresJobs:
         """See :meth:`server.store.JobStore.job_events`."""
 
         async def write(_conn: asyncpg.Connection, events: list[tuple[Job, int]]) -> None:
-            events.extend((job, at_ms) for job in jobs)
+            events.extend((later_job_event(job), at_ms) for job in jobs)
 
         await self._write_job_events(write)
 

@@ -24,7 +24,15 @@ import asyncpg
 
 from server.core.errors import FleetcmdError
 from server.core.lifecycle import Status
-from server.core.models import Execution, StateChange, job_event, job_event_json, job_from_event
+from server.core.models import (
+    Execution,
+    StateChange,
+    job_event,
+    job_event_json,
+    job_event_parts,
+    job_event_reads_job,
+    job_from_event,
+)
 from server.store.rows import (
     reason_columns,
     reason_from_columns,
@@ -278,7 +286,7 @@ INSERT_EVENTS = (
     " $13::text[], $14::text[])"
 )
 TAKE_SEQUENCES = "UPDATE event_counter SET last_seq = last_seq + $1 RETURNING last_seq"
-# What a job event's snapshot takes from its job (:func:`events_from_rows`).
+# What a job's first event takes from its job (:func:`events_from_rows`).
 JOB_OF_EVENTS = "SELECT job_id, spec, created_at, created_by FROM jobs WHERE job_id = ANY($1::text[])"
 
 _STATUS: dict[int, Status] = {int(s): s for s in Status}
@@ -367,30 +375,43 @@ def update_arrays(updates: Sequence[tuple[Execution, int]]) -> list[Any]:
     ]
 
 
-def events_from_rows(rows: Sequence[asyncpg.Record], jobs: dict[str, asyncpg.Record]) -> list[StateChange]:
-    """The events of rows of ``EVENT_COLUMNS``, job events with their job (``jobs``: rows of ``JOB_OF_EVENTS`` by job id).
+def job_event_parts_of(rows: Sequence[asyncpg.Record]) -> list[dict[str, Any] | None]:
+    """The stored parts of each job event of ``rows`` (of ``EVENT_COLUMNS``; None for an execution's event), parsed once."""
+    return [job_event_parts(r[13]) if r[13] is not None else None for r in rows]
 
-    As SQLite's :func:`server.store.sqlite_schema.events_from_rows`: a job event's snapshot is its stored
-    changing parts with the job's spec and creation.
+
+def event_job_ids(rows: Sequence[asyncpg.Record], parts: Sequence[dict[str, Any] | None]) -> list[str]:
+    """The jobs whose first job events ``rows`` (of ``EVENT_COLUMNS``) hold: what :data:`JOB_OF_EVENTS` reads.
+
+    ``parts``: :func:`job_event_parts_of` of ``rows``. A later job event needs nothing of its job's row
+    (not its spec: it can be megabytes).
+    """
+    return list(dict.fromkeys(r[12] for r, p in zip(rows, parts, strict=True) if p is not None and job_event_reads_job(p)))
+
+
+def events_from_rows(
+    rows: Sequence[asyncpg.Record], parts: Sequence[dict[str, Any] | None], jobs: dict[str, asyncpg.Record]
+) -> list[StateChange]:
+    """The events of rows of ``EVENT_COLUMNS``, job events with their job.
+
+    As SQLite's :func:`server.store.sqlite_schema.events_from_rows`: a job's first event shows its spec
+    (from ``jobs``: rows of ``JOB_OF_EVENTS`` by job id); a later one is rebuilt from its stored ``parts``
+    (:func:`job_event_parts_of`) alone.
     """
     out: list[StateChange] = []
-    for row in rows:
-        stored = row[13]
+    for row, stored in zip(rows, parts, strict=True):
         if stored is None:
             out.append(event_from_row(row))
             continue
         job_id = row[12]
-        found = jobs.get(job_id)
-        if found is None:  # (jobs are never deleted; a job event always has its job)
-            continue
-        job = job_from_event(job_id, stored, found[1], found[2], found[3])
-        out.append(job_event(row[0], job, row[6]))
+        spec_and_creation: tuple[str, int, str] | None = None
+        if job_event_reads_job(stored):
+            found = jobs.get(job_id)
+            if found is None:  # (jobs are never deleted; a job event always has its job)
+                continue
+            spec_and_creation = (found[1], found[2], found[3])
+        out.append(job_event(row[0], job_from_event(job_id, stored, spec_and_creation), row[6]))
     return out
-
-
-def event_job_ids(rows: Sequence[asyncpg.Record]) -> list[str]:
-    """The jobs whose job events ``rows`` (of ``EVENT_COLUMNS``) hold: what :data:`JOB_OF_EVENTS` reads."""
-    return list(dict.fromkeys(r[12] for r in rows if r[13] is not None))
 
 
 def event_from_row(row: asyncpg.Record) -> StateChange:

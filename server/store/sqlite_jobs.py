@@ -22,7 +22,7 @@ from server.core.decisions import Change
 from server.core.errors import AlreadyExists, NotFound
 from server.core.jobs import Job, JobState
 from server.core.lifecycle import Status
-from server.core.models import Execution, job_event
+from server.core.models import Execution, job_event, later_job_event
 from server.store import JobDispatch, JobRecord, TargetRow, TargetSettle, TargetState
 from server.store.sqlite_batch import Tx
 
@@ -86,7 +86,10 @@ def _target(row: Sequence[Any]) -> TargetRow:
 
 
 def _add_job_event(tx: Tx, job: Job, at_ms: int) -> None:
-    """Number a job event in the transaction; the batch writes it with the others (call it last: nothing may raise after)."""
+    """Number a job event in the transaction; the batch writes it with the others (call it last: nothing may raise after).
+
+    ``job``: the job with its spec for its first event (written with its creation), else :func:`later_job_event`'s.
+    """
     tx.events.append(job_event(tx.next_seq, job, at_ms))
     tx.next_seq += 1
 
@@ -198,7 +201,7 @@ class SqliteJobs:
             if cur.rowcount == 0:
                 raise NotFound(f"job {job_id!r} not found")
             if event is not None:
-                _add_job_event(tx, event, at_ms)
+                _add_job_event(tx, later_job_event(event), at_ms)
 
         await self._write(write)
 
@@ -207,7 +210,7 @@ class SqliteJobs:
 
         def write(tx: Tx) -> None:
             for job in jobs:
-                _add_job_event(tx, job, at_ms)
+                _add_job_event(tx, later_job_event(job), at_ms)
 
         await self._write(write)
 

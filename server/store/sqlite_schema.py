@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from server.core.lifecycle import Status
-from server.core.models import Execution, StateChange, job_event_json, job_from_event
+from server.core.models import (
+    Execution,
+    StateChange,
+    job_event,
+    job_event_json,
+    job_event_parts,
+    job_event_reads_job,
+    job_from_event,
+)
 from server.store.rows import (
     reason_columns,
     reason_from_columns,
@@ -245,22 +253,28 @@ def execution_from_row(row: Sequence[Any], history: tuple[StateChange, ...] = ()
 
 
 def events_from_rows(conn: sqlite3.Connection, rows: Sequence[Sequence[Any]]) -> list[StateChange]:
-    """The events of rows of ``EVENT_COLUMNS``, job events with their job (its spec read once per job)."""
-    jobs: dict[str, tuple[str, int, str]] = {}
+    """The events of rows of ``EVENT_COLUMNS``, job events with their job.
+
+    Only a job's first event shows its spec: the job's row is read (once per job) for it alone
+    (and for an event stored before events told which was first, :func:`job_event_reads_job`).
+    """
+    jobs: dict[str, tuple[str, int, str] | None] = {}
     out: list[StateChange] = []
     for row in rows:
         if row[13] is None:
             out.append(event_from_row(row))
             continue
         job_id = row[12]
-        stored = jobs.get(job_id)
-        if stored is None:
-            found = conn.execute("SELECT spec, created_at, created_by FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if found is None:  # (jobs are never deleted; a job event always has its job)
+        parts = job_event_parts(row[13])
+        stored: tuple[str, int, str] | None = None
+        if job_event_reads_job(parts):
+            if job_id not in jobs:
+                found = conn.execute("SELECT spec, created_at, created_by FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+                jobs[job_id] = (found[0], found[1], found[2]) if found is not None else None
+            stored = jobs[job_id]
+            if stored is None:  # (jobs are never deleted; a job event always has its job)
                 continue
-            stored = jobs[job_id] = (found[0], found[1], found[2])
-        job = job_from_event(job_id, row[13], *stored)
-        out.append(StateChange(row[0], "", "", "", Status.QUEUED, None, row[6], job_id=job_id, job=job))
+        out.append(job_event(row[0], job_from_event(job_id, parts, stored), row[6]))
     return out
 
 

@@ -5,7 +5,8 @@
 //
 // Live: job snapshots arrive as `event: job` on GET /api/v1/events when the service sends them
 // (they are applied once per animation frame); until one has been seen, the visible jobs that are
-// not final are re-read every POLL_MS, so the pages are live with or without job events.
+// not final are re-read every POLL_MS, so the pages are live with or without job events. Only a
+// job's first event has its spec (it never changes): a later one is merged into the job shown.
 
 import { ApiError, followEvents, get, post, query, session } from "./api.js";
 import { announce, dl, h, jsonBlock, link, replace, time } from "./dom.js";
@@ -82,7 +83,8 @@ function rolloutText(r) {
  * Keep jobs live: `event: job` snapshots when the service sends them, else a re-read every POLL_MS
  * while `unfinished()` says a visible job is not final.
  * @param {Object<string,string>} filters of the event stream
- * @param {(jobs: Array<any>) => void} onJobs the snapshots of one frame (the newest per job)
+ * @param {(jobs: Array<any>) => void} onJobs the snapshots of one frame (the newest per job; without
+ *   `spec` unless this frame had the job's first event: `withSpec` merges one into the job known)
  * @param {() => boolean} unfinished
  * @param {() => Promise<void>} refresh
  * @returns {() => void} stop
@@ -101,7 +103,7 @@ function keepLive(filters, onJobs, unfinished, refresh) {
   };
   followEvents(filters, () => {}, () => {}, abort.signal, (jobs) => {
     sawJobEvents = true;
-    for (const job of jobs) pending.set(job.jobId, job);
+    for (const job of jobs) pending.set(job.jobId, withSpec(job, pending.get(job.jobId)));
     if (!frame) frame = requestAnimationFrame(flush);
   });
   const timer = setInterval(async () => {
@@ -110,6 +112,11 @@ function keepLive(filters, onJobs, unfinished, refresh) {
     try { await refresh(); } finally { busy = false; }
   }, POLL_MS);
   return () => { abort.abort(); clearInterval(timer); if (frame) cancelAnimationFrame(frame); };
+}
+
+/** A job event's snapshot with the spec of `known` (the same job) when the event has none (every one but the first). */
+function withSpec(job, known) {
+  return job.spec || !known || !known.spec ? job : { ...job, spec: known.spec };
 }
 
 // ---- the list -------------------------------------------------------------------------------
@@ -153,9 +160,9 @@ export function jobsView(main, params, ctx) {
   function show(job) {
     const known = rows.get(job.jobId);
     if (known) {
-      known.job = job;
+      known.job = withSpec(job, known.job);
       known.tr.dataset.state = job.state;
-      known.tr.replaceChildren(...cells(job));
+      known.tr.replaceChildren(...cells(known.job));
       return true;
     }
     return false;
@@ -209,6 +216,9 @@ export function jobView(main, params, ctx) {
   let job = null;
 
   function render(j) {
+    // The spec once, from whichever has it first (GET, or the job's first event); later events have none.
+    if (!spec.firstChild && j.spec) renderSpec(j.spec);
+    j = withSpec(j, job);
     if (job && j.state === job.state && JSON.stringify(j.counts) === JSON.stringify(job.counts) && j.endedAt === job.endedAt && j.abortReason === job.abortReason) return;
     job = j;
     replace(head, dl([
@@ -222,7 +232,6 @@ export function jobView(main, params, ctx) {
     ], { "data-job": j.jobId, "data-state": j.state }));
     replace(bars, countBars(j));
     renderControls(j);
-    if (!spec.firstChild) renderSpec(j.spec);
   }
 
   function renderSpec(s) {
