@@ -30,9 +30,10 @@ from server.core.clock import now_ms
 from server.core.errors import Unavailable
 from server.core.job_runner import ADOPT_PER_PASS, JobsCore
 from server.core.lifecycle import Status
-from server.core.models import Execution, ListQuery
+from server.core.models import EventFilter, Execution, ListQuery
 from server.pb import jobs_pb2 as jpb
 from server.pb import jobs_pb2_grpc as jpb_grpc
+from server.store import TargetState
 from server.store.postgres import PostgresStore
 from tests import pgserver
 from tests.conftest import make_settings
@@ -131,6 +132,19 @@ def assert_one_execution_each(execs: list[Execution], ids: list[str]) -> None:
     things = [e.thing_id for e in execs]
     assert sorted(things) == sorted(ids) and len(set(things)) == len(ids)  # none twice, none missing
     assert all(e.job_attempt == 1 and e.status is Status.SUCCEEDED for e in execs), [(e.thing_id, e.status) for e in execs]
+
+
+async def job_snapshots(app: FleetcmdApp, job_id: str) -> list[jb.Job]:
+    """The job's events in the log, in order (whichever replica wrote them)."""
+    assert app.store is not None
+    events = await app.store.events_after(0, EventFilter(job_id=job_id), 10_000)
+    return [e.job for e in events if e.job is not None]
+
+
+def assert_no_repeat(snapshots: list[jb.Job]) -> None:
+    """No job event shows what the one before it showed (an event is written only on a real change)."""
+    repeats = [(i, x.state.name, dict(x.counts)) for i, (x, y) in enumerate(itertools.pairwise(snapshots)) if x == y]
+    assert not repeats, repeats
 
 
 async def settled(app: FleetcmdApp, job_id: str) -> jb.Job | None:
@@ -312,6 +326,49 @@ async def test_a_takeover_that_fails_half_way_gives_the_job_up_for_a_later_pass(
 
         await eventually(started_once, "the job's one target started")
         assert len(await job_executions(b, job.job_id)) == 1
+
+
+# ---- what the adopter writes and dispatches ------------------------------------------------------------
+
+
+async def test_the_replica_that_takes_a_job_over_writes_no_job_event_repeating_the_last_one(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quiet = {"job_adopt_seconds": MAX_JOB_ADOPT}
+    async with running(replica(tmp_path, "a", url), replica(tmp_path, "b", url, **quiet)) as (a, b):
+        assert a.core is not None and isinstance(b.store, PostgresStore)
+        job = await jobs(a).create(jb.JobSpec("reboot", {}, 60, jb.Targets(thing_ids=("e-0", "e-1", "e-2"))))
+
+        async def all_started() -> bool:
+            return len(await job_executions(a, job.job_id)) == 3
+
+        await eventually(all_started, "the job's three targets started")
+        # a stops after the job event showing a final status and before the settle of its target is committed
+        # (as a replica dying between those two commits does): the replica taking over settles it.
+        async def not_committed(job_id: str, settles: Any) -> None:
+            return None
+
+        monkeypatch.setattr(a.store, "settle", not_committed)
+        await a.core.cancel((await job_executions(a, job.job_id))[0].execution_id)
+
+        async def shown() -> bool:
+            last = (await job_snapshots(b, job.job_id))[-1]
+            return last.counts == {"CANCELED": 1, "QUEUED": 2}
+
+        await eventually(shown, "the job event showing the canceled execution")
+        await stop(a)
+        assert await jobs(b).adopt_orphans() == 1
+
+        async def settled_by_b() -> bool:
+            done = await b.store.targets(job.job_id, (TargetState.DONE,), 10)
+            return len(done) == 1 and not jobs(b)._unpublished and not jobs(b)._publishing
+
+        await eventually(settled_by_b, "the adopter settled the target its last replica left")
+        await jobs(b).cancel(job.job_id)  # a real change after it: the log shows it last
+        snapshots = await job_snapshots(b, job.job_id)
+    assert_no_repeat(snapshots)
+    shown_once = [s for s in snapshots if s.state is jb.JobState.IN_PROGRESS and s.counts == {"CANCELED": 1, "QUEUED": 2}]
+    assert len(shown_once) == 1 and snapshots[-1].state is jb.JobState.CANCELED
 
 
 # ---- SIGKILL of the real process that runs the job -----------------------------------------------------

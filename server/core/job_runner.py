@@ -565,6 +565,10 @@ class JobsCore:
             jb.Pacer(await self.store.last_dispatch_ms(rec.job_id)),
         )
         run.resolve_cursor = rec.resolve_cursor
+        if self._locks is not None:
+            # Taken over (or restarted) on a shared store: the job's next event follows the last one its previous
+            # replica wrote, and a change that leaves the job as that event shows it writes none (no repeat).
+            run.last_event = await self._locks.last_job_event(rec)
         if spec.canary is not None:
             run.canary = jb.Counts(await self.store.job_counts(rec.job_id, below_seq=spec.canary.count))
             run.canary_passed = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run)) is True

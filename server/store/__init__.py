@@ -446,6 +446,9 @@ class JobLocks(Protocol):
     async def unlocked_jobs(self, limit: int) -> list[JobRecord]:
         """Up to ``limit`` jobs :meth:`JobStore.unfinished_jobs` would return whose lock no replica holds now, oldest first."""
 
+    async def last_job_event(self, job: JobRecord) -> Job | None:
+        """The job as its last job event in the log shows it (None: no job event); read by a replica taking the job over."""
+
 
 class ServiceStore(Store, RegistryStore, Protocol):
     """What the service opens: the executions and the registry in one store (one transaction log, one writer).

@@ -31,7 +31,7 @@ import asyncpg
 from server.core.errors import AlreadyExists, NotFound, Unavailable
 from server.core.jobs import Job, JobState
 from server.core.lifecycle import Status
-from server.core.models import Execution
+from server.core.models import Execution, job_from_event
 from server.store import JobDispatch, JobRecord, TargetRow, TargetSettle, TargetState
 from server.store.postgres_batch import LOST, Op
 
@@ -449,6 +449,15 @@ class PostgresJobs:
             ") ORDER BY idx LIMIT $1"
         )
         return [_job(r) for r in await self._fetch(sql, limit, JOB_LOCK_SEED)]
+
+    async def last_job_event(self, job: JobRecord) -> Job | None:
+        """See :meth:`JobLocks.last_job_event`: the newest job event of the job (index ``events_job``, read backwards)."""
+        event_json = await self._fetchval(
+            "SELECT job FROM events WHERE job_id = $1 AND job IS NOT NULL ORDER BY seq DESC LIMIT 1", job.job_id
+        )
+        if event_json is None:
+            return None
+        return job_from_event(job.job_id, event_json, job.spec_json, job.created_at_ms, job.created_by)
 
     def jobs_locked(self) -> frozenset[str]:
         """See :meth:`JobLocks.jobs_locked`."""
