@@ -343,6 +343,7 @@ async def test_the_replica_that_takes_a_job_over_writes_no_job_event_repeating_t
             return len(await job_executions(a, job.job_id)) == 3
 
         await eventually(all_started, "the job's three targets started")
+
         # a stops after the job event showing a final status and before the settle of its target is committed
         # (as a replica dying between those two commits does): the replica taking over settles it.
         async def not_committed(job_id: str, settles: Any) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -118,7 +119,9 @@ class PostgresJobs:
     _fetchval: Callable[..., Awaitable[Any]]
     _submit: Callable[[Op], asyncio.Future[Any]]
     _op: Callable[..., Op]
+    replica: str
     _lock_conn: asyncpg.Connection | None = None
+    _lock_token: str | None = None  # the lock connection's (see lock_job); None: this store never locked a job
     _locked: frozenset[str] = frozenset()
     _lock_guard: asyncio.Lock | None = None
 
@@ -312,8 +315,9 @@ class PostgresJobs:
         self, job_id: str, dispatches: Sequence[JobDispatch], rejections: Sequence[tuple[str, int, str]], at_ms: int
     ) -> list[Execution | None]:
         """See :meth:`server.store.JobStore.dispatch` (:func:`server.store.postgres_batch.plan_dispatch`)."""
+        # The token of the lock connection now: the dispatch commits only if the job's row still names it (or none).
         result: list[Execution | None] = await self._submit(
-            self._op("job_dispatch", job_id, list(dispatches), list(rejections), at_ms)
+            self._op("job_dispatch", job_id, list(dispatches), list(rejections), at_ms, self._lock_token)
         )
         return result
 
@@ -389,11 +393,16 @@ class PostgresJobs:
                     if self._lock_conn is None or self._lock_conn.is_closed():
                         self._locked = frozenset()  # whatever the lost connection held is gone
                         self._lock_conn = await asyncpg.connect(self.url)
+                        # A new token per connection: dispatches sent under an older one are refused once the job
+                        # is locked again (by anyone); kept when the connection is lost, never reset to None.
+                        self._lock_token = f"{self.replica}/{uuid.uuid4().hex}"
                     got = bool(
                         await self._lock_conn.fetchval(
                             "SELECT pg_try_advisory_lock(hashtextextended($1, $2))", job_id, JOB_LOCK_SEED
                         )
                     )
+                    if got and not await self._own_row(self._lock_conn, job_id):
+                        return False
                     break
                 except (*LOST, asyncpg.PostgresError) as exc:
                     # A connection found dead only now: its locks are gone; one new connection is tried.
@@ -406,6 +415,22 @@ class PostgresJobs:
             if got:
                 self._locked = self._locked | {job_id}
             return got
+
+    async def _own_row(self, conn: asyncpg.Connection, job_id: str) -> bool:
+        """Write this lock connection's token into the job's row, just locked (the fence of :func:`plan_dispatch`).
+
+        The update waits for the row's share locks: a dispatch of the job's previous holder under way (it checked
+        its token before the lock was lost) commits before the job is taken over, so its rebuild reads it. If that
+        takes more than ``LOCK_CHECK_SECONDS`` the lock is given up again (False): a later pass tries again.
+        """
+        try:
+            await conn.execute(
+                "UPDATE jobs SET lock_owner = $1 WHERE job_id = $2", self._lock_token, job_id, timeout=LOCK_CHECK_SECONDS
+            )
+        except TimeoutError:
+            await conn.fetchval("SELECT pg_advisory_unlock(hashtextextended($1, $2))", job_id, JOB_LOCK_SEED)
+            return False
+        return True
 
     async def unlock_job(self, job_id: str) -> None:
         """See :meth:`JobLocks.unlock_job`."""
