@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import time
@@ -33,8 +34,9 @@ from server.core.lifecycle import Status
 from server.core.models import EventFilter, Execution, ListQuery
 from server.pb import jobs_pb2 as jpb
 from server.pb import jobs_pb2_grpc as jpb_grpc
-from server.store import TargetState
+from server.store import JobLockLost, TargetState, postgres_batch
 from server.store.postgres import PostgresStore
+from server.store.postgres_jobs import JOB_LOCK_SEED, UNLOCKED_JOBS
 from tests import pgserver
 from tests.conftest import make_settings
 from tests.mosquitto import Mosquitto, mosquitto
@@ -370,6 +372,156 @@ async def test_the_replica_that_takes_a_job_over_writes_no_job_event_repeating_t
     assert_no_repeat(snapshots)
     shown_once = [s for s in snapshots if s.state is jb.JobState.IN_PROGRESS and s.counts == {"CANCELED": 1, "QUEUED": 2}]
     assert len(shown_once) == 1 and snapshots[-1].state is jb.JobState.CANCELED
+
+
+async def cut_lock_connection(url: str, store: PostgresStore) -> None:
+    """End the backend of ``store``'s job-lock connection (a network cut): its advisory locks go with it."""
+    assert store._lock_conn is not None
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT pg_terminate_backend($1, 10000)", store._lock_conn.get_server_pid())
+    finally:
+        await conn.close()
+
+
+async def not_final(app: FleetcmdApp, job_id: str) -> int:
+    return sum(not e.status.final for e in await job_executions(app, job_id))
+
+
+async def test_a_dispatch_sent_after_its_job_was_taken_over_commits_nothing_and_max_in_flight_holds(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nobody is connected: started executions stay QUEUED, in flight, so max_in_flight bounds how many exist.
+    ids, limit = tuple(f"f-{i}" for i in range(8)), 4
+    quiet = {"job_adopt_seconds": MAX_JOB_ADOPT}
+    async with running(replica(tmp_path, "a", url, **quiet), replica(tmp_path, "b", url, **quiet)) as (a, b):
+        assert isinstance(a.store, PostgresStore) and isinstance(b.store, PostgresStore)
+        a_dispatch, b_dispatch = a.store.dispatch, b.store.dispatch
+        under_way, go, a_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        refused: list[BaseException] = []
+
+        async def a_held(*args: Any) -> Any:
+            if under_way.is_set():
+                return await a_dispatch(*args)
+            under_way.set()  # a's first dispatch (four targets) waits here, sent but not submitted yet
+            await go.wait()
+            try:
+                return await a_dispatch(*args)
+            except JobLockLost as exc:
+                refused.append(exc)
+                raise
+            finally:
+                a_done.set()
+
+        async def b_after_a(*args: Any) -> Any:
+            await a_done.wait()  # the worst order: a's dispatch reaches the database first
+            return await b_dispatch(*args)
+
+        monkeypatch.setattr(a.store, "dispatch", a_held)
+        monkeypatch.setattr(b.store, "dispatch", b_after_a)
+        spec = jb.JobSpec("reboot", {}, 60, jb.Targets(thing_ids=ids), rollout=jb.Rollout(max_in_flight=limit))
+        job = await jobs(a).create(spec)
+        await asyncio.wait_for(under_way.wait(), WAIT)
+        try:
+            await cut_lock_connection(url, a.store)
+            assert await jobs(b).adopt_orphans() == 1  # b rebuilt the job: nothing started yet
+        finally:
+            go.set()
+
+        async def b_started() -> bool:
+            return jobs(b).stats["dispatched"] >= limit
+
+        await eventually(b_started, "the replica that took the job over started its targets")
+        assert len(await job_executions(b, job.job_id)) == limit and await not_final(b, job.job_id) == limit
+        assert len(refused) == 1  # a's late dispatch: refused whole
+        assert jobs(a).stats["dispatched"] == 0
+
+        async def a_gave_up() -> bool:
+            return not ids_of(jobs(a))
+
+        await eventually(a_gave_up, "the replica whose dispatch was refused stopped running the job")
+        assert ids_of(jobs(b)) == {job.job_id}
+
+
+async def test_taking_a_job_over_waits_for_the_dispatch_its_last_replica_has_in_its_transaction(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, limit = tuple(f"g-{i}" for i in range(8)), 4
+    quiet = {"job_adopt_seconds": MAX_JOB_ADOPT}
+    async with running(replica(tmp_path, "a", url, **quiet), replica(tmp_path, "b", url, **quiet)) as (a, b):
+        assert a.core is not None and isinstance(a.store, PostgresStore) and isinstance(b.store, PostgresStore)
+        plan = postgres_batch.PLANS["job_dispatch"]
+        inside, go = asyncio.Event(), asyncio.Event()
+
+        async def held_in_transaction(batch: Any, *args: Any) -> Any:
+            result = await plan(batch, *args)  # planned (the lock owner checked): its transaction is open
+            if not inside.is_set():
+                inside.set()
+                await go.wait()
+            return result
+
+        monkeypatch.setitem(postgres_batch.PLANS, "job_dispatch", held_in_transaction)
+        spec = jb.JobSpec("reboot", {}, 60, jb.Targets(thing_ids=ids), rollout=jb.Rollout(max_in_flight=limit))
+        job = await jobs(a).create(spec)
+        await asyncio.wait_for(inside.wait(), WAIT)
+        await cut_lock_connection(url, a.store)
+        adoption = asyncio.ensure_future(jobs(b).adopt_orphans())
+        probe = await asyncpg.connect(url)
+        try:
+
+            async def waiting_or_done() -> bool:
+                conn = b.store._lock_conn  # type: ignore[union-attr]
+                if adoption.done() or conn is None:
+                    return adoption.done()
+                sql = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+                return bool(await probe.fetchval(sql, conn.get_server_pid()))
+
+            await eventually(waiting_or_done, "b's takeover either done or waiting for a row lock")
+            assert not adoption.done()  # b locked the job and waits for a's dispatch to commit before rebuilding it
+        finally:
+            go.set()  # (a's writer is held until then: released whatever the test found)
+            await probe.close()
+        assert await adoption == 1
+        assert len(await job_executions(b, job.job_id)) == limit  # a's dispatch committed, b rebuilt it in flight
+        # One execution ends: there is room for one more, which the job's new replica starts (a's try is refused).
+        await a.core.cancel((await job_executions(b, job.job_id))[0].execution_id)
+
+        async def one_more() -> bool:
+            return jobs(b).stats["dispatched"] >= 1
+
+        await eventually(one_more, "the replica that took the job over started one target")
+        assert len(await job_executions(b, job.job_id)) == limit + 1 and await not_final(b, job.job_id) == limit
+        assert jobs(a).stats["dispatched"] == limit and jobs(b).stats["dispatched"] == 1
+
+
+async def test_the_adoption_query_reads_the_partial_index_of_unsettled_jobs(tmp_path: Path, url: str) -> None:
+    async with running(replica(tmp_path, "a", url, job_adopt_seconds=MAX_JOB_ADOPT)) as (a,):
+        assert isinstance(a.store, PostgresStore)
+        conn = await asyncpg.connect(url)
+        try:
+            # Months of settled jobs and a few running ones.
+            await conn.execute(
+                "INSERT INTO jobs (job_id, spec, state, created_at, counts)"
+                " SELECT 'old-' || i, '{}', 4, i, '{}' FROM generate_series(1, 20000) AS i"
+            )
+            await conn.execute(
+                "INSERT INTO jobs (job_id, spec, state, created_at) VALUES ('run-1', '{}', 2, 1), ('run-2', '{}', 3, 2)"
+            )
+            await conn.execute("ANALYZE jobs")
+            [[plan]] = await conn.fetch(f"EXPLAIN (FORMAT JSON) {UNLOCKED_JOBS}", ADOPT_PER_PASS, JOB_LOCK_SEED)
+        finally:
+            await conn.close()
+        scans = list(plan_nodes(json.loads(plan)[0]["Plan"]))
+        on_jobs = [(n["Node Type"], n.get("Index Name")) for n in scans if n.get("Relation Name") == "jobs"]
+        assert on_jobs == [("Index Scan", "jobs_unsettled")], on_jobs
+        assert [r.job_id for r in await a.store.unlocked_jobs(ADOPT_PER_PASS)] == ["run-1", "run-2"]
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan."""
+    yield node
+    for child in node.get("Plans", ()):
+        yield from plan_nodes(child)
 
 
 # ---- SIGKILL of the real process that runs the job -----------------------------------------------------

@@ -68,6 +68,18 @@ _INSERT_JOB = (
     " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) ON CONFLICT DO NOTHING RETURNING idx"
 )
 
+# The adoption query (JobLocks.unlocked_jobs): the oldest unfinished or unsettled jobs whose advisory lock no session
+# holds. A bigint advisory key shows in pg_locks as classid (high half) and objid (low half), objsubid 1. Its first
+# condition is the predicate of the partial index jobs_unsettled (schema 7), word for word: the planner reads the
+# few unsettled jobs in age order from that index, not every job ever run.
+UNLOCKED_JOBS = (
+    f"SELECT {JOB_COLUMNS} FROM jobs WHERE (state IN ({_UNFINISHED}) OR counts IS NULL) AND NOT EXISTS ("
+    " SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(jobs.job_id, $2)"
+    ") ORDER BY idx LIMIT $1"
+)
+
 
 def _job(row: asyncpg.Record) -> JobRecord:
     return JobRecord(
@@ -465,15 +477,7 @@ class PostgresJobs:
 
     async def unlocked_jobs(self, limit: int) -> list[JobRecord]:
         """See :meth:`JobLocks.unlocked_jobs`: jobs whose advisory lock ``pg_locks`` shows no session holding."""
-        # A bigint advisory key shows in pg_locks as classid (high half) and objid (low half), objsubid 1.
-        sql = (
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE (state IN ({_UNFINISHED}) OR counts IS NULL) AND NOT EXISTS ("
-            " SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 1"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(jobs.job_id, $2)"
-            ") ORDER BY idx LIMIT $1"
-        )
-        return [_job(r) for r in await self._fetch(sql, limit, JOB_LOCK_SEED)]
+        return [_job(r) for r in await self._fetch(UNLOCKED_JOBS, limit, JOB_LOCK_SEED)]
 
     async def last_job_event(self, job: JobRecord) -> Job | None:
         """See :meth:`JobLocks.last_job_event`: the newest job event of the job (index ``events_job``, read backwards)."""
