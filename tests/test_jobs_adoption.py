@@ -34,7 +34,7 @@ from server.core.lifecycle import Status
 from server.core.models import EventFilter, Execution, ListQuery
 from server.pb import jobs_pb2 as jpb
 from server.pb import jobs_pb2_grpc as jpb_grpc
-from server.store import JobLockLost, TargetState, postgres_batch
+from server.store import JobLockLost, TargetState, postgres_batch, postgres_jobs
 from server.store.postgres import PostgresStore
 from server.store.postgres_jobs import JOB_LOCK_SEED, UNLOCKED_JOBS
 from tests import pgserver
@@ -443,6 +443,22 @@ async def test_a_dispatch_sent_after_its_job_was_taken_over_commits_nothing_and_
         assert ids_of(jobs(b)) == {job.job_id}
 
 
+def hold_first_dispatch_transaction(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """The next job dispatch (of any replica here) stops with its transaction open until ``go``; ``inside`` is set then."""
+    plan = postgres_batch.PLANS["job_dispatch"]
+    inside, go = asyncio.Event(), asyncio.Event()
+
+    async def held_in_transaction(batch: Any, *args: Any) -> Any:
+        result = await plan(batch, *args)  # planned (the lock owner checked): its transaction is open
+        if not inside.is_set():
+            inside.set()
+            await go.wait()
+        return result
+
+    monkeypatch.setitem(postgres_batch.PLANS, "job_dispatch", held_in_transaction)
+    return inside, go
+
+
 async def test_taking_a_job_over_waits_for_the_dispatch_its_last_replica_has_in_its_transaction(
     tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -450,17 +466,7 @@ async def test_taking_a_job_over_waits_for_the_dispatch_its_last_replica_has_in_
     quiet = {"job_adopt_seconds": MAX_JOB_ADOPT}
     async with running(replica(tmp_path, "a", url, **quiet), replica(tmp_path, "b", url, **quiet)) as (a, b):
         assert a.core is not None and isinstance(a.store, PostgresStore) and isinstance(b.store, PostgresStore)
-        plan = postgres_batch.PLANS["job_dispatch"]
-        inside, go = asyncio.Event(), asyncio.Event()
-
-        async def held_in_transaction(batch: Any, *args: Any) -> Any:
-            result = await plan(batch, *args)  # planned (the lock owner checked): its transaction is open
-            if not inside.is_set():
-                inside.set()
-                await go.wait()
-            return result
-
-        monkeypatch.setitem(postgres_batch.PLANS, "job_dispatch", held_in_transaction)
+        inside, go = hold_first_dispatch_transaction(monkeypatch)
         spec = jb.JobSpec("reboot", {}, 60, jb.Targets(thing_ids=ids), rollout=jb.Rollout(max_in_flight=limit))
         job = await jobs(a).create(spec)
         await asyncio.wait_for(inside.wait(), WAIT)
@@ -492,6 +498,30 @@ async def test_taking_a_job_over_waits_for_the_dispatch_its_last_replica_has_in_
         await eventually(one_more, "the replica that took the job over started one target")
         assert len(await job_executions(b, job.job_id)) == limit + 1 and await not_final(b, job.job_id) == limit
         assert jobs(a).stats["dispatched"] == limit and jobs(b).stats["dispatched"] == 1
+
+
+async def test_a_takeover_whose_wait_for_that_dispatch_passes_the_check_time_gives_the_job_up_for_a_later_pass(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A replica cut off in the middle of its dispatch transaction holds the job's row until the database ends it.
+    monkeypatch.setattr(postgres_jobs, "LOCK_CHECK_SECONDS", 0.5)
+    quiet = {"job_adopt_seconds": MAX_JOB_ADOPT}
+    async with running(replica(tmp_path, "a", url, **quiet), replica(tmp_path, "b", url, **quiet)) as (a, b):
+        assert isinstance(a.store, PostgresStore) and isinstance(b.store, PostgresStore)
+        inside, go = hold_first_dispatch_transaction(monkeypatch)
+        job = await jobs(a).create(jb.JobSpec("reboot", {}, 60, jb.Targets(thing_ids=("w-0", "w-1"))))
+        await asyncio.wait_for(inside.wait(), WAIT)
+        try:
+            await cut_lock_connection(url, a.store)
+            began = time.monotonic()
+            assert await jobs(b).adopt_orphans() == 0
+            assert time.monotonic() - began >= 0.5
+            assert ids_of(jobs(b)) == set()
+            assert [r.job_id for r in await b.store.unlocked_jobs(10)] == [job.job_id]  # its lock given up again
+        finally:
+            go.set()
+        assert await jobs(b).adopt_orphans() == 1  # once a's dispatch committed, a later pass takes the job
+        assert len(await job_executions(b, job.job_id)) == 2 and jobs(b).stats["dispatched"] == 0
 
 
 async def test_the_adoption_query_reads_the_partial_index_of_unsettled_jobs(tmp_path: Path, url: str) -> None:
