@@ -412,7 +412,7 @@ async def test_a_schema_5_database_gets_job_events_and_only_undelivered(tmp_path
     conn.execute("PRAGMA user_version = 5")
     conn.commit()
     conn.close()
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
     async with opened(f"sqlite:///{path}") as store:
         [old_event] = await store.events_after(0, EventFilter(), 10)
         assert old_event.execution_id == "e" and old_event.job_id == "" and old_event.job is None
@@ -441,7 +441,7 @@ async def test_a_schema_5_postgresql_database_gets_job_events_and_only_undeliver
         await conn.execute("UPDATE event_counter SET last_seq = 1")
     finally:
         await conn.close()
-    assert pg_schema.SCHEMA_VERSION == 6
+    assert pg_schema.SCHEMA_VERSION == 7
     async with opened(url) as store:
         [old_event] = await store.events_after(0, EventFilter(), 10)
         assert old_event.execution_id == "e" and old_event.job_id == "" and old_event.job is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import time
@@ -30,10 +31,12 @@ from server.core.clock import now_ms
 from server.core.errors import Unavailable
 from server.core.job_runner import ADOPT_PER_PASS, JobsCore
 from server.core.lifecycle import Status
-from server.core.models import Execution, ListQuery
+from server.core.models import EventFilter, Execution, ListQuery
 from server.pb import jobs_pb2 as jpb
 from server.pb import jobs_pb2_grpc as jpb_grpc
+from server.store import JobLockLost, TargetState, postgres_batch, postgres_jobs
 from server.store.postgres import PostgresStore
+from server.store.postgres_jobs import JOB_LOCK_SEED, UNLOCKED_JOBS
 from tests import pgserver
 from tests.conftest import make_settings
 from tests.mosquitto import Mosquitto, mosquitto
@@ -131,6 +134,19 @@ def assert_one_execution_each(execs: list[Execution], ids: list[str]) -> None:
     things = [e.thing_id for e in execs]
     assert sorted(things) == sorted(ids) and len(set(things)) == len(ids)  # none twice, none missing
     assert all(e.job_attempt == 1 and e.status is Status.SUCCEEDED for e in execs), [(e.thing_id, e.status) for e in execs]
+
+
+async def job_snapshots(app: FleetcmdApp, job_id: str) -> list[jb.Job]:
+    """The job's events in the log, in order (whichever replica wrote them)."""
+    assert app.store is not None
+    events = await app.store.events_after(0, EventFilter(job_id=job_id), 10_000)
+    return [e.job for e in events if e.job is not None]
+
+
+def assert_no_repeat(snapshots: list[jb.Job]) -> None:
+    """No job event shows what the one before it showed (an event is written only on a real change)."""
+    repeats = [(i, x.state.name, dict(x.counts)) for i, (x, y) in enumerate(itertools.pairwise(snapshots)) if x == y]
+    assert not repeats, repeats
 
 
 async def settled(app: FleetcmdApp, job_id: str) -> jb.Job | None:
@@ -312,6 +328,230 @@ async def test_a_takeover_that_fails_half_way_gives_the_job_up_for_a_later_pass(
 
         await eventually(started_once, "the job's one target started")
         assert len(await job_executions(b, job.job_id)) == 1
+
+
+# ---- what the adopter writes and dispatches ------------------------------------------------------------
+
+
+async def test_the_replica_that_takes_a_job_over_writes_no_job_event_repeating_the_last_one(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quiet = {"job_adopt_seconds": MAX_JOB_ADOPT}
+    async with running(replica(tmp_path, "a", url), replica(tmp_path, "b", url, **quiet)) as (a, b):
+        assert a.core is not None and isinstance(b.store, PostgresStore)
+        job = await jobs(a).create(jb.JobSpec("reboot", {}, 60, jb.Targets(thing_ids=("e-0", "e-1", "e-2"))))
+
+        async def all_started() -> bool:
+            return len(await job_executions(a, job.job_id)) == 3
+
+        await eventually(all_started, "the job's three targets started")
+
+        # a stops after the job event showing a final status and before the settle of its target is committed
+        # (as a replica dying between those two commits does): the replica taking over settles it.
+        async def not_committed(job_id: str, settles: Any) -> None:
+            return None
+
+        monkeypatch.setattr(a.store, "settle", not_committed)
+        await a.core.cancel((await job_executions(a, job.job_id))[0].execution_id)
+
+        async def shown() -> bool:
+            last = (await job_snapshots(b, job.job_id))[-1]
+            return last.counts == {"CANCELED": 1, "QUEUED": 2}
+
+        await eventually(shown, "the job event showing the canceled execution")
+        await stop(a)
+        assert await jobs(b).adopt_orphans() == 1
+
+        async def settled_by_b() -> bool:
+            done = await b.store.targets(job.job_id, (TargetState.DONE,), 10)
+            return len(done) == 1 and not jobs(b)._unpublished and not jobs(b)._publishing
+
+        await eventually(settled_by_b, "the adopter settled the target its last replica left")
+        await jobs(b).cancel(job.job_id)  # a real change after it: the log shows it last
+        snapshots = await job_snapshots(b, job.job_id)
+    assert_no_repeat(snapshots)
+    shown_once = [s for s in snapshots if s.state is jb.JobState.IN_PROGRESS and s.counts == {"CANCELED": 1, "QUEUED": 2}]
+    assert len(shown_once) == 1 and snapshots[-1].state is jb.JobState.CANCELED
+
+
+async def cut_lock_connection(url: str, store: PostgresStore) -> None:
+    """End the backend of ``store``'s job-lock connection (a network cut): its advisory locks go with it."""
+    assert store._lock_conn is not None
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT pg_terminate_backend($1, 10000)", store._lock_conn.get_server_pid())
+    finally:
+        await conn.close()
+
+
+async def not_final(app: FleetcmdApp, job_id: str) -> int:
+    return sum(not e.status.final for e in await job_executions(app, job_id))
+
+
+async def test_a_dispatch_sent_after_its_job_was_taken_over_commits_nothing_and_max_in_flight_holds(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nobody is connected: started executions stay QUEUED, in flight, so max_in_flight bounds how many exist.
+    ids, limit = tuple(f"f-{i}" for i in range(8)), 4
+    quiet = {"job_adopt_seconds": MAX_JOB_ADOPT}
+    async with running(replica(tmp_path, "a", url, **quiet), replica(tmp_path, "b", url, **quiet)) as (a, b):
+        assert isinstance(a.store, PostgresStore) and isinstance(b.store, PostgresStore)
+        a_dispatch, b_dispatch = a.store.dispatch, b.store.dispatch
+        under_way, go, a_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        refused: list[BaseException] = []
+
+        async def a_held(*args: Any) -> Any:
+            if under_way.is_set():
+                return await a_dispatch(*args)
+            under_way.set()  # a's first dispatch (four targets) waits here, sent but not submitted yet
+            await go.wait()
+            try:
+                return await a_dispatch(*args)
+            except JobLockLost as exc:
+                refused.append(exc)
+                raise
+            finally:
+                a_done.set()
+
+        async def b_after_a(*args: Any) -> Any:
+            await a_done.wait()  # the worst order: a's dispatch reaches the database first
+            return await b_dispatch(*args)
+
+        monkeypatch.setattr(a.store, "dispatch", a_held)
+        monkeypatch.setattr(b.store, "dispatch", b_after_a)
+        spec = jb.JobSpec("reboot", {}, 60, jb.Targets(thing_ids=ids), rollout=jb.Rollout(max_in_flight=limit))
+        job = await jobs(a).create(spec)
+        await asyncio.wait_for(under_way.wait(), WAIT)
+        try:
+            await cut_lock_connection(url, a.store)
+            assert await jobs(b).adopt_orphans() == 1  # b rebuilt the job: nothing started yet
+        finally:
+            go.set()
+
+        async def b_started() -> bool:
+            return jobs(b).stats["dispatched"] >= limit
+
+        await eventually(b_started, "the replica that took the job over started its targets")
+        assert len(await job_executions(b, job.job_id)) == limit and await not_final(b, job.job_id) == limit
+        assert len(refused) == 1  # a's late dispatch: refused whole
+        assert jobs(a).stats["dispatched"] == 0
+
+        async def a_gave_up() -> bool:
+            return not ids_of(jobs(a))
+
+        await eventually(a_gave_up, "the replica whose dispatch was refused stopped running the job")
+        assert ids_of(jobs(b)) == {job.job_id}
+
+
+def hold_first_dispatch_transaction(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """The next job dispatch (of any replica here) stops with its transaction open until ``go``; ``inside`` is set then."""
+    plan = postgres_batch.PLANS["job_dispatch"]
+    inside, go = asyncio.Event(), asyncio.Event()
+
+    async def held_in_transaction(batch: Any, *args: Any) -> Any:
+        result = await plan(batch, *args)  # planned (the lock owner checked): its transaction is open
+        if not inside.is_set():
+            inside.set()
+            await go.wait()
+        return result
+
+    monkeypatch.setitem(postgres_batch.PLANS, "job_dispatch", held_in_transaction)
+    return inside, go
+
+
+async def test_taking_a_job_over_waits_for_the_dispatch_its_last_replica_has_in_its_transaction(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids, limit = tuple(f"g-{i}" for i in range(8)), 4
+    quiet = {"job_adopt_seconds": MAX_JOB_ADOPT}
+    async with running(replica(tmp_path, "a", url, **quiet), replica(tmp_path, "b", url, **quiet)) as (a, b):
+        assert a.core is not None and isinstance(a.store, PostgresStore) and isinstance(b.store, PostgresStore)
+        inside, go = hold_first_dispatch_transaction(monkeypatch)
+        spec = jb.JobSpec("reboot", {}, 60, jb.Targets(thing_ids=ids), rollout=jb.Rollout(max_in_flight=limit))
+        job = await jobs(a).create(spec)
+        await asyncio.wait_for(inside.wait(), WAIT)
+        await cut_lock_connection(url, a.store)
+        adoption = asyncio.ensure_future(jobs(b).adopt_orphans())
+        probe = await asyncpg.connect(url)
+        try:
+
+            async def waiting_or_done() -> bool:
+                conn = b.store._lock_conn  # type: ignore[union-attr]
+                if adoption.done() or conn is None:
+                    return adoption.done()
+                sql = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1"
+                return bool(await probe.fetchval(sql, conn.get_server_pid()))
+
+            await eventually(waiting_or_done, "b's takeover either done or waiting for a row lock")
+            assert not adoption.done()  # b locked the job and waits for a's dispatch to commit before rebuilding it
+        finally:
+            go.set()  # (a's writer is held until then: released whatever the test found)
+            await probe.close()
+        assert await adoption == 1
+        assert len(await job_executions(b, job.job_id)) == limit  # a's dispatch committed, b rebuilt it in flight
+        # One execution ends: there is room for one more, which the job's new replica starts (a's try is refused).
+        await a.core.cancel((await job_executions(b, job.job_id))[0].execution_id)
+
+        async def one_more() -> bool:
+            return jobs(b).stats["dispatched"] >= 1
+
+        await eventually(one_more, "the replica that took the job over started one target")
+        assert len(await job_executions(b, job.job_id)) == limit + 1 and await not_final(b, job.job_id) == limit
+        assert jobs(a).stats["dispatched"] == limit and jobs(b).stats["dispatched"] == 1
+
+
+async def test_a_takeover_whose_wait_for_that_dispatch_passes_the_check_time_gives_the_job_up_for_a_later_pass(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A replica cut off in the middle of its dispatch transaction holds the job's row until the database ends it.
+    monkeypatch.setattr(postgres_jobs, "LOCK_CHECK_SECONDS", 0.5)
+    quiet = {"job_adopt_seconds": MAX_JOB_ADOPT}
+    async with running(replica(tmp_path, "a", url, **quiet), replica(tmp_path, "b", url, **quiet)) as (a, b):
+        assert isinstance(a.store, PostgresStore) and isinstance(b.store, PostgresStore)
+        inside, go = hold_first_dispatch_transaction(monkeypatch)
+        job = await jobs(a).create(jb.JobSpec("reboot", {}, 60, jb.Targets(thing_ids=("w-0", "w-1"))))
+        await asyncio.wait_for(inside.wait(), WAIT)
+        try:
+            await cut_lock_connection(url, a.store)
+            began = time.monotonic()
+            assert await jobs(b).adopt_orphans() == 0
+            assert time.monotonic() - began >= 0.5
+            assert ids_of(jobs(b)) == set()
+            assert [r.job_id for r in await b.store.unlocked_jobs(10)] == [job.job_id]  # its lock given up again
+        finally:
+            go.set()
+        assert await jobs(b).adopt_orphans() == 1  # once a's dispatch committed, a later pass takes the job
+        assert len(await job_executions(b, job.job_id)) == 2 and jobs(b).stats["dispatched"] == 0
+
+
+async def test_the_adoption_query_reads_the_partial_index_of_unsettled_jobs(tmp_path: Path, url: str) -> None:
+    async with running(replica(tmp_path, "a", url, job_adopt_seconds=MAX_JOB_ADOPT)) as (a,):
+        assert isinstance(a.store, PostgresStore)
+        conn = await asyncpg.connect(url)
+        try:
+            # Months of settled jobs and a few running ones.
+            await conn.execute(
+                "INSERT INTO jobs (job_id, spec, state, created_at, counts)"
+                " SELECT 'old-' || i, '{}', 4, i, '{}' FROM generate_series(1, 20000) AS i"
+            )
+            await conn.execute(
+                "INSERT INTO jobs (job_id, spec, state, created_at) VALUES ('run-1', '{}', 2, 1), ('run-2', '{}', 3, 2)"
+            )
+            await conn.execute("ANALYZE jobs")
+            [[plan]] = await conn.fetch(f"EXPLAIN (FORMAT JSON) {UNLOCKED_JOBS}", ADOPT_PER_PASS, JOB_LOCK_SEED)
+        finally:
+            await conn.close()
+        scans = list(plan_nodes(json.loads(plan)[0]["Plan"]))
+        on_jobs = [(n["Node Type"], n.get("Index Name")) for n in scans if n.get("Relation Name") == "jobs"]
+        assert on_jobs == [("Index Scan", "jobs_unsettled")], on_jobs
+        assert [r.job_id for r in await a.store.unlocked_jobs(ADOPT_PER_PASS)] == ["run-1", "run-2"]
+
+
+def plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan."""
+    yield node
+    for child in node.get("Plans", ()):
+        yield from plan_nodes(child)
 
 
 # ---- SIGKILL of the real process that runs the job -----------------------------------------------------

@@ -232,7 +232,7 @@ async def test_a_schema_3_postgresql_database_is_migrated() -> None:
         )
     finally:
         await conn.close()
-    assert pg_schema.SCHEMA_VERSION == SCHEMA_VERSION == 6
+    assert pg_schema.SCHEMA_VERSION == SCHEMA_VERSION == 7
     async with opened(url) as store:
         ex = await store.get("old")
         assert ex is not None and ex.job_id == "" and ex.job_attempt == 0
@@ -267,7 +267,7 @@ async def test_a_schema_3_database_is_migrated(tmp_path: Path) -> None:
     conn.execute("PRAGMA user_version = 3")
     conn.commit()
     conn.close()
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
     async with opened(f"sqlite:///{path}") as store:
         ex = await store.get("old")
         assert ex is not None and ex.job_id == "" and ex.job_attempt == 0

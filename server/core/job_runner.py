@@ -40,7 +40,7 @@ from server.core.lifecycle import Status
 from server.core.models import Execution, StateChange, ThingRecord
 from server.core.registry import Registry
 from server.core.validation import validate_send
-from server.store import JobDispatch, JobLocks, JobRecord, JobStore, TargetRow, TargetSettle, TargetState
+from server.store import JobDispatch, JobLockLost, JobLocks, JobRecord, JobStore, TargetRow, TargetSettle, TargetState
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class _Run:
     published: int = 0  # the version the last job event of the event log shows
     last_event: Job | None = None  # what it shows (a change that changed nothing writes no event)
     dropped: bool = False  # this replica lost the job's lock: it writes none of its events any more
+    lock_lost: bool = False  # the store refused a dispatch: another replica took the job's lock (dropped at the next step)
     # Paced jobs: pending targets read ahead (by seq, after ``buffer_after``), and the dispatch writes not
     # committed yet (a paced job does not wait for one commit before its next slot).
     buffer: collections.deque[TargetRow] = field(default_factory=collections.deque)
@@ -566,6 +567,10 @@ class JobsCore:
             jb.Pacer(await self.store.last_dispatch_ms(rec.job_id)),
         )
         run.resolve_cursor = rec.resolve_cursor
+        if self._locks is not None:
+            # Taken over (or restarted) on a shared store: the job's next event follows the last one its previous
+            # replica wrote, and a change that leaves the job as that event shows it writes none (no repeat).
+            run.last_event = await self._locks.last_job_event(rec)
         if spec.canary is not None:
             run.canary = jb.Counts(await self.store.job_counts(rec.job_id, below_seq=spec.canary.count))
             run.canary_passed = jb.canary_verdict(spec.canary, run.canary.by_name, self._canary_total(run)) is True
@@ -633,13 +638,17 @@ class JobsCore:
         # Shared stores: a job whose lock this replica no longer holds (its lock connection went) must not go on here.
         held = self._locks.jobs_locked() if self._locks is not None else None
         for run in list(self._runs.values()):
-            if held is not None and run.job_id not in held:
+            if run.lock_lost or (held is not None and run.job_id not in held):
                 async with run.lock:
                     await self._drop(run)
                 continue
             try:
                 async with run.lock:
                     at = await self._advance(run)
+            except JobLockLost:
+                async with run.lock:
+                    await self._drop(run)
+                continue
             except FleetcmdError:
                 log.exception("job %s: a step failed; trying again shortly", run.job_id)
                 at = now_ms() + FULL_RETRY_SECONDS * 1000
@@ -903,6 +912,9 @@ class JobsCore:
             try:
                 results = await self.store.dispatch(run.job_id, dispatches, rejections, last)
             except Unavailable:  # the store is closing: the target is still pending in the store
+                return
+            except JobLockLost:  # another replica runs the job now: it starts the target
+                run.lock_lost = True
                 return
             except FleetcmdError:
                 log.exception("job %s: a dispatch failed; its target is read again", run.job_id)

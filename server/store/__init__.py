@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
-from server.core.errors import FleetcmdError
+from server.core.errors import FailedPrecondition, FleetcmdError
 from server.core.jobs import Job, JobState
 from server.core.lifecycle import Decision, Status, Trigger
 from server.core.models import (
@@ -432,9 +432,18 @@ class JobStore(Protocol):
         """``(thing_id, execution_id)`` of every DISPATCHED target of an unfinished sequential job."""
 
 
+class JobLockLost(FailedPrecondition):
+    """A shared store refused a job's dispatch: another replica took the job's lock since this one took it."""
+
+
 @runtime_checkable
 class JobLocks(Protocol):
-    """Which replica runs a job's rollout: a lock per job, held by one replica at a time, released if it dies."""
+    """Which replica runs a job's rollout: a lock per job, held by one replica at a time, released if it dies.
+
+    A store with these locks fences the dispatch (:meth:`JobStore.dispatch` raises :class:`JobLockLost`): once another
+    replica has taken a job's lock, a dispatch of the replica that held it before commits nothing, and the lock is
+    taken only after the dispatches the previous holder has under way are committed or refused.
+    """
 
     async def lock_job(self, job_id: str) -> bool:
         """Take the job's lock for this replica (True also when it holds it already); False while another holds it."""
@@ -450,6 +459,9 @@ class JobLocks(Protocol):
 
     async def unlocked_jobs(self, limit: int) -> list[JobRecord]:
         """Up to ``limit`` jobs :meth:`JobStore.unfinished_jobs` would return whose lock no replica holds now, oldest first."""
+
+    async def last_job_event(self, job: JobRecord) -> Job | None:
+        """The job as its last job event in the log shows it (None: no job event); read by a replica taking the job over."""
 
 
 class ServiceStore(Store, RegistryStore, Protocol):

@@ -12,7 +12,8 @@ An :class:`Op` is one queued write; a :class:`Batch` runs a list of them in one 
    batch runs again), then the batch takes its numbers from the event counter (its row lock held
    until the commit orders the batches of every replica), writes its events and sends one NOTIFY.
 
-A job's dispatch (:func:`plan_dispatch`) is planned the same way: it locks the targets it starts, marks
+A job's dispatch (:func:`plan_dispatch`) is planned the same way: it checks that the dispatching replica's lock
+connection is still the job's lock owner (under the job's row lock), locks the targets it starts, marks
 them, and applies their executions' creation, so they commit with their events and marks or not at all.
 
 Nothing here decides what a trigger does to an execution.
@@ -34,7 +35,7 @@ from server.core.errors import Unavailable
 from server.core.jobs import Job
 from server.core.lifecycle import Outcome, Status, Trigger
 from server.core.models import DeviceReport, Execution, NewExecution, StateChange, job_event
-from server.store import CreateResult, JobDispatch, ResultCheck, TargetState, TransitionResult
+from server.store import CreateResult, JobDispatch, JobLockLost, ResultCheck, TargetState, TransitionResult
 from server.store.postgres_schema import (
     EXEC_COLUMNS,
     FIRST_FINAL,
@@ -353,18 +354,34 @@ _MARK_REJECTED = (
 )
 # The targets a dispatch may start.
 _STARTABLE = (int(TargetState.PENDING), int(TargetState.RETRY))
+# The fence: the job's row, share-locked until the batch commits (a replica taking the job's lock updates the row,
+# so it waits for this dispatch), names the lock connection of the replica that took the lock last.
+_LOCK_OWNER = "SELECT lock_owner FROM jobs WHERE job_id = $1 FOR SHARE"
 
 
 async def plan_dispatch(
-    b: Batch, job_id: str, dispatches: Sequence[JobDispatch], rejections: Sequence[tuple[str, int, str]], at_ms: int
+    b: Batch,
+    job_id: str,
+    dispatches: Sequence[JobDispatch],
+    rejections: Sequence[tuple[str, int, str]],
+    at_ms: int,
+    lock_token: str | None = None,
 ) -> list[Execution | None]:
     """Start a job's targets: each one still waiting for that attempt gets its execution, and is marked, in this transaction.
 
     The executions and their events are written by the batch with its other creates (the events numbered
     by the counter at the batch's end, like any create's); a target another dispatch started first
     (this replica's or another's: its row lock is waited for, then read as committed) gets None.
+
+    Raises:
+        JobLockLost: ``lock_token`` (the dispatching replica's lock connection) is not the one that took the job's
+            lock last (another replica took it over since): nothing is written.
     """
     conn = b.conn
+    if lock_token is not None:
+        owner = await conn.fetchval(_LOCK_OWNER, job_id)
+        if owner is not None and owner != lock_token:
+            raise JobLockLost(f"job {job_id!r}: another replica took its lock over; this dispatch is not committed")
     names = sorted({d.new.thing_id for d in dispatches})
     held = {r[0]: (r[1], r[2]) for r in await conn.fetch(_LOCK_TARGETS, job_id, names)} if names else {}
     out: list[Execution | None] = []

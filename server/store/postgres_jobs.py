@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,7 +32,7 @@ import asyncpg
 from server.core.errors import AlreadyExists, NotFound, Unavailable
 from server.core.jobs import Job, JobState
 from server.core.lifecycle import Status
-from server.core.models import Execution, later_job_event
+from server.core.models import Execution, job_event_parts, job_from_event, later_job_event
 from server.store import JobDispatch, JobRecord, TargetRow, TargetSettle, TargetState
 from server.store.postgres_batch import LOST, Op
 
@@ -65,6 +66,18 @@ _INSERT_JOB = (
     "INSERT INTO jobs (job_id, spec, state, created_at, started_at, ended_at, abort_reason, created_by,"
     " targets_total, resolved, resolve_cursor, idempotency_key, fingerprint, sequential)"
     " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) ON CONFLICT DO NOTHING RETURNING idx"
+)
+
+# The adoption query (JobLocks.unlocked_jobs): the oldest unfinished or unsettled jobs whose advisory lock no session
+# holds. A bigint advisory key shows in pg_locks as classid (high half) and objid (low half), objsubid 1. Its first
+# condition is the predicate of the partial index jobs_unsettled (schema 7), word for word: the planner reads the
+# few unsettled jobs in age order from that index, not every job ever run.
+UNLOCKED_JOBS = (
+    f"SELECT {JOB_COLUMNS} FROM jobs WHERE (state IN ({_UNFINISHED}) OR counts IS NULL) AND NOT EXISTS ("
+    " SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(jobs.job_id, $2)"
+    ") ORDER BY idx LIMIT $1"
 )
 
 
@@ -118,7 +131,9 @@ class PostgresJobs:
     _fetchval: Callable[..., Awaitable[Any]]
     _submit: Callable[[Op], asyncio.Future[Any]]
     _op: Callable[..., Op]
+    replica: str
     _lock_conn: asyncpg.Connection | None = None
+    _lock_token: str | None = None  # the lock connection's (see lock_job); None: this store never locked a job
     _locked: frozenset[str] = frozenset()
     _lock_guard: asyncio.Lock | None = None
 
@@ -312,8 +327,9 @@ class PostgresJobs:
         self, job_id: str, dispatches: Sequence[JobDispatch], rejections: Sequence[tuple[str, int, str]], at_ms: int
     ) -> list[Execution | None]:
         """See :meth:`server.store.JobStore.dispatch` (:func:`server.store.postgres_batch.plan_dispatch`)."""
+        # The token of the lock connection now: the dispatch commits only if the job's row still names it (or none).
         result: list[Execution | None] = await self._submit(
-            self._op("job_dispatch", job_id, list(dispatches), list(rejections), at_ms)
+            self._op("job_dispatch", job_id, list(dispatches), list(rejections), at_ms, self._lock_token)
         )
         return result
 
@@ -389,11 +405,16 @@ class PostgresJobs:
                     if self._lock_conn is None or self._lock_conn.is_closed():
                         self._locked = frozenset()  # whatever the lost connection held is gone
                         self._lock_conn = await asyncpg.connect(self.url)
+                        # A new token per connection: dispatches sent under an older one are refused once the job
+                        # is locked again (by anyone); kept when the connection is lost, never reset to None.
+                        self._lock_token = f"{self.replica}/{uuid.uuid4().hex}"
                     got = bool(
                         await self._lock_conn.fetchval(
                             "SELECT pg_try_advisory_lock(hashtextextended($1, $2))", job_id, JOB_LOCK_SEED
                         )
                     )
+                    if got and not await self._own_row(self._lock_conn, job_id):
+                        return False
                     break
                 except (*LOST, asyncpg.PostgresError) as exc:
                     # A connection found dead only now: its locks are gone; one new connection is tried.
@@ -406,6 +427,22 @@ class PostgresJobs:
             if got:
                 self._locked = self._locked | {job_id}
             return got
+
+    async def _own_row(self, conn: asyncpg.Connection, job_id: str) -> bool:
+        """Write this lock connection's token into the job's row, just locked (the fence of :func:`plan_dispatch`).
+
+        The update waits for the row's share locks: a dispatch of the job's previous holder under way (it checked
+        its token before the lock was lost) commits before the job is taken over, so its rebuild reads it. If that
+        takes more than ``LOCK_CHECK_SECONDS`` the lock is given up again (False): a later pass tries again.
+        """
+        try:
+            await conn.execute(
+                "UPDATE jobs SET lock_owner = $1 WHERE job_id = $2", self._lock_token, job_id, timeout=LOCK_CHECK_SECONDS
+            )
+        except TimeoutError:
+            await conn.fetchval("SELECT pg_advisory_unlock(hashtextextended($1, $2))", job_id, JOB_LOCK_SEED)
+            return False
+        return True
 
     async def unlock_job(self, job_id: str) -> None:
         """See :meth:`JobLocks.unlock_job`."""
@@ -440,15 +477,17 @@ class PostgresJobs:
 
     async def unlocked_jobs(self, limit: int) -> list[JobRecord]:
         """See :meth:`JobLocks.unlocked_jobs`: jobs whose advisory lock ``pg_locks`` shows no session holding."""
-        # A bigint advisory key shows in pg_locks as classid (high half) and objid (low half), objsubid 1.
-        sql = (
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE (state IN ({_UNFINISHED}) OR counts IS NULL) AND NOT EXISTS ("
-            " SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.objsubid = 1"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended(jobs.job_id, $2)"
-            ") ORDER BY idx LIMIT $1"
+        return [_job(r) for r in await self._fetch(UNLOCKED_JOBS, limit, JOB_LOCK_SEED)]
+
+    async def last_job_event(self, job: JobRecord) -> Job | None:
+        """See :meth:`JobLocks.last_job_event`: the newest job event of the job (index ``events_job``, read backwards)."""
+        event_json = await self._fetchval(
+            "SELECT job FROM events WHERE job_id = $1 AND job IS NOT NULL ORDER BY seq DESC LIMIT 1", job.job_id
         )
-        return [_job(r) for r in await self._fetch(sql, limit, JOB_LOCK_SEED)]
+        if event_json is None:
+            return None
+        # With the job's spec and creation from its row: the adopter compares state and counts only.
+        return job_from_event(job.job_id, job_event_parts(event_json), (job.spec_json, job.created_at_ms, job.created_by))
 
     def jobs_locked(self) -> frozenset[str]:
         """See :meth:`JobLocks.jobs_locked`."""

@@ -9,9 +9,9 @@ advisory lock, so replicas starting together migrate once.
 
 Besides the shared model, PostgreSQL keeps what several writers need: the event counter row
 (``event_counter``: sequence numbers are taken from it inside the committing transaction), the
-outbox leases (``lease_owner``, ``lease_until``, ``lease_epoch`` on ``executions``), the partial
-indexes of the TTL sweep and of the outbox, and a trigger that refuses any status change that goes
-backwards or leaves a final status, whoever writes it.
+outbox leases (``lease_owner``, ``lease_until``, ``lease_epoch`` on ``executions``), the job lock's owner
+(``jobs.lock_owner``), the partial indexes of the TTL sweep, of the outbox and of the job adoption query, and a
+trigger that refuses any status change that goes backwards or leaves a final status, whoever writes it.
 """
 
 from __future__ import annotations
@@ -220,8 +220,17 @@ CREATE INDEX events_job ON events(job_id, seq) WHERE job_id IS NOT NULL;
 ALTER TABLE jobs ADD COLUMN only_undelivered BOOLEAN NOT NULL DEFAULT FALSE;
 """
 
+# Schema 7 (SQLite: the version only; one process, no replicas). Jobs on several replicas (server/store/postgres_jobs.py):
+# the token of the lock connection of the replica that last took a job's lock, which a dispatch checks under the job's
+# row lock (a replica that lost the lock commits no dispatch after another took the job over); and the adoption query's
+# partial index (the unfinished or unsettled jobs by age; its predicate is that of the query, word for word).
+_V7 = """
+ALTER TABLE jobs ADD COLUMN lock_owner TEXT;
+CREATE INDEX jobs_unsettled ON jobs(idx) WHERE state IN (1, 2, 3) OR counts IS NULL;
+"""
+
 # Schema version -> the statements that bring the previous version to it (see the module docstring).
-MIGRATIONS: dict[int, str] = {3: _V3, 4: _V4, 5: _V5, 6: _V6}
+MIGRATIONS: dict[int, str] = {3: _V3, 4: _V4, 5: _V5, 6: _V6, 7: _V7}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 # Any number: the key of the advisory lock replicas take to migrate one at a time.
