@@ -11,11 +11,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.devices import EmqxDevice
+from tests.mosquitto import free_port
 from tests.proc import Service, clean_env, console_script, run_cli
 
 
@@ -139,6 +141,42 @@ def test_watch_json_follows_a_job_to_its_end(svc: Service) -> None:
     assert all(type(s["targets_total"]) is int for s in snapshots)
     # The spec in the first line only: it never changes (and can be megabytes).
     assert snapshots[0]["state"] == "JOB_STATE_IN_PROGRESS" and snapshots[0]["spec"]["action"] == "reboot"
+    assert not any("spec" in s for s in snapshots[1:])
+
+
+def test_watch_json_prints_the_spec_once_also_across_a_restart_of_the_service(tmp_path: Path) -> None:
+    # The same gRPC port after the restart: the watcher reconnects to it, and WatchJob's first message
+    # there has the spec again; the watcher prints it without.
+    flags = ("--mqtt-port", "0", "--grpc-port", str(free_port()))
+    watcher: subprocess.Popen[str] | None = None
+    try:
+        with Service(tmp_path / "data", flags=flags) as first:
+            assert first.ready is not None
+            target, key = first.ready.grpc_target, first.api_key
+            ids = things(first, 1)
+            job = ok_json(cli(first, "jobs", "create", "reboot", "--thing", ids[0], "--start-at", in_an_hour(), "--json"))
+            watcher = subprocess.Popen(
+                [console_script(), "jobs", "watch", job["job_id"], "--json", "--server", target],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=clean_env({"FLEETCMD_API_KEY": key}),
+            )
+            assert watcher.stdout is not None
+            lines = [watcher.stdout.readline()]  # then the service stops under the watcher
+        with Service(tmp_path / "data", flags=flags) as second:
+            assert second.ready is not None and second.ready.grpc_target == target
+            lines.append(watcher.stdout.readline())  # the job as the restarted service shows it first
+            ok(cli(second, "jobs", "cancel", job["job_id"]))
+            rest, errors = watcher.communicate(timeout=20)
+    finally:
+        if watcher is not None:
+            watcher.kill()
+    assert watcher.returncode == 6, errors  # CANCELED
+    assert "reconnecting" in errors  # it did lose the server in between
+    snapshots = [json.loads(line) for line in lines + rest.splitlines()]
+    assert [s["state"] for s in snapshots[:2]] == ["JOB_STATE_SCHEDULED"] * 2 and snapshots[-1]["state"] == "JOB_STATE_CANCELED"
+    assert snapshots[0]["spec"]["action"] == "reboot"
     assert not any("spec" in s for s in snapshots[1:])
 
 
