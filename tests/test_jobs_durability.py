@@ -60,7 +60,9 @@ async def test_graceful_restart_goes_on_with_counts_pacing_and_retries(tmp_path:
         job = await jobs_of(app).create(
             spec(tuple(ids), ttl_seconds=1, rollout=jb.Rollout(max_per_minute=300), retries=(policy,))
         )
-        await asyncio.sleep(0.5)  # two or three started
+        # Stopped once the first is started (one every 200 ms: the rest wait); on a busy machine a fixed
+        # half second could pass before the first.
+        await until(app, job.job_id, lambda j: j.counts.get("PENDING", len(ids)) < len(ids))
     async with FleetcmdApp(settings) as app:
         restored = await jobs_of(app).get(job.job_id)
         assert restored.state is jb.JobState.IN_PROGRESS
