@@ -177,8 +177,8 @@ def test_pause_resume_and_cancel_only_undelivered(open_page: Callable[..., Page]
     page.get_by_role("button", name="Cancel job").click()
     expect(head).to_have_attribute("data-state", "CANCELED")
     # The targets that never started are skipped; no control is left on a final job with no failure.
-    skipped = int(count(page, "SKIPPED").inner_text())
-    assert skipped >= 4, skipped
+    # The skips follow the CANCELED state in a count event of their own: wait for it (of six, one or two started).
+    expect(count(page, "SKIPPED")).to_have_text(re.compile(r"^[45]$"))
     expect(page.locator(".job-controls button")).to_have_count(0)
     expect(head).to_contain_text("Ended at")
 

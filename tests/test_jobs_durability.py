@@ -56,9 +56,10 @@ async def test_graceful_restart_goes_on_with_counts_pacing_and_retries(tmp_path:
     ids = [f"gr-{i}" for i in range(8)]
     policy = jb.RetryPolicy(jb.FailureType.TIMED_OUT, 1, "fixed", base_seconds=0.2)
     async with FleetcmdApp(settings) as app:
-        # Nobody answers "gr-0": it times out (1 s TTL) and is retried after the restart.
+        # Nobody answers "gr-0": it times out and is retried after the restart. The TTL (3 s) leaves the others
+        # time for the restart and their devices' connecting on a busy machine (with 1 s one timed out so).
         job = await jobs_of(app).create(
-            spec(tuple(ids), ttl_seconds=1, rollout=jb.Rollout(max_per_minute=300), retries=(policy,))
+            spec(tuple(ids), ttl_seconds=3, rollout=jb.Rollout(max_per_minute=300), retries=(policy,))
         )
         # Stopped once the first is started (one every 200 ms: the rest wait); on a busy machine a fixed
         # half second could pass before the first.
